@@ -1,0 +1,63 @@
+# One task runner for the project. `make demo` and `make test` are the README's two commands:
+# each sets up everything it needs on a fresh machine (virtual environment, Python packages,
+# Maven jars) and starts and stops the local infrastructure itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+AIGC := $(VENV)/bin/aigc
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+M2 ?= $(HOME)/.m2/repository
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit lint typecheck bench chaos lock infra-up infra-down clean
+
+setup: $(VENV)/.installed infra/lib/.resolved
+
+# uv installs from its cache under ~/.cache/uv by hard links, so a warm machine sets up in seconds.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip sync -q --python $(PY) requirements.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+# Jars for Kafka, Cassandra and S3Proxy, resolved from Maven Central into infra/lib/ (git-ignored);
+# the Maven repository is cached outside the clone.
+infra/lib/.resolved: infra/maven/pom.xml infra/maven/kafka/pom.xml infra/maven/cassandra/pom.xml infra/maven/s3proxy/pom.xml
+	rm -rf infra/lib
+	mvn -B -q -f infra/maven/pom.xml -Dmaven.repo.local=$(M2) package
+	touch $@
+
+demo: setup
+	$(AIGC) demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(AIGC) bench
+
+chaos: setup
+	$(AIGC) chaos
+
+lock:
+	$(UV) pip compile --python-version 3.11 --quiet requirements.in -o requirements.lock --custom-compile-command "make lock"
+
+infra-up: setup
+	$(AIGC) infra up
+
+infra-down: setup
+	$(AIGC) infra down
+
+clean:
+	rm -rf $(VENV) infra/lib .aigc

@@ -1,0 +1,1 @@
+"""Local infrastructure: resolve Kafka, Cassandra and S3Proxy jars with Maven, run them, bootstrap them."""

@@ -1,0 +1,124 @@
+"""Bootstrap from one declarative source each: topics (`plumbing.topics`), keyspace and tables
+(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings`).
+
+Every step creates what is missing and leaves what matches alone, so re-running it changes nothing;
+`bootstrap` returns the list of changes it made (empty on a second run).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from string import Template
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
+
+from plumbing.blobs import BlobStore
+from plumbing.kafka_clients import make_admin
+from plumbing.metadata import connect
+from plumbing.settings import Settings
+from plumbing.topics import TopicSpec, Topics
+
+CQL_DIR = Path(__file__).resolve().parent / "cql"
+ADMIN_TIMEOUT_S = 30.0
+
+
+def cql_statements(settings: Settings, cql_dir: Path = CQL_DIR) -> list[str]:
+    """The statements of every ``.cql`` file in order, with the keyspace settings filled in."""
+    values = {
+        "keyspace": settings.cassandra.keyspace,
+        "replication_factor": str(settings.cassandra.replication_factor),
+    }
+    statements = []
+    for path in sorted(cql_dir.glob("*.cql")):
+        text = Template(path.read_text(encoding="utf-8")).substitute(values)
+        text = re.sub(r"--[^\n]*", "", text)
+        statements += [s.strip() for s in text.split(";") if s.strip()]
+    return statements
+
+
+def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:
+    admin = make_admin(settings)
+    specs = specs if specs is not None else Topics(settings).all()
+    existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    changes: list[str] = []
+    missing = [s for s in specs if s.name not in existing]
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, settings.kafka.replication_factor, config=s.config) for s in missing],
+            operation_timeout=ADMIN_TIMEOUT_S,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                changes.append(f"topic {name}: created")
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent bootstrap won the race
+                    raise
+    grow = [s for s in specs if s.name in existing and len(existing[s.name].partitions) < s.partitions]
+    if grow:
+        for name, future in admin.create_partitions([NewPartitions(s.name, s.partitions) for s in grow]).items():
+            future.result()
+            changes.append(f"topic {name}: partitions raised")
+    present = [s for s in specs if s.name in existing and s.config]
+    if present:
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
+        described = admin.describe_configs(resources)
+        for spec, resource in zip(present, resources, strict=True):
+            current = described[resource].result()
+            drift = {k: v for k, v in spec.config.items() if current.get(k) is None or current[k].value != v}
+            if drift:
+                entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in drift.items()]
+                change = ConfigResource(ConfigResource.Type.TOPIC, spec.name, incremental_configs=entries)
+                for future in admin.incremental_alter_configs([change]).values():
+                    future.result()
+                changes.append(f"topic {spec.name}: set {', '.join(sorted(drift))}")
+    return changes
+
+
+def ensure_schema(settings: Settings) -> list[str]:
+    cluster, session = connect(settings.cassandra)
+    try:
+        ks = settings.cassandra.keyspace
+        before = _schema_objects(session, ks)
+        for statement in cql_statements(settings):
+            session.execute(statement, timeout=60)
+        after = _schema_objects(session, ks)
+        return [f"cassandra {name}: created" for name in sorted(after - before)]
+    finally:
+        cluster.shutdown()
+
+
+def _schema_objects(session, keyspace: str) -> set[str]:  # type: ignore[no-untyped-def]
+    objects = {f"keyspace {r.keyspace_name}" for r in session.execute(
+        "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,))}  # fmt: skip
+    objects |= {f"table {keyspace}.{r.table_name}" for r in session.execute(
+        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", (keyspace,))}  # fmt: skip
+    objects |= {f"type {keyspace}.{r.type_name}" for r in session.execute(
+        "SELECT type_name FROM system_schema.types WHERE keyspace_name = %s", (keyspace,))}  # fmt: skip
+    return objects
+
+
+def ensure_buckets(settings: Settings) -> list[str]:
+    store = BlobStore(settings.s3)
+    return [
+        f"bucket {bucket}: created"
+        for bucket in (settings.s3.staging_bucket, settings.s3.results_bucket)
+        if store.ensure_bucket(bucket)
+    ]
+
+
+def bootstrap(settings: Settings, echo: Callable[[str], None] = print) -> list[str]:
+    changes = ensure_topics(settings) + ensure_schema(settings) + ensure_buckets(settings)
+    for change in changes:
+        echo(change)
+    echo(f"bootstrap: {len(changes)} change(s)" if changes else "bootstrap: everything already in place")
+    return changes

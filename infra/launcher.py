@@ -1,0 +1,234 @@
+"""`aigc infra up | down | status`: the local services as processes we own.
+
+`up` formats Kafka's storage on first start, starts every service that is not already running from
+this run directory, waits until each one is ready for clients, and reports how long that took. It is
+harmless to run twice: a service whose recorded process is alive is left alone. A port held by a
+process that is not ours is reported instead of fought over.
+
+`down` signals only processes it can prove it started: the pid recorded in ``<run>/<svc>/pid`` must
+still be a java process whose command line carries ``-Daigc.run=<this run dir>``.
+
+``attached=True`` (the test suite) asks the kernel to SIGTERM the services if the starting process
+dies, so a killed test run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.services import Kafka, Service, all_services, port_open
+from plumbing.settings import Settings
+
+STOP_TIMEOUT_S = 30.0
+LOG_TAIL_LINES = 25
+_PR_SET_PDEATHSIG = 1
+
+
+class InfraError(RuntimeError):
+    """A service could not be started or stopped; the message names it and shows its log."""
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    pid: int | None
+    running: bool
+    ready: bool
+    ports: tuple[int, ...]
+    note: str = ""
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.exists():
+        return "(no log)"
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 64 * 1024))
+        text = fh.read().decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def owned_pid(service: Service) -> int | None:
+    """The pid of this run directory's process for ``service``, if it is alive; else None."""
+    try:
+        pid = int(service.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    args = _cmdline(pid)
+    if f"-Daigc.run={service.run_dir}" in args and f"-Daigc.service={service.name}" in args:
+        return pid
+    return None
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _start(service: Service, attached: bool) -> int:
+    service.check_jars()
+    service.prepare()
+    for port in service.ports:
+        if port_open(port):
+            raise InfraError(f"{service.name}: port {port} is taken by a process this run did not start")
+    if isinstance(service, Kafka) and service.needs_format():
+        result = subprocess.run(service.format_command(), capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise InfraError(f"kafka: formatting storage failed:\n{result.stdout}{result.stderr}")
+    with service.log_file.open("ab") as log:
+        proc = subprocess.Popen(
+            service.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=service.dir,
+            start_new_session=not attached,
+            preexec_fn=_die_with_parent if attached else None,  # noqa: PLW1509
+        )
+    service.pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _wait_ready(service: Service, pid: int, deadline: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        if owned_pid(service) is None or _exited(pid):
+            raise InfraError(f"{service.name} died while starting; last lines of {service.log_file}:\n"
+                             f"{log_tail(service.log_file)}")  # fmt: skip
+        if service.ready():
+            return time.monotonic() - started
+        time.sleep(0.25)
+    raise InfraError(f"{service.name} was not ready in time; last lines of {service.log_file}:\n"
+                     f"{log_tail(service.log_file)}")  # fmt: skip
+
+
+def _exited(pid: int) -> bool:
+    """Reap ``pid`` if it is our exited child; True when it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return True
+    except ChildProcessError:
+        pass  # not our child (started by an earlier `aigc infra up`)
+    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def up(
+    settings: Settings,
+    *,
+    attached: bool = False,
+    only: Iterable[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Start what is not running and wait until everything is ready; returns seconds to ready per service."""
+    services = [s for s in all_services(settings) if only is None or s.name in set(only)]
+    settings.infra.run_dir.mkdir(parents=True, exist_ok=True)
+    pids: dict[str, int] = {}
+    fresh: set[str] = set()
+    for service in services:
+        pid = owned_pid(service)
+        if pid is None:
+            pid = _start(service, attached)
+            fresh.add(service.name)
+            echo(f"{service.name}: started (pid {pid}, log {service.log_file})")
+        else:
+            echo(f"{service.name}: already running (pid {pid})")
+        pids[service.name] = pid
+    deadline = time.monotonic() + settings.infra.ready_timeout_s
+    with ThreadPoolExecutor(len(services)) as pool:
+        futures = {s.name: pool.submit(_wait_ready, s, pids[s.name], deadline) for s in services}
+        timings = {}
+        errors = []
+        for name, future in futures.items():
+            try:
+                timings[name] = future.result()
+                echo(f"{name}: ready on 127.0.0.1:{','.join(map(str, _ports(services, name)))}"
+                     + (f" after {timings[name]:.1f} s" if name in fresh else ""))  # fmt: skip
+            except InfraError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise InfraError("\n\n".join(errors))
+    return timings
+
+
+def _ports(services: list[Service], name: str) -> tuple[int, ...]:
+    return next(s.ports for s in services if s.name == name)
+
+
+def down(settings: Settings, *, echo: Callable[[str], None] = print) -> list[str]:
+    """Stop the services this run directory started (SIGTERM, then SIGKILL after a grace period)."""
+    stopping: dict[Service, int] = {}
+    for service in all_services(settings):
+        pid = owned_pid(service)
+        if pid is None:
+            service.pid_file.unlink(missing_ok=True)
+            continue
+        os.kill(pid, signal.SIGTERM)
+        stopping[service] = pid
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while stopping and time.monotonic() < deadline:
+        for service, pid in list(stopping.items()):
+            if _exited(pid):
+                echo(f"{service.name}: stopped")
+                service.pid_file.unlink(missing_ok=True)
+                del stopping[service]
+        time.sleep(0.2)
+    for service, pid in stopping.items():
+        echo(f"{service.name}: did not stop in {STOP_TIMEOUT_S:.0f} s, killing pid {pid}")
+        os.kill(pid, signal.SIGKILL)
+        while not _exited(pid):
+            time.sleep(0.1)
+        service.pid_file.unlink(missing_ok=True)
+    return [s.name for s in stopping]
+
+
+def status(settings: Settings) -> list[ServiceState]:
+    """What each service is doing now; a recorded process that died is reported with its log tail."""
+    states = []
+    for service in all_services(settings):
+        pid = owned_pid(service)
+        if pid is not None and not _zombie(pid):
+            ready = service.ready()
+            states.append(ServiceState(service.name, pid, True, ready, service.ports,
+                                       "" if ready else "running but not answering clients"))  # fmt: skip
+        elif service.pid_file.exists():
+            states.append(ServiceState(service.name, None, False, False, service.ports,
+                                       f"died; last lines of {service.log_file}:\n{log_tail(service.log_file)}"))  # fmt: skip
+        else:
+            states.append(ServiceState(service.name, None, False, False, service.ports, "stopped"))
+    return states
+
+
+def rss_mb(settings: Settings) -> dict[str, float]:
+    """Resident memory of each running service, in MiB."""
+    out = {}
+    for service in all_services(settings):
+        pid = owned_pid(service)
+        if pid is None:
+            continue
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out[service.name] = int(line.split()[1]) / 1024
+    return out

@@ -1,0 +1,355 @@
+"""The three local services: Apache Kafka (KRaft), Apache Cassandra and S3Proxy, as JVM command lines.
+
+Each `Service` knows its folder under the run directory, the config files it writes there, the java
+command that runs it from the jars Maven put in ``infra/lib/<name>/``, and how to tell it is ready for
+clients (not merely started). Every JVM carries ``-Daigc.run=<run dir>`` so the launcher can prove a
+process is one it started before it signals it. Everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from plumbing.settings import Settings
+
+LOOPBACK = "127.0.0.1"
+
+# Flags from Cassandra 5.0's conf/jvm17-server.options and jvm-server.options (INFRA.md section 2.2).
+_CASSANDRA_JAVA17 = """
+--add-exports java.base/jdk.internal.misc=ALL-UNNAMED
+--add-exports java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED
+--add-exports java.management/com.sun.jmx.remote.security=ALL-UNNAMED
+--add-exports java.rmi/sun.rmi.registry=ALL-UNNAMED --add-exports java.rmi/sun.rmi.server=ALL-UNNAMED
+--add-exports java.sql/java.sql=ALL-UNNAMED --add-exports java.base/java.lang.ref=ALL-UNNAMED
+--add-exports jdk.unsupported/sun.misc=ALL-UNNAMED
+--add-opens java.base/java.lang.module=ALL-UNNAMED --add-opens java.base/jdk.internal.loader=ALL-UNNAMED
+--add-opens java.base/jdk.internal.ref=ALL-UNNAMED --add-opens java.base/jdk.internal.reflect=ALL-UNNAMED
+--add-opens java.base/jdk.internal.math=ALL-UNNAMED --add-opens java.base/jdk.internal.module=ALL-UNNAMED
+--add-opens java.base/jdk.internal.util.jar=ALL-UNNAMED
+--add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED
+--add-opens java.base/sun.nio.ch=ALL-UNNAMED --add-opens java.base/java.io=ALL-UNNAMED
+--add-opens java.base/java.lang.reflect=ALL-UNNAMED --add-opens java.base/java.lang=ALL-UNNAMED
+--add-opens java.base/java.util=ALL-UNNAMED --add-opens java.base/java.nio=ALL-UNNAMED
+--add-opens java.base/java.nio.charset=ALL-UNNAMED
+""".split()
+
+
+def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        return sock.connect_ex((host, port)) == 0
+
+
+class Service(ABC):
+    name: str
+    main_class: str
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.run_dir = settings.infra.run_dir.resolve()
+        self.dir = self.run_dir / self.name
+        self.lib = settings.infra.lib_dir.resolve() / self.name
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "service.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "pid"
+
+    @property
+    @abstractmethod
+    def ports(self) -> tuple[int, ...]:
+        """Loopback ports the service listens on (the first is the client port)."""
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Write config files and create folders; idempotent."""
+
+    @abstractmethod
+    def java_args(self) -> list[str]:
+        """JVM options before the main class (heap, GC, system properties)."""
+
+    def program_args(self) -> list[str]:
+        return []
+
+    def command(self) -> list[str]:
+        return [
+            "java",
+            f"-Daigc.service={self.name}",
+            f"-Daigc.run={self.run_dir}",
+            *self.java_args(),
+            "-cp",
+            f"{self.lib}/*",
+            self.main_class,
+            *self.program_args(),
+        ]
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """True when a client can use the service now."""
+
+    def check_jars(self) -> None:
+        if not self.lib.is_dir() or not any(self.lib.glob("*.jar")):
+            raise FileNotFoundError(
+                f"no jars in {self.lib}: run `make setup` (mvn -f infra/maven/pom.xml package) first"
+            )
+
+
+class Kafka(Service):
+    name = "kafka"
+    main_class = "kafka.Kafka"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.kafka_port, self.settings.infra.kafka_controller_port)
+
+    @property
+    def properties_file(self) -> Path:
+        return self.dir / "server.properties"
+
+    def prepare(self) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        client, controller = self.ports
+        self.properties_file.write_text(
+            f"""# written by aigc infra; see INFRA.md section 2.1
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{LOOPBACK}:{controller}
+listeners=PLAINTEXT://{LOOPBACK}:{client},CONTROLLER://{LOOPBACK}:{controller}
+advertised.listeners=PLAINTEXT://{LOOPBACK}:{client}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs={self.dir / "data"}
+auto.create.topics.enable=false
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=4
+background.threads=2
+num.recovery.threads.per.data.dir=1
+log.cleaner.dedupe.buffer.size=16777216
+log.cleaner.backoff.ms=5000
+""",
+            encoding="utf-8",
+        )
+        (self.dir / "log4j2.properties").write_text(
+            """status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+logger.start.name = kafka.server.KafkaRaftServer
+logger.start.level = INFO
+""",
+            encoding="utf-8",
+        )
+
+    def _log_opts(self) -> list[str]:
+        return [
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.dir / 'logs'}",
+        ]
+
+    def needs_format(self) -> bool:
+        return not (self.dir / "data" / "meta.properties").exists()
+
+    def format_command(self) -> list[str]:
+        """StorageTool format with a fresh cluster id; --ignore-formatted makes it idempotent."""
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if cluster_id.startswith("-"):
+            cluster_id = "A" + cluster_id[1:]
+        return [
+            "java", "-Xmx256m", *self._log_opts(), "-cp", f"{self.lib}/*", "kafka.tools.StorageTool",
+            "format", "-t", cluster_id, "-c", str(self.properties_file), "--ignore-formatted",
+        ]  # fmt: skip
+
+    def java_args(self) -> list[str]:
+        heap = self.settings.infra.kafka_heap_mb
+        return [
+            f"-Xms{min(256, heap)}m", f"-Xmx{heap}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
+            "-Djava.awt.headless=true", *self._log_opts(),
+        ]  # fmt: skip
+
+    def program_args(self) -> list[str]:
+        return [str(self.properties_file)]
+
+    def ready(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": f"{LOOPBACK}:{self.ports[0]}", "log_level": 0})
+        try:
+            return len(admin.list_topics(timeout=2).brokers) >= 1
+        except Exception:  # KafkaException while the broker is still starting
+            return False
+
+
+class Cassandra(Service):
+    name = "cassandra"
+    main_class = "org.apache.cassandra.service.CassandraDaemon"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.cassandra.port, self.settings.infra.cassandra_storage_port)
+
+    def prepare(self) -> None:
+        for sub in ("data", "logs", "tmp", "triggers"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        cql, storage = self.ports
+        (self.dir / "cassandra.yaml").write_text(
+            f"""# written by aigc infra; see INFRA.md section 2.2
+cluster_name: aigc-local
+num_tokens: 1
+initial_token: 0
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+endpoint_snitch: SimpleSnitch
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "{LOOPBACK}:{storage}"
+listen_address: {LOOPBACK}
+rpc_address: {LOOPBACK}
+storage_port: {storage}
+native_transport_port: {cql}
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+commitlog_disk_access_mode: legacy
+hinted_handoff_enabled: false
+auto_snapshot: false
+concurrent_reads: 8
+concurrent_writes: 8
+concurrent_counter_writes: 8
+concurrent_compactors: 1
+memtable_heap_space: 64MiB
+file_cache_size: 32MiB
+key_cache_size: 16MiB
+storage_compatibility_mode: NONE
+paxos_variant: v2
+""",
+            encoding="utf-8",
+        )
+        (self.dir / "logback.xml").write_text(
+            """<configuration>
+  <appender name="OUT" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%d %level [%thread] %logger{0} - %msg%n</pattern></encoder>
+  </appender>
+  <logger name="org.apache.cassandra.service.StartupChecks" level="ERROR"/>
+  <root level="INFO"><appender-ref ref="OUT"/></root>
+</configuration>
+""",
+            encoding="utf-8",
+        )
+
+    def java_args(self) -> list[str]:
+        heap = self.settings.infra.cassandra_heap_mb
+        jamm = sorted(self.lib.glob("jamm-*.jar"))
+        if not jamm:
+            raise FileNotFoundError(f"no jamm jar in {self.lib}")
+        d = self.dir
+        return [
+            "-ea", "-da:net.openhft...", "-Xss256k", "-XX:+UseTLAB", "-XX:+ResizeTLAB",
+            "-XX:+PerfDisableSharedMem", "-Djava.net.preferIPv4Stack=true", "-Dchronicle.analytics.disable=true",
+            f"-Xms{heap}m", f"-Xmx{heap}m", "-XX:+UseG1GC", "-XX:+ParallelRefProcEnabled",
+            "-XX:MaxTenuringThreshold=1", "-XX:G1RSetUpdatingPauseTimePercent=5", "-XX:MaxGCPauseMillis=300",
+            "-XX:InitiatingHeapOccupancyPercent=70", "-XX:+CrashOnOutOfMemoryError", "-Djdk.attach.allowAttachSelf=true",
+            *_CASSANDRA_JAVA17,
+            "-Dio.netty.tryReflectionSetAccessible=true", "-Dio.netty.allocator.useCacheForAllThreads=true",
+            "-Dio.netty.allocator.maxOrder=11", f"-javaagent:{jamm[0]}",
+            f"-Dcassandra.config=file://{d / 'cassandra.yaml'}", f"-Dcassandra.storagedir={d / 'data'}",
+            f"-Dcassandra.logdir={d / 'logs'}", f"-Dlogback.configurationFile={d / 'logback.xml'}",
+            "-Dcassandra-foreground=yes", "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+            "-Dcassandra.unsafesystem=true", f"-Dcassandra.triggers_dir={d / 'triggers'}",
+            f"-Djna.tmpdir={d / 'tmp'}", f"-Djava.io.tmpdir={d / 'tmp'}",
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        if not port_open(self.ports[0]):
+            return False  # the CQL port opens only at the end of startup
+        from cassandra.cluster import Cluster
+        from cassandra.policies import DCAwareRoundRobinPolicy
+
+        cluster = Cluster(
+            [LOOPBACK], port=self.ports[0], connect_timeout=2, protocol_version=5,
+            load_balancing_policy=DCAwareRoundRobinPolicy(local_dc="datacenter1"),
+        )  # fmt: skip
+        try:
+            session = cluster.connect()
+            return session.execute("SELECT release_version FROM system.local").one() is not None
+        except Exception:  # NoHostAvailable and friends while starting
+            return False
+        finally:
+            cluster.shutdown()
+
+
+class S3Proxy(Service):
+    name = "s3proxy"
+    main_class = "org.gaul.s3proxy.Main"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.s3_port,)
+
+    def prepare(self) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.dir / "s3proxy.properties").write_text(
+            f"""# written by aigc infra; see INFRA.md section 2.3
+s3proxy.endpoint=http://{LOOPBACK}:{self.ports[0]}
+s3proxy.authorization=none
+s3proxy.ignore-unknown-headers=true
+s3proxy.jetty.max-threads=32
+jclouds.provider=filesystem-nio2
+jclouds.filesystem.basedir={self.dir / "data"}
+""",
+            encoding="utf-8",
+        )
+        (self.dir / "logback.xml").write_text(
+            """<configuration>
+  <appender name="OUT" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%d %level %logger{0} - %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="OUT"/></root>
+</configuration>
+""",
+            encoding="utf-8",
+        )
+
+    def java_args(self) -> list[str]:
+        return [
+            "-Xms64m", f"-Xmx{self.settings.infra.s3_heap_mb}m", "-XX:+UseSerialGC",
+            f"-Dlogback.configurationFile={self.dir / 'logback.xml'}",
+        ]  # fmt: skip
+
+    def program_args(self) -> list[str]:
+        return ["--properties", str(self.dir / "s3proxy.properties")]
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/", timeout=2) as resp:  # noqa: S310
+                return resp.status == 200
+        except urllib.error.HTTPError as exc:
+            return exc.code == 403  # up, with authentication on
+        except OSError:
+            return False
+
+
+def all_services(settings: Settings) -> list[Service]:
+    return [Kafka(settings), Cassandra(settings), S3Proxy(settings)]

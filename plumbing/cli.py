@@ -1,0 +1,72 @@
+"""The `aigc` command: one entry point, verbs contributed by each package.
+
+Each package's ``cli`` module has ``register(subparsers)``; verbs import their heavy modules only when
+they run, so ``aigc --help`` works with nothing installed beyond the standard library and pydantic.
+Settings are read once here and passed down. Exit status: 0 success, 1 failure, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from plumbing.errors import PipelineError
+from plumbing.settings import ENV_PREFIX, Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int | None]
+
+
+def env_help(text: str, env: str) -> str:
+    """Help text that names the environment variable behind a flag."""
+    return f"{text} (env {ENV_PREFIX}{env})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from infra import cli as infra_cli
+    from producers import cli as producers_cli
+
+    parser = argparse.ArgumentParser(
+        prog="aigc",
+        description="Kafka-native image and video generation: run the pipeline, submit work, operate it.",
+        epilog=f"Every setting can be given in the environment with the prefix {ENV_PREFIX}; "
+        "`aigc config` prints the effective settings (secrets hidden).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    config = verbs.add_parser("config", help="print the effective settings, secrets hidden")
+    config.set_defaults(handler=lambda args, settings: print(settings.redacted()))
+    for module in (infra_cli, producers_cli):
+        module.register(verbs)
+    for name in ("stream_processors.cli", "gpu_consumers.cli", "producers.ops_cli", "bench.cli"):
+        try:
+            module = __import__(name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name not in (name, name.rpartition(".")[0]):
+                raise
+            continue
+        module.register(verbs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = Settings.load()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return int(handler(args, settings) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (PipelineError, RuntimeError, OSError) as exc:
+        print(f"aigc {args.verb}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The error taxonomy: every failure is sorted by what to do next.
+
+- ``RETRYABLE``: a broker, storage or network blip, or a CUDA out-of-memory that a smaller batch may fix.
+  The work goes to the stage's retry topic with a growing delay, then to its dead-letter topic.
+- ``PERMANENT``: undecodable, invalid, unknown model, rejected. Retrying cannot help: dead-letter at once
+  (or, for a request the gatekeeper can answer, a REJECTED completion).
+- ``BACKPRESSURE``: a downstream is full or slow. Pause consumption and try again later; never dead-letter.
+
+`classify` is the one place that decides the class of an exception from any library; stages route on
+its answer. An exception it does not know is a bug: it is classified as ``None`` and the stage crashes
+loudly, so the message is redelivered after the fix instead of being dead-lettered by mistake.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+    BACKPRESSURE = "backpressure"
+
+
+class PipelineError(Exception):
+    """Base of the pipeline's own errors; ``kind`` says what to do next, ``code`` names the problem."""
+
+    kind: ErrorKind = ErrorKind.PERMANENT
+    code: str = "PIPELINE_ERROR"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    @property
+    def retriable(self) -> bool:
+        return self.kind is ErrorKind.RETRYABLE
+
+
+class RetryableError(PipelineError):
+    """A transient failure: the same work may succeed later."""
+
+    kind = ErrorKind.RETRYABLE
+    code = "TRANSIENT"
+
+
+class PermanentError(PipelineError):
+    """The work can never succeed as it is."""
+
+    kind = ErrorKind.PERMANENT
+
+
+class BackPressure(PipelineError):
+    """Downstream is saturated: pause and resume, do not fail the work."""
+
+    kind = ErrorKind.BACKPRESSURE
+    code = "BACKPRESSURE"
+
+
+class DecodeError(PermanentError):
+    """Bytes that are not a valid Avro single-object message of an expected schema.
+
+    ``code`` is one of EMPTY, TRUNCATED, BAD_MARKER, UNKNOWN_SCHEMA, WRONG_SCHEMA, BAD_BODY, TRAILING_BYTES.
+    """
+
+    code = "UNDECODABLE"
+
+
+class EncodeError(PermanentError):
+    """A record that does not fit its schema (a bug in the producer of the record)."""
+
+    code = "UNENCODABLE"
+
+
+class ValidationError(PermanentError):
+    """A request that breaks a rule; ``field`` names the field at fault (dotted for nested fields)."""
+
+    def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", code=code or f"INVALID_{field.upper().replace('.', '_')}")
+        self.field = field
+
+
+class UnknownModelError(ValidationError):
+    def __init__(self, model: str) -> None:
+        super().__init__("model", f"unknown model {model!r}", code="UNKNOWN_MODEL")
+
+
+class DeliveryError(RetryableError):
+    """Kafka did not acknowledge a produced message in time."""
+
+    code = "DELIVERY_FAILED"
+
+
+def classify(exc: BaseException) -> ErrorKind | None:
+    """What to do about ``exc``; None means unknown, and unknown errors must crash the stage."""
+    if isinstance(exc, PipelineError):
+        return exc.kind
+    name = type(exc).__name__
+    module = type(exc).__module__ or ""
+    if module.startswith("confluent_kafka"):
+        error = exc.args[0] if exc.args else None
+        if getattr(error, "fatal", lambda: False)():
+            return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
+        return ErrorKind.RETRYABLE
+    if module.startswith("cassandra"):
+        # Unavailable, timeouts, NoHostAvailable, OperationTimedOut, ConnectionException: all transient.
+        if name in {"InvalidRequest", "SyntaxException", "Unauthorized", "AuthenticationFailed"}:
+            return ErrorKind.PERMANENT
+        return ErrorKind.RETRYABLE
+    if module.startswith(("botocore", "boto3", "urllib3")):
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status and 400 <= status < 500 and status not in (408, 429):
+            return ErrorKind.PERMANENT
+        return ErrorKind.RETRYABLE
+    if name == "OutOfMemoryError" and module.startswith("torch"):
+        return ErrorKind.RETRYABLE
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return ErrorKind.RETRYABLE
+    return None

@@ -1,0 +1,179 @@
+"""One typed, frozen settings object per process.
+
+`Settings.load()` is called once at an entry point (the `aigc` CLI, a stage's main, a test fixture) and
+the object is passed down; nothing below an entry point reads the environment. Every field can be set
+from the environment with the prefix ``AIGC_`` and ``__`` between nested names, for example
+``AIGC_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9092`` or ``AIGC_MODELS='{"sd15": {"path": "/m/sd15"}}'``.
+Secrets are ``SecretStr`` and print as ``**********``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "AIGC_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers, comma separated")
+    topic_prefix: str = Field("aigc", description="first dotted segment of every topic name")
+    request_partitions: int = Field(6, ge=1, description="partitions of each request topic")
+    render_partitions: int = Field(16, ge=1, description="partitions of each render topic (>= renderers)")
+    partitions: int = Field(6, ge=1, description="partitions of the other topics")
+    replication_factor: int = Field(1, ge=1)
+    client_id: str = Field("aigc", description="client.id prefix for every Kafka client")
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka properties shared by every client (connection and security)."""
+        conf = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf
+
+
+class CassandraSettings(_Section):
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 19042
+    keyspace: str = Field("aigc", pattern=r"^[a-z][a-z0-9_]{0,47}$")
+    replication_factor: int = Field(1, ge=1)
+    local_dc: str = "datacenter1"
+    username: str | None = None
+    password: SecretStr | None = None
+    request_timeout_s: float = 10.0
+
+
+class S3Settings(_Section):
+    endpoint_url: str = "http://127.0.0.1:19000"
+    region: str = "us-east-1"
+    access_key_id: str = "aigc"
+    secret_access_key: SecretStr = SecretStr("aigc-local-secret")
+    staging_bucket: str = "aigc-staging"
+    results_bucket: str = "aigc-results"
+    presign_ttl_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    staging_ttl_days: int = Field(1, ge=1, description="lifecycle expiry of staged frames, where supported")
+
+
+def _loopback_port(url: str) -> int:
+    parsed = urlsplit(url if "://" in url else f"tcp://{url}")
+    if parsed.port is None:
+        raise ValueError(f"no port in {url!r}")
+    return parsed.port
+
+
+class InfraSettings(_Section):
+    """Where and how `aigc infra` runs the local services. Client ports come from the client settings."""
+
+    run_dir: Path = Field(Path(".aigc/run"), description="data and logs of the local services")
+    lib_dir: Path = Field(Path("infra/lib"), description="jars resolved by Maven")
+    kafka_controller_port: int = 19093
+    cassandra_storage_port: int = 17000
+    kafka_heap_mb: int = 512
+    cassandra_heap_mb: int = 768
+    s3_heap_mb: int = 256
+    ready_timeout_s: float = 180.0
+
+
+class ModelSpec(_Section):
+    path: Path = Field(description="folder saved with save_pretrained (a diffusers pipeline)")
+    pool: str = Field("default", pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", description="renderer pool serving it")
+    backend: Literal["diffusers", "synthetic"] = "diffusers"
+    max_batch: int = Field(8, ge=1, description="largest micro-batch of frames in one call")
+
+
+class RequestLimits(_Section):
+    """Bounds the validator enforces; the same object is used client-side and by the gatekeeper."""
+
+    min_size: int = 64
+    max_size: int = 1024
+    size_multiple: int = 8
+    max_steps: int = 150
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    max_images: int = 8
+    max_frames: int = 256
+    min_fps: int = 1
+    max_fps: int = 60
+    max_prompt_chars: int = 4000
+    max_labels: int = 32
+    max_label_chars: int = 256
+    max_deadline_ms: int = Field(7 * 24 * 3600 * 1000, description="furthest deadline from created_at")
+
+
+class RetrySettings(_Section):
+    """Growing delays between attempts of retryable work; after the last, the work is dead-lettered."""
+
+    delays_s: tuple[float, ...] = (1.0, 10.0, 60.0)
+    max_attempts: int = Field(4, ge=1, description="attempts in all, the first included")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="ignore",
+    )
+
+    home: Path = Field(Path(".aigc"), description="working folder for models, outputs and state")
+    kafka: KafkaSettings = KafkaSettings()
+    cassandra: CassandraSettings = CassandraSettings()
+    s3: S3Settings = S3Settings()
+    infra: InfraSettings = InfraSettings()
+    limits: RequestLimits = RequestLimits()
+    retry: RetrySettings = RetrySettings()
+    models: dict[str, ModelSpec] = Field(
+        default_factory=lambda: {"tiny-sd": ModelSpec(path=Path(".aigc/models/tiny-sd"))},
+        description="model name -> local folder and renderer pool",
+    )
+    reply_topic_prefixes: dict[str, str] = Field(
+        default_factory=dict,
+        description="tenant -> allowed reply topic prefix; tenants not listed may use <prefix>.reply.<tenant>.",
+    )
+    log_level: str = "INFO"
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for name in models:
+            if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"model name {name!r} must be 1-64 of [A-Za-z0-9._-]")
+        return models
+
+    @classmethod
+    def load(cls, **overrides: object) -> Settings:
+        """Read the environment once; keyword overrides win (used by tests and CLI flags)."""
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return tuple(sorted({spec.pool for spec in self.models.values()}))
+
+    @property
+    def kafka_port(self) -> int:
+        return _loopback_port(self.kafka.bootstrap_servers.split(",")[0])
+
+    @property
+    def s3_port(self) -> int:
+        return _loopback_port(self.s3.endpoint_url)
+
+    def redacted(self) -> str:
+        """The settings as JSON with secrets masked, for logs and `aigc config`."""
+        return self.model_dump_json(indent=2)

@@ -1,0 +1,151 @@
+"""The topic registry: every topic name, its schema, key, partitions and retention, spelled in one place.
+
+Bootstrap creates exactly these topics; stages ask this module for names instead of formatting strings.
+Names are lowercase and dotted: ``<prefix>.<family>[.<qualifier>...]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from plumbing.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+class Priority(StrEnum):
+    HIGH = "HIGH"
+    NORMAL = "NORMAL"
+    LOW = "LOW"
+
+    @property
+    def suffix(self) -> str:
+        return self.value.lower()
+
+
+PRIORITIES: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+class Stage(StrEnum):
+    """Stages that consume, fail and retry; each has a retry chain and a dead-letter topic."""
+
+    GATEKEEPER = "gatekeeper"
+    RENDERER = "renderer"
+    ASSEMBLER = "assembler"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    schema: str  # Avro record name of the value
+    key: str  # what the key holds
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+
+def _delay_label(seconds: float) -> str:
+    return f"{int(seconds)}s" if seconds == int(seconds) else f"{int(seconds * 1000)}ms"
+
+
+class Topics:
+    """Names of the pipeline's topics for one settings object."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.prefix = settings.kafka.topic_prefix
+
+    def requests(self, priority: Priority | str) -> str:
+        return f"{self.prefix}.requests.{Priority(priority).suffix}"
+
+    def render(self, pool: str, priority: Priority | str) -> str:
+        return f"{self.prefix}.render.{pool}.{Priority(priority).suffix}"
+
+    @property
+    def frames(self) -> str:
+        return f"{self.prefix}.frames"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}.status"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.prefix}.completions"
+
+    @property
+    def cancellations(self) -> str:
+        return f"{self.prefix}.cancellations"
+
+    def retry(self, stage: Stage | str, delay_s: float) -> str:
+        return f"{self.prefix}.retry.{Stage(stage).value}.{_delay_label(delay_s)}"
+
+    def dlq(self, stage: Stage | str) -> str:
+        return f"{self.prefix}.dlq.{Stage(stage).value}"
+
+    def default_reply_prefix(self, tenant_id: str) -> str:
+        return f"{self.prefix}.reply.{tenant_id.lower()}"
+
+    def all(self) -> list[TopicSpec]:
+        """Every topic the pipeline owns, as bootstrap creates them."""
+        k = self._settings.kafka
+        specs: list[TopicSpec] = []
+        for p in PRIORITIES:
+            specs.append(
+                TopicSpec(
+                    self.requests(p),
+                    "GenerationRequest",
+                    "tenant_id",
+                    k.request_partitions,
+                    {"retention.ms": str(7 * DAY_MS)},
+                    f"{p.value} priority requests from producers",
+                )
+            )
+        for pool in self._settings.pools:
+            for p in PRIORITIES:
+                specs.append(
+                    TopicSpec(
+                        self.render(pool, p),
+                        "RenderTask",
+                        "request_id",
+                        k.render_partitions,
+                        {"retention.ms": str(DAY_MS)},
+                        f"{p.value} priority render tasks for pool {pool}",
+                    )
+                )
+        specs += [
+            TopicSpec(self.frames, "FramesRendered", "request_id", k.partitions,
+                      {"retention.ms": str(DAY_MS)}, "rendered frame ranges for the assembler"),
+            TopicSpec(self.status, "StatusEvent", "request_id", k.partitions,
+                      {"retention.ms": str(DAY_MS)}, "lifecycle and progress events"),
+            TopicSpec(self.completions, "Completion", "request_id", k.partitions,
+                      {"retention.ms": str(7 * DAY_MS)}, "one terminal result per request"),
+            TopicSpec(self.cancellations, "CancelRequest", "request_id", k.partitions,
+                      {"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS),
+                       "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+                      "cancellations, compacted by request_id"),
+        ]  # fmt: skip
+        for stage in Stage:
+            for delay in self._settings.retry.delays_s:
+                specs.append(
+                    TopicSpec(
+                        self.retry(stage, delay),
+                        "RetryEnvelope",
+                        "original key",
+                        k.partitions,
+                        {"retention.ms": str(DAY_MS)},
+                        f"{stage.value} work waiting {_delay_label(delay)} before its next attempt",
+                    )
+                )
+            specs.append(
+                TopicSpec(
+                    self.dlq(stage),
+                    "DeadLetter",
+                    "original key",
+                    k.partitions,
+                    {"retention.ms": str(30 * DAY_MS)},
+                    f"{stage.value} work that failed for good, for operators to inspect and replay",
+                )
+            )
+        return specs
