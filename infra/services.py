@@ -284,15 +284,14 @@ paxos_variant: v2
     def ready(self) -> bool:
         if not port_open(self.ports[0]):
             return False  # the CQL port opens only at the end of startup
-        from cassandra.cluster import Cluster
-        from cassandra.policies import DCAwareRoundRobinPolicy
+        from plumbing.metadata import connect
+        from plumbing.settings import CassandraSettings
 
-        cluster = Cluster(
-            [LOOPBACK], port=self.ports[0], connect_timeout=2, protocol_version=5,
-            load_balancing_policy=DCAwareRoundRobinPolicy(local_dc="datacenter1"),
-        )  # fmt: skip
         try:
-            session = cluster.connect()
+            cluster, session = connect(CassandraSettings(hosts=(LOOPBACK,), port=self.ports[0]), connect_timeout_s=2)
+        except Exception:  # NoHostAvailable while starting
+            return False
+        try:
             return session.execute("SELECT release_version FROM system.local").one() is not None
         except Exception:  # NoHostAvailable and friends while starting
             return False

@@ -7,6 +7,7 @@ says so where it commits. Consumers read committed data only, so aborted transac
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from plumbing.errors import DeliveryError
 from plumbing.settings import Settings
 
 Headers = list[tuple[str, bytes]]
+# librdkafka's own log lines go through Python logging (stage logs, pytest capture) instead of raw stderr.
+LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
 
 
 def client_id(settings: Settings, role: str) -> str:
@@ -29,10 +32,13 @@ def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
+        "logger": LIBRDKAFKA_LOGGER,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
         "compression.type": "lz4",
+        # Java clients' partitioner, so keys land on the same partitions whoever produces them.
+        "partitioner": "murmur2_random",
         "message.max.bytes": 4 * 1024 * 1024,
     }
     conf.update(overrides)
@@ -43,6 +49,7 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
+        "logger": LIBRDKAFKA_LOGGER,
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -55,7 +62,8 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
 
 
 def make_admin(settings: Settings) -> AdminClient:
-    return AdminClient({**settings.kafka.client_config(), "client.id": client_id(settings, "admin")})
+    return AdminClient({**settings.kafka.client_config(), "client.id": client_id(settings, "admin"),
+                        "logger": LIBRDKAFKA_LOGGER})
 
 
 def header_map(message: Message) -> dict[str, bytes]:

@@ -1,6 +1,12 @@
-"""Cassandra sessions with the pipeline's defaults (the metadata store)."""
+"""Cassandra sessions with the pipeline's defaults (the metadata store).
+
+Sessions are not bound to a keyspace: statements name ``<keyspace>.<table>`` in full, as Cassandra 5
+asks of prepared statements. The ``output`` user type maps to `OutputRow`.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
@@ -9,8 +15,24 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from plumbing.settings import CassandraSettings
 
 
-def connect(settings: CassandraSettings, keyspace: str | None = None) -> tuple[Cluster, Session]:
-    """A cluster and a session, bound to ``keyspace`` when given. Call ``cluster.shutdown()`` when done."""
+class OutputRow(NamedTuple):
+    """One stored result, as the ``output`` user type in infra/cql/002_tables.cql."""
+
+    kind: str
+    bucket: str
+    key: str
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int
+    height: int
+    duration_ms: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+
+
+def connect(settings: CassandraSettings, connect_timeout_s: float = 5.0) -> tuple[Cluster, Session]:
+    """A cluster and a session. Call ``cluster.shutdown()`` when done."""
     profile = ExecutionProfile(
         load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.local_dc)),
         request_timeout=settings.request_timeout_s,
@@ -24,6 +46,12 @@ def connect(settings: CassandraSettings, keyspace: str | None = None) -> tuple[C
         protocol_version=5,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         auth_provider=auth,
-        connect_timeout=5,
+        connect_timeout=connect_timeout_s,
     )
-    return cluster, cluster.connect(keyspace)
+    session = cluster.connect()
+    return cluster, session
+
+
+def register_types(cluster: Cluster, keyspace: str) -> None:
+    """Map the keyspace's user types to Python classes (call once the schema exists)."""
+    cluster.register_user_type(keyspace, "output", OutputRow)

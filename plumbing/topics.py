@@ -84,8 +84,9 @@ class Topics:
     def dlq(self, stage: Stage | str) -> str:
         return f"{self.prefix}.dlq.{Stage(stage).value}"
 
-    def default_reply_prefix(self, tenant_id: str) -> str:
-        return f"{self.prefix}.reply.{tenant_id.lower()}"
+    def reply_prefix(self, tenant_id: str) -> str:
+        """The prefix a tenant's reply topics must have: from settings, else ``<prefix>.reply.<tenant>``."""
+        return self._settings.reply_topic_prefixes.get(tenant_id, f"{self.prefix}.reply.{tenant_id.lower()}")
 
     def all(self) -> list[TopicSpec]:
         """Every topic the pipeline owns, as bootstrap creates them."""

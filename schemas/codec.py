@@ -40,9 +40,9 @@ class SchemaVersion:
     current: bool
 
 
-def schema_fingerprint(schema: Mapping[str, Any]) -> bytes:
-    """The 8-byte CRC-64-AVRO fingerprint of a schema, as it appears in the message header."""
-    return bytes.fromhex(fingerprint(to_parsing_canonical_form(dict(schema)), "CRC-64-AVRO"))
+def schema_fingerprint(schema: Any) -> bytes:
+    """The 8-byte CRC-64-AVRO fingerprint of a schema (JSON-shaped), as it appears in the message header."""
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
 def _load(path: Path, current: bool) -> SchemaVersion:

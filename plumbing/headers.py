@@ -1,0 +1,48 @@
+"""Headers every pipeline message carries: W3C ``traceparent``, ``request_id`` and ``tenant_id``.
+
+A stage continues the trace of the message it consumed (same trace id, a new span id), so one request
+can be followed across topics by its trace id.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+
+TRACEPARENT = "traceparent"
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def new_traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def child_traceparent(parent: bytes | str | None) -> str:
+    """A new span in the parent's trace, or a new trace when the parent is missing or malformed."""
+    text = parent.decode("ascii", "replace") if isinstance(parent, bytes) else parent
+    match = _TRACEPARENT.fullmatch(text or "")
+    if not match or match.group(1) == "0" * 32:
+        return new_traceparent()
+    return f"00-{match.group(1)}-{secrets.token_hex(8)}-{match.group(3)}"
+
+
+def trace_id(traceparent: bytes | str | None) -> str | None:
+    text = traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
+    match = _TRACEPARENT.fullmatch(text or "")
+    return match.group(1) if match else None
+
+
+def pipeline_headers(request_id: str, tenant_id: str, traceparent: str) -> list[tuple[str, bytes]]:
+    return [
+        (TRACEPARENT, traceparent.encode()),
+        ("request_id", request_id.encode()),
+        ("tenant_id", tenant_id.encode()),
+    ]
+
+
+def continue_headers(
+    consumed: Mapping[str, bytes], request_id: str, tenant_id: str
+) -> list[tuple[str, bytes]]:
+    """Headers for a message produced while handling ``consumed`` (its headers as a dict)."""
+    return pipeline_headers(request_id, tenant_id, child_traceparent(consumed.get(TRACEPARENT)))

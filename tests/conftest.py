@@ -1,0 +1,82 @@
+"""Test tiers and the real infrastructure they share.
+
+`tests/unit` needs nothing. `tests/integration` and `tests/e2e` need Kafka, Cassandra and S3: the
+``infra`` fixture starts them once per test session on test ports (29092, 29042, 29000) in a temporary
+run directory and stops them at the end; the processes are tied to this pytest process, so even a
+killed test run leaves none behind. To use an already running set instead, export
+``AIGC_TEST_EXTERNAL=1`` together with the usual ``AIGC_KAFKA__BOOTSTRAP_SERVERS``,
+``AIGC_CASSANDRA__PORT`` and ``AIGC_S3__ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plumbing.settings import CassandraSettings, InfraSettings, KafkaSettings, S3Settings, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_PORTS = {"kafka": 29092, "controller": 29093, "cql": 29042, "storage": 27000, "s3": 29000}
+
+
+_INFRA_REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _INFRA_REPORT:
+        terminalreporter.section("local infrastructure")
+        for line in _INFRA_REPORT:
+            terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        if "integration" in path.parts:
+            item.add_marker(pytest.mark.integration)
+        if "e2e" in path.parts:
+            item.add_marker(pytest.mark.e2e)
+
+
+def unique(prefix: str = "t") -> str:
+    """A short unique lowercase name for a test's topics, groups, keyspaces and buckets."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings pointing at running Kafka, Cassandra and S3Proxy (started here unless external)."""
+    from infra.bootstrap import bootstrap
+    from infra.launcher import down, rss_mb, up
+
+    if os.environ.get("AIGC_TEST_EXTERNAL") == "1":
+        settings = Settings.load()
+        bootstrap(settings, echo=lambda _: None)
+        yield settings
+        return
+    run_dir = tmp_path_factory.mktemp("infra")
+    settings = Settings.load(
+        home=run_dir / "home",
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{TEST_PORTS['kafka']}", request_partitions=2,
+                            render_partitions=4, partitions=2),  # fmt: skip
+        cassandra=CassandraSettings(port=TEST_PORTS["cql"]),
+        s3=S3Settings(endpoint_url=f"http://127.0.0.1:{TEST_PORTS['s3']}"),
+        infra=InfraSettings(run_dir=run_dir / "run", lib_dir=REPO / "infra" / "lib",
+                            kafka_controller_port=TEST_PORTS["controller"],
+                            cassandra_storage_port=TEST_PORTS["storage"]),  # fmt: skip
+    )
+    started = time.monotonic()
+    try:
+        up(settings, attached=True, echo=lambda line: print(f"[infra] {line}"))
+        _INFRA_REPORT.append(f"started and ready in {time.monotonic() - started:.1f} s")
+        bootstrap(settings, echo=lambda _: None)
+        yield settings
+        _INFRA_REPORT.append("resident memory at the end of the session: "
+                             + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss_mb(settings).items()))  # fmt: skip
+    finally:
+        down(settings, echo=lambda line: print(f"[infra] {line}"))

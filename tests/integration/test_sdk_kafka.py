@@ -1,0 +1,131 @@
+"""The SDK against a real broker: Avro requests keyed by tenant on the priority's topic, acknowledged."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from plumbing.errors import ValidationError
+from plumbing.headers import trace_id
+from plumbing.kafka_clients import header_map, make_consumer, make_producer, produce_sync
+from plumbing.settings import Settings
+from plumbing.topics import PRIORITIES, Topics
+from producers.client import Client, now_ms
+from schemas.codec import default_codec
+from tests.conftest import unique
+
+DRAIN_TIMEOUT_S = 20.0
+
+
+def drain(settings: Settings, topics: list[str], expected: int) -> list:
+    """Consume ``topics`` from the beginning until ``expected`` messages arrived or the timeout passed."""
+    consumer = make_consumer(settings, unique("g"), "test")
+    consumer.subscribe(topics)
+    seen = []
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    try:
+        while len(seen) < expected and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                seen.append(msg)
+    finally:
+        consumer.close()
+    return seen
+
+
+def fields(**extra):
+    base = dict(tenant_id="acme", prompt="a paper boat on a pond", model="tiny-sd", width=64, height=64, steps=4,
+                guidance_scale=7.0)  # fmt: skip
+    return {**base, **extra}
+
+
+def test_submit_produces_avro_keyed_by_tenant_on_the_priority_topic(isolated: Settings):
+    topics = Topics(isolated)
+    with Client(isolated) as client:
+        ids = {p: client.submit(**fields(priority=p.value)) for p in PRIORITIES}
+    messages = drain(isolated, [topics.requests(p) for p in PRIORITIES], expected=3)
+    assert len(messages) == 3
+    by_id = {default_codec().decode(m.value(), "GenerationRequest")["request_id"]: m for m in messages}
+    assert set(by_id) == set(ids.values())
+    for priority, request_id in ids.items():
+        msg = by_id[request_id]
+        assert msg.topic() == topics.requests(priority)
+        assert msg.key() == b"acme"
+        headers = header_map(msg)
+        assert headers["request_id"] == request_id.encode()
+        assert headers["tenant_id"] == b"acme"
+        assert trace_id(headers["traceparent"]) is not None
+
+
+def test_invalid_request_is_refused_before_anything_is_sent(isolated: Settings):
+    with Client(isolated) as client, pytest.raises(ValidationError) as err:
+        client.submit(**fields(width=70))
+    assert err.value.field == "width"
+    assert end_offsets(isolated, Topics(isolated).requests("NORMAL")) == 0
+
+
+def end_offsets(settings: Settings, topic: str) -> int:
+    """Messages ever written to ``topic`` (sum of high watermarks)."""
+    from confluent_kafka import TopicPartition
+
+    consumer = make_consumer(settings, unique("g"), "test")
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+    finally:
+        consumer.close()
+
+
+def test_submit_nowait_and_flush_deliver_everything(isolated: Settings):
+    with Client(isolated) as client:
+        ids = [client.submit_nowait(**fields(labels={"n": str(i)})) for i in range(200)]
+        client.flush()
+    messages = drain(isolated, [Topics(isolated).requests("NORMAL")], expected=200)
+    decoded = [default_codec().decode(m.value())["request_id"] for m in messages]
+    assert sorted(decoded) == sorted(ids)
+
+
+def completion(request_id: str, tenant: str = "acme") -> dict:
+    return {"request_id": request_id, "tenant_id": tenant, "status": "SUCCEEDED", "outputs": [],
+            "timings": {"queued_ms": 1, "render_ms": 2, "assemble_ms": 3, "total_ms": 6}, "finished_at": now_ms()}
+
+
+def test_wait_finds_a_completion_that_arrived_before_or_after_the_call(isolated: Settings):
+    topics = Topics(isolated)
+    producer = make_producer(isolated, "test")
+    codec = default_codec()
+    with Client(isolated) as client:
+        early = client.submit(**fields())
+        produce_sync(producer, topics.completions, codec.encode("Completion", completion(early)), key=early)
+        assert client.wait(early, timeout_s=20)["request_id"] == early
+
+        late = client.submit(**fields())
+        timer = threading.Timer(1.0, lambda: produce_sync(
+            producer, topics.completions, codec.encode("Completion", completion(late)), key=late))  # fmt: skip
+        timer.start()
+        assert client.wait(late, timeout_s=20)["status"] == "SUCCEEDED"
+        timer.join()
+
+
+def test_subscribe_filters_by_tenant_and_skips_garbage(isolated: Settings):
+    topics = Topics(isolated)
+    producer = make_producer(isolated, "test")
+    codec = default_codec()
+    start = now_ms()
+    produce_sync(producer, topics.completions, b"\x00garbage", key=b"x")
+    for i, tenant in enumerate(["acme", "globex", "acme"]):
+        produce_sync(producer, topics.completions, codec.encode("Completion", completion(f"r{i}", tenant)))
+    with Client(isolated) as client:
+        events = list(client.subscribe(tenant_id="acme", status=False, since_ms=start - 1000, timeout_s=3))
+    assert [e.request_id for e in events] == ["r0", "r2"]
+    assert all(e.kind == "completion" for e in events)
+
+
+def test_cancel_writes_a_compacted_cancellation(isolated: Settings):
+    with Client(isolated) as client:
+        client.cancel("req-9", "acme", "changed my mind")
+    [msg] = drain(isolated, [Topics(isolated).cancellations], expected=1)
+    assert msg.key() == b"req-9"
+    assert default_codec().decode(msg.value(), "CancelRequest")["reason"] == "changed my mind"
