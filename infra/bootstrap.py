@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from string import Template
 
+from cassandra.cluster import Session
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
     AlterConfigOpType,
@@ -25,7 +26,7 @@ from plumbing.blobs import BlobStore
 from plumbing.kafka_clients import make_admin
 from plumbing.metadata import connect
 from plumbing.settings import Settings
-from plumbing.topics import TopicSpec, Topics
+from plumbing.topics import Topics, TopicSpec
 
 CQL_DIR = Path(__file__).resolve().parent / "cql"
 ADMIN_TIMEOUT_S = 30.0
@@ -53,7 +54,10 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(s.name, s.partitions, settings.kafka.replication_factor, config=s.config) for s in missing],
+            [
+                NewTopic(s.name, s.partitions, settings.kafka.replication_factor, config=s.config)
+                for s in missing
+            ],
             operation_timeout=ADMIN_TIMEOUT_S,
         )
         for name, future in futures.items():
@@ -65,7 +69,9 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
                     raise
     grow = [s for s in specs if s.name in existing and len(existing[s.name].partitions) < s.partitions]
     if grow:
-        for name, future in admin.create_partitions([NewPartitions(s.name, s.partitions) for s in grow]).items():
+        for name, future in admin.create_partitions(
+            [NewPartitions(s.name, s.partitions) for s in grow]
+        ).items():
             future.result()
             changes.append(f"topic {name}: partitions raised")
     present = [s for s in specs if s.name in existing and s.config]
@@ -76,7 +82,9 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
             current = described[resource].result()
             drift = {k: v for k, v in spec.config.items() if current.get(k) is None or current[k].value != v}
             if drift:
-                entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in drift.items()]
+                entries = [
+                    ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in drift.items()
+                ]
                 change = ConfigResource(ConfigResource.Type.TOPIC, spec.name, incremental_configs=entries)
                 for future in admin.incremental_alter_configs([change]).values():
                     future.result()
@@ -97,13 +105,25 @@ def ensure_schema(settings: Settings) -> list[str]:
         cluster.shutdown()
 
 
-def _schema_objects(session, keyspace: str) -> set[str]:  # type: ignore[no-untyped-def]
-    objects = {f"keyspace {r.keyspace_name}" for r in session.execute(
-        "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,))}  # fmt: skip
-    objects |= {f"table {keyspace}.{r.table_name}" for r in session.execute(
-        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", (keyspace,))}  # fmt: skip
-    objects |= {f"type {keyspace}.{r.type_name}" for r in session.execute(
-        "SELECT type_name FROM system_schema.types WHERE keyspace_name = %s", (keyspace,))}  # fmt: skip
+def _schema_objects(session: Session, keyspace: str) -> set[str]:
+    objects = {
+        f"keyspace {r.keyspace_name}"
+        for r in session.execute(
+            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,)
+        )
+    }
+    objects |= {
+        f"table {keyspace}.{r.table_name}"
+        for r in session.execute(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", (keyspace,)
+        )
+    }
+    objects |= {
+        f"type {keyspace}.{r.type_name}"
+        for r in session.execute(
+            "SELECT type_name FROM system_schema.types WHERE keyspace_name = %s", (keyspace,)
+        )
+    }
     return objects
 
 

@@ -7,7 +7,7 @@ import argparse
 from plumbing.settings import Settings
 
 
-def register(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(verbs: argparse._SubParsersAction) -> None:
     infra = verbs.add_parser(
         "infra",
         help="run the local Kafka, Cassandra and S3Proxy",

@@ -108,13 +108,17 @@ def _wait_ready(service: Service, pid: int, deadline: float) -> float:
     started = time.monotonic()
     while time.monotonic() < deadline:
         if owned_pid(service) is None or _exited(pid):
-            raise InfraError(f"{service.name} died while starting; last lines of {service.log_file}:\n"
-                             f"{log_tail(service.log_file)}")  # fmt: skip
+            raise InfraError(
+                f"{service.name} died while starting; last lines of {service.log_file}:\n"
+                f"{log_tail(service.log_file)}"
+            )
         if service.ready():
             return time.monotonic() - started
         time.sleep(0.25)
-    raise InfraError(f"{service.name} was not ready in time; last lines of {service.log_file}:\n"
-                     f"{log_tail(service.log_file)}")  # fmt: skip
+    raise InfraError(
+        f"{service.name} was not ready in time; last lines of {service.log_file}:\n"
+        f"{log_tail(service.log_file)}"
+    )
 
 
 def _exited(pid: int) -> bool:
@@ -164,8 +168,10 @@ def up(
         for name, future in futures.items():
             try:
                 timings[name] = future.result()
-                echo(f"{name}: ready on 127.0.0.1:{','.join(map(str, _ports(services, name)))}"
-                     + (f" after {timings[name]:.1f} s" if name in fresh else ""))  # fmt: skip
+                echo(
+                    f"{name}: ready on 127.0.0.1:{','.join(map(str, _ports(services, name)))}"
+                    + (f" after {timings[name]:.1f} s" if name in fresh else "")
+                )
             except InfraError as exc:
                 errors.append(str(exc))
     if errors:
@@ -211,11 +217,27 @@ def status(settings: Settings) -> list[ServiceState]:
         pid = owned_pid(service)
         if pid is not None and not _zombie(pid):
             ready = service.ready()
-            states.append(ServiceState(service.name, pid, True, ready, service.ports,
-                                       "" if ready else "running but not answering clients"))  # fmt: skip
+            states.append(
+                ServiceState(
+                    service.name,
+                    pid,
+                    True,
+                    ready,
+                    service.ports,
+                    "" if ready else "running but not answering clients",
+                )
+            )
         elif service.pid_file.exists():
-            states.append(ServiceState(service.name, None, False, False, service.ports,
-                                       f"died; last lines of {service.log_file}:\n{log_tail(service.log_file)}"))  # fmt: skip
+            states.append(
+                ServiceState(
+                    service.name,
+                    None,
+                    False,
+                    False,
+                    service.ports,
+                    f"died; last lines of {service.log_file}:\n{log_tail(service.log_file)}",
+                )
+            )
         else:
             states.append(ServiceState(service.name, None, False, False, service.ports, "stopped"))
     return states

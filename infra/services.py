@@ -21,23 +21,33 @@ from plumbing.settings import Settings
 LOOPBACK = "127.0.0.1"
 
 # Flags from Cassandra 5.0's conf/jvm17-server.options and jvm-server.options (INFRA.md section 2.2).
-_CASSANDRA_JAVA17 = """
---add-exports java.base/jdk.internal.misc=ALL-UNNAMED
---add-exports java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED
---add-exports java.management/com.sun.jmx.remote.security=ALL-UNNAMED
---add-exports java.rmi/sun.rmi.registry=ALL-UNNAMED --add-exports java.rmi/sun.rmi.server=ALL-UNNAMED
---add-exports java.sql/java.sql=ALL-UNNAMED --add-exports java.base/java.lang.ref=ALL-UNNAMED
---add-exports jdk.unsupported/sun.misc=ALL-UNNAMED
---add-opens java.base/java.lang.module=ALL-UNNAMED --add-opens java.base/jdk.internal.loader=ALL-UNNAMED
---add-opens java.base/jdk.internal.ref=ALL-UNNAMED --add-opens java.base/jdk.internal.reflect=ALL-UNNAMED
---add-opens java.base/jdk.internal.math=ALL-UNNAMED --add-opens java.base/jdk.internal.module=ALL-UNNAMED
---add-opens java.base/jdk.internal.util.jar=ALL-UNNAMED
---add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED
---add-opens java.base/sun.nio.ch=ALL-UNNAMED --add-opens java.base/java.io=ALL-UNNAMED
---add-opens java.base/java.lang.reflect=ALL-UNNAMED --add-opens java.base/java.lang=ALL-UNNAMED
---add-opens java.base/java.util=ALL-UNNAMED --add-opens java.base/java.nio=ALL-UNNAMED
---add-opens java.base/java.nio.charset=ALL-UNNAMED
-""".split()
+# fmt: off
+_CASSANDRA_JAVA17 = [
+    "--add-exports", "java.base/jdk.internal.misc=ALL-UNNAMED",
+    "--add-exports", "java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED",
+    "--add-exports", "java.management/com.sun.jmx.remote.security=ALL-UNNAMED",
+    "--add-exports", "java.rmi/sun.rmi.registry=ALL-UNNAMED",
+    "--add-exports", "java.rmi/sun.rmi.server=ALL-UNNAMED",
+    "--add-exports", "java.sql/java.sql=ALL-UNNAMED",
+    "--add-exports", "java.base/java.lang.ref=ALL-UNNAMED",
+    "--add-exports", "jdk.unsupported/sun.misc=ALL-UNNAMED",
+    "--add-opens", "java.base/java.lang.module=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.loader=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.ref=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.reflect=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.math=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.module=ALL-UNNAMED",
+    "--add-opens", "java.base/jdk.internal.util.jar=ALL-UNNAMED",
+    "--add-opens", "jdk.management/com.sun.management.internal=ALL-UNNAMED",
+    "--add-opens", "java.base/sun.nio.ch=ALL-UNNAMED",
+    "--add-opens", "java.base/java.io=ALL-UNNAMED",
+    "--add-opens", "java.base/java.lang.reflect=ALL-UNNAMED",
+    "--add-opens", "java.base/java.lang=ALL-UNNAMED",
+    "--add-opens", "java.base/java.util=ALL-UNNAMED",
+    "--add-opens", "java.base/java.nio=ALL-UNNAMED",
+    "--add-opens", "java.base/java.nio.charset=ALL-UNNAMED",
+]
+# fmt: on
 
 
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
@@ -178,17 +188,32 @@ logger.start.level = INFO
         if cluster_id.startswith("-"):
             cluster_id = "A" + cluster_id[1:]
         return [
-            "java", "-Xmx256m", *self._log_opts(), "-cp", f"{self.lib}/*", "kafka.tools.StorageTool",
-            "format", "-t", cluster_id, "-c", str(self.properties_file), "--ignore-formatted",
-        ]  # fmt: skip
+            "java",
+            "-Xmx256m",
+            *self._log_opts(),
+            "-cp",
+            f"{self.lib}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.properties_file),
+            "--ignore-formatted",
+        ]
 
     def java_args(self) -> list[str]:
         heap = self.settings.infra.kafka_heap_mb
         return [
-            f"-Xms{min(256, heap)}m", f"-Xmx{heap}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-            "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
-            "-Djava.awt.headless=true", *self._log_opts(),
-        ]  # fmt: skip
+            f"-Xms{min(256, heap)}m",
+            f"-Xmx{heap}m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:InitiatingHeapOccupancyPercent=35",
+            "-XX:+ExplicitGCInvokesConcurrent",
+            "-Djava.awt.headless=true",
+            *self._log_opts(),
+        ]
 
     def program_args(self) -> list[str]:
         return [str(self.properties_file)]
@@ -199,7 +224,7 @@ logger.start.level = INFO
         admin = AdminClient({"bootstrap.servers": f"{LOOPBACK}:{self.ports[0]}", "log_level": 0})
         try:
             return len(admin.list_topics(timeout=2).brokers) >= 1
-        except Exception:  # KafkaException while the broker is still starting
+        except Exception:  # noqa: BLE001 - any failure while the broker starts means not ready yet
             return False
 
 
@@ -266,20 +291,40 @@ paxos_variant: v2
             raise FileNotFoundError(f"no jamm jar in {self.lib}")
         d = self.dir
         return [
-            "-ea", "-da:net.openhft...", "-Xss256k", "-XX:+UseTLAB", "-XX:+ResizeTLAB",
-            "-XX:+PerfDisableSharedMem", "-Djava.net.preferIPv4Stack=true", "-Dchronicle.analytics.disable=true",
-            f"-Xms{heap}m", f"-Xmx{heap}m", "-XX:+UseG1GC", "-XX:+ParallelRefProcEnabled",
-            "-XX:MaxTenuringThreshold=1", "-XX:G1RSetUpdatingPauseTimePercent=5", "-XX:MaxGCPauseMillis=300",
-            "-XX:InitiatingHeapOccupancyPercent=70", "-XX:+CrashOnOutOfMemoryError", "-Djdk.attach.allowAttachSelf=true",
+            "-ea",
+            "-da:net.openhft...",
+            "-Xss256k",
+            "-XX:+UseTLAB",
+            "-XX:+ResizeTLAB",
+            "-XX:+PerfDisableSharedMem",
+            "-Djava.net.preferIPv4Stack=true",
+            "-Dchronicle.analytics.disable=true",
+            f"-Xms{heap}m",
+            f"-Xmx{heap}m",
+            "-XX:+UseG1GC",
+            "-XX:+ParallelRefProcEnabled",
+            "-XX:MaxTenuringThreshold=1",
+            "-XX:G1RSetUpdatingPauseTimePercent=5",
+            "-XX:MaxGCPauseMillis=300",
+            "-XX:InitiatingHeapOccupancyPercent=70",
+            "-XX:+CrashOnOutOfMemoryError",
+            "-Djdk.attach.allowAttachSelf=true",
             *_CASSANDRA_JAVA17,
-            "-Dio.netty.tryReflectionSetAccessible=true", "-Dio.netty.allocator.useCacheForAllThreads=true",
-            "-Dio.netty.allocator.maxOrder=11", f"-javaagent:{jamm[0]}",
-            f"-Dcassandra.config=file://{d / 'cassandra.yaml'}", f"-Dcassandra.storagedir={d / 'data'}",
-            f"-Dcassandra.logdir={d / 'logs'}", f"-Dlogback.configurationFile={d / 'logback.xml'}",
-            "-Dcassandra-foreground=yes", "-Dcassandra.skip_wait_for_gossip_to_settle=0",
-            "-Dcassandra.unsafesystem=true", f"-Dcassandra.triggers_dir={d / 'triggers'}",
-            f"-Djna.tmpdir={d / 'tmp'}", f"-Djava.io.tmpdir={d / 'tmp'}",
-        ]  # fmt: skip
+            "-Dio.netty.tryReflectionSetAccessible=true",
+            "-Dio.netty.allocator.useCacheForAllThreads=true",
+            "-Dio.netty.allocator.maxOrder=11",
+            f"-javaagent:{jamm[0]}",
+            f"-Dcassandra.config=file://{d / 'cassandra.yaml'}",
+            f"-Dcassandra.storagedir={d / 'data'}",
+            f"-Dcassandra.logdir={d / 'logs'}",
+            f"-Dlogback.configurationFile={d / 'logback.xml'}",
+            "-Dcassandra-foreground=yes",
+            "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+            "-Dcassandra.unsafesystem=true",
+            f"-Dcassandra.triggers_dir={d / 'triggers'}",
+            f"-Djna.tmpdir={d / 'tmp'}",
+            f"-Djava.io.tmpdir={d / 'tmp'}",
+        ]
 
     def ready(self) -> bool:
         if not port_open(self.ports[0]):
@@ -288,12 +333,14 @@ paxos_variant: v2
         from plumbing.settings import CassandraSettings
 
         try:
-            cluster, session = connect(CassandraSettings(hosts=(LOOPBACK,), port=self.ports[0]), connect_timeout_s=2)
-        except Exception:  # NoHostAvailable while starting
+            cluster, session = connect(
+                CassandraSettings(hosts=(LOOPBACK,), port=self.ports[0]), connect_timeout_s=2
+            )
+        except Exception:  # noqa: BLE001 - NoHostAvailable and friends while starting
             return False
         try:
             return session.execute("SELECT release_version FROM system.local").one() is not None
-        except Exception:  # NoHostAvailable and friends while starting
+        except Exception:  # noqa: BLE001 - a query failing while starting means not ready yet
             return False
         finally:
             cluster.shutdown()
@@ -333,16 +380,18 @@ jclouds.filesystem.basedir={self.dir / "data"}
 
     def java_args(self) -> list[str]:
         return [
-            "-Xms64m", f"-Xmx{self.settings.infra.s3_heap_mb}m", "-XX:+UseSerialGC",
+            "-Xms64m",
+            f"-Xmx{self.settings.infra.s3_heap_mb}m",
+            "-XX:+UseSerialGC",
             f"-Dlogback.configurationFile={self.dir / 'logback.xml'}",
-        ]  # fmt: skip
+        ]
 
     def program_args(self) -> list[str]:
         return ["--properties", str(self.dir / "s3proxy.properties")]
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/", timeout=2) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/", timeout=2) as resp:
                 return resp.status == 200
         except urllib.error.HTTPError as exc:
             return exc.code == 403  # up, with authentication on

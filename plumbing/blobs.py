@@ -63,8 +63,9 @@ class BlobStore:
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> StoredBlob:
         digest = hashlib.sha256(data).hexdigest()
-        self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type,
-                               Metadata={"sha256": digest})  # fmt: skip
+        self.client.put_object(
+            Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}
+        )
         return StoredBlob(bucket, key, digest, len(data))
 
     def get(self, bucket: str, key: str) -> bytes:
@@ -80,16 +81,22 @@ class BlobStore:
         return True
 
     def copy(self, src: StoredBlob, bucket: str, key: str, content_type: str) -> StoredBlob:
-        self.client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src.bucket, "Key": src.key},
-                                ContentType=content_type, Metadata={"sha256": src.sha256},
-                                MetadataDirective="REPLACE")  # fmt: skip
+        self.client.copy_object(
+            Bucket=bucket,
+            Key=key,
+            CopySource={"Bucket": src.bucket, "Key": src.key},
+            ContentType=content_type,
+            Metadata={"sha256": src.sha256},
+            MetadataDirective="REPLACE",
+        )
         return StoredBlob(bucket, key, src.sha256, src.bytes)
 
     def presign(self, bucket: str, key: str, ttl_s: int | None = None) -> tuple[str, int]:
         """A GET URL for the object and the epoch ms when it expires."""
         ttl = ttl_s or self.settings.presign_ttl_s
-        url = self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                 ExpiresIn=ttl)  # fmt: skip
+        url = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl
+        )
         return url, int(time.time() * 1000) + ttl * 1000
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
@@ -101,8 +108,9 @@ class BlobStore:
     def delete(self, bucket: str, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
-            self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
-                                                              "Quiet": True})  # fmt: skip
+            self.client.delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+            )
 
     def ensure_bucket(self, bucket: str) -> bool:
         """Create ``bucket`` if it is missing; True when it was created now."""
@@ -115,7 +123,10 @@ class BlobStore:
         try:
             self.client.create_bucket(Bucket=bucket)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            if exc.response.get("Error", {}).get("Code") in (
+                "BucketAlreadyOwnedByYou",
+                "BucketAlreadyExists",
+            ):
                 return False
             raise
         return True

@@ -10,7 +10,12 @@ import re
 import secrets
 from collections.abc import Mapping
 
+# Kafka headers as produced: confluent-kafka accepts str or bytes values.
+Headers = list[tuple[str, str | bytes | None]]
 TRACEPARENT = "traceparent"
+# On a decision (aigc.decisions) whose request named a reply topic that passed validation: where the
+# sink also sends the Completion.
+REPLY_TOPIC = "aigc.reply_topic"
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
@@ -33,7 +38,7 @@ def trace_id(traceparent: bytes | str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def pipeline_headers(request_id: str, tenant_id: str, traceparent: str) -> list[tuple[str, bytes]]:
+def pipeline_headers(request_id: str, tenant_id: str, traceparent: str) -> Headers:
     return [
         (TRACEPARENT, traceparent.encode()),
         ("request_id", request_id.encode()),
@@ -41,8 +46,6 @@ def pipeline_headers(request_id: str, tenant_id: str, traceparent: str) -> list[
     ]
 
 
-def continue_headers(
-    consumed: Mapping[str, bytes], request_id: str, tenant_id: str
-) -> list[tuple[str, bytes]]:
+def continue_headers(consumed: Mapping[str, bytes | None], request_id: str, tenant_id: str) -> Headers:
     """Headers for a message produced while handling ``consumed`` (its headers as a dict)."""
     return pipeline_headers(request_id, tenant_id, child_traceparent(consumed.get(TRACEPARENT)))

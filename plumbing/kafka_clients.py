@@ -10,16 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from plumbing.errors import DeliveryError
+from plumbing.headers import Headers
 from plumbing.settings import Settings
 
-Headers = list[tuple[str, bytes]]
 # librdkafka's own log lines go through Python logging (stage logs, pytest capture) instead of raw stderr.
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
 
@@ -62,13 +61,24 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
 
 
 def make_admin(settings: Settings) -> AdminClient:
-    return AdminClient({**settings.kafka.client_config(), "client.id": client_id(settings, "admin"),
-                        "logger": LIBRDKAFKA_LOGGER})
+    conf: dict[str, Any] = {
+        **settings.kafka.client_config(),
+        "client.id": client_id(settings, "admin"),
+        "logger": LIBRDKAFKA_LOGGER,
+    }
+    return AdminClient(conf)
+
+
+def header_list(message: Message) -> list[tuple[str, bytes | None]]:
+    """Headers of a consumed message, in order, values as bytes."""
+    raw = message.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
 
 
 def header_map(message: Message) -> dict[str, bytes]:
-    """Headers of a consumed message as a dict (last value wins)."""
-    return {k: v for k, v in (message.headers() or []) if v is not None}
+    """Headers of a consumed message as a dict of bytes (last value wins)."""
+    return {k: v for k, v in header_list(message) if v is not None}
 
 
 def produce_sync(
@@ -76,14 +86,14 @@ def produce_sync(
     topic: str,
     value: bytes | None,
     key: bytes | str | None = None,
-    headers: Mapping[str, str | bytes] | Headers | None = None,
+    headers: Headers | None = None,
     timeout_s: float = 30.0,
 ) -> Message:
     """Produce one message and wait for the broker's acknowledgement; raises DeliveryError."""
     result: list[tuple[KafkaError | None, Message]] = []
-    hdrs = list(headers.items()) if isinstance(headers, Mapping) else headers
-    producer.produce(topic, value=value, key=key, headers=hdrs,
-                     on_delivery=lambda err, msg: result.append((err, msg)))  # fmt: skip
+    producer.produce(
+        topic, value=value, key=key, headers=headers, on_delivery=lambda err, msg: result.append((err, msg))
+    )
     remaining = producer.flush(timeout_s)
     if not result:
         raise DeliveryError(f"{topic}: no acknowledgement in {timeout_s} s ({remaining} messages pending)")

@@ -117,6 +117,69 @@ class RequestLimits(_Section):
     max_deadline_ms: int = Field(7 * 24 * 3600 * 1000, description="furthest deadline from created_at")
 
 
+class Tier(_Section):
+    """Token-bucket limits of a tenant tier: requests and render cost (pixel-steps) per second."""
+
+    requests_per_s: float = Field(20.0, gt=0)
+    request_burst: float = Field(40.0, ge=1)
+    cost_per_s: float = Field(20e6, gt=0, description="frames x steps x width x height per second")
+    cost_burst: float = Field(200e6, gt=0)
+
+
+class GatekeeperSettings(_Section):
+    app_id: str = "aigc-gatekeeper"
+    dedupe_window_s: float = Field(600.0, gt=0, description="a request_id seen within this window is dropped")
+    frames_per_task: int = Field(4, ge=1, description="video frames per render task")
+    tiers: dict[str, Tier] = Field(default_factory=lambda: {"standard": Tier()})
+    tenant_tiers: dict[str, str] = Field(default_factory=dict, description="tenant -> tier name")
+    default_tier: str = "standard"
+    policy_path: Path | None = Field(None, description="moderation policy YAML (default: the shipped policy)")
+    classifiers: tuple[str, ...] = Field((), description="'module:Class' moderation classifiers")
+    classifier_threshold: float = 0.5
+    stream_buffer_maxsize: int = Field(256, ge=1)
+    commit_interval_s: float = 1.0
+    web_port: int | None = Field(None, description="faust's web server port; None disables it")
+
+    def tier_of(self, tenant_id: str) -> Tier:
+        return self.tiers[self.tenant_tiers.get(tenant_id, self.default_tier)]
+
+
+class RendererSettings(_Section):
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"HIGH": 16.0, "NORMAL": 4.0, "LOW": 1.0},
+        description="fair-share weights between classes (a busy LOW class keeps ~1/21 of frames)",
+    )
+    aging_s: float = Field(30.0, gt=0, description="a task waiting this long is served next")
+    batch_wait_ms: float = Field(20.0, ge=0, description="how long NORMAL/LOW wait to fill a micro-batch")
+    upload_workers: int = Field(8, ge=1)
+    progress_interval_s: float = Field(
+        0.5, gt=0, description="at most one RUNNING event per batch this often"
+    )
+    device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda when present")
+    worker_id: str | None = None
+    synthetic_ms_per_frame: float = Field(200.0, ge=0, description="synthetic backend: device time per frame")
+    synthetic_steps: int | None = Field(
+        None, ge=1, description="synthetic backend: steps (default: the task's)"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _all_classes(cls, weights: dict[str, float]) -> dict[str, float]:
+        if set(weights) != {"HIGH", "NORMAL", "LOW"} or min(weights.values()) <= 0:
+            raise ValueError("weights need positive HIGH, NORMAL and LOW entries")
+        return weights
+
+
+class AssemblerSettings(_Section):
+    instance: str = Field(
+        "0", pattern=r"^[a-z0-9-]{1,32}$", description="stable id of this sink (transactional.id)"
+    )
+    batch_size: int = Field(200, ge=1, description="messages handled in one transaction at most")
+    batch_wait_s: float = Field(0.02, gt=0, description="how long to wait for a batch to fill")
+    workers: int = Field(8, ge=1, description="threads for object copies and frame downloads")
+    transaction_timeout_ms: int = Field(15000, ge=1000)
+
+
 class RetrySettings(_Section):
     """Growing delays between attempts of retryable work; after the last, the work is dead-lettered."""
 
@@ -139,13 +202,16 @@ class Settings(BaseSettings):
     infra: InfraSettings = InfraSettings()
     limits: RequestLimits = RequestLimits()
     retry: RetrySettings = RetrySettings()
+    gatekeeper: GatekeeperSettings = GatekeeperSettings()
+    renderer: RendererSettings = RendererSettings()
+    assembler: AssemblerSettings = AssemblerSettings()
     models: dict[str, ModelSpec] = Field(
         default_factory=lambda: {"tiny-sd": ModelSpec(path=Path(".aigc/models/tiny-sd"))},
         description="model name -> local folder and renderer pool",
     )
     reply_topic_prefixes: dict[str, str] = Field(
         default_factory=dict,
-        description="tenant -> allowed reply topic prefix; tenants not listed may use <prefix>.reply.<tenant>.",
+        description="tenant -> allowed reply topic prefix (default <prefix>.reply.<tenant>)",
     )
     log_level: str = "INFO"
 

@@ -67,6 +67,10 @@ class Topics:
         return f"{self.prefix}.frames"
 
     @property
+    def decisions(self) -> str:
+        return f"{self.prefix}.decisions"
+
+    @property
     def status(self) -> str:
         return f"{self.prefix}.status"
 
@@ -83,6 +87,10 @@ class Topics:
 
     def dlq(self, stage: Stage | str) -> str:
         return f"{self.prefix}.dlq.{Stage(stage).value}"
+
+    def gatekeeper_changelog(self, table: str) -> str:
+        """Compacted changelog of one of the gatekeeper's faust tables (faust creates and owns it)."""
+        return f"{self.prefix}.gatekeeper.{table}.changelog"
 
     def reply_prefix(self, tenant_id: str) -> str:
         """The prefix a tenant's reply topics must have: from settings, else ``<prefix>.reply.<tenant>``."""
@@ -116,17 +124,52 @@ class Topics:
                     )
                 )
         specs += [
-            TopicSpec(self.frames, "FramesRendered", "request_id", k.partitions,
-                      {"retention.ms": str(DAY_MS)}, "rendered frame ranges for the assembler"),
-            TopicSpec(self.status, "StatusEvent", "request_id", k.partitions,
-                      {"retention.ms": str(DAY_MS)}, "lifecycle and progress events"),
-            TopicSpec(self.completions, "Completion", "request_id", k.partitions,
-                      {"retention.ms": str(7 * DAY_MS)}, "one terminal result per request"),
-            TopicSpec(self.cancellations, "CancelRequest", "request_id", k.partitions,
-                      {"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS),
-                       "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
-                      "cancellations, compacted by request_id"),
-        ]  # fmt: skip
+            TopicSpec(
+                self.frames,
+                "FramesRendered",
+                "request_id",
+                k.partitions,
+                {"retention.ms": str(DAY_MS)},
+                "rendered frame ranges for the assembler",
+            ),
+            TopicSpec(
+                self.decisions,
+                "Completion",
+                "request_id",
+                k.partitions,
+                {"retention.ms": str(7 * DAY_MS)},
+                "terminal decisions made before rendering (rejections), for the sink to record and publish",
+            ),
+            TopicSpec(
+                self.status,
+                "StatusEvent",
+                "request_id",
+                k.partitions,
+                {"retention.ms": str(DAY_MS)},
+                "lifecycle and progress events",
+            ),
+            TopicSpec(
+                self.completions,
+                "Completion",
+                "request_id",
+                k.partitions,
+                {"retention.ms": str(7 * DAY_MS)},
+                "one terminal result per request",
+            ),
+            TopicSpec(
+                self.cancellations,
+                "CancelRequest",
+                "request_id",
+                k.partitions,
+                {
+                    "cleanup.policy": "compact,delete",
+                    "retention.ms": str(7 * DAY_MS),
+                    "min.compaction.lag.ms": "0",
+                    "segment.ms": str(3600 * 1000),
+                },
+                "cancellations, compacted by request_id",
+            ),
+        ]
         for stage in Stage:
             for delay in self._settings.retry.delays_s:
                 specs.append(

@@ -11,12 +11,13 @@ from typing import Any
 from plumbing.settings import Settings
 
 
-def register(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(verbs: argparse._SubParsersAction) -> None:
     submit = verbs.add_parser(
         "submit",
         help="submit one generation request",
-        description="Validate a GenerationRequest, produce it to aigc.requests.<priority> keyed by tenant, and "
-        "print its request_id once the broker acknowledged it. Kafka comes from AIGC_KAFKA__BOOTSTRAP_SERVERS.",
+        description="Validate a GenerationRequest, produce it to aigc.requests.<priority> keyed by tenant, "
+        "and print its request_id once the broker acknowledged it. Kafka comes from "
+        "AIGC_KAFKA__BOOTSTRAP_SERVERS.",
     )
     submit.add_argument("prompt", help="text prompt")
     submit.add_argument("--request-id", help="idempotency key, ^[A-Za-z0-9_-]{1,64}$ (default: a new uuid)")
@@ -36,11 +37,15 @@ def register(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     submit.add_argument("--prompt-end", help="video: prompt of the last frame")
     submit.add_argument("--seed-end", type=int, help="video: seed of the last frame's noise")
     submit.add_argument("--format", choices=["PNG", "JPEG", "MP4"], help="output format (default by kind)")
-    submit.add_argument("--reply-topic", help="also send the completion here (must match the tenant's prefix)")
+    submit.add_argument(
+        "--reply-topic", help="also send the completion here (must match the tenant's prefix)"
+    )
     submit.add_argument("--deadline-s", type=float, help="give up if not done this many seconds from now")
     submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     submit.add_argument("--wait", action="store_true", help="wait for the completion and print it")
-    submit.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait (default: %(default)s)")
+    submit.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to --wait (default: %(default)s)"
+    )
     submit.add_argument("--json", action="store_true", help="print the completion as JSON")
     submit.set_defaults(handler=_submit)
 
@@ -90,8 +95,12 @@ def request_from_args(args: argparse.Namespace, settings: Settings) -> dict[str,
         fields["request_id"] = args.request_id
     if args.frames:
         fields["kind"] = "VIDEO"
-        fields["video"] = {"num_frames": args.frames, "fps": args.fps, "prompt_end": args.prompt_end,
-                           "seed_end": args.seed_end}  # fmt: skip
+        fields["video"] = {
+            "num_frames": args.frames,
+            "fps": args.fps,
+            "prompt_end": args.prompt_end,
+            "seed_end": args.seed_end,
+        }
     if args.deadline_s is not None:
         fields["deadline_ms"] = now_ms() + int(args.deadline_s * 1000)
     return fields
@@ -117,17 +126,23 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def format_completion(c: dict[str, Any]) -> str:
     t = c["timings"]
-    lines = [f"{c['request_id']}  {c['status']}" + (f"  {c['reason_code']}: {c['message']}" if c["reason_code"]
-                                                   else "")]  # fmt: skip
+    lines = [
+        f"{c['request_id']}  {c['status']}"
+        + (f"  {c['reason_code']}: {c['message']}" if c["reason_code"] else "")
+    ]
     if c.get("retry_after_ms"):
         lines.append(f"  retry after {c['retry_after_ms']} ms")
     if c["status"] == "SUCCEEDED":
-        lines.append(f"  total {t['total_ms']} ms (queued {t['queued_ms']}, render {t['render_ms']}, "
-                     f"assemble {t['assemble_ms']})")  # fmt: skip
+        lines.append(
+            f"  total {t['total_ms']} ms (queued {t['queued_ms']}, render {t['render_ms']}, "
+            f"assemble {t['assemble_ms']})"
+        )
     for out in c["outputs"]:
         extra = f", {out['frames']} frames @ {out['fps']} fps" if out.get("frames") else ""
-        lines.append(f"  {out['kind'].lower()} {out['width']}x{out['height']}{extra}, {out['bytes']} bytes: "
-                     f"{out['uri']}")  # fmt: skip
+        lines.append(
+            f"  {out['kind'].lower()} {out['width']}x{out['height']}{extra}, {out['bytes']} bytes: "
+            f"{out['uri']}"
+        )
     return "\n".join(lines)
 
 
@@ -147,9 +162,14 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
 
     since = now_ms() - int(args.since_s * 1000) if args.since_s is not None else None
     with Client(settings, known_models=None) as client:
-        for event in client.subscribe(request_ids=args.request_id, tenant_id=args.tenant, status=not args.no_status,
-                                      since_ms=since, from_beginning=args.from_beginning,
-                                      timeout_s=args.timeout):  # fmt: skip
+        for event in client.subscribe(
+            request_ids=args.request_id,
+            tenant_id=args.tenant,
+            status=not args.no_status,
+            since_ms=since,
+            from_beginning=args.from_beginning,
+            timeout_s=args.timeout,
+        ):
             print(format_event(event.kind, event.record, event.timestamp_ms), flush=True)
     return 0
 

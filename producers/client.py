@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
-from plumbing.errors import DeliveryError
+from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
 from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
 from plumbing.settings import Settings
@@ -27,7 +27,15 @@ from schemas.validation import validate_request
 
 POLL_S = 0.2
 DEFAULT_WAIT_LOOKBACK_MS = 3600 * 1000
-_OPTIONAL_FIELDS = ("negative_prompt", "seed", "video", "output_format", "scheduler", "reply_topic", "deadline_ms")
+_OPTIONAL_FIELDS = (
+    "negative_prompt",
+    "seed",
+    "video",
+    "output_format",
+    "scheduler",
+    "reply_topic",
+    "deadline_ms",
+)
 
 
 def now_ms() -> int:
@@ -84,12 +92,16 @@ class Client:
         self._submitted: dict[str, int] = {}
         self._errors: list[DeliveryError] = []
 
-    def _prepare(self, request: Mapping[str, Any] | None, fields: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    def _prepare(
+        self, request: Mapping[str, Any] | None, fields: dict[str, Any]
+    ) -> tuple[dict[str, Any], bytes]:
         record = new_request(**{**(request or {}), **fields})
         validate_request(record, self.settings.limits, self._models, self.topics.reply_prefix, now_ms())
         return record, self.codec.encode("GenerationRequest", record)
 
-    def submit(self, request: Mapping[str, Any] | None = None, /, timeout_s: float = 30.0, **fields: Any) -> str:
+    def submit(
+        self, request: Mapping[str, Any] | None = None, /, timeout_s: float = 30.0, **fields: Any
+    ) -> str:
         """Validate, produce and wait for the broker's acknowledgement; returns the request_id.
 
         Raises ValidationError (naming the field) before anything is sent, DeliveryError if the broker
@@ -118,10 +130,12 @@ class Client:
         while True:
             try:
                 self._producer.produce(
-                    self.topics.requests(record["priority"]), value, key=record["tenant_id"],
+                    self.topics.requests(record["priority"]),
+                    value,
+                    key=record["tenant_id"],
                     headers=pipeline_headers(record["request_id"], record["tenant_id"], new_traceparent()),
                     on_delivery=delivered,
-                )  # fmt: skip
+                )
                 break
             except BufferError:  # the local queue is full: let librdkafka drain it
                 self._producer.poll(0.05)
@@ -139,7 +153,12 @@ class Client:
 
     def cancel(self, request_id: str, tenant_id: str, reason: str | None = None) -> None:
         """Ask every stage to stop work on ``request_id``; the request ends CANCELLED unless already done."""
-        record = {"request_id": request_id, "tenant_id": tenant_id, "reason": reason, "requested_at": now_ms()}
+        record = {
+            "request_id": request_id,
+            "tenant_id": tenant_id,
+            "reason": reason,
+            "requested_at": now_ms(),
+        }
         produce_sync(
             self._producer,
             self.topics.cancellations,
@@ -178,7 +197,7 @@ class Client:
                     continue
                 try:
                     name, record = self.codec.decode_any(msg.value())
-                except Exception:  # noqa: BLE001 - another producer's garbage is not this subscriber's problem
+                except DecodeError:  # another producer's garbage is not this subscriber's problem
                     continue
                 if wanted is not None and record.get("request_id") not in wanted:
                     continue
@@ -186,7 +205,7 @@ class Client:
                     continue
                 idle_since = time.monotonic()
                 kind = "completion" if name == "Completion" else "status"
-                yield Event(kind, record, msg.topic(), msg.timestamp()[1])
+                yield Event(kind, record, str(msg.topic()), msg.timestamp()[1])
         finally:
             consumer.close()
 
@@ -204,7 +223,9 @@ class Client:
         if since_ms is None:
             return partitions
         resolved = consumer.offsets_for_times(partitions, timeout=10)
-        return [tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in resolved]
+        return [
+            tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in resolved
+        ]
 
     def wait(self, request_id: str, timeout_s: float = 300.0, since_ms: int | None = None) -> dict[str, Any]:
         """The Completion of ``request_id``; raises TimeoutError if none arrives within ``timeout_s``.
@@ -214,8 +235,9 @@ class Client:
         """
         start = since_ms or self._submitted.get(request_id) or now_ms() - DEFAULT_WAIT_LOOKBACK_MS
         deadline = time.monotonic() + timeout_s
-        for event in self.subscribe(request_ids=[request_id], status=False, since_ms=start - 1000,
-                                    timeout_s=timeout_s):  # fmt: skip
+        for event in self.subscribe(
+            request_ids=[request_id], status=False, since_ms=start - 1000, timeout_s=timeout_s
+        ):
             if event.kind == "completion":
                 return event.record
             if time.monotonic() > deadline:

@@ -103,7 +103,9 @@ class Codec:
         if not data:
             raise DecodeError("empty message", code="EMPTY")
         if len(data) < HEADER_LEN:
-            raise DecodeError(f"{len(data)} bytes is shorter than the {HEADER_LEN}-byte header", code="TRUNCATED")
+            raise DecodeError(
+                f"{len(data)} bytes is shorter than the {HEADER_LEN}-byte header", code="TRUNCATED"
+            )
         if data[:2] != MARKER:
             raise DecodeError(f"marker {data[:2].hex()} is not c301 (Avro single-object)", code="BAD_MARKER")
         writer = self._by_fingerprint.get(bytes(data[2:HEADER_LEN]))
@@ -119,8 +121,9 @@ class Codec:
                 body, writer.parsed, None if writer is reader else reader.parsed
             )
         except Exception as exc:  # the one decode boundary: EOFError, UnicodeDecodeError, ValueError, ...
-            raise DecodeError(f"{writer.record}: malformed body ({type(exc).__name__}: {exc})"[:500],
-                              code="BAD_BODY") from exc  # fmt: skip
+            raise DecodeError(
+                f"{writer.record}: malformed body ({type(exc).__name__}: {exc})"[:500], code="BAD_BODY"
+            ) from exc
         if body.tell() != len(data):
             raise DecodeError(
                 f"{writer.record}: {len(data) - body.tell()} bytes after the record", code="TRAILING_BYTES"

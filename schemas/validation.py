@@ -77,13 +77,15 @@ def validate_request(
     for field in ("width", "height"):
         size = request.get(field)
         _check_range(field, size, limits.min_size, limits.max_size)
-        if size % limits.size_multiple:
+        if request[field] % limits.size_multiple:
             raise ValidationError(field, f"must be a multiple of {limits.size_multiple}, got {size}")
     _check_range("steps", request.get("steps"), 1, limits.max_steps)
     _check_range("guidance_scale", request.get("guidance_scale"), limits.min_guidance, limits.max_guidance)
     scheduler = request.get("scheduler")
     if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValidationError("scheduler", f"must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
+        raise ValidationError(
+            "scheduler", f"must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}"
+        )
     video = request.get("video")
     fmt = request.get("output_format")
     if kind == "IMAGE":
@@ -115,7 +117,9 @@ def validate_request(
         raise ValidationError("created_at", "is more than an hour in the future")
     deadline = request.get("deadline_ms")
     if deadline is not None and not created_at < deadline <= created_at + limits.max_deadline_ms:
-        raise ValidationError("deadline_ms", f"must be after created_at and within {limits.max_deadline_ms} ms")
+        raise ValidationError(
+            "deadline_ms", f"must be after created_at and within {limits.max_deadline_ms} ms"
+        )
     reply_topic = request.get("reply_topic")
     if reply_topic is not None:
         if not TOPIC_PATTERN.fullmatch(reply_topic) or reply_topic in (".", ".."):

@@ -62,13 +62,20 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     run_dir = tmp_path_factory.mktemp("infra")
     settings = Settings.load(
         home=run_dir / "home",
-        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{TEST_PORTS['kafka']}", request_partitions=2,
-                            render_partitions=4, partitions=2),  # fmt: skip
+        kafka=KafkaSettings(
+            bootstrap_servers=f"127.0.0.1:{TEST_PORTS['kafka']}",
+            request_partitions=2,
+            render_partitions=4,
+            partitions=2,
+        ),
         cassandra=CassandraSettings(port=TEST_PORTS["cql"]),
         s3=S3Settings(endpoint_url=f"http://127.0.0.1:{TEST_PORTS['s3']}"),
-        infra=InfraSettings(run_dir=run_dir / "run", lib_dir=REPO / "infra" / "lib",
-                            kafka_controller_port=TEST_PORTS["controller"],
-                            cassandra_storage_port=TEST_PORTS["storage"]),  # fmt: skip
+        infra=InfraSettings(
+            run_dir=run_dir / "run",
+            lib_dir=REPO / "infra" / "lib",
+            kafka_controller_port=TEST_PORTS["controller"],
+            cassandra_storage_port=TEST_PORTS["storage"],
+        ),
     )
     started = time.monotonic()
     try:
@@ -76,7 +83,9 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         _INFRA_REPORT.append(f"started and ready in {time.monotonic() - started:.1f} s")
         bootstrap(settings, echo=lambda _: None)
         yield settings
-        _INFRA_REPORT.append("resident memory at the end of the session: "
-                             + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss_mb(settings).items()))  # fmt: skip
+        _INFRA_REPORT.append(
+            "resident memory at the end of the session: "
+            + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss_mb(settings).items())
+        )
     finally:
         down(settings, echo=lambda line: print(f"[infra] {line}"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from infra.bootstrap import ensure_topics
@@ -17,8 +15,8 @@ def with_prefix(settings: Settings, prefix: str) -> Settings:
 
 
 @pytest.fixture
-def isolated(infra: Settings) -> Iterator[Settings]:
+def isolated(infra: Settings) -> Settings:
     """Settings whose topics (all of the registry's, under a fresh prefix) exist and are empty."""
     settings = with_prefix(infra, unique())
     ensure_topics(settings, Topics(settings).all())
-    yield settings
+    return settings

@@ -15,7 +15,9 @@ from tests.conftest import unique
 
 @pytest.fixture
 def keyspace_settings(infra: Settings) -> Iterator[Settings]:
-    settings = infra.model_copy(update={"cassandra": infra.cassandra.model_copy(update={"keyspace": unique("ks")})})
+    settings = infra.model_copy(
+        update={"cassandra": infra.cassandra.model_copy(update={"keyspace": unique("ks")})}
+    )
     yield settings
     cluster, session = connect(settings.cassandra)
     session.execute(f"DROP KEYSPACE IF EXISTS {settings.cassandra.keyspace}", timeout=60)
@@ -38,15 +40,19 @@ def test_rows_round_trip_and_terminal_state_is_written_once(keyspace_settings: S
     register_types(cluster, ks)
     try:
         out = OutputRow("IMAGE", "b", "acme/2026/11/23/r1/image-0.png", "image/png", 123, "ab", 64, 64)
-        insert = session.prepare(f"INSERT INTO {ks}.requests (request_id, tenant_id, status, outputs, prompt, finished_at) "
-                                 "VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS")  # fmt: skip
+        insert = session.prepare(
+            f"INSERT INTO {ks}.requests (request_id, tenant_id, status, outputs, prompt, finished_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+        )
         now = datetime.now(UTC).replace(microsecond=0)
         first = session.execute(insert, ("r1", "acme", "SUCCEEDED", [out], "一只猫", now)).one()
         assert first.applied
         second = session.execute(insert, ("r1", "acme", "FAILED", [], "x", now)).one()
         assert not second.applied
         assert second.status == "SUCCEEDED"  # the LWT answer carries the row that won
-        row = session.execute(f"SELECT status, outputs, prompt FROM {ks}.requests WHERE request_id = 'r1'").one()
+        row = session.execute(
+            f"SELECT status, outputs, prompt FROM {ks}.requests WHERE request_id = 'r1'"
+        ).one()
         assert row.status == "SUCCEEDED" and row.prompt == "一只猫"
         assert row.outputs == [out]
 
@@ -56,10 +62,18 @@ def test_rows_round_trip_and_terminal_state_is_written_once(keyspace_settings: S
         assert keys == ["k0", "k1"]
 
         for i, day in enumerate([1, 3, 2]):
-            session.execute(f"INSERT INTO {ks}.requests_by_tenant (tenant_id, month, created_at, request_id) "
-                            "VALUES ('acme', '2026-11', %s, %s)", (datetime(2026, 11, day, tzinfo=UTC), f"h{i}"))  # fmt: skip
-        history = [r.request_id for r in session.execute(
-            f"SELECT request_id FROM {ks}.requests_by_tenant WHERE tenant_id = 'acme' AND month = '2026-11'")]  # fmt: skip
+            session.execute(
+                f"INSERT INTO {ks}.requests_by_tenant (tenant_id, month, created_at, request_id) "
+                "VALUES ('acme', '2026-11', %s, %s)",
+                (datetime(2026, 11, day, tzinfo=UTC), f"h{i}"),
+            )
+        history = [
+            r.request_id
+            for r in session.execute(
+                f"SELECT request_id FROM {ks}.requests_by_tenant "
+                "WHERE tenant_id = 'acme' AND month = '2026-11'"
+            )
+        ]
         assert history == ["h1", "h2", "h0"]  # newest first
     finally:
         cluster.shutdown()

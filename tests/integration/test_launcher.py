@@ -29,8 +29,11 @@ def own(tmp_path: Path):
     settings = Settings.load(
         kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{PORTS['kafka']}"),
         s3=S3Settings(endpoint_url=f"http://127.0.0.1:{PORTS['s3']}"),
-        infra=InfraSettings(run_dir=tmp_path / "run", lib_dir=REPO / "infra" / "lib",
-                            kafka_controller_port=PORTS["controller"]),  # fmt: skip
+        infra=InfraSettings(
+            run_dir=tmp_path / "run",
+            lib_dir=REPO / "infra" / "lib",
+            kafka_controller_port=PORTS["controller"],
+        ),
     )
     yield settings
     down(settings, echo=lambda _: None)
@@ -43,7 +46,10 @@ def ours(settings: Settings) -> list[int]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if marker in (proc / "cmdline").read_bytes() and b"Z" not in (proc / "stat").read_bytes().split(b")")[-1][:3]:
+                if (
+                    marker in (proc / "cmdline").read_bytes()
+                    and b"Z" not in (proc / "stat").read_bytes().split(b")")[-1][:3]
+                ):
                     pids.append(int(proc.name))
             except OSError:
                 continue
@@ -84,12 +90,23 @@ def test_a_killed_service_is_reported_with_its_log(own: Settings):
     kafka = next(s for s in status(own) if s.name == "kafka")
     assert kafka.ready  # the others are untouched
 
-    env = {**os.environ, "AIGC_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{PORTS['kafka']}",
-           "AIGC_S3__ENDPOINT_URL": f"http://127.0.0.1:{PORTS['s3']}",
-           "AIGC_INFRA__RUN_DIR": str(own.infra.run_dir), "AIGC_INFRA__KAFKA_CONTROLLER_PORT": str(PORTS["controller"]),
-           "AIGC_CASSANDRA__PORT": "39042"}  # fmt: skip
-    cli = subprocess.run([sys.executable, "-m", "plumbing.cli", "infra", "status"], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    env = {
+        **os.environ,
+        "AIGC_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{PORTS['kafka']}",
+        "AIGC_S3__ENDPOINT_URL": f"http://127.0.0.1:{PORTS['s3']}",
+        "AIGC_INFRA__RUN_DIR": str(own.infra.run_dir),
+        "AIGC_INFRA__KAFKA_CONTROLLER_PORT": str(PORTS["controller"]),
+        "AIGC_CASSANDRA__PORT": "39042",
+    }
+    cli = subprocess.run(
+        [sys.executable, "-m", "plumbing.cli", "infra", "status"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert cli.returncode == 1
     assert "s3proxy" in cli.stdout and "died" in cli.stdout
 

@@ -27,12 +27,14 @@ def test_put_get_copy_presign(store: BlobStore):
     assert blob.key == "acme/r1/frames/00003.png"
     assert blob.sha256 == hashlib.sha256(data).hexdigest() and blob.bytes == len(data)
     assert store.get(bucket, blob.key) == data
-    copied = store.copy(blob, bucket, result_prefix("acme", "r1", 1_795_000_000_000) + "image-0.png", "image/png")
+    copied = store.copy(
+        blob, bucket, result_prefix("acme", "r1", 1_795_000_000_000) + "image-0.png", "image/png"
+    )
     assert copied.key == "acme/2026/11/18/r1/image-0.png"
     assert store.exists(bucket, copied.key) and not store.exists(bucket, "nope")
 
     url, expires_at = store.presign(bucket, copied.key, ttl_s=120)
-    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback test server
+    with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.status == 200
         assert resp.read() == data
     assert expires_at > 0
@@ -47,5 +49,5 @@ def test_missing_object_is_a_404(store: BlobStore):
     store.ensure_bucket(bucket)
     url, _ = store.presign(bucket, "absent.png")
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(url, timeout=10)  # noqa: S310
+        urllib.request.urlopen(url, timeout=10)
     assert err.value.code == 404

@@ -36,8 +36,15 @@ def drain(settings: Settings, topics: list[str], expected: int) -> list:
 
 
 def fields(**extra):
-    base = dict(tenant_id="acme", prompt="a paper boat on a pond", model="tiny-sd", width=64, height=64, steps=4,
-                guidance_scale=7.0)  # fmt: skip
+    base = dict(
+        tenant_id="acme",
+        prompt="a paper boat on a pond",
+        model="tiny-sd",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=7.0,
+    )
     return {**base, **extra}
 
 
@@ -73,7 +80,9 @@ def end_offsets(settings: Settings, topic: str) -> int:
     consumer = make_consumer(settings, unique("g"), "test")
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
+        )
     finally:
         consumer.close()
 
@@ -88,8 +97,14 @@ def test_submit_nowait_and_flush_deliver_everything(isolated: Settings):
 
 
 def completion(request_id: str, tenant: str = "acme") -> dict:
-    return {"request_id": request_id, "tenant_id": tenant, "status": "SUCCEEDED", "outputs": [],
-            "timings": {"queued_ms": 1, "render_ms": 2, "assemble_ms": 3, "total_ms": 6}, "finished_at": now_ms()}
+    return {
+        "request_id": request_id,
+        "tenant_id": tenant,
+        "status": "SUCCEEDED",
+        "outputs": [],
+        "timings": {"queued_ms": 1, "render_ms": 2, "assemble_ms": 3, "total_ms": 6},
+        "finished_at": now_ms(),
+    }
 
 
 def test_wait_finds_a_completion_that_arrived_before_or_after_the_call(isolated: Settings):
@@ -102,8 +117,12 @@ def test_wait_finds_a_completion_that_arrived_before_or_after_the_call(isolated:
         assert client.wait(early, timeout_s=20)["request_id"] == early
 
         late = client.submit(**fields())
-        timer = threading.Timer(1.0, lambda: produce_sync(
-            producer, topics.completions, codec.encode("Completion", completion(late)), key=late))  # fmt: skip
+        timer = threading.Timer(
+            1.0,
+            lambda: produce_sync(
+                producer, topics.completions, codec.encode("Completion", completion(late)), key=late
+            ),
+        )
         timer.start()
         assert client.wait(late, timeout_s=20)["status"] == "SUCCEEDED"
         timer.join()

@@ -21,8 +21,16 @@ def codec() -> Codec:
 
 
 def image_request(**fields):
-    base = dict(request_id="req-1", tenant_id="acme", prompt="a red fox in snow", model="tiny-sd", width=64,
-                height=64, steps=4, guidance_scale=7.5)
+    base = dict(
+        request_id="req-1",
+        tenant_id="acme",
+        prompt="a red fox in snow",
+        model="tiny-sd",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=7.5,
+    )
     return new_request(**{**base, **fields})
 
 
@@ -42,18 +50,38 @@ def test_header_is_marker_and_fingerprint(codec: Codec):
 def test_round_trip(codec: Codec, record: str):
     samples = {
         "GenerationRequest": image_request(
-            kind="VIDEO", video={"num_frames": 16, "fps": 8, "prompt_end": "a fox at night", "seed_end": 9},
-            labels={"trace": "x"}, negative_prompt="blurry", seed=-5, deadline_ms=2**40, priority="HIGH",
+            kind="VIDEO",
+            video={"num_frames": 16, "fps": 8, "prompt_end": "a fox at night", "seed_end": 9},
+            labels={"trace": "x"},
+            negative_prompt="blurry",
+            seed=-5,
+            deadline_ms=2**40,
+            priority="HIGH",
             prompt="一只在雪地里的红狐狸 🦊",
         ),
         "Completion": {
-            "request_id": "r", "tenant_id": "t", "status": "SUCCEEDED", "outputs": [{
-                "kind": "VIDEO", "uri": "s3://b/k", "presigned_url": "http://x", "content_type": "video/mp4",
-                "bytes": 10, "width": 64, "height": 64, "duration_ms": 2000, "frames": 16, "fps": 8}],
-            "timings": {"queued_ms": 1, "render_ms": 2, "assemble_ms": 3, "total_ms": 6}, "finished_at": 1,
+            "request_id": "r",
+            "tenant_id": "t",
+            "status": "SUCCEEDED",
+            "outputs": [
+                {
+                    "kind": "VIDEO",
+                    "uri": "s3://b/k",
+                    "presigned_url": "http://x",
+                    "content_type": "video/mp4",
+                    "bytes": 10,
+                    "width": 64,
+                    "height": 64,
+                    "duration_ms": 2000,
+                    "frames": 16,
+                    "fps": 8,
+                }
+            ],
+            "timings": {"queued_ms": 1, "render_ms": 2, "assemble_ms": 3, "total_ms": 6},
+            "finished_at": 1,
         },
         "CancelRequest": {"request_id": "r", "tenant_id": "t", "reason": None, "requested_at": 5},
-    }  # fmt: skip
+    }
     data = codec.encode(record, samples[record])
     name, decoded = codec.decode_any(data)
     assert name == record
@@ -78,8 +106,12 @@ def test_every_schema_field_is_documented():
             for item in schema:
                 yield from fields(item)
 
-    undocumented = [f"{record}.{f['name']}" for path in SCHEMA_DIR.glob("*.avsc")
-                    for record, f in fields(json.loads(path.read_text())) if not f.get("doc")]  # fmt: skip
+    undocumented = [
+        f"{record}.{f['name']}"
+        for path in SCHEMA_DIR.glob("*.avsc")
+        for record, f in fields(json.loads(path.read_text()))
+        if not f.get("doc")
+    ]
     assert undocumented == []
 
 

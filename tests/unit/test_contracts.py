@@ -19,7 +19,9 @@ def snake(name: str) -> str:
 
 
 def test_every_topic_has_a_schema_and_every_schema_a_topic():
-    settings = Settings.load(models={"a": ModelSpec(path=Path("a"), pool="gpu-a"), "b": ModelSpec(path=Path("b"))})
+    settings = Settings.load(
+        models={"a": ModelSpec(path=Path("a"), pool="gpu-a"), "b": ModelSpec(path=Path("b"))}
+    )
     specs = Topics(settings).all()
     codec = Codec()
     assert {s.schema for s in specs} == set(codec.records)

@@ -15,8 +15,17 @@ NOW = 1_800_000_000_000
 
 
 def request(**fields):
-    base = dict(request_id="req-1", tenant_id="acme", prompt="a lighthouse at dusk", model="tiny-sd", width=64,
-                height=64, steps=4, guidance_scale=7.5, created_at=NOW)
+    base = dict(
+        request_id="req-1",
+        tenant_id="acme",
+        prompt="a lighthouse at dusk",
+        model="tiny-sd",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=7.5,
+        created_at=NOW,
+    )
     return new_request(**{**base, **fields})
 
 
@@ -74,9 +83,13 @@ def test_invalid_image_requests_name_the_field(fields, field, code):
 
 @pytest.mark.parametrize(
     ("video_fields", "field"),
-    [({"num_frames": 1}, "video.num_frames"), ({"num_frames": 257}, "video.num_frames"),
-     ({"fps": 0}, "video.fps"), ({"prompt_end": "dusk\x00"}, "video.prompt_end")],
-)  # fmt: skip
+    [
+        ({"num_frames": 1}, "video.num_frames"),
+        ({"num_frames": 257}, "video.num_frames"),
+        ({"fps": 0}, "video.fps"),
+        ({"prompt_end": "dusk\x00"}, "video.prompt_end"),
+    ],
+)
 def test_invalid_videos_name_the_nested_field(video_fields, field):
     with pytest.raises(ValidationError) as err:
         check(video(**video_fields))

@@ -1,0 +1,202 @@
+"""The device loop: picks micro-batches, renders them on a backend, preempts at denoising-step granularity.
+
+One thread owns the device. It asks the `Scheduler` for the next batch and renders it; the backend
+calls a step hook between denoising steps. In that hook the loop reports progress, honours
+cancellation (the batch stops when all of its tasks are cancelled), and, when a more urgent class is
+waiting (`Scheduler.should_preempt`), renders the urgent batch right there, nested inside the
+suspended batch's hook, on the same thread. The suspended batch keeps its latents and scheduler
+position on the call stack untouched, so when the hook returns it resumes exactly where it stopped
+and produces the same frames it would have produced without the interruption. A nested pick only
+takes classes above the running one, so nesting is at most two deep.
+
+Rendered frames go to ``publish`` (a thread pool uploads them), so the device moves straight on.
+A CUDA out-of-memory splits the batch in halves and retries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpu_consumers.backends.base import Backend, RenderBatch, RenderOOM, StepHook
+from gpu_consumers.scheduler import Pick, Scheduler
+from gpu_consumers.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class BatchCancelled(Exception):
+    """Every task of the running batch was cancelled: stop denoising it."""
+
+
+@dataclass
+class Rendered:
+    """A finished batch, handed to the publisher."""
+
+    pick: Pick
+    frames: list[np.ndarray]  # in task order, each task's frames consecutive
+    started_at_ms: int
+    render_s: float  # device time of this batch, excluding time it spent suspended
+    batch_frames: int
+
+
+@dataclass
+class _Run:
+    pick: Pick
+    started: float
+    suspended_s: float = 0.0
+    last_progress: float = field(default=0.0)
+
+
+class DeviceLoop:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        lock: threading.Condition,
+        backend_for: Callable[[str], Backend],
+        publish: Callable[[Rendered], None],
+        skip: Callable[[Task], str | None],
+        on_skipped: Callable[[Task, str], None],
+        on_progress: Callable[[Pick, int, int], None],
+        on_failed: Callable[[Pick, BaseException], None],
+        is_cancelled: Callable[[Task], bool],
+        max_frames: int,
+        progress_interval_s: float = 0.5,
+    ) -> None:
+        self.scheduler = scheduler
+        self.lock = lock
+        self.backend_for = backend_for
+        self.publish = publish
+        self.skip = skip
+        self.on_skipped = on_skipped
+        self.on_progress = on_progress
+        self.on_failed = on_failed
+        self.is_cancelled = is_cancelled
+        self.max_frames = max_frames
+        self.progress_interval_s = progress_interval_s
+        self.busy_s = 0.0  # device time spent rendering, for the busy fraction
+        self.depth = 0
+        self.max_depth_seen = 0
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            pick = self._next(stop)
+            if pick is not None:
+                self._render(pick)
+
+    def _next(self, stop: threading.Event, above: str | None = None) -> Pick | None:
+        with self.lock:
+            while not stop.is_set():
+                pick = self.scheduler.pick(self.max_frames, above=above)
+                if pick is not None:
+                    pick = self._drop_skipped(pick)
+                    if pick is not None or above is not None:
+                        return pick
+                    continue
+                if above is not None:
+                    return None
+                self.lock.wait(self.scheduler.wait_hint() or 0.05)
+        return None
+
+    def _drop_skipped(self, pick: Pick) -> Pick | None:
+        """Answer expired and cancelled tasks without rendering them."""
+        keep = []
+        for task in pick.tasks:
+            reason = self.skip(task)
+            if reason is None:
+                keep.append(task)
+            else:
+                self.on_skipped(task, reason)
+        if not keep:
+            return None
+        return Pick(keep, pick.cls, pick.pass_at_pick)
+
+    def _render(self, pick: Pick) -> None:
+        run = _Run(pick, time.monotonic())
+        started_at_ms = time.time_ns() // 1_000_000
+        self.depth += 1
+        self.max_depth_seen = max(self.max_depth_seen, self.depth)
+        try:
+            frames = self._render_split(pick, run)
+        except BatchCancelled:
+            for task in pick.tasks:
+                self.on_skipped(task, "CANCELLED")
+            return
+        except Exception as exc:  # the renderer routes it (retry or dead letter) by its class
+            log.exception("batch of %d task(s) failed", len(pick.tasks))
+            self.on_failed(pick, exc)
+            return
+        finally:
+            self.depth -= 1
+            elapsed = time.monotonic() - run.started - run.suspended_s
+            self.busy_s += elapsed
+        self.publish(Rendered(pick, frames, started_at_ms, elapsed, pick.frames))
+
+    def _render_split(self, pick: Pick, run: _Run) -> list[np.ndarray]:
+        tasks = pick.tasks
+        key = tasks[0].key
+        specs = [spec for task in tasks for spec in task.frames()]
+        backend = self.backend_for(key.model)
+        chunk = max(1, min(len(specs), backend.max_batch()))
+        frames: list[np.ndarray] = []
+        start = 0
+        while start < len(specs):
+            part = specs[start : start + chunk]
+            batch = RenderBatch(
+                key.model, key.width, key.height, key.steps, key.guidance_scale, key.scheduler, tuple(part)
+            )
+            try:
+                frames += backend.render(
+                    batch, self._hook(run, start * key.steps, len(part), len(specs) * key.steps)
+                )
+            except RenderOOM:
+                if chunk == 1:
+                    raise
+                chunk = max(1, chunk // 2)
+                log.warning("out of device memory: splitting the batch into chunks of %d", chunk)
+                continue
+            start += len(part)
+        return frames
+
+    def _hook(self, run: _Run, done_before: int, chunk_frames: int, batch_units: int) -> StepHook:
+        """The step hook of one backend call; progress counts frame-steps of the whole batch."""
+
+        def on_step(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - run.last_progress >= self.progress_interval_s or done == total:
+                run.last_progress = now
+                self.on_progress(run.pick, done_before + done * chunk_frames, batch_units)
+            if all(self.is_cancelled(task) for task in run.pick.tasks):
+                raise BatchCancelled
+            if done < total:
+                self._preempt(run)
+
+        return on_step
+
+    def _preempt(self, run: _Run) -> None:
+        """Render more urgent batches nested here, while ``run`` stays suspended between two steps."""
+        while True:
+            with self.lock:
+                if not self.scheduler.should_preempt(run.pick):
+                    return
+            urgent = self._next(threading.Event(), above=run.pick.cls)
+            if urgent is None:
+                return
+            suspended = time.monotonic()
+            self._render(urgent)
+            run.suspended_s += time.monotonic() - suspended
+
+
+def task_slices(tasks: Sequence[Task]) -> list[tuple[Task, int, int]]:
+    """Each task with the [start, end) slice of a batch's frames that belongs to it."""
+    out = []
+    start = 0
+    for task in tasks:
+        out.append((task, start, start + task.frame_count))
+        start += task.frame_count
+    return out

@@ -1,0 +1,134 @@
+"""Rendered frames out: PNG-encode, upload to the staging bucket, then announce FramesRendered.
+
+Frames are uploaded under deterministic keys (``<tenant>/<request>/frames/<index>.png``) before the
+FramesRendered record that names them is produced, so the assembler never sees a frame that is not
+stored, and a repeated render overwrites the same objects. The record's delivery report tells the
+renderer the task is done (its offset may then be committed).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+
+from gpu_consumers.tasks import Task
+from plumbing.blobs import BlobStore, frame_key
+from plumbing.headers import Headers, continue_headers
+from plumbing.topics import Stage
+from schemas.codec import Codec
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"could not PNG-encode a frame of shape {frame.shape}")
+    return bytes(buf)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Publisher:
+    def __init__(
+        self, codec: Codec, blobs: BlobStore, staging_bucket: str, frames_topic: str, worker_id: str
+    ) -> None:
+        self.codec = codec
+        self.blobs = blobs
+        self.bucket = staging_bucket
+        self.frames_topic = frames_topic
+        self.worker_id = worker_id
+
+    def upload(self, task: Task, frames: list[np.ndarray]) -> list[dict[str, Any]]:
+        r = task.record
+        blobs = []
+        for index, frame in zip(range(r["frame_start"], r["frame_end"]), frames, strict=True):
+            stored = self.blobs.put(
+                self.bucket, frame_key(task.tenant_id, task.request_id, index), encode_png(frame), "image/png"
+            )
+            blobs.append(
+                {
+                    "frame_index": index,
+                    "bucket": stored.bucket,
+                    "key": stored.key,
+                    "sha256": stored.sha256,
+                    "bytes": stored.bytes,
+                }
+            )
+        return blobs
+
+    def record(
+        self,
+        task: Task,
+        outcome: str,
+        blobs: list[dict[str, Any]],
+        *,
+        started_at: int,
+        render_ms: int,
+        batch_size: int,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> tuple[bytes, Headers]:
+        """The FramesRendered value and headers for ``task``."""
+        r = task.record
+        record = {
+            "request_id": r["request_id"],
+            "tenant_id": r["tenant_id"],
+            "task_id": r["task_id"],
+            "outcome": outcome,
+            "reason_code": reason,
+            "message": message,
+            "kind": r["kind"],
+            "priority": r["priority"],
+            "model": r["model"],
+            "prompt": r["prompt"],
+            "prompt_end": r.get("prompt_end"),
+            "negative_prompt": r.get("negative_prompt"),
+            "steps": r["steps"],
+            "guidance_scale": r["guidance_scale"],
+            "scheduler": r.get("scheduler"),
+            "seed": r["seed"],
+            "frame_start": r["frame_start"],
+            "frame_end": r["frame_end"],
+            "frame_count": r["frame_count"],
+            "blobs": blobs,
+            "width": r["width"],
+            "height": r["height"],
+            "fps": r.get("fps"),
+            "output_format": r["output_format"],
+            "reply_topic": r.get("reply_topic"),
+            "labels": r.get("labels") or {},
+            "created_at": r["created_at"],
+            "accepted_at": r["accepted_at"],
+            "enqueued_at": r["enqueued_at"],
+            "started_at": started_at,
+            "finished_at": now_ms(),
+            "render_ms": render_ms,
+            "batch_size": batch_size,
+            "worker_id": self.worker_id,
+            "attempt": r.get("attempt", 0),
+        }
+        return self.codec.encode("FramesRendered", record), continue_headers(
+            task.headers, task.request_id, task.tenant_id
+        )
+
+    def progress(self, task: Task, done: int, total: int) -> bytes:
+        record = {
+            "request_id": task.request_id,
+            "tenant_id": task.tenant_id,
+            "stage": Stage.RENDERER.value,
+            "state": "RUNNING",
+            "progress": {
+                "done": done,
+                "total": total,
+                "request_total": task.record["frame_count"] * task.record["steps"],
+            },
+            "task_id": task.task_id,
+            "worker_id": self.worker_id,
+            "message": None,
+            "at": now_ms(),
+        }
+        return self.codec.encode("StatusEvent", record)

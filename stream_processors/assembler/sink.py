@@ -1,0 +1,362 @@
+"""The assembler sink: FramesRendered and early decisions in; stored results, Cassandra rows, Completions out.
+
+Consumes ``aigc.frames`` (what renderers did with each task) and ``aigc.decisions`` (Completion records
+the gatekeeper decided before any rendering) with ``read_committed``. Produces ``aigc.completions``
+(and the request's reply topic), ASSEMBLING status events and dead letters.
+
+Delivery: each batch of consumed messages is handled inside one Kafka transaction that also commits
+the batch's consumer offsets, so outputs and progress are committed together or not at all; a crash
+repeats the batch, never loses it.
+
+Exactly one Completion per request_id, even when the sink dies between writing and emitting:
+1. the terminal row is written once (Cassandra ``INSERT ... IF NOT EXISTS``) and records ``decided_by``,
+   the topic:partition:offset of the input that decided it;
+2. that input publishes the Completion in the transaction that commits its own offset;
+3. if the sink dies before that transaction commits, the broker aborts it (read_committed consumers
+   never see its Completion) and the input is consumed again: the insert now fails, but ``decided_by``
+   names this very input, so the Completion is published again from the stored row;
+4. every other input for a finished request (a re-rendered frame, a late rejection) finds a row decided
+   by another input and publishes nothing.
+The transactional.id is stable per sink instance, so a restarted sink fences its predecessor and
+aborts its open transaction at once instead of after the transaction timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import KafkaException, Message, TopicPartition
+
+from plumbing.blobs import BlobStore
+from plumbing.dead_letters import Failure, Original, dead_letter
+from plumbing.errors import DecodeError, PermanentError, classify
+from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
+from plumbing.kafka_clients import header_map, make_consumer, make_producer
+from plumbing.metadata import connect, register_types
+from plumbing.settings import Settings
+from plumbing.topics import Stage, Topics
+from schemas.codec import default_codec
+from stream_processors.assembler.assembly import Assembler, completion_from_row
+from stream_processors.assembler.store import AssemblyStore, FrameRow, output_rows, ts
+
+log = logging.getLogger(__name__)
+TOPIC_REFRESH_S = 30.0
+MAX_BACKOFF_S = 10.0
+Out = tuple[str, bytes | None, bytes, Headers]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Sink:
+    def __init__(self, settings: Settings) -> None:
+        conf = settings.assembler
+        self.settings = settings
+        self.topics = Topics(settings)
+        self.codec = default_codec()
+        self.consumer = make_consumer(
+            settings,
+            f"{settings.kafka.topic_prefix}.assembler",
+            "assembler",
+            **{"max.poll.interval.ms": 600_000},
+        )
+        self.producer = make_producer(
+            settings,
+            "assembler",
+            **{
+                "transactional.id": f"{settings.kafka.topic_prefix}.assembler.{conf.instance}",
+                "transaction.timeout.ms": conf.transaction_timeout_ms,
+            },
+        )
+        self.cluster, session = connect(settings.cassandra)
+        register_types(self.cluster, settings.cassandra.keyspace)
+        self.store = AssemblyStore(session, settings.cassandra.keyspace)
+        self.blobs = BlobStore(settings.s3, max_connections=conf.workers * 2)
+        self.pool = ThreadPoolExecutor(conf.workers, thread_name_prefix="assemble")
+        self.assembler = Assembler(self.blobs, settings.s3.results_bucket, self.pool)
+        self._topics_seen: set[str] = set()
+        self._topics_checked_at = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        conf = self.settings.assembler
+        self.producer.init_transactions(30)
+        self.consumer.subscribe([self.topics.frames, self.topics.decisions])
+        log.info("assembler consuming %s and %s", self.topics.frames, self.topics.decisions)
+        try:
+            while not stop.is_set():
+                batch = [m for m in self.consumer.consume(conf.batch_size, conf.batch_wait_s) if self._ok(m)]
+                if batch:
+                    self._transact(batch, stop)
+        finally:
+            self.consumer.close()
+            self.pool.shutdown(wait=True)
+            self.cluster.shutdown()
+
+    def _ok(self, msg: Message) -> bool:
+        if msg.error():
+            log.warning("consumer error: %s", msg.error())
+            return False
+        return True
+
+    def _transact(self, batch: list[Message], stop: threading.Event) -> None:
+        attempt = 0
+        while True:
+            self.producer.begin_transaction()
+            try:
+                for topic, key, value, headers in self.handle(batch):
+                    self.producer.produce(topic, value, key, headers=headers)
+                self.producer.send_offsets_to_transaction(
+                    _next_offsets(batch), self.consumer.consumer_group_metadata(), 30
+                )
+                self.producer.commit_transaction(30)
+                return
+            except Exception as exc:
+                self._abort()
+                kind = classify(exc)
+                if kind is None or (isinstance(exc, KafkaException) and exc.args[0].fatal()):
+                    raise
+                attempt += 1
+                delay = min(MAX_BACKOFF_S, 0.2 * 2**attempt)
+                log.warning(
+                    "batch of %d failed (%s, attempt %d); retrying in %.1f s: %s",
+                    len(batch),
+                    kind.value,
+                    attempt,
+                    delay,
+                    exc,
+                )
+                if stop.wait(delay):
+                    raise
+                # The batch stays in hand: its offsets were not committed, so nothing is skipped.
+
+    def _abort(self) -> None:
+        try:
+            self.producer.abort_transaction(30)
+        except KafkaException as exc:
+            if exc.args[0].fatal():
+                raise
+            log.warning("abort failed: %s", exc)
+
+    # -- one batch --------------------------------------------------------------------------------
+    def handle(self, batch: Iterable[Message]) -> list[Out]:
+        outputs: list[Out] = []
+        for msg in batch:
+            origin = Original.of(msg).origin
+            try:
+                name, record = self.codec.decode_any(msg.value(), None)
+                expected = "Completion" if msg.topic() == self.topics.decisions else "FramesRendered"
+                if name != expected:
+                    raise DecodeError(
+                        f"expected {expected} on {msg.topic()}, got {name}", code="WRONG_SCHEMA"
+                    )
+                if name == "Completion":
+                    outputs += self._decision(record, msg, origin)
+                else:
+                    outputs += self._frames(record, msg, origin)
+            except PermanentError as exc:
+                outputs.append(self._dead_letter(msg, exc))
+        return outputs
+
+    def _dead_letter(self, msg: Message, exc: Exception) -> Out:
+        original = Original.of(msg)
+        now = now_ms()
+        value, headers = dead_letter(self.codec, original, Failure.of(Stage.ASSEMBLER, exc, 1, now, now))
+        log.warning("dead-lettered %s:%s:%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+        return self.topics.dlq(Stage.ASSEMBLER), msg.key(), value, headers
+
+    def _decision(self, completion: dict[str, Any], msg: Message, origin: str) -> list[Out]:
+        """Record a decision made before rendering and publish it, once."""
+        moderation = completion.get("moderation")
+        values = {
+            "request_id": completion["request_id"],
+            "tenant_id": completion["tenant_id"],
+            "status": completion["status"],
+            "reason_code": completion.get("reason_code"),
+            "message": completion.get("message"),
+            "retry_after_ms": completion.get("retry_after_ms"),
+            "moderation": {k: str(v) for k, v in moderation.items()} if moderation else None,
+            "outputs": [],
+            "queued_ms": 0,
+            "render_ms": 0,
+            "assemble_ms": 0,
+            "total_ms": completion["timings"]["total_ms"],
+            "labels": completion.get("labels") or {},
+            "created_at": ts(completion.get("created_at") or None),
+            "finished_at": ts(completion["finished_at"]),
+            "decided_by": origin,
+            "kind": None,
+            "model": None,
+        }
+        reply = header_map(msg).get(REPLY_TOPIC)
+        return self._finish(values, msg, origin, reply.decode() if reply else None)
+
+    def _frames(self, fr: dict[str, Any], msg: Message, origin: str) -> list[Out]:
+        request_id = fr["request_id"]
+        if fr["outcome"] != "RENDERED":
+            return self._finish(
+                self._values(fr, origin, fr["outcome"], fr.get("reason_code"), fr.get("message"), [], []),
+                msg,
+                origin,
+                fr.get("reply_topic"),
+            )
+        self.store.add_frames(
+            request_id,
+            [
+                FrameRow(
+                    b["frame_index"],
+                    fr["task_id"],
+                    b["bucket"],
+                    b["key"],
+                    b["sha256"],
+                    b["bytes"],
+                    fr["render_ms"] // max(1, len(fr["blobs"])),
+                    fr["started_at"],
+                    fr["finished_at"],
+                )
+                for b in fr["blobs"]
+            ],
+        )
+        if self.store.terminal(request_id) is not None:
+            # A re-rendered task of a finished request: its staged copies are surplus.
+            self.blobs.delete(self.settings.s3.staging_bucket, [b["key"] for b in fr["blobs"]])
+            return []
+        frames = self.store.frames(request_id)
+        if len({f.frame_index for f in frames}) < fr["frame_count"]:
+            return []
+        out = [self._status(fr, msg)]
+        outputs = self.assembler.assemble(fr, frames)
+        values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)
+        return out + self._finish(values, msg, origin, fr.get("reply_topic"), staged=frames)
+
+    def _values(
+        self,
+        fr: dict[str, Any],
+        origin: str,
+        status: str,
+        reason: str | None,
+        message: str | None,
+        outputs: list[dict[str, Any]],
+        frames: list[FrameRow],
+    ) -> dict[str, Any]:
+        finished = now_ms()
+        started = min((f.started_at for f in frames), default=fr["started_at"])
+        last_frame = max((f.rendered_at for f in frames), default=finished)
+        return {
+            "request_id": fr["request_id"],
+            "tenant_id": fr["tenant_id"],
+            "kind": fr["kind"],
+            "priority": fr["priority"],
+            "model": fr["model"],
+            "prompt": fr["prompt"],
+            "prompt_end": fr["prompt_end"],
+            "negative_prompt": fr["negative_prompt"],
+            "width": fr["width"],
+            "height": fr["height"],
+            "steps": fr["steps"],
+            "guidance_scale": fr["guidance_scale"],
+            "scheduler": fr["scheduler"],
+            "seed": fr["seed"],
+            "frame_count": fr["frame_count"],
+            "fps": fr["fps"],
+            "output_format": fr["output_format"],
+            "labels": fr["labels"],
+            "status": status,
+            "reason_code": reason,
+            "message": message,
+            "retry_after_ms": None,
+            "moderation": None,
+            "outputs": output_rows(outputs),
+            "queued_ms": max(0, started - fr["accepted_at"]) if frames else 0,
+            "render_ms": sum(f.render_ms for f in frames),
+            "assemble_ms": max(0, finished - last_frame) if frames else 0,
+            "total_ms": max(0, finished - fr["created_at"]),
+            "created_at": ts(fr["created_at"]),
+            "accepted_at": ts(fr["accepted_at"]),
+            "finished_at": ts(finished),
+            "decided_by": origin,
+        }
+
+    def _finish(
+        self,
+        values: dict[str, Any],
+        msg: Message,
+        origin: str,
+        reply_topic: str | None,
+        staged: list[FrameRow] | None = None,
+    ) -> list[Out]:
+        written = self.store.write_terminal(values)
+        if written.applied:
+            self.store.index_by_tenant(values)
+            keys = [f.key for f in staged or self.store.frames(values["request_id"])]
+            if keys:  # the results are stored and recorded: the staged frames have served their purpose
+                self.blobs.delete(self.settings.s3.staging_bucket, keys)
+        elif written.row.decided_by != origin:
+            log.info(
+                "%s is already %s; %s publishes nothing", values["request_id"], written.row.status, origin
+            )
+            return []
+        completion = completion_from_row(written.row, self.blobs, self.settings.s3.presign_ttl_s)
+        value = self.codec.encode("Completion", completion)
+        headers = continue_headers(header_map(msg), values["request_id"], values["tenant_id"])
+        key = values["request_id"].encode()
+        out: list[Out] = [(self.topics.completions, key, value, headers)]
+        if reply_topic and self._topic_exists(reply_topic):
+            out.append((reply_topic, key, value, headers))
+        elif reply_topic:
+            log.warning(
+                "reply topic %s of %s does not exist; the completion went to %s only",
+                reply_topic,
+                values["request_id"],
+                self.topics.completions,
+            )
+        return out
+
+    def _status(self, fr: dict[str, Any], msg: Message) -> Out:
+        record = {
+            "request_id": fr["request_id"],
+            "tenant_id": fr["tenant_id"],
+            "stage": Stage.ASSEMBLER.value,
+            "state": "ASSEMBLING",
+            "progress": {"done": fr["frame_count"], "total": fr["frame_count"], "request_total": 0},
+            "task_id": None,
+            "worker_id": None,
+            "message": None,
+            "at": now_ms(),
+        }
+        return (
+            self.topics.status,
+            fr["request_id"].encode(),
+            self.codec.encode("StatusEvent", record),
+            continue_headers(header_map(msg), fr["request_id"], fr["tenant_id"]),
+        )
+
+    def _topic_exists(self, topic: str) -> bool:
+        if topic not in self._topics_seen or time.monotonic() - self._topics_checked_at > TOPIC_REFRESH_S:
+            self._topics_seen = set(self.producer.list_topics(timeout=10).topics)
+            self._topics_checked_at = time.monotonic()
+        return topic in self._topics_seen
+
+
+def _next_offsets(batch: Iterable[Message]) -> list[TopicPartition]:
+    ends: dict[tuple[str, int], int] = {}
+    for msg in batch:
+        original = Original.of(msg)
+        key = (original.topic, original.partition)
+        ends[key] = max(ends.get(key, -1), original.offset + 1)
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in ends.items()]
+
+
+def run(settings: Settings) -> None:
+    """Run the sink until SIGINT or SIGTERM; the batch in hand is finished first."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Sink(settings).run(stop)

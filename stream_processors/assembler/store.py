@@ -1,0 +1,226 @@
+"""The assembler's Cassandra statements: frames that arrived, and the write-once terminal row.
+
+The terminal row of a request is written with ``INSERT ... IF NOT EXISTS`` (a Paxos lightweight
+transaction), carrying ``decided_by``: the topic:partition:offset of the input that decided it. A
+timeout of that write is ambiguous (it may have been applied), so it is settled by a SERIAL read of the
+row, never by retrying blindly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cassandra import ConsistencyLevel, WriteTimeout
+from cassandra.cluster import Session
+from cassandra.query import BatchStatement, BatchType, SimpleStatement
+
+from plumbing.metadata import OutputRow
+
+REQUEST_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "kind",
+    "priority",
+    "model",
+    "prompt",
+    "prompt_end",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "seed",
+    "frame_count",
+    "fps",
+    "output_format",
+    "labels",
+    "status",
+    "reason_code",
+    "message",
+    "retry_after_ms",
+    "moderation",
+    "outputs",
+    "queued_ms",
+    "render_ms",
+    "assemble_ms",
+    "total_ms",
+    "created_at",
+    "accepted_at",
+    "finished_at",
+    "decided_by",
+)
+
+
+@dataclass(frozen=True)
+class FrameRow:
+    frame_index: int
+    task_id: str
+    bucket: str
+    key: str
+    sha256: str
+    bytes: int
+    render_ms: int
+    started_at: int  # epoch ms
+    rendered_at: int  # epoch ms
+
+
+@dataclass(frozen=True)
+class TerminalWrite:
+    applied: bool
+    row: Any  # the row that holds the terminal state now (ours when applied)
+
+
+def ts(epoch_ms: int | None) -> datetime | None:
+    return None if epoch_ms is None else datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+
+
+def ms(value: datetime | None) -> int:
+    if value is None:
+        return 0
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
+
+
+class AssemblyStore:
+    def __init__(self, session: Session, keyspace: str) -> None:
+        self.session = session
+        ks = keyspace
+        self._insert_frame = session.prepare(
+            f"INSERT INTO {ks}.frames (request_id, frame_index, task_id, bucket, key, sha256, bytes, "
+            "render_ms, "
+            "started_at, rendered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        self._frames = session.prepare(
+            f"SELECT frame_index, task_id, bucket, key, sha256, bytes, render_ms, started_at, rendered_at "
+            f"FROM {ks}.frames WHERE request_id = ?"
+        )
+        placeholders = ", ".join("?" for _ in REQUEST_COLUMNS)
+        self._insert_terminal = session.prepare(
+            f"INSERT INTO {ks}.requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({placeholders}) IF NOT EXISTS"
+        )
+        self._insert_terminal.serial_consistency_level = ConsistencyLevel.SERIAL
+        self._terminal = session.prepare(
+            f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ks}.requests WHERE request_id = ?"
+        )
+        self._terminal_serial = session.prepare(
+            f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ks}.requests WHERE request_id = ?"
+        )
+        self._terminal_serial.consistency_level = ConsistencyLevel.SERIAL
+        self._by_tenant = session.prepare(
+            f"INSERT INTO {ks}.requests_by_tenant (tenant_id, month, created_at, request_id, kind, model, "
+            "status, "
+            "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+
+    def add_frames(self, request_id: str, frames: Sequence[FrameRow]) -> None:
+        """Record frames that arrived (an upsert: a re-rendered frame overwrites itself)."""
+        if not frames:
+            return
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)  # one partition: applied atomically anyway
+        for f in frames:
+            batch.add(
+                self._insert_frame,
+                (
+                    request_id,
+                    f.frame_index,
+                    f.task_id,
+                    f.bucket,
+                    f.key,
+                    f.sha256,
+                    f.bytes,
+                    f.render_ms,
+                    ts(f.started_at),
+                    ts(f.rendered_at),
+                ),
+            )
+        self.session.execute(batch)
+
+    def frames(self, request_id: str) -> list[FrameRow]:
+        return [
+            FrameRow(
+                r.frame_index,
+                r.task_id,
+                r.bucket,
+                r.key,
+                r.sha256,
+                r.bytes,
+                r.render_ms or 0,
+                ms(r.started_at),
+                ms(r.rendered_at),
+            )
+            for r in self.session.execute(self._frames, (request_id,))
+        ]
+
+    def terminal(self, request_id: str) -> Any:
+        """The terminal row of ``request_id``, or None while it is unfinished."""
+        return self.session.execute(self._terminal, (request_id,)).one()
+
+    def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
+        """Write the terminal row once; tell whether this call won and which row holds the state."""
+        params = tuple(values.get(column) for column in REQUEST_COLUMNS)
+        try:
+            result = self.session.execute(self._insert_terminal, params).one()
+        except WriteTimeout:
+            # Ambiguous: Paxos may have committed our row. A SERIAL read sees any accepted proposal.
+            row = self.session.execute(self._terminal_serial, (values["request_id"],)).one()
+            if row is None:
+                return self.write_terminal(values)  # nothing was accepted: safe to propose again
+            return TerminalWrite(row.decided_by == values["decided_by"], row)
+        if result.applied:
+            return TerminalWrite(True, _Row(values))
+        return TerminalWrite(False, result)
+
+    def index_by_tenant(self, values: dict[str, Any]) -> None:
+        created: datetime = values["created_at"] or values["finished_at"]
+        self.session.execute(
+            self._by_tenant,
+            (
+                values["tenant_id"],
+                f"{created:%Y-%m}",
+                created,
+                values["request_id"],
+                values["kind"],
+                values["model"],
+                values["status"],
+                values["finished_at"],
+            ),
+        )
+
+    def tenant_history(self, keyspace: str, tenant_id: str, month: str, limit: int = 20) -> list[Any]:
+        statement = SimpleStatement(
+            "SELECT created_at, request_id, kind, model, status, finished_at "
+            f"FROM {keyspace}.requests_by_tenant "
+            "WHERE tenant_id = %s AND month = %s LIMIT %s"
+        )
+        return list(self.session.execute(statement, (tenant_id, month, limit)))
+
+
+class _Row:
+    """Attribute access over the values we just wrote, shaped like a driver row."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update({column: values.get(column) for column in REQUEST_COLUMNS})
+
+
+def output_rows(outputs: Sequence[dict[str, Any]]) -> list[OutputRow]:
+    return [
+        OutputRow(
+            o["kind"],
+            o["bucket"],
+            o["key"],
+            o["content_type"],
+            o["bytes"],
+            o["sha256"],
+            o["width"],
+            o["height"],
+            o.get("duration_ms"),
+            o.get("frames"),
+            o.get("fps"),
+        )
+        for o in outputs
+    ]

@@ -1,0 +1,37 @@
+"""`aigc gatekeeper` and `aigc assemble`: the stream processors' entry points."""
+
+from __future__ import annotations
+
+import argparse
+
+from plumbing.settings import Settings
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    gatekeeper = verbs.add_parser(
+        "gatekeeper",
+        help="run the gatekeeper (faust): validate, dedupe, moderate, rate-limit, fan out",
+        description="Consumes aigc.requests.{high,normal,low}; settings under AIGC_GATEKEEPER__* "
+        "(e.g. AIGC_GATEKEEPER__DEDUPE_WINDOW_S, AIGC_GATEKEEPER__TIERS, AIGC_GATEKEEPER__POLICY_PATH).",
+    )
+    gatekeeper.set_defaults(handler=_gatekeeper)
+    assemble = verbs.add_parser(
+        "assemble",
+        help="run the assembler sink: frames in, stored results, Cassandra rows and completions out",
+        description="Consumes aigc.frames and aigc.decisions; settings under AIGC_ASSEMBLER__*.",
+    )
+    assemble.set_defaults(handler=_assemble)
+
+
+def _gatekeeper(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_processors.gatekeeper.app import run
+
+    run(settings)
+    return 0
+
+
+def _assemble(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_processors.assembler.sink import run
+
+    run(settings)
+    return 0

@@ -1,0 +1,170 @@
+"""The gatekeeper faust app: request topics in, render tasks, status events, decisions and dead letters out.
+
+Reads top to bottom: the app, its topics, its two tables, one agent per priority (so a flood of low
+priority requests never queues in front of high ones), each a few lines around `Gate.admit`.
+
+Delivery: at least once. faust flushes its producer before it commits an offset, so every message
+sent for an event (and every table write, through the changelog) is on the broker before the event
+counts as done; a crash repeats the event instead of losing it, and `Gate.admit` makes the repeat
+harmless (the ``seen`` entry of a redelivered offset keeps its first decision; tasks and status events
+are idempotent downstream; terminal decisions are written once by the sink).
+
+Tables (in memory, changelogged to compacted topics, partitioned like the request topics since
+requests are keyed by tenant):
+- ``seen``: request_id -> {o: origin topic:partition:offset, t: first seen ms, d: decision, p: partition}.
+  Entries older than the dedupe window are deleted while the agent handles later events of the same
+  partition (faust writes a key's changelog to the partition of the event being processed).
+- ``buckets``: tenant -> token-bucket state.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, cast
+
+import faust
+
+from plumbing.cancellations import CancellationWatcher
+from plumbing.dead_letters import Original
+from plumbing.settings import Settings
+from plumbing.topics import PRIORITIES, Stage, Topics
+from schemas.codec import default_codec
+from stream_processors.gatekeeper.admission import Gate
+from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def make_gate(settings: Settings, cancellations: CancellationWatcher | None) -> Gate:
+    conf = settings.gatekeeper
+    policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
+    moderator = Moderator(
+        policy, [load_classifier(path) for path in conf.classifiers], conf.classifier_threshold
+    )
+    return Gate(
+        settings,
+        default_codec(),
+        moderator,
+        cancellations.is_cancelled if cancellations else (lambda request_id, tenant_id: False),
+    )
+
+
+def create_app(settings: Settings, gate: Gate) -> faust.App:
+    topics = Topics(settings)
+    conf = settings.gatekeeper
+    partitions = settings.kafka.request_partitions
+    app = faust.App(
+        conf.app_id,
+        broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
+        store="memory://",
+        processing_guarantee="at_least_once",
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=partitions,
+        topic_replication_factor=settings.kafka.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger=0.002,
+        stream_buffer_maxsize=conf.stream_buffer_maxsize,
+        broker_commit_interval=conf.commit_interval_s,
+        web_enabled=conf.web_port is not None,
+        web_port=conf.web_port or 6066,
+    )
+
+    sources = {p: app.topic(topics.requests(p)) for p in PRIORITIES}
+    outputs: dict[str, faust.types.TopicT] = {}
+
+    def changelog(table: str) -> faust.types.TopicT:
+        return app.topic(
+            topics.gatekeeper_changelog(table),
+            partitions=partitions,
+            compacting=True,
+            deleting=False,
+            internal=True,
+            key_serializer="json",
+            value_serializer="json",
+        )
+
+    seen = app.Table("seen", partitions=partitions, changelog_topic=changelog("seen"))
+    buckets = app.Table("buckets", partitions=partitions, changelog_topic=changelog("buckets"))
+    expiry = SeenExpiry(seen, int(conf.dedupe_window_s * 1000))
+
+    async def admit(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            msg = event.message
+            original = Original(
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                int(msg.timestamp * 1000),
+                msg.key,
+                msg.value,
+                _header_list(msg.headers),
+            )
+            clock = now_ms()
+            expiry.purge(msg.partition, clock)
+            admission = gate.admit(original, seen, buckets, clock)
+            if admission.seen is not None and admission.request_id:
+                seen[admission.request_id] = {**admission.seen, "p": msg.partition}
+                expiry.track(msg.partition, admission.request_id, clock)
+            if admission.bucket is not None and admission.tenant_id:
+                buckets[admission.tenant_id] = admission.bucket
+            for out in admission.outputs:
+                topic = outputs.get(out.topic) or outputs.setdefault(out.topic, app.topic(out.topic))
+                await topic.send(key=out.key, value=out.value, headers=cast(Any, out.headers))
+            if admission.verdict == "DEAD_LETTERED":
+                log.warning(
+                    "dead-lettered %s:%s:%s (%s)", msg.topic, msg.partition, msg.offset, admission.reason
+                )
+
+    for priority, source in sources.items():
+        app.agent(source, name=f"{Stage.GATEKEEPER.value}.{priority.suffix}")(admit)
+    return app
+
+
+class SeenExpiry:
+    """Deletes ``seen`` entries older than the dedupe window, partition by partition, inside the agent."""
+
+    def __init__(self, seen: Any, window_ms: int) -> None:
+        self.seen = seen
+        self.window_ms = window_ms
+        self.queues: dict[int, collections.deque[tuple[int, str]]] = {}
+
+    def track(self, partition: int, request_id: str, at_ms: int) -> None:
+        self.queues[partition].append((at_ms, request_id))
+
+    def purge(self, partition: int, now: int) -> None:
+        queue = self.queues.get(partition)
+        if queue is None:  # first event of this partition since start: rebuild from recovered state
+            entries = [(v["t"], k) for k, v in self.seen.items() if v.get("p") == partition]
+            queue = self.queues[partition] = collections.deque(sorted(entries))
+        while queue and now - queue[0][0] >= self.window_ms:
+            _, request_id = queue.popleft()
+            entry = self.seen.get(request_id)
+            if entry is not None and now - entry["t"] >= self.window_ms:
+                del self.seen[request_id]
+
+
+def _header_list(headers: Any) -> list[tuple[str, bytes | None]]:
+    if not headers:
+        return []
+    if isinstance(headers, dict):
+        return list(headers.items())
+    return list(headers)
+
+
+def run(settings: Settings) -> None:
+    """Run the gatekeeper worker until SIGINT or SIGTERM."""
+    cancellations = CancellationWatcher(settings).start()
+    app = create_app(settings, make_gate(settings, cancellations))
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        cancellations.stop()

@@ -1,0 +1,44 @@
+"""Per-tenant token buckets for request rate and render cost, as pure functions over plain state.
+
+State is a small dict (``{"r": request tokens, "c": cost tokens, "t": epoch ms}``) kept in a changelogged
+faust table keyed by tenant, so a restarted gatekeeper resumes with the tokens it had. A request is
+admitted only if both buckets hold enough; a refused request takes no tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from plumbing.settings import Tier
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    state: dict[str, float]
+    retry_after_ms: int | None = None
+    reason: str | None = None  # RATE_LIMITED, or COST_EXCEEDS_TIER when no wait would ever be enough
+
+
+def _refill(state: dict[str, Any] | None, tier: Tier, now_ms: int) -> tuple[float, float]:
+    if not state:
+        return tier.request_burst, tier.cost_burst
+    elapsed_s = max(0.0, (now_ms - float(state["t"])) / 1000.0)
+    return (
+        min(tier.request_burst, float(state["r"]) + elapsed_s * tier.requests_per_s),
+        min(tier.cost_burst, float(state["c"]) + elapsed_s * tier.cost_per_s),
+    )
+
+
+def take(state: dict[str, Any] | None, tier: Tier, cost: float, now_ms: int) -> Decision:
+    """Try to take one request token and ``cost`` cost tokens at ``now_ms``."""
+    requests, budget = _refill(state, tier, now_ms)
+    refilled = {"r": requests, "c": budget, "t": float(now_ms)}
+    if cost > tier.cost_burst:
+        return Decision(False, refilled, None, "COST_EXCEEDS_TIER")
+    if requests >= 1.0 and budget >= cost:
+        return Decision(True, {"r": requests - 1.0, "c": budget - cost, "t": float(now_ms)})
+    wait_s = max((1.0 - requests) / tier.requests_per_s, (cost - budget) / tier.cost_per_s, 0.0)
+    return Decision(False, refilled, max(1, math.ceil(wait_s * 1000)), "RATE_LIMITED")
