@@ -120,6 +120,7 @@ class Renderer:
                     steps=self.backend_overrides.get("steps", conf.synthetic_steps),
                 )
             else:
+                self._limit_cpu_threads()
                 backend = make_backend(
                     "diffusers",
                     model_path=spec.path,
@@ -130,6 +131,13 @@ class Renderer:
             log.info("loaded model %s (%s backend)", model, kind)
             self.backends[model] = backend
         return backend
+
+    def _limit_cpu_threads(self) -> None:
+        import torch
+
+        device = self.settings.renderer.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu":
+            torch.set_num_threads(self.settings.renderer.cpu_threads)
 
     def warm_up(self) -> None:
         """Load every model of the pool before taking work (a model loads once, here)."""

@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     config = verbs.add_parser("config", help="print the effective settings, secrets hidden")
     config.set_defaults(handler=lambda args, settings: print(settings.redacted()))
+    run = verbs.add_parser(
+        "run",
+        help="run the pipeline's stages as processes under one supervisor (Ctrl-C stops them)",
+        description="Starts the gatekeeper, the renderers of every pool and the assembler, with logs in "
+        "<home>/logs (env AIGC_HOME). A crashed stage is reported and restarted.",
+    )
+    run.add_argument(
+        "--renderers", type=int, default=1, help="renderer processes per pool (default: %(default)s)"
+    )
+    run.add_argument("--synthetic-ms", type=float, help="renderers use the synthetic backend (benchmarking)")
+    run.add_argument("--no-restart", action="store_true", help="report a crashed stage but do not restart it")
+    run.set_defaults(handler=_run)
     for module in (infra_cli, producers_cli):
         module.register(verbs)
     for name in ("stream_processors.cli", "gpu_consumers.cli", "producers.ops_cli", "bench.cli"):
@@ -48,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(verbs)
     return parser
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from plumbing.supervisor import run_pipeline
+
+    return run_pipeline(settings, args.renderers, args.synthetic_ms, restart=not args.no_restart)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ Secrets are ``SecretStr`` and print as ``**********``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -156,6 +157,9 @@ class RendererSettings(_Section):
         0.5, gt=0, description="at most one RUNNING event per batch this often"
     )
     device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda when present")
+    cpu_threads: int = Field(
+        1, ge=1, description="torch threads when rendering on CPU (1 leaves cores to Kafka and friends)"
+    )
     worker_id: str | None = None
     synthetic_ms_per_frame: float = Field(200.0, ge=0, description="synthetic backend: device time per frame")
     synthetic_steps: int | None = Field(
@@ -239,6 +243,31 @@ class Settings(BaseSettings):
     @property
     def s3_port(self) -> int:
         return _loopback_port(self.s3.endpoint_url)
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that rebuild these settings in a child process (secrets included)."""
+
+        def reveal(value: object) -> object:
+            if isinstance(value, SecretStr):
+                return value.get_secret_value()
+            if isinstance(value, BaseModel):
+                return {k: reveal(v) for k, v in value.__dict__.items()}
+            if isinstance(value, dict):
+                return {k: reveal(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [reveal(v) for v in value]
+            if isinstance(value, Path):
+                return str(value)
+            return value
+
+        env = {}
+        for name in type(self).model_fields:
+            value = reveal(getattr(self, name))
+            # pydantic-settings parses complex fields as JSON and takes simple ones verbatim.
+            env[f"{ENV_PREFIX}{name.upper()}"] = (
+                json.dumps(value) if isinstance(value, dict | list) else str(value)
+            )
+        return env
 
     def redacted(self) -> str:
         """The settings as JSON with secrets masked, for logs and `aigc config`."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from plumbing.settings import Settings
@@ -57,6 +58,19 @@ def register(verbs: argparse._SubParsersAction) -> None:
     watch.add_argument("--no-status", action="store_true", help="completions only")
     watch.add_argument("--timeout", type=float, help="stop after this many idle seconds (default: never)")
     watch.set_defaults(handler=_watch)
+
+    get = verbs.add_parser("get", help="print a request's state and outputs (from Cassandra)")
+    get.add_argument("request_id")
+    get.set_defaults(handler=_get)
+
+    demo = verbs.add_parser(
+        "demo",
+        help="the main job: infrastructure, tiny model, pipeline, one image and one video, outputs on disk",
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="where to put the outputs")
+    demo.add_argument("--keep-running", action="store_true", help="leave the pipeline and infrastructure up")
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results")
+    demo.set_defaults(handler=_demo)
 
     cancel = verbs.add_parser("cancel", help="cancel a request (it ends CANCELLED unless already finished)")
     cancel.add_argument("request_id")
@@ -181,3 +195,17 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
         client.cancel(args.request_id, args.tenant, args.reason)
     print(f"cancellation of {args.request_id} sent")
     return 0
+
+
+def _get(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.lookup import describe, lookup
+
+    state = lookup(settings, args.request_id)
+    print(describe(state))
+    return 0 if state.row is not None else 1
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.demo import run_demo
+
+    return run_demo(settings, args.out, keep_running=args.keep_running, timeout_s=args.timeout)

@@ -181,7 +181,22 @@ def _deleet_token(match: re.Match[str]) -> str:
 
 
 def _join_singles(match: re.Match[str]) -> str:
-    return match.group(1) + _SEPS.sub("", match.group(2))
+    """Join a run of lone characters into the word it spells.
+
+    Where the separator style changes ("a g.o.r.e": a space, then dots) the characters on either side
+    belong to different words, so that separator is kept as a space. A run that starts with the
+    one-letter words "a" or "i" ("a k i l l") is also offered without it ("akill kill").
+    """
+    run = match.group(2)
+    chars = _SEPS.split(run)
+    seps = _SEPS.findall(run)
+    dominant = max(set(seps), key=seps.count)
+    joined = chars[0] + "".join(
+        ("" if sep == dominant else " ") + char for sep, char in zip(seps, chars[1:], strict=True)
+    )
+    if chars[0] in ("a", "i") and len(chars) > 3 and seps[0] == dominant:
+        joined += " " + "".join(chars[1:])
+    return match.group(1) + joined
 
 
 def _views(text: str) -> tuple[str, str, str]:

@@ -41,4 +41,10 @@ def take(state: dict[str, Any] | None, tier: Tier, cost: float, now_ms: int) -> 
     if requests >= 1.0 and budget >= cost:
         return Decision(True, {"r": requests - 1.0, "c": budget - cost, "t": float(now_ms)})
     wait_s = max((1.0 - requests) / tier.requests_per_s, (cost - budget) / tier.cost_per_s, 0.0)
-    return Decision(False, refilled, max(1, math.ceil(wait_s * 1000)), "RATE_LIMITED")
+    retry_ms = max(1, math.ceil(wait_s * 1000))
+    # Float rounding can leave the refill at exactly retry_ms a hair short (0.1 + 0.3 * 3 < 1): one more
+    # millisecond covers it, so a client that waits retry_after_ms is not refused again.
+    later_requests, later_budget = _refill(state, tier, now_ms + retry_ms)
+    if later_requests < 1.0 or later_budget < cost:
+        retry_ms += 1
+    return Decision(False, refilled, retry_ms, "RATE_LIMITED")

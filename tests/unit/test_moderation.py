@@ -450,3 +450,17 @@ def test_the_shipped_policy_blocks_each_category(shipped: Moderator, text: str, 
 )
 def test_the_shipped_policy_allows_benign_prompts(shipped: Moderator, text: str) -> None:
     assert shipped.check({"prompt": text}).allowed
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a g.o.r.e soaked battlefield", "a g o r e scene", "i p-o-r-n", "a  g_o_r_e", "show a p.o.r.n still"],
+)
+def test_spaced_terms_after_a_one_letter_word_are_caught(prompt: str) -> None:
+    verdict = Moderator(Policy.from_file(DEFAULT_POLICY_PATH)).check({"prompt": prompt})
+    assert not verdict.allowed, prompt
+
+
+@pytest.mark.parametrize("prompt", ["a s k i l l tree", "a b c d e", "U S A flag at dawn", "i o u a note"])
+def test_spelled_out_letters_stay_allowed(prompt: str) -> None:
+    assert Moderator(Policy.from_file(DEFAULT_POLICY_PATH)).check({"prompt": prompt}).allowed

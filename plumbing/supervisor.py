@@ -1,0 +1,181 @@
+"""`aigc run`: the pipeline's stages as separate processes under one supervisor.
+
+Each stage is a child process running an ``aigc`` verb (gatekeeper, render, assemble), with its output
+in ``<home>/logs/<stage>.log`` and its settings passed through the environment. The supervisor reports
+each stage ready (by a line its log prints when it starts consuming), reports a stage that crashes with
+its exit code and the tail of its log, and restarts it after a growing back-off. Stopping (Ctrl-C or
+SIGTERM) asks every stage to finish its work in hand (SIGTERM), then kills what is left after a grace
+period. Children die with the supervisor even when it is killed outright (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from plumbing.settings import Settings
+
+STOP_GRACE_S = 30.0
+MAX_BACKOFF_S = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    verb: list[str]  # arguments after `aigc`
+    ready_marker: str  # text the stage logs once it consumes
+
+
+@dataclass
+class _Child:
+    spec: StageSpec
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started: float
+    ready_at: float | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    log_offset: int = field(default=0)
+
+
+def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
+    """The stages of the pipeline: one gatekeeper, ``renderers`` renderers per pool, one assembler."""
+    stages = [StageSpec("gatekeeper", ["gatekeeper"], "Worker ready")]
+    for pool in settings.pools:
+        verb = ["render", "--pool", pool]
+        if synthetic_ms is not None:
+            verb += ["--synthetic-ms", str(synthetic_ms)]
+        stages += [StageSpec(f"renderer-{pool}-{i}", verb, "serving pool") for i in range(renderers)]
+    stages.append(StageSpec("assembler", ["assemble"], "assembler consuming"))
+    return stages
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        stages: list[StageSpec],
+        env: Mapping[str, str],
+        log_dir: Path,
+        restart: bool = True,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.stages = stages
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.restart = restart
+        self.echo = echo
+        self.children: dict[str, _Child] = {}
+
+    def _spawn(self, spec: StageSpec, restarts: int = 0) -> _Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{spec.name}.log"
+        with log.open("ab") as out:
+            offset = out.tell()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "plumbing.cli", *spec.verb],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks
+            )
+        return _Child(spec, proc, log, time.monotonic(), restarts=restarts, log_offset=offset)
+
+    def start(self) -> None:
+        for spec in self.stages:
+            self.children[spec.name] = self._spawn(spec)
+            self.echo(
+                f"{spec.name}: started (pid {self.children[spec.name].proc.pid}, log {self.log_dir / spec.name}.log)"
+            )
+
+    def _log_since_start(self, child: _Child) -> str:
+        with child.log.open("rb") as fh:
+            fh.seek(child.log_offset)
+            return fh.read().decode("utf-8", "replace")
+
+    def poll(self) -> None:
+        """Notice stages that became ready or died; restart the dead after a back-off."""
+        now = time.monotonic()
+        for name, child in list(self.children.items()):
+            code = child.proc.poll()
+            if code is None:
+                if child.ready_at is None and child.spec.ready_marker in self._log_since_start(child):
+                    child.ready_at = now
+                    self.echo(f"{name}: ready after {now - child.started:.1f} s")
+                continue
+            if child.next_start == 0.0:
+                tail = "\n".join(self._log_since_start(child).splitlines()[-15:])
+                self.echo(f"{name}: exited with code {code}; last lines of {child.log}:\n{tail}")
+                if not self.restart:
+                    child.next_start = float("inf")
+                    continue
+                child.next_start = now + min(MAX_BACKOFF_S, 2.0**child.restarts)
+            if now >= child.next_start:
+                self.children[name] = self._spawn(child.spec, child.restarts + 1)
+                self.echo(f"{name}: restarted (attempt {child.restarts + 1})")
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll()
+            if all(c.ready_at is not None for c in self.children.values()):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def alive(self) -> list[str]:
+        return [name for name, c in self.children.items() if c.proc.poll() is None]
+
+    def signal(self, name: str, sig: int) -> None:
+        self.children[name].proc.send_signal(sig)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int]:
+        """SIGTERM every stage, wait for them, SIGKILL stragglers; returns the exit codes."""
+        for child in self.children.values():
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        codes = {}
+        for name, child in self.children.items():
+            try:
+                codes[name] = child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.echo(f"{name}: did not stop in {grace_s:.0f} s; killing it")
+                child.proc.kill()
+                codes[name] = child.proc.wait()
+        return codes
+
+    def run_until(self, stop: Callable[[], bool]) -> None:
+        while not stop():
+            self.poll()
+            time.sleep(0.2)
+
+
+def run_pipeline(settings: Settings, renderers: int, synthetic_ms: float | None, restart: bool) -> int:
+    """`aigc run`: start the stages, supervise them until Ctrl-C or SIGTERM, stop them cleanly."""
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    supervisor = Supervisor(pipeline_stages(settings, renderers, synthetic_ms), settings.to_env(),
+                            settings.home / "logs", restart=restart)  # fmt: skip
+    supervisor.start()
+    try:
+        supervisor.run_until(lambda: bool(stopping))
+    finally:
+        print("stopping the pipeline...", flush=True)
+        codes = supervisor.stop()
+        print("stopped: " + ", ".join(f"{name} ({code})" for name, code in codes.items()))
+    return 0

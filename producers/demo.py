@@ -1,0 +1,153 @@
+"""`aigc demo`: the main job, end to end, on this machine.
+
+Brings the local infrastructure up if it is not running, builds the tiny model if it is missing, starts
+the pipeline (gatekeeper, one renderer, assembler) under the supervisor, submits one image request and
+one 16-frame video request through the SDK, shows live progress bars from the status topic, prints each
+completion, downloads the outputs and says where they are. Whatever it started, it stops at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from infra.bootstrap import bootstrap
+from infra.launcher import down, status, up
+from plumbing.blobs import BlobStore
+from plumbing.settings import Settings
+from plumbing.supervisor import Supervisor, pipeline_stages
+from producers.cli import format_completion
+from producers.client import Client, now_ms
+
+READY_TIMEOUT_S = 300.0
+TENANT = "demo"
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def ensure_models(settings: Settings) -> None:
+    """Build the tiny model wherever the registry points at a missing diffusers folder."""
+    for name, spec in settings.models.items():
+        if spec.backend != "diffusers" or (spec.path / "model_index.json").exists():
+            continue
+        print(f"{name}: building the tiny random-weight model into {spec.path}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "plumbing.cli", "models", "build-tiny", str(spec.path)], check=True
+        )
+
+
+def demo_requests(model: str) -> list[dict[str, Any]]:
+    return [
+        {"tenant_id": TENANT, "prompt": "a lighthouse on a cliff at dusk, oil painting", "model": model,
+         "width": 128, "height": 128, "steps": 20, "guidance_scale": 7.5, "num_images": 2, "priority": "HIGH",
+         "labels": {"demo": "image"}},
+        {"tenant_id": TENANT, "prompt": "waves rolling onto a beach at sunrise", "model": model, "width": 128,
+         "height": 128, "steps": 10, "guidance_scale": 7.5, "priority": "NORMAL", "labels": {"demo": "video"},
+         "video": {"num_frames": 16, "fps": 8, "prompt_end": "waves rolling onto a beach at night"}},
+    ]  # fmt: skip
+
+
+def follow(client: Client, requests: dict[str, dict[str, Any]], since_ms: int, timeout_s: float,
+           supervisor: Supervisor) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Progress bars from status events until every request has its completion."""
+    bars = {}
+    interactive = sys.stdout.isatty()
+    for position, (request_id, req) in enumerate(requests.items()):
+        frames = req["video"]["num_frames"] if req.get("video") else req["num_images"]
+        label = f"{'video' if req.get('video') else 'image'} {request_id[:8]}"
+        bars[request_id] = tqdm(total=frames * req["steps"], desc=label, position=position, unit="step",
+                                leave=True, dynamic_ncols=True, file=sys.stdout,
+                                mininterval=0.1 if interactive else 5.0)  # fmt: skip
+    done_by_task: dict[str, dict[str, int]] = {rid: {} for rid in requests}
+    completions: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
+        supervisor.poll()
+        rid = event.request_id
+        bar = bars[rid]
+        if rid in completions:
+            continue  # a status event that lost the race with its completion (another topic)
+        if event.kind == "completion":
+            completions[rid] = event.record
+            bar.n = bar.total if event.record["status"] == "SUCCEEDED" else bar.n
+            bar.set_postfix_str(event.record["status"])
+            bar.refresh()
+        elif event.record["state"] == "RUNNING" and event.record.get("progress"):
+            done_by_task[rid][event.record["task_id"]] = event.record["progress"]["done"]
+            bar.n = min(bar.total, sum(done_by_task[rid].values()))
+            bar.set_postfix_str("rendering")
+            bar.refresh()
+        else:
+            bar.set_postfix_str(event.record["state"].lower())
+        if len(completions) == len(requests) or time.monotonic() > deadline:
+            break
+    for bar in bars.values():
+        bar.close()
+    return completions
+
+
+def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> list[Path]:
+    blobs = BlobStore(settings.s3)
+    folder = out_dir / completion["request_id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for output in completion["outputs"]:
+        bucket, _, key = output["uri"].removeprefix("s3://").partition("/")
+        path = folder / key.rsplit("/", 1)[-1]
+        path.write_bytes(blobs.get(bucket, key))
+        paths.append(path)
+    return paths
+
+
+def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, timeout_s: float = 600.0) -> int:
+    _say("infrastructure: Kafka (KRaft), Cassandra, S3Proxy on 127.0.0.1")
+    was_running = all(s.ready for s in status(settings))
+    up(settings)
+    bootstrap(settings)
+    _say("models")
+    ensure_models(settings)
+    _say("pipeline: gatekeeper, renderer, assembler")
+    supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs")
+    supervisor.start()
+    try:
+        if not supervisor.wait_ready(READY_TIMEOUT_S):
+            print(
+                f"the pipeline did not come up in {READY_TIMEOUT_S:.0f} s; logs are in {settings.home / 'logs'}"
+            )
+            return 1
+        model = next(iter(settings.models))
+        _say("submitting one image request (2 images) and one 16-frame video request")
+        since = now_ms()
+        with Client(settings) as client:
+            requests = {client.submit(req): req for req in demo_requests(model)}
+            for request_id, req in requests.items():
+                print(f"{request_id}: {'video' if req.get('video') else 'image'} - {req['prompt']!r}")
+            completions = follow(client, requests, since - 1000, timeout_s, supervisor)
+        _say("completions")
+        for completion in completions.values():
+            print(format_completion(completion))
+        missing = set(requests) - set(completions)
+        if missing:
+            print(f"no completion within {timeout_s:.0f} s for {', '.join(sorted(missing))}")
+            return 1
+        _say(f"outputs downloaded to {out_dir.resolve()}")
+        for completion in completions.values():
+            for path in download(settings, completion, out_dir):
+                print(f"  {path}")
+        print(
+            f"\n`aigc get <request_id>` shows a request's record in Cassandra; stage logs are in {settings.home / 'logs'}"
+        )
+        return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
+    finally:
+        if not keep_running:
+            _say("stopping the pipeline" + ("" if was_running else " and the infrastructure"))
+            supervisor.stop()
+            if not was_running:
+                down(settings)

@@ -1,0 +1,107 @@
+"""The whole pipeline, once per test session: real stage processes on an isolated topic prefix and keyspace.
+
+The stages run as `aigc` child processes under the supervisor, as `aigc run` runs them, with the tiny
+model built once for the session. Tests use their own request ids and tenants, so they share it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.bootstrap import bootstrap
+from plumbing.kafka_clients import make_consumer
+from plumbing.settings import GatekeeperSettings, ModelSpec, Settings, Tier
+from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.topics import Topics
+from schemas.codec import default_codec
+
+READY_TIMEOUT_S = 240.0
+RESULT_TIMEOUT_S = 120.0
+IDLE_S = 4.0
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    subprocess.run([sys.executable, "-m", "plumbing.cli", "models", "build-tiny", str(path)], check=True,
+                   capture_output=True)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(
+    infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    tag = uuid.uuid4().hex[:8]
+    settings = infra.model_copy(
+        update={
+            "home": tmp_path_factory.mktemp("home"),
+            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"e2e{tag}"}),
+            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"e2e_{tag}"}),
+            "models": {"tiny-sd": ModelSpec(path=tiny_model)},
+            "gatekeeper": GatekeeperSettings(
+                app_id=f"e2e-{tag}-gatekeeper",
+                tiers={"standard": Tier(), "limited": Tier(requests_per_s=0.001, request_burst=1)},
+                tenant_tiers={"limited-tenant": "limited"},
+                dedupe_window_s=600,
+            ),
+        }
+    )
+    bootstrap(settings, echo=lambda _: None)
+    supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs",
+                            echo=lambda line: print(f"[pipeline] {line}"))  # fmt: skip
+    supervisor.start()
+    try:
+        assert supervisor.wait_ready(READY_TIMEOUT_S), f"stages not ready; logs in {settings.home / 'logs'}"
+        yield settings
+    finally:
+        supervisor.stop()
+
+
+def collect(
+    settings: Settings,
+    topics: Iterable[str],
+    match: Callable[[dict[str, Any]], bool],
+    until: Callable[[list[dict[str, Any]]], bool],
+    timeout_s: float = RESULT_TIMEOUT_S,
+    idle_s: float = IDLE_S,
+) -> list[dict[str, Any]]:
+    """Records on ``topics`` (from the beginning) that ``match``, read until ``until`` holds and then
+    ``idle_s`` passes with nothing new (so a stray extra record would be seen), or the timeout."""
+    consumer = make_consumer(settings, f"e2e-{uuid.uuid4().hex}", "e2e")
+    consumer.subscribe(list(topics))
+    codec = default_codec()
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    satisfied_at: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                _, record = codec.decode_any(msg.value())
+                if match(record):
+                    found.append({**record, "_topic": msg.topic()})
+                    satisfied_at = None
+            if until(found):
+                satisfied_at = satisfied_at or time.monotonic()
+                if time.monotonic() - satisfied_at >= idle_s:
+                    break
+    finally:
+        consumer.close()
+    return found
+
+
+def completions_of(
+    settings: Settings, request_ids: set[str], expected: int | None = None
+) -> list[dict[str, Any]]:
+    expected = len(request_ids) if expected is None else expected
+    return collect(settings, [Topics(settings).completions], lambda r: r["request_id"] in request_ids,
+                   lambda found: len(found) >= expected)  # fmt: skip
