@@ -63,6 +63,7 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
         conf.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
         store="memory://",
+        datadir=str(settings.home / "gatekeeper"),  # faust's local state folder (default: ./<app_id>-data)
         processing_guarantee="at_least_once",
         key_serializer="raw",
         value_serializer="raw",
