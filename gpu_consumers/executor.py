@@ -7,7 +7,7 @@ waiting (`Scheduler.should_preempt`), renders the urgent batch right there, nest
 suspended batch's hook, on the same thread. The suspended batch keeps its latents and scheduler
 position on the call stack untouched, so when the hook returns it resumes exactly where it stopped
 and produces the same frames it would have produced without the interruption. A nested pick only
-takes classes above the running one, so nesting is at most two deep.
+takes classes above the running one, so at most one batch per class is on the stack (three deep).
 
 Rendered frames go to ``publish`` (a thread pool uploads them), so the device moves straight on.
 A CUDA out-of-memory splits the batch in halves and retries them.
@@ -15,6 +15,7 @@ A CUDA out-of-memory splits the batch in halves and retries them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -82,25 +83,35 @@ class DeviceLoop:
         self.busy_s = 0.0  # device time spent rendering, for the busy fraction
         self.depth = 0
         self.max_depth_seen = 0
+        self.crashed: BaseException | None = None
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            pick = self._next(stop)
-            if pick is not None:
-                self._render(pick)
+        """Render until ``stop``; an unexpected error stops the loop loudly (``crashed``), never silently."""
+        try:
+            while not stop.is_set():
+                pick = self._next(stop)
+                if pick is not None:
+                    self._render(pick)
+        except BaseException as exc:
+            self.crashed = exc
+            log.critical("the device loop crashed", exc_info=True)
+            stop.set()
+            raise
 
     def _next(self, stop: threading.Event, above: str | None = None) -> Pick | None:
-        with self.lock:
-            while not stop.is_set():
+        while not stop.is_set():
+            with self.lock:
                 pick = self.scheduler.pick(self.max_frames, above=above)
-                if pick is not None:
-                    pick = self._drop_skipped(pick)
-                    if pick is not None or above is not None:
-                        return pick
+                if pick is None:
+                    if above is not None:
+                        return None
+                    self.lock.wait(self.scheduler.wait_hint() or 0.05)
                     continue
-                if above is not None:
-                    return None
-                self.lock.wait(self.scheduler.wait_hint() or 0.05)
+            # Outside the lock: answering a skipped task produces to Kafka, which may have to wait for
+            # the main thread, and the main thread takes this lock to feed the scheduler.
+            kept = self._drop_skipped(pick)
+            if kept is not None or above is not None:
+                return kept
         return None
 
     def _drop_skipped(self, pick: Pick) -> Pick | None:
@@ -114,7 +125,7 @@ class DeviceLoop:
                 self.on_skipped(task, reason)
         if not keep:
             return None
-        return Pick(keep, pick.cls, pick.pass_at_pick)
+        return dataclasses.replace(pick, tasks=keep)
 
     def _render(self, pick: Pick) -> None:
         run = _Run(pick, time.monotonic())
@@ -151,9 +162,8 @@ class DeviceLoop:
                 key.model, key.width, key.height, key.steps, key.guidance_scale, key.scheduler, tuple(part)
             )
             try:
-                frames += backend.render(
-                    batch, self._hook(run, start * key.steps, len(part), len(specs) * key.steps)
-                )
+                hook = self._hook(run, start * key.steps, len(part) * key.steps, len(specs) * key.steps)
+                frames += backend.render(batch, hook)
             except RenderOOM:
                 if chunk == 1:
                     raise
@@ -163,14 +173,15 @@ class DeviceLoop:
             start += len(part)
         return frames
 
-    def _hook(self, run: _Run, done_before: int, chunk_frames: int, batch_units: int) -> StepHook:
-        """The step hook of one backend call; progress counts frame-steps of the whole batch."""
+    def _hook(self, run: _Run, done_before: int, chunk_units: int, batch_units: int) -> StepHook:
+        """The step hook of one backend call; progress counts frame-steps of the whole batch (the
+        backend's own step count may differ from the task's, e.g. a synthetic backend's)."""
 
         def on_step(done: int, total: int) -> None:
             now = time.monotonic()
             if now - run.last_progress >= self.progress_interval_s or done == total:
                 run.last_progress = now
-                self.on_progress(run.pick, done_before + done * chunk_frames, batch_units)
+                self.on_progress(run.pick, done_before + round(chunk_units * done / total), batch_units)
             if all(self.is_cancelled(task) for task in run.pick.tasks):
                 raise BatchCancelled
             if done < total:

@@ -19,7 +19,10 @@ class OffsetTracker:
 
     def track(self, topic: str, partition: int, offset: int) -> None:
         tp = (topic, partition)
-        heapq.heappush(self._pending.setdefault(tp, []), offset)
+        heap = self._pending.setdefault(tp, [])
+        if offset in heap:  # tracked already (a redelivery while the first copy is in flight)
+            return
+        heapq.heappush(heap, offset)
         self._done.setdefault(tp, set())
         self._high[tp] = max(self._high.get(tp, 0), offset + 1)
 

@@ -19,6 +19,7 @@ assembler counts frames once) and never loses one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from plumbing.blobs import BlobStore
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError, ErrorKind, classify
-from plumbing.headers import Headers
+from plumbing.headers import Headers, continue_headers
 from plumbing.kafka_clients import header_map, make_consumer, make_producer
 from plumbing.settings import Settings
 from plumbing.topics import Priority, Stage, Topics
@@ -186,12 +187,13 @@ class Renderer:
         fraction = done / max(1, total)
         for task in pick.tasks:
             units = task.frame_count * int(task.record["steps"])
-            self.producer.produce(
-                self.topics.status,
-                self.publisher.progress(task, round(fraction * units), units),
-                task.request_id.encode(),
-                headers=list(task.headers.items()),
-            )
+            with contextlib.suppress(BufferError):  # progress is informational: drop it, never block on it
+                self.producer.produce(
+                    self.topics.status,
+                    self.publisher.progress(task, round(fraction * units), units),
+                    task.request_id.encode(),
+                    headers=continue_headers(task.headers, task.request_id, task.tenant_id),
+                )
 
     def _publish(self, rendered: Rendered) -> None:
         for task, start, end in task_slices(rendered.pick.tasks):
@@ -272,6 +274,8 @@ class Renderer:
         last_commit = 0.0
         try:
             while not stop.is_set():
+                if self.device.crashed is not None:
+                    raise RuntimeError("the device loop crashed; see the log above") from self.device.crashed
                 for msg in self.consumer.consume(
                     64, timeout=0.01 if self.scheduler.buffered_tasks() else 0.05
                 ):

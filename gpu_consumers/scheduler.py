@@ -9,14 +9,15 @@ virtual time (the pass of the last batch picked), so idleness earns no credit. W
 saturated HIGH
 class still leaves NORMAL ~19% and LOW ~5% of frames (the guaranteed minimum share), while a lightly
 loaded HIGH class always has the lowest pass and goes first. On top of that, *aging*: a task that has
-waited longer than ``aging_s`` is served next whatever the passes say.
+waited longer than ``aging_s`` is served next whatever the passes say, first in its batch.
 
 Preemption asks the same question: a running batch is suspended (between two denoising steps) while
 a waiting class of higher priority would be picked before the running class, whose pass already
 includes the running batch. A lightly loaded HIGH class re-enters at the virtual time and preempts at
 once. A saturated one preempts only until its pass catches up with the suspended batch's class, which
-then resumes: a LOW batch of ``n`` frames waits at most ``n * w_HIGH / w_LOW`` HIGH frames, and the
-share between classes is what the weights say.
+then resumes: a LOW batch of ``n`` frames waits at most ``n * w_HIGH / w_LOW`` HIGH frames plus one HIGH
+batch (ties go to the higher class), and the share between classes is what the weights say. A batch
+picked by aging is not preempted at all: it has waited long enough.
 
 Inside a class, tasks are taken round-robin across tenants (each tenant keeps its own FIFO), so a
 tenant flooding a class gets one turn per round like every other tenant with work in the lookahead.
@@ -55,11 +56,14 @@ class ClassQueue:
         heads = [q[0] for q in self.tenants.values() if q]
         return min(heads, key=lambda t: t.received_at) if heads else None
 
-    def take(self, key: BatchKey | None, max_frames: int) -> list[Task]:
-        """Up to ``max_frames`` frames of tasks compatible with ``key`` (the first task's key when None)."""
+    def take(self, key: BatchKey | None, max_frames: int, first_tenant: str | None = None) -> list[Task]:
+        """Up to ``max_frames`` frames of tasks compatible with ``key`` (the first task's key when None),
+        one task per tenant per round, starting with ``first_tenant`` when given."""
         taken: list[Task] = []
         frames = 0
         progress = True
+        if first_tenant is not None and first_tenant in self.tenants:
+            self.tenants.move_to_end(first_tenant, last=False)
         while progress and frames < max_frames:
             progress = False
             for tenant in list(self.tenants):
@@ -107,6 +111,7 @@ class Pick:
     tasks: list[Task]
     cls: str
     pass_at_pick: float
+    aged: bool = False  # picked because its oldest task waited past aging_s: not preempted
 
     @property
     def frames(self) -> int:
@@ -151,24 +156,30 @@ class Scheduler:
     # -- decisions --------------------------------------------------------------------------------
     def next_class(self, above: str | None = None) -> str | None:
         """The class to serve next (only classes more urgent than ``above``, if given), or None."""
+        chosen = self._choose(above)
+        return chosen[0] if chosen else None
+
+    def _choose(self, above: str | None) -> tuple[str, bool] | None:
+        """(class, chosen by aging) of the next batch, or None."""
         allowed = CLASSES if above is None else CLASSES[: PRIORITY_RANK[above]]
-        busy = [c for c in allowed if self.queues[c].tasks]
-        if not busy:
+        heads = {c: self.queues[c].oldest() for c in allowed if self.queues[c].tasks}
+        if not heads:
             return None
         now = self.clock()
-        aged = [c for c in busy if now - self.queues[c].oldest().received_at >= self.aging_s]  # type: ignore[union-attr]
+        aged = [c for c, head in heads.items() if head and now - head.received_at >= self.aging_s]
         if aged:
-            return min(aged, key=lambda c: self.queues[c].oldest().received_at)  # type: ignore[union-attr]
-        return min(busy, key=lambda c: (self.passes[c], PRIORITY_RANK[c]))
+            return min(aged, key=lambda c: heads[c].received_at), True  # type: ignore[union-attr]
+        return min(heads, key=lambda c: (self.passes[c], PRIORITY_RANK[c])), False
 
     def pick(self, max_frames: int, above: str | None = None) -> Pick | None:
         """The next micro-batch, or None when nothing should start yet (empty, or waiting to fill).
 
         ``above`` restricts the pick to classes more urgent than it (a preempting pick, which never waits).
         """
-        cls = self.next_class(above)
-        if cls is None:
+        chosen = self._choose(above)
+        if chosen is None:
             return None
+        cls, aged = chosen
         queue = self.queues[cls]
         head = queue.oldest()
         assert head is not None
@@ -179,7 +190,8 @@ class Scheduler:
             and (self.clock() - head.received_at < self.batch_wait_s)
         ):
             return None  # a moment more may fill the batch; HIGH never waits
-        pick = Pick(queue.take(head.key, max_frames), cls, self.passes[cls])
+        tasks = queue.take(head.key, max_frames, first_tenant=head.tenant_id if aged else None)
+        pick = Pick(tasks, cls, self.passes[cls], aged)
         self.virtual = max(self.virtual, pick.pass_at_pick)
         self.charge(cls, pick.frames)
         return pick
@@ -195,6 +207,8 @@ class Scheduler:
 
     def should_preempt(self, running: Pick) -> bool:
         """True when a more urgent class waits that fair sharing serves before ``running``'s class."""
+        if running.aged:
+            return False
         for cls in CLASSES[: PRIORITY_RANK[running.cls]]:
             if self.queues[cls].tasks and self.passes[cls] <= self.passes[running.cls]:
                 return True

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "AIGC_"
@@ -140,6 +140,13 @@ class GatekeeperSettings(_Section):
     stream_buffer_maxsize: int = Field(256, ge=1)
     commit_interval_s: float = 1.0
     web_port: int | None = Field(None, description="faust's web server port; None disables it")
+
+    @model_validator(mode="after")
+    def _tiers_exist(self) -> GatekeeperSettings:
+        missing = {self.default_tier, *self.tenant_tiers.values()} - set(self.tiers)
+        if missing:
+            raise ValueError(f"tier(s) {', '.join(sorted(missing))} named but not defined in tiers")
+        return self
 
     def tier_of(self, tenant_id: str) -> Tier:
         return self.tiers[self.tenant_tiers.get(tenant_id, self.default_tier)]

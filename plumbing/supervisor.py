@@ -98,7 +98,8 @@ class Supervisor:
         for spec in self.stages:
             self.children[spec.name] = self._spawn(spec)
             self.echo(
-                f"{spec.name}: started (pid {self.children[spec.name].proc.pid}, log {self.log_dir / spec.name}.log)"
+                f"{spec.name}: started (pid {self.children[spec.name].proc.pid}, "
+                f"log {self.log_dir / spec.name}.log)"
             )
 
     def _log_since_start(self, child: _Child) -> str:

@@ -119,7 +119,8 @@ def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, time
     try:
         if not supervisor.wait_ready(READY_TIMEOUT_S):
             print(
-                f"the pipeline did not come up in {READY_TIMEOUT_S:.0f} s; logs are in {settings.home / 'logs'}"
+                f"the pipeline did not come up in {READY_TIMEOUT_S:.0f} s; "
+                f"logs are in {settings.home / 'logs'}"
             )
             return 1
         model = next(iter(settings.models))
@@ -142,7 +143,8 @@ def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, time
             for path in download(settings, completion, out_dir):
                 print(f"  {path}")
         print(
-            f"\n`aigc get <request_id>` shows a request's record in Cassandra; stage logs are in {settings.home / 'logs'}"
+            "\n`aigc get <request_id>` shows a request's record in Cassandra; "
+            f"stage logs are in {settings.home / 'logs'}"
         )
         return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
     finally:

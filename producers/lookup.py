@@ -52,7 +52,8 @@ def describe(state: RequestState) -> str:
         f"{r.steps} steps, seed {r.seed}"
         if r.kind
         else f"  tenant {r.tenant_id}",
-        f"  created {r.created_at:%Y-%m-%d %H:%M:%S} UTC, finished {r.finished_at:%H:%M:%S}, total {r.total_ms} ms "
+        f"  created {r.created_at:%Y-%m-%d %H:%M:%S} UTC, finished {r.finished_at:%H:%M:%S}, "
+        f"total {r.total_ms} ms "
         f"(queued {r.queued_ms}, render {r.render_ms}, assemble {r.assemble_ms})",
     ]
     if r.prompt:

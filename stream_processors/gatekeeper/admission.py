@@ -91,58 +91,40 @@ class Gate:
             )
 
         request_id, tenant_id = request["request_id"], request["tenant_id"]
-        origin = f"{original.topic}:{original.partition}:{original.offset}"
+        origin = original.origin
         memo = seen.get(request_id) if ID_PATTERN.fullmatch(request_id) else None
         if memo and memo["o"] != origin and now_ms - memo["t"] < self.window_ms:
             return Admission("DUPLICATE", request_id=request_id, tenant_id=tenant_id)
-        redelivered_accept = bool(memo and memo["o"] == origin and memo.get("d") == "A")
+        # The same offset again is a redelivery after a crash: replay the decision it had, unchanged.
+        replay = memo if memo and memo["o"] == origin else None
+        first_seen = replay["t"] if replay else now_ms
         incoming = dict(original.headers)
+        if replay is not None and replay["d"] == "A":
+            return self._accept(request, incoming, origin, first_seen, now_ms, None)
+        decision, bucket = (
+            (replay["x"], None) if replay is not None else self._check(request, buckets, now_ms)
+        )
+        if decision is None:
+            return self._accept(request, incoming, origin, first_seen, now_ms, bucket)
+        return self._reject(request, incoming, origin, first_seen, now_ms, decision)
 
-        def decide(status: str, reason: str, message: str, validated: bool = True, **extra: Any) -> Admission:
-            completion = {
-                "request_id": request_id,
-                "tenant_id": tenant_id,
-                "status": status,
-                "reason_code": reason,
-                "message": message,
-                "outputs": [],
-                "timings": {
-                    "queued_ms": 0,
-                    "render_ms": 0,
-                    "assemble_ms": 0,
-                    "total_ms": max(0, now_ms - request.get("created_at", now_ms)),
-                },
-                "labels": request.get("labels") or {},
-                "created_at": request.get("created_at", 0),
-                "finished_at": now_ms,
-                **extra,
-            }
-            headers = continue_headers(incoming, request_id, tenant_id)
-            if validated and request.get("reply_topic"):
-                headers.append((REPLY_TOPIC, request["reply_topic"].encode()))
-            out = Output(
-                self.topics.decisions,
-                request_id.encode(),
-                self.codec.encode("Completion", completion),
-                headers,
-            )
-            store = {"o": origin, "t": now_ms, "d": "R"} if ID_PATTERN.fullmatch(request_id) else None
-            return Admission(
-                status, [out], seen=store, reason=reason, request_id=request_id, tenant_id=tenant_id
-            )
-
+    def _check(
+        self, request: dict[str, Any], buckets: Mapping[str, Any], now_ms: int
+    ) -> tuple[dict[str, Any] | None, dict[str, float] | None]:
+        """Steps 3-6: a terminal decision, or None and the tenant's new token-bucket state."""
+        request_id, tenant_id = request["request_id"], request["tenant_id"]
         try:
             validate_request(
                 request, self.settings.limits, self.settings.models.keys(), self.topics.reply_prefix, now_ms
             )
         except ValidationError as exc:
-            return decide("REJECTED", exc.code, str(exc), validated=False)
+            return _decision("REJECTED", exc.code, str(exc), validated=False), None
         if self.is_cancelled(request_id, tenant_id):
-            return decide("CANCELLED", "CANCELLED", "cancelled before it was admitted")
+            return _decision("CANCELLED", "CANCELLED", "cancelled before it was admitted"), None
         if request.get("deadline_ms") is not None and request["deadline_ms"] <= now_ms:
-            return decide(
-                "EXPIRED", "DEADLINE_EXCEEDED", "the deadline passed before the request was admitted"
-            )
+            return _decision(
+                "EXPIRED", "DEADLINE_EXCEEDED", "the deadline passed before it was admitted"
+            ), None
         video = request.get("video") or {}
         verdict = self.moderator.check(
             {
@@ -152,47 +134,82 @@ class Gate:
             }
         )
         if not verdict.allowed:
-            return decide(
-                "REJECTED",
-                "MODERATED",
-                f"{verdict.field} was blocked by the content policy ({verdict.category})",
-                moderation={
-                    "category": verdict.category or "",
-                    "policy_version": verdict.policy_version,
-                    "source": verdict.source,
-                    "field": verdict.field or "prompt",
-                },
-            )
+            moderation = {
+                "category": verdict.category or "",
+                "policy_version": verdict.policy_version,
+                "source": verdict.source,
+                "field": verdict.field or "prompt",
+            }
+            message = f"{verdict.field} was blocked by the content policy ({verdict.category})"
+            return _decision("REJECTED", "MODERATED", message, moderation=moderation), None
+        taken = ratelimit.take(
+            buckets.get(tenant_id), self.settings.gatekeeper.tier_of(tenant_id), render_cost(request), now_ms
+        )
+        if taken.reason == "COST_EXCEEDS_TIER":
+            message = "the request costs more than the tenant's tier allows at once"
+            return _decision("REJECTED", "COST_EXCEEDS_TIER", message), None
+        if not taken.allowed:
+            message = "the tenant is over its rate limit; retry later"
+            return _decision("REJECTED", "RATE_LIMITED", message, retry_after_ms=taken.retry_after_ms), None
+        return None, taken.state
 
-        bucket = None
-        if not redelivered_accept:
-            taken = ratelimit.take(
-                buckets.get(tenant_id),
-                self.settings.gatekeeper.tier_of(tenant_id),
-                render_cost(request),
-                now_ms,
-            )
-            if not taken.allowed:
-                if taken.reason == "COST_EXCEEDS_TIER":
-                    return decide(
-                        "REJECTED",
-                        "COST_EXCEEDS_TIER",
-                        "the request costs more than the tenant's tier allows at once",
-                    )
-                return decide(
-                    "REJECTED",
-                    "RATE_LIMITED",
-                    "the tenant is over its rate limit; retry later",
-                    retry_after_ms=taken.retry_after_ms,
-                )
-            bucket = taken.state
-        return self._accept(request, incoming, origin, now_ms, bucket)
+    def _reject(
+        self,
+        request: dict[str, Any],
+        incoming: Mapping[str, bytes | None],
+        origin: str,
+        first_seen: int,
+        now_ms: int,
+        decision: dict[str, Any],
+    ) -> Admission:
+        """A terminal decision, sent to the sink as a Completion on the decisions topic."""
+        request_id, tenant_id = request["request_id"], request["tenant_id"]
+        created_at = request.get("created_at", now_ms)
+        completion = {
+            "request_id": request_id,
+            "tenant_id": tenant_id,
+            "status": decision["status"],
+            "reason_code": decision["reason_code"],
+            "message": decision["message"],
+            "retry_after_ms": decision.get("retry_after_ms"),
+            "moderation": decision.get("moderation"),
+            "outputs": [],
+            "timings": {
+                "queued_ms": 0,
+                "render_ms": 0,
+                "assemble_ms": 0,
+                "total_ms": max(0, now_ms - created_at),
+            },
+            "labels": request.get("labels") or {},
+            "created_at": request.get("created_at", 0),
+            "finished_at": now_ms,
+        }
+        headers = continue_headers(incoming, request_id, tenant_id)
+        if decision["validated"] and request.get("reply_topic"):
+            headers.append((REPLY_TOPIC, request["reply_topic"].encode()))
+        out = Output(
+            self.topics.decisions, request_id.encode(), self.codec.encode("Completion", completion), headers
+        )
+        store = (
+            {"o": origin, "t": first_seen, "d": "R", "x": decision}
+            if ID_PATTERN.fullmatch(request_id)
+            else None
+        )
+        return Admission(
+            decision["status"],
+            [out],
+            seen=store,
+            reason=decision["reason_code"],
+            request_id=request_id,
+            tenant_id=tenant_id,
+        )
 
     def _accept(
         self,
         request: dict[str, Any],
         incoming: Mapping[str, bytes | None],
         origin: str,
+        first_seen: int,
         now_ms: int,
         bucket: dict[str, float] | None,
     ) -> Admission:
@@ -215,7 +232,7 @@ class Gate:
         return Admission(
             "ACCEPTED",
             outputs,
-            seen={"o": origin, "t": now_ms, "d": "A"},
+            seen={"o": origin, "t": first_seen, "d": "A"},
             bucket=bucket,
             request_id=request_id,
             tenant_id=tenant_id,
@@ -246,3 +263,8 @@ class Gate:
             self.codec.encode("StatusEvent", record),
             continue_headers(incoming, request["request_id"], request["tenant_id"]),
         )
+
+
+def _decision(status: str, reason: str, message: str, validated: bool = True, **extra: Any) -> dict[str, Any]:
+    """A terminal decision as stored in the ``seen`` entry, so a redelivery can replay it."""
+    return {"status": status, "reason_code": reason, "message": message, "validated": validated, **extra}

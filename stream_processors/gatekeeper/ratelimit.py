@@ -22,7 +22,7 @@ class Decision:
     reason: str | None = None  # RATE_LIMITED, or COST_EXCEEDS_TIER when no wait would ever be enough
 
 
-def _refill(state: dict[str, Any] | None, tier: Tier, now_ms: int) -> tuple[float, float]:
+def _refill(state: dict[str, Any] | None, tier: Tier, now_ms: float) -> tuple[float, float]:
     if not state:
         return tier.request_burst, tier.cost_burst
     elapsed_s = max(0.0, (now_ms - float(state["t"])) / 1000.0)
@@ -34,17 +34,20 @@ def _refill(state: dict[str, Any] | None, tier: Tier, now_ms: int) -> tuple[floa
 
 def take(state: dict[str, Any] | None, tier: Tier, cost: float, now_ms: int) -> Decision:
     """Try to take one request token and ``cost`` cost tokens at ``now_ms``."""
-    requests, budget = _refill(state, tier, now_ms)
-    refilled = {"r": requests, "c": budget, "t": float(now_ms)}
+    # The bucket's clock never goes back (another gatekeeper's clock after a rebalance may be behind):
+    # a backwards step stored as "t" would credit the same span twice once time moves on.
+    now = max(float(now_ms), float(state["t"])) if state else float(now_ms)
+    requests, budget = _refill(state, tier, now)
+    refilled = {"r": requests, "c": budget, "t": now}
     if cost > tier.cost_burst:
         return Decision(False, refilled, None, "COST_EXCEEDS_TIER")
     if requests >= 1.0 and budget >= cost:
-        return Decision(True, {"r": requests - 1.0, "c": budget - cost, "t": float(now_ms)})
+        return Decision(True, {"r": requests - 1.0, "c": budget - cost, "t": now})
     wait_s = max((1.0 - requests) / tier.requests_per_s, (cost - budget) / tier.cost_per_s, 0.0)
     retry_ms = max(1, math.ceil(wait_s * 1000))
     # Float rounding can leave the refill at exactly retry_ms a hair short (0.1 + 0.3 * 3 < 1): one more
     # millisecond covers it, so a client that waits retry_after_ms is not refused again.
-    later_requests, later_budget = _refill(state, tier, now_ms + retry_ms)
+    later_requests, later_budget = _refill(refilled, tier, now + retry_ms)
     if later_requests < 1.0 or later_budget < cost:
         retry_ms += 1
     return Decision(False, refilled, retry_ms, "RATE_LIMITED")
