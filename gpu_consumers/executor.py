@@ -27,12 +27,27 @@ import numpy as np
 from gpu_consumers.backends.base import Backend, RenderBatch, RenderOOM, StepHook
 from gpu_consumers.scheduler import Pick, Scheduler
 from gpu_consumers.tasks import Task
+from plumbing.errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
 
 class BatchCancelled(Exception):
     """Every task of the running batch was cancelled: stop denoising it."""
+
+
+class BatchAbandoned(Exception):
+    """The renderer is shutting down and its grace period ran out: leave the batch unfinished."""
+
+
+class RenderFailed(PermanentError):
+    """The backend raised on this batch: the same inputs would fail again (dead-letter them)."""
+
+    code = "RENDER_FAILED"
+
+
+# Errors that mean the device itself is broken, not the batch: the process must restart.
+_DEVICE_FAULTS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error", "NCCL error")
 
 
 @dataclass
@@ -84,6 +99,7 @@ class DeviceLoop:
         self.depth = 0
         self.max_depth_seen = 0
         self.crashed: BaseException | None = None
+        self.abandon = threading.Event()  # set at shutdown once the grace period is over
 
     def run(self, stop: threading.Event) -> None:
         """Render until ``stop``; an unexpected error stops the loop loudly (``crashed``), never silently."""
@@ -138,6 +154,13 @@ class DeviceLoop:
             for task in pick.tasks:
                 self.on_skipped(task, "CANCELLED")
             return
+        except BatchAbandoned:
+            # Handed back: nothing is published, so the offsets stay uncommitted and another renderer
+            # (or this one, restarted) renders these tasks again.
+            log.info("abandoned a batch of %d task(s) at shutdown", len(pick.tasks))
+            if self.depth > 1:
+                raise
+            return
         except Exception as exc:  # the renderer routes it (retry or dead letter) by its class
             log.exception("batch of %d task(s) failed", len(pick.tasks))
             self.on_failed(pick, exc)
@@ -164,12 +187,20 @@ class DeviceLoop:
             try:
                 hook = self._hook(run, start * key.steps, len(part) * key.steps, len(specs) * key.steps)
                 frames += backend.render(batch, hook)
-            except RenderOOM:
+            except RenderOOM as exc:
                 if chunk == 1:
-                    raise
+                    raise RetryableError(
+                        "out of device memory even for one frame", code="DEVICE_OOM"
+                    ) from exc
                 chunk = max(1, chunk // 2)
                 log.warning("out of device memory: splitting the batch into chunks of %d", chunk)
                 continue
+            except (BatchCancelled, BatchAbandoned):
+                raise
+            except Exception as exc:
+                if any(fault in str(exc) for fault in _DEVICE_FAULTS):
+                    raise  # the device is broken, not the batch: the process restarts (classify: unknown)
+                raise RenderFailed(f"{type(exc).__name__}: {exc}"[:1000]) from exc
             start += len(part)
         return frames
 
@@ -182,6 +213,8 @@ class DeviceLoop:
             if now - run.last_progress >= self.progress_interval_s or done == total:
                 run.last_progress = now
                 self.on_progress(run.pick, done_before + round(chunk_units * done / total), batch_units)
+            if self.abandon.is_set():
+                raise BatchAbandoned
             if all(self.is_cancelled(task) for task in run.pick.tasks):
                 raise BatchCancelled
             if done < total:

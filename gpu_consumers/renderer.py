@@ -40,15 +40,17 @@ from gpu_consumers.tasks import Task
 from plumbing.blobs import BlobStore
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Failure, Original, dead_letter
-from plumbing.errors import DecodeError, ErrorKind, classify
+from plumbing.errors import DecodeError, ErrorKind, UnknownModelError, classify
 from plumbing.headers import Headers, continue_headers
 from plumbing.kafka_clients import header_map, make_consumer, make_producer
+from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_S = 0.2
+BACKPRESSURE_DELAY_S = 5.0
 UPLOAD_ATTEMPTS = 4
 
 
@@ -168,20 +170,41 @@ class Renderer:
         self._produce_result(task, value, headers)
 
     def _failed(self, pick: Pick, exc: BaseException) -> None:
-        kind = classify(exc)
+        """Route the tasks of a failed batch: retry topic, dead letter, or (back-pressure) later again.
+
+        An unknown error is raised again: the device loop stops, the process exits and the tasks,
+        uncommitted, are rendered again after a restart.
+        """
         for task in pick.tasks:
-            value, headers = self.publisher.record(
-                task,
-                "FAILED",
-                [],
-                started_at=now_ms(),
-                render_ms=0,
-                batch_size=pick.frames,
-                reason="RENDER_FAILED",
-                message=f"{type(exc).__name__}: {exc}"[:1000],
+            assert task.original is not None
+            routed = route_failure(
+                self.codec,
+                self.topics,
+                self.settings.retry,
+                Stage.RENDERER,
+                task.original,
+                exc,
+                now_ms(),
+                task.request_id,
+                task.tenant_id,
             )
-            log.error("task %s failed (%s): %s", task.task_id, kind.value if kind else "unknown", exc)
-            self._produce_result(task, value, headers)
+            if routed is None:
+                log.warning(
+                    "back-pressure on %s (%s): rendering it again in %.0f s",
+                    task.task_id,
+                    exc,
+                    BACKPRESSURE_DELAY_S,
+                )
+                threading.Timer(BACKPRESSURE_DELAY_S, self._requeue, args=(task,)).start()
+                continue
+            log.warning("%s task %s: %s", "dead-lettered" if routed.dead else "retrying", task.task_id, exc)
+            self._produce(routed.topic, routed.value, routed.key, routed.headers, task)
+
+    def _requeue(self, task: Task) -> None:
+        with self.lock:
+            if (task.topic, task.partition) in self.assigned:
+                self.scheduler.add(task)
+                self.lock.notify_all()
 
     def _progress(self, pick: Pick, done: int, total: int) -> None:
         fraction = done / max(1, total)
@@ -197,6 +220,9 @@ class Renderer:
 
     def _publish(self, rendered: Rendered) -> None:
         for task, start, end in task_slices(rendered.pick.tasks):
+            if self._cancelled(task):  # cancelled while its batch rendered: drop the frames
+                self._answer_skipped(task, "CANCELLED")
+                continue
             share = rendered.render_s * 1000 * task.frame_count / max(1, rendered.batch_frames)
             self.uploads.submit(
                 self._upload,
@@ -214,7 +240,7 @@ class Renderer:
             try:
                 blobs = self.publisher.upload(task, frames)
                 break
-            except Exception as exc:  # noqa: BLE001 - classify() decides: retry, or report the task FAILED
+            except Exception as exc:  # noqa: BLE001 - classify() decides: retry here, or route the task
                 if classify(exc) is not ErrorKind.RETRYABLE or attempt == UPLOAD_ATTEMPTS:
                     self._failed(Pick([task], task.priority, 0.0), exc)
                     return
@@ -243,12 +269,16 @@ class Renderer:
         return delivered
 
     def _produce_result(self, task: Task, value: bytes, headers: Headers) -> None:
+        self._produce(self.topics.frames, value, task.request_id.encode(), headers, task)
+
+    def _produce(self, topic: str, value: bytes, key: bytes | None, headers: Headers, task: Task) -> None:
+        """Produce the outcome of ``task``; once acknowledged, its offset may be committed."""
         while True:
             try:
                 self.producer.produce(
-                    self.topics.frames,
+                    topic,
                     value,
-                    task.request_id.encode(),
+                    key,
                     headers=headers,
                     on_delivery=self._mark_done(task.topic, task.partition, task.offset),
                 )
@@ -286,10 +316,15 @@ class Renderer:
                     self._commit()
                     last_commit = time.monotonic()
         finally:
+            # Graceful stop: take no new batch, let the one in hand finish within the grace period, else
+            # abandon it between two steps (its offsets stay uncommitted: handed back to the group).
             stop.set()
             with self.lock:
                 self.lock.notify_all()
-            device.join(timeout=60)
+            device.join(timeout=self.settings.renderer.shutdown_grace_s)
+            if device.is_alive():
+                self.device.abandon.set()
+                device.join(timeout=60)
             self.uploads.shutdown(wait=True)
             self.producer.flush(30)
             self._commit(asynchronous=False)
@@ -317,20 +352,18 @@ class Renderer:
             )
             return
         task = Task(
-            record, original.topic, original.partition, original.offset, header_map(msg), time.monotonic()
+            record,
+            original.topic,
+            original.partition,
+            original.offset,
+            header_map(msg),
+            time.monotonic(),
+            original,
         )
         if record["model"] not in self.models:
-            value, headers = self.publisher.record(
-                task,
-                "FAILED",
-                [],
-                started_at=now_ms(),
-                render_ms=0,
-                batch_size=0,
-                reason="UNKNOWN_MODEL",
-                message=f"pool {self.pool} does not serve {record['model']}",
-            )
-            self._produce_result(task, value, headers)
+            # The gatekeeper's registry routed it here but this pool's does not serve it: a configuration
+            # mismatch, dead-lettered for replay once the registries agree.
+            self._failed(Pick([task], task.priority, 0.0), UnknownModelError(record["model"]))
             return
         with self.lock:
             self.scheduler.add(task)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_consumers.backends.base import FrameSpec
+from plumbing.dead_letters import Original
 
 PRIORITY_RANK = {"HIGH": 0, "NORMAL": 1, "LOW": 2}
 
@@ -30,6 +31,7 @@ class Task:
     offset: int
     headers: dict[str, bytes]
     received_at: float  # monotonic seconds, for aging and waits
+    original: Original | None = None  # the consumed message, for retries and dead letters
     key: BatchKey = field(init=False)
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Message
 
 from plumbing.errors import PipelineError
-from plumbing.headers import Headers
+from plumbing.headers import ORIGIN, Headers
 from plumbing.kafka_clients import header_list
 from schemas.codec import Codec
 
@@ -41,9 +41,18 @@ class Original:
         return cls(topic, partition, offset, msg.timestamp()[1], msg.key(), msg.value(), header_list(msg))
 
     @property
-    def origin(self) -> str:
-        """``topic:partition:offset``, the message's identity."""
+    def coordinates(self) -> str:
+        """``topic:partition:offset`` of this delivery."""
         return f"{self.topic}:{self.partition}:{self.offset}"
+
+    @property
+    def origin(self) -> str:
+        """The input's identity: where it was first consumed (the ``aigc.origin`` header of a retried or
+        replayed message), else this delivery's coordinates."""
+        for key, value in reversed(self.headers):
+            if key == ORIGIN and value:
+                return value.decode("utf-8", "replace")
+        return self.coordinates
 
 
 @dataclass(frozen=True)

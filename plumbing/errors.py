@@ -4,7 +4,8 @@
   The work goes to the stage's retry topic with a growing delay, then to its dead-letter topic.
 - ``PERMANENT``: undecodable, invalid, unknown model, rejected. Retrying cannot help: dead-letter at once
   (or, for a request the gatekeeper can answer, a REJECTED completion).
-- ``BACKPRESSURE``: a downstream is full or slow. Pause consumption and try again later; never dead-letter.
+- ``BACKPRESSURE``: a downstream is full, slow or unreachable (Cassandra or S3 down as a whole). Pause
+  and try again later; never dead-letter.
 
 `classify` is the one place that decides the class of an exception from any library; stages route on
 its answer. An exception it does not know is a bug: it is classified as ``None`` and the stage crashes
@@ -105,17 +106,27 @@ def classify(exc: BaseException) -> ErrorKind | None:
             return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
         return ErrorKind.RETRYABLE
     if module.startswith("cassandra"):
-        # Unavailable, timeouts, NoHostAvailable, OperationTimedOut, ConnectionException: all transient.
+        if name in _CASSANDRA_DOWN:
+            return ErrorKind.BACKPRESSURE  # the store is unreachable: wait for it, never dead-letter work
         if name in {"InvalidRequest", "SyntaxException", "Unauthorized", "AuthenticationFailed"}:
             return ErrorKind.PERMANENT
-        return ErrorKind.RETRYABLE
+        return ErrorKind.RETRYABLE  # Unavailable, Read/WriteTimeout, OperationTimedOut: this operation failed
     if module.startswith(("botocore", "boto3", "urllib3")):
+        if name in _S3_DOWN:
+            return ErrorKind.BACKPRESSURE
         status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if status and 400 <= status < 500 and status not in (408, 429):
             return ErrorKind.PERMANENT
         return ErrorKind.RETRYABLE
     if name == "OutOfMemoryError" and module.startswith("torch"):
         return ErrorKind.RETRYABLE
+    if isinstance(exc, ConnectionRefusedError):
+        return ErrorKind.BACKPRESSURE
     if isinstance(exc, ConnectionError | TimeoutError):
         return ErrorKind.RETRYABLE
     return None
+
+
+# Errors that say a whole dependency is unreachable (as opposed to one operation failing).
+_CASSANDRA_DOWN = frozenset({"NoHostAvailable", "ConnectionException", "ConnectionShutdown"})
+_S3_DOWN = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"})

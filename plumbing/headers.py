@@ -16,6 +16,16 @@ TRACEPARENT = "traceparent"
 # On a decision (aigc.decisions) whose request named a reply topic that passed validation: where the
 # sink also sends the Completion.
 REPLY_TOPIC = "aigc.reply_topic"
+# On a message the retry relay sent back to its topic: attempts made so far (the failed ones) and when the
+# first one failed, both as ASCII integers. Absent on a first attempt.
+ATTEMPTS = "aigc.attempts"
+FIRST_FAILED_AT = "aigc.first_failed_at"
+# On a message `aigc dlq replay` sent back: the dead letter it came from (topic:partition:offset).
+REPLAYED_FROM = "aigc.replayed_from"
+# On a message the relay or `aigc dlq replay` sent back: topic:partition:offset where it was first
+# consumed, kept across any number of round trips. Stages identify an input by it (the gatekeeper's
+# redelivery check, the sink's decided_by), so a retried input is still the same input.
+ORIGIN = "aigc.origin"
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 

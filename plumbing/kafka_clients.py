@@ -88,11 +88,17 @@ def produce_sync(
     key: bytes | str | None = None,
     headers: Headers | None = None,
     timeout_s: float = 30.0,
+    partition: int = -1,
 ) -> Message:
     """Produce one message and wait for the broker's acknowledgement; raises DeliveryError."""
     result: list[tuple[KafkaError | None, Message]] = []
     producer.produce(
-        topic, value=value, key=key, headers=headers, on_delivery=lambda err, msg: result.append((err, msg))
+        topic,
+        value=value,
+        key=key,
+        headers=headers,
+        partition=partition,
+        on_delivery=lambda err, msg: result.append((err, msg)),
     )
     remaining = producer.flush(timeout_s)
     if not result:

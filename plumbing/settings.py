@@ -164,6 +164,7 @@ class RendererSettings(_Section):
         0.5, gt=0, description="at most one RUNNING event per batch this often"
     )
     device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda when present")
+    shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long a running batch may finish")
     cpu_threads: int = Field(
         1, ge=1, description="torch threads when rendering on CPU (1 leaves cores to Kafka and friends)"
     )

@@ -47,7 +47,7 @@ class _Child:
 
 
 def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
-    """The stages of the pipeline: one gatekeeper, ``renderers`` renderers per pool, one assembler."""
+    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay."""
     stages = [StageSpec("gatekeeper", ["gatekeeper"], "Worker ready")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
@@ -55,6 +55,7 @@ def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | No
             verb += ["--synthetic-ms", str(synthetic_ms)]
         stages += [StageSpec(f"renderer-{pool}-{i}", verb, "serving pool") for i in range(renderers)]
     stages.append(StageSpec("assembler", ["assemble"], "assembler consuming"))
+    stages.append(StageSpec("relay", ["relay"], "relay consuming"))
     return stages
 
 

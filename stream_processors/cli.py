@@ -21,6 +21,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Consumes aigc.frames and aigc.decisions; settings under AIGC_ASSEMBLER__*.",
     )
     assemble.set_defaults(handler=_assemble)
+    relay = verbs.add_parser(
+        "relay",
+        help="run the retry relay: hold retried work until due, then send it back to its topic",
+        description="Consumes every aigc.retry.<stage>.<delay> topic; delays come from AIGC_RETRY__DELAYS_S.",
+    )
+    relay.set_defaults(handler=_relay)
 
 
 def _gatekeeper(args: argparse.Namespace, settings: Settings) -> int:
@@ -32,6 +38,13 @@ def _gatekeeper(args: argparse.Namespace, settings: Settings) -> int:
 
 def _assemble(args: argparse.Namespace, settings: Settings) -> int:
     from stream_processors.assembler.sink import run
+
+    run(settings)
+    return 0
+
+
+def _relay(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_processors.relay import run
 
     run(settings)
     return 0

@@ -34,11 +34,13 @@ from typing import Any
 from confluent_kafka import KafkaException, Message, TopicPartition
 
 from plumbing.blobs import BlobStore
-from plumbing.dead_letters import Failure, Original, dead_letter
-from plumbing.errors import DecodeError, PermanentError, classify
+from plumbing.cancellations import CancellationWatcher
+from plumbing.dead_letters import Original
+from plumbing.errors import DecodeError, classify
 from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
 from plumbing.kafka_clients import header_map, make_consumer, make_producer
 from plumbing.metadata import connect, register_types
+from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
@@ -81,12 +83,14 @@ class Sink:
         self.blobs = BlobStore(settings.s3, max_connections=conf.workers * 2)
         self.pool = ThreadPoolExecutor(conf.workers, thread_name_prefix="assemble")
         self.assembler = Assembler(self.blobs, settings.s3.results_bucket, self.pool)
+        self.cancellations = CancellationWatcher(settings)
         self._topics_seen: set[str] = set()
         self._topics_checked_at = 0.0
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         conf = self.settings.assembler
+        self.cancellations.start()
         self.producer.init_transactions(30)
         self.consumer.subscribe([self.topics.frames, self.topics.decisions])
         log.info("assembler consuming %s and %s", self.topics.frames, self.topics.decisions)
@@ -97,6 +101,7 @@ class Sink:
                     self._transact(batch, stop)
         finally:
             self.consumer.close()
+            self.cancellations.stop()
             self.pool.shutdown(wait=True)
             self.cluster.shutdown()
 
@@ -147,30 +152,43 @@ class Sink:
 
     # -- one batch --------------------------------------------------------------------------------
     def handle(self, batch: Iterable[Message]) -> list[Out]:
+        """The outputs of a batch. A message that fails is routed (retry topic or dead letter, inside the
+        same transaction); back-pressure or an unknown error fails the whole batch (retried in place, or
+        the sink crashes), since nothing of it is committed."""
         outputs: list[Out] = []
         for msg in batch:
-            origin = Original.of(msg).origin
+            original = Original.of(msg)
+            record: dict[str, Any] | None = None
             try:
                 name, record = self.codec.decode_any(msg.value(), None)
-                expected = "Completion" if msg.topic() == self.topics.decisions else "FramesRendered"
+                expected = "Completion" if original.topic == self.topics.decisions else "FramesRendered"
                 if name != expected:
                     raise DecodeError(
-                        f"expected {expected} on {msg.topic()}, got {name}", code="WRONG_SCHEMA"
+                        f"expected {expected} on {original.topic}, got {name}", code="WRONG_SCHEMA"
                     )
                 if name == "Completion":
-                    outputs += self._decision(record, msg, origin)
+                    outputs += self._decision(record, msg, original.origin)
                 else:
-                    outputs += self._frames(record, msg, origin)
-            except PermanentError as exc:
-                outputs.append(self._dead_letter(msg, exc))
+                    outputs += self._frames(record, msg, original.origin)
+            except Exception as exc:
+                routed = route_failure(
+                    self.codec,
+                    self.topics,
+                    self.settings.retry,
+                    Stage.ASSEMBLER,
+                    original,
+                    exc,
+                    now_ms(),
+                    record.get("request_id") if record else None,
+                    record.get("tenant_id") if record else None,
+                )  # raises exc again when it is unknown
+                if routed is None:
+                    raise  # back-pressure: the batch waits and is tried again in place
+                log.warning(
+                    "%s %s: %s", "dead-lettered" if routed.dead else "retrying", original.coordinates, exc
+                )
+                outputs.append((routed.topic, routed.key, routed.value, routed.headers))
         return outputs
-
-    def _dead_letter(self, msg: Message, exc: Exception) -> Out:
-        original = Original.of(msg)
-        now = now_ms()
-        value, headers = dead_letter(self.codec, original, Failure.of(Stage.ASSEMBLER, exc, 1, now, now))
-        log.warning("dead-lettered %s:%s:%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-        return self.topics.dlq(Stage.ASSEMBLER), msg.key(), value, headers
 
     def _decision(self, completion: dict[str, Any], msg: Message, origin: str) -> list[Out]:
         """Record a decision made before rendering and publish it, once."""
@@ -231,6 +249,10 @@ class Sink:
         frames = self.store.frames(request_id)
         if len({f.frame_index for f in frames}) < fr["frame_count"]:
             return []
+        if self.cancellations.is_cancelled(request_id, fr["tenant_id"]):
+            reason = self.cancellations.reason(request_id) or "cancelled by its owner"
+            values = self._values(fr, origin, "CANCELLED", "CANCELLED", reason, [], frames)
+            return self._finish(values, msg, origin, fr.get("reply_topic"))
         out = [self._status(fr, msg)]
         outputs = self.assembler.assemble(fr, frames)
         values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)

@@ -31,7 +31,7 @@ from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import Codec
-from schemas.validation import ID_PATTERN, render_cost, validate_request
+from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
 from stream_processors.gatekeeper import ratelimit
 from stream_processors.gatekeeper.fanout import plan_tasks
 from stream_processors.gatekeeper.moderation import Moderator
@@ -164,7 +164,7 @@ class Gate:
     ) -> Admission:
         """A terminal decision, sent to the sink as a Completion on the decisions topic."""
         request_id, tenant_id = request["request_id"], request["tenant_id"]
-        created_at = request.get("created_at", now_ms)
+        created_at = _echoed_created_at(request.get("created_at"), now_ms)
         completion = {
             "request_id": request_id,
             "tenant_id": tenant_id,
@@ -178,10 +178,10 @@ class Gate:
                 "queued_ms": 0,
                 "render_ms": 0,
                 "assemble_ms": 0,
-                "total_ms": max(0, now_ms - created_at),
+                "total_ms": max(0, now_ms - created_at) if created_at else 0,
             },
             "labels": request.get("labels") or {},
-            "created_at": request.get("created_at", 0),
+            "created_at": created_at,
             "finished_at": now_ms,
         }
         headers = continue_headers(incoming, request_id, tenant_id)
@@ -263,6 +263,18 @@ class Gate:
             self.codec.encode("StatusEvent", record),
             continue_headers(incoming, request["request_id"], request["tenant_id"]),
         )
+
+
+def _echoed_created_at(value: Any, now_ms: int) -> int:
+    """The request's created_at as its Completion echoes it, or 0 when it is not a plausible epoch-ms time.
+
+    A rejected request's created_at may never have been checked (validation stops at the first broken
+    rule), and an absurd one (negative, years ahead) would overflow ``total_ms`` (an Avro long) here or a
+    Cassandra timestamp in the sink, crashing the stage instead of answering the request.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= now_ms + FUTURE_SKEW_MS:
+        return 0
+    return value
 
 
 def _decision(status: str, reason: str, message: str, validated: bool = True, **extra: Any) -> dict[str, Any]:

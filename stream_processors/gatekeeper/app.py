@@ -19,8 +19,10 @@ requests are keyed by tenant):
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import os
 import time
 from typing import Any, cast
 
@@ -28,10 +30,11 @@ import faust
 
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
+from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
-from stream_processors.gatekeeper.admission import Gate
+from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
 
 log = logging.getLogger(__name__)
@@ -110,7 +113,7 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
             )
             clock = now_ms()
             expiry.purge(msg.partition, clock)
-            admission = gate.admit(original, seen, buckets, clock)
+            admission = await admit_or_route(gate, original, seen, buckets, clock)
             if admission.seen is not None and admission.request_id:
                 seen[admission.request_id] = {**admission.seen, "p": msg.partition}
                 expiry.track(msg.partition, admission.request_id, clock)
@@ -127,6 +130,37 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
     for priority, source in sources.items():
         app.agent(source, name=f"{Stage.GATEKEEPER.value}.{priority.suffix}")(admit)
     return app
+
+
+async def admit_or_route(gate: Gate, original: Original, seen: Any, buckets: Any, clock: int) -> Admission:
+    """`Gate.admit`, with a failure routed like every stage routes one (retry topic or dead letter).
+
+    Back-pressure waits and tries again. An unknown error exits the worker at once: faust would restart
+    the agent and count the event as done, skipping it; exiting before the next commit gets it redelivered.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return gate.admit(original, seen, buckets, clock)
+        except Exception as exc:  # noqa: BLE001 - route_failure decides; unknown errors end the process below
+            try:
+                routed = route_failure(
+                    gate.codec, gate.topics, gate.settings.retry, Stage.GATEKEEPER, original, exc, clock
+                )
+            except Exception:
+                log.critical(
+                    "unknown error on %s; exiting so it is redelivered", original.origin, exc_info=True
+                )
+                os._exit(70)
+            if routed is not None:
+                log.warning("%s %s: %s", "dead-lettered" if routed.dead else "retrying", original.origin, exc)
+                return Admission(
+                    "DEAD_LETTERED" if routed.dead else "RETRYING",
+                    [Output(routed.topic, routed.key, routed.value, routed.headers)],
+                )
+            log.warning("back-pressure on %s: %s; trying again in %.1f s", original.origin, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 class SeenExpiry:

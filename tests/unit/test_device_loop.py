@@ -14,9 +14,10 @@ import pytest
 
 from gpu_consumers.backends.base import Backend, RenderBatch, RenderOOM, StepHook
 from gpu_consumers.backends.synthetic import SyntheticBackend, draw_frame
-from gpu_consumers.executor import DeviceLoop, Rendered
+from gpu_consumers.executor import DeviceLoop, Rendered, RenderFailed
 from gpu_consumers.scheduler import Pick, Scheduler
 from gpu_consumers.tasks import Task
+from plumbing.errors import RetryableError
 
 WEIGHTS = {"HIGH": 16.0, "NORMAL": 4.0, "LOW": 1.0}
 WAIT_S = 10.0  # how long a test waits for something the loop should do within a second
@@ -378,7 +379,9 @@ def test_out_of_memory_for_a_single_frame_fails_the_batch(harness: Callable[...,
     h.wait_until(lambda: len(h.failed) == 1)
     pick, exc = h.failed[0]
     assert pick.tasks == tasks
-    assert isinstance(exc, RenderOOM)
+    # Typed for the router: retryable (a smaller batch or a freer device may fit later), caused by the OOM.
+    assert isinstance(exc, RetryableError) and exc.code == "DEVICE_OOM"
+    assert isinstance(exc.__cause__, RenderOOM)
     assert backend.calls == [2, 1]
     assert h.published == []
     # The loop goes on with the next batch.
@@ -393,3 +396,46 @@ def test_the_loop_stops_when_asked(harness: Callable[..., Harness]) -> None:
     h.wait_until(lambda: len(h.published) == 1)
     h.close()
     assert not h.thread.is_alive()
+
+
+class ExplodingBackend:
+    """A backend that raises what a model raises on inputs it cannot handle."""
+
+    name = "m"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def max_batch(self) -> int:
+        return 8
+
+    def render(self, batch, on_step=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError(self.message)
+
+
+def test_a_model_error_is_a_permanent_render_failure(harness: Callable[..., Harness]) -> None:
+    h = harness({"m": ExplodingBackend("Expected size 64 but got size 72")})
+    h.add(make_task("HIGH"))
+    h.start()
+    h.wait_until(lambda: len(h.failed) == 1)
+    exc = h.failed[0][1]
+    assert isinstance(exc, RenderFailed) and exc.code == "RENDER_FAILED" and "size 72" in str(exc)
+
+
+def test_a_broken_device_is_not_blamed_on_the_batch(harness: Callable[..., Harness]) -> None:
+    h = harness({"m": ExplodingBackend("CUDA error: an illegal memory access was encountered")})
+    h.add(make_task("HIGH"))
+    h.start()
+    h.wait_until(lambda: len(h.failed) == 1)
+    exc = h.failed[0][1]
+    assert not isinstance(exc, RenderFailed)  # unknown to classify(): the renderer process restarts
+
+
+def test_an_abandoned_batch_publishes_nothing(harness: Callable[..., Harness]) -> None:
+    h = harness({"m": SyntheticBackend(400.0)})  # 400 ms over the task's steps
+    h.add(make_task("LOW", steps=20))
+    h.start()
+    assert h.first_step["LOW"].wait(WAIT_S)
+    h.loop.abandon.set()
+    time.sleep(0.5)
+    assert h.published == [] and h.failed == [] and h.skipped == []

@@ -1,0 +1,142 @@
+"""The retry relay: RetryEnvelopes in, the original messages back on their topics when due.
+
+Consumes every ``aigc.retry.<stage>.<delay>`` topic (consumer group ``<prefix>.relay``). Each topic holds
+one delay, so within a partition the envelopes come due in the order they arrive: the relay sends what
+is due and, at the first envelope that is not, pauses that partition and seeks back to it until its
+``due_at``. Other partitions, and the relay's other work, carry on meanwhile; nothing sleeps.
+
+The original key, value and headers go back to the original topic unchanged, plus ``aigc.attempts`` and
+``aigc.first_failed_at`` so the stage knows how many attempts were made. An envelope that cannot be
+decoded is dead-lettered to the stage its topic names.
+
+Delivery: offsets are committed after the broker acknowledged every message sent for them (one flush
+per batch), so a crash sends some messages twice and loses none; stages are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import Message, TopicPartition
+
+from plumbing.dead_letters import Failure, Original, dead_letter
+from plumbing.errors import DecodeError
+from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, Headers
+from plumbing.kafka_clients import make_consumer, make_producer
+from plumbing.settings import Settings
+from plumbing.topics import Stage, Topics
+from schemas.codec import default_codec
+
+log = logging.getLogger(__name__)
+BATCH = 200
+POLL_S = 0.1
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Relay:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings)
+        self.codec = default_codec()
+        self.stage_of = {
+            self.topics.retry(stage, delay): stage for stage in Stage for delay in settings.retry.delays_s
+        }
+        self.consumer = make_consumer(settings, f"{settings.kafka.topic_prefix}.relay", "relay")
+        self.producer = make_producer(settings, "relay")
+        self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> due_at of its head
+        self.sent = 0
+
+    def run(self, stop: threading.Event) -> None:
+        self.consumer.subscribe(list(self.stage_of), on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        log.info("relay consuming %d retry topics", len(self.stage_of))
+        try:
+            while not stop.is_set():
+                self._resume_due()
+                batch = [m for m in self.consumer.consume(BATCH, POLL_S) if not m.error()]
+                if batch:
+                    self._relay(batch)
+        finally:
+            self.producer.flush(30)
+            self.consumer.close()
+
+    def _relay(self, batch: list[Message]) -> None:
+        commit: dict[tuple[str, int], int] = {}
+        held: set[tuple[str, int]] = set()
+        now = now_ms()
+        for msg in batch:
+            original = Original.of(msg)
+            tp = (original.topic, original.partition)
+            if tp in held:
+                continue  # behind an envelope that is not due: fetched again after the resume
+            try:
+                envelope = self.codec.decode(msg.value(), "RetryEnvelope")
+            except DecodeError as exc:
+                stage = self.stage_of[original.topic]
+                value, headers = dead_letter(self.codec, original, Failure.of(stage, exc, 1, now, now))
+                self.producer.produce(self.topics.dlq(stage), value, original.key, headers=headers)
+                commit[tp] = original.offset + 1
+                continue
+            if envelope["due_at"] > now:
+                held.add(tp)
+                self.waiting[tp] = envelope["due_at"]
+                partition = TopicPartition(original.topic, original.partition, original.offset)
+                self.consumer.pause([partition])
+                self.consumer.seek(partition)
+                continue
+            self._send(envelope)
+            commit[tp] = original.offset + 1
+        if commit:
+            remaining = self.producer.flush(30)
+            if remaining:
+                raise RuntimeError(f"{remaining} relayed messages were not acknowledged; not committing")
+            offsets = [TopicPartition(t, p, o) for (t, p), o in commit.items()]
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _send(self, envelope: dict[str, Any]) -> None:
+        kept = [
+            (h["key"], h["value"]) for h in envelope["headers"] if h["key"] not in (ATTEMPTS, FIRST_FAILED_AT)
+        ]
+        first = f"{envelope['original_topic']}:{envelope['original_partition']}:{envelope['original_offset']}"
+        origin = next((v for k, v in kept if k == ORIGIN and v), first.encode())
+        headers: Headers = [(k, v) for k, v in kept if k != ORIGIN]
+        headers += [
+            (ATTEMPTS, str(envelope["attempts"]).encode()),
+            (FIRST_FAILED_AT, str(envelope["first_failed_at"]).encode()),
+            (ORIGIN, origin),
+        ]
+        while True:
+            try:
+                self.producer.produce(
+                    envelope["original_topic"], envelope["value"], envelope["key"], headers=headers
+                )
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        self.sent += 1
+
+    def _resume_due(self) -> None:
+        now = now_ms()
+        due = [tp for tp, at in self.waiting.items() if at <= now]
+        if due:
+            self.consumer.resume([TopicPartition(t, p) for t, p in due])
+            for tp in due:
+                del self.waiting[tp]
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.waiting.pop((tp.topic, tp.partition), None)
+
+
+def run(settings: Settings) -> None:
+    """Run the relay until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Relay(settings).run(stop)
