@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -63,7 +64,7 @@ class Renderer:
         self.pool = pool
         self.topics = Topics(settings)
         self.codec = default_codec()
-        self.worker_id = conf.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = conf.worker_id or settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self.models = {name: spec for name, spec in settings.models.items() if spec.pool == pool}
         if not self.models:
             raise ValueError(f"no model in the registry is served by pool {pool!r}")
@@ -250,21 +251,25 @@ class Renderer:
         )
         self._produce_result(task, value, headers)
 
-    def _mark_done(self, topic: str, partition: int, offset: int) -> Any:
-        """A delivery report that lets the task's offset be committed (reports run on the main thread)."""
+    def _mark_done(
+        self, topic: str, partition: int, offset: int, resend: Callable[[], None] | None = None
+    ) -> Any:
+        """A delivery report that lets the task's offset be committed (reports run on the main thread).
+
+        A message the broker never acknowledged (an outage longer than librdkafka's own retries) is sent
+        again, so its task's offset is not left pending forever."""
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is None:
                 self.tracker.done(topic, partition, offset)
                 self.delivered += 1
-            else:
-                log.error(
-                    "output for %s:%s:%s was not delivered (%s); it will be redone",
-                    topic,
-                    partition,
-                    offset,
-                    err,
+            elif resend is not None and not err.fatal():
+                log.warning(
+                    "output for %s:%s:%s not delivered (%s); sending it again", topic, partition, offset, err
                 )
+                threading.Timer(1.0, resend).start()
+            else:
+                log.error("output for %s:%s:%s not delivered (%s)", topic, partition, offset, err)
 
         return delivered
 
@@ -273,18 +278,17 @@ class Renderer:
 
     def _produce(self, topic: str, value: bytes, key: bytes | None, headers: Headers, task: Task) -> None:
         """Produce the outcome of ``task``; once acknowledged, its offset may be committed."""
-        while True:
-            try:
-                self.producer.produce(
-                    topic,
-                    value,
-                    key,
-                    headers=headers,
-                    on_delivery=self._mark_done(task.topic, task.partition, task.offset),
-                )
-                return
-            except BufferError:
-                time.sleep(0.01)
+
+        def send() -> None:
+            report = self._mark_done(task.topic, task.partition, task.offset, send)
+            while True:
+                try:
+                    self.producer.produce(topic, value, key, headers=headers, on_delivery=report)
+                    return
+                except BufferError:
+                    time.sleep(0.01)
+
+        send()
 
     # -- the main loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:

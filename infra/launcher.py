@@ -183,10 +183,14 @@ def _ports(services: list[Service], name: str) -> tuple[int, ...]:
     return next(s.ports for s in services if s.name == name)
 
 
-def down(settings: Settings, *, echo: Callable[[str], None] = print) -> list[str]:
+def down(
+    settings: Settings, *, only: Iterable[str] | None = None, echo: Callable[[str], None] = print
+) -> list[str]:
     """Stop the services this run directory started (SIGTERM, then SIGKILL after a grace period)."""
     stopping: dict[Service, int] = {}
     for service in all_services(settings):
+        if only is not None and service.name not in set(only):
+            continue
         pid = owned_pid(service)
         if pid is None:
             service.pid_file.unlink(missing_ok=True)

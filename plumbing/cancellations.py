@@ -12,7 +12,7 @@ import logging
 import threading
 import uuid
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from plumbing.errors import DecodeError
 from plumbing.kafka_clients import make_consumer
@@ -22,6 +22,7 @@ from schemas.codec import Codec, default_codec
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
+RETRY_S = 2.0
 
 
 class CancellationWatcher:
@@ -54,6 +55,15 @@ class CancellationWatcher:
         return entry[1] if entry else None
 
     def _run(self) -> None:
+        """Follow the topic until stopped; a broker outage is waited out, never the end of the thread."""
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except KafkaException as exc:
+                log.warning("cancellations: %s; reading again in %.0f s", exc, RETRY_S)
+                self._stop.wait(RETRY_S)
+
+    def _follow(self) -> None:
         consumer = make_consumer(
             self._settings,
             f"cancellations-{uuid.uuid4().hex}",
@@ -77,9 +87,6 @@ class CancellationWatcher:
                             self._caught_up.set()
                     continue
                 self._apply(msg.key(), msg.value(), codec)
-        except Exception:
-            log.exception("cancellation watcher stopped")
-            raise
         finally:
             self._caught_up.set()
             consumer.close()

@@ -55,7 +55,13 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "partition.assignment.strategy": "cooperative-sticky",
+        # A member that vanished without leaving (kill -9) gives its partitions back after this long.
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 2_000,
     }
+    if settings.instance:
+        # Static membership: a restarted process with the same id resumes its assignment at once.
+        conf["group.instance.id"] = f"{group_id}.{settings.instance}"
     conf.update(overrides)
     return Consumer(conf)
 

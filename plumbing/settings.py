@@ -208,6 +208,13 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(Path(".aigc"), description="working folder for models, outputs and state")
+    instance: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]{1,48}$",
+        description="stable id of this process within its stage: static group membership, so a restarted "
+        "process takes its partitions back at once (`aigc run` sets one per process; leave it unset where "
+        "replicas share one environment)",
+    )
     kafka: KafkaSettings = KafkaSettings()
     cassandra: CassandraSettings = CassandraSettings()
     s3: S3Settings = S3Settings()

@@ -11,6 +11,7 @@ period. Children die with the supervisor even when it is killed outright (PR_SET
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -24,14 +25,18 @@ from plumbing.settings import Settings
 
 STOP_GRACE_S = 30.0
 MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a stage up this long before it died starts its back-off afresh
 _PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage process: its ``aigc`` verb, how to tell it is ready, and settings of its own."""
+
     name: str
     verb: list[str]  # arguments after `aigc`
     ready_marker: str  # text the stage logs once it consumes
+    env: dict[str, str] = field(default_factory=dict)  # this process's own settings on top of the shared ones
 
 
 @dataclass
@@ -56,7 +61,8 @@ def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | No
         stages += [StageSpec(f"renderer-{pool}-{i}", verb, "serving pool") for i in range(renderers)]
     stages.append(StageSpec("assembler", ["assemble"], "assembler consuming"))
     stages.append(StageSpec("relay", ["relay"], "relay consuming"))
-    return stages
+    # Each process keeps its identity across restarts (static group membership, see Settings.instance).
+    return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
 
 
 def _die_with_parent() -> None:
@@ -71,12 +77,14 @@ class Supervisor:
         log_dir: Path,
         restart: bool = True,
         echo: Callable[[str], None] = print,
+        max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
         self.stages = stages
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
         self.restart = restart
         self.echo = echo
+        self.max_backoff_s = max_backoff_s
         self.children: dict[str, _Child] = {}
 
     def _spawn(self, spec: StageSpec, restarts: int = 0) -> _Child:
@@ -89,7 +97,7 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.env,
+                env={**self.env, **spec.env},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks
             )
@@ -124,10 +132,12 @@ class Supervisor:
                 if not self.restart:
                     child.next_start = float("inf")
                     continue
-                child.next_start = now + min(MAX_BACKOFF_S, 2.0**child.restarts)
+                if now - child.started >= STABLE_S:
+                    child.restarts = 0
+                child.next_start = now + min(self.max_backoff_s, 0.5 * 2.0**child.restarts)
             if now >= child.next_start:
                 self.children[name] = self._spawn(child.spec, child.restarts + 1)
-                self.echo(f"{name}: restarted (attempt {child.restarts + 1})")
+                self.echo(f"{name}: restarted (restart {child.restarts + 1})")
 
     def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

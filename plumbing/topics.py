@@ -107,7 +107,9 @@ class Topics:
                     "GenerationRequest",
                     "tenant_id",
                     k.request_partitions,
-                    {"retention.ms": str(7 * DAY_MS)},
+                    # 8 MiB: a request with a multi-megabyte prompt must reach the gatekeeper (which
+                    # rejects it for its length) instead of failing at the producer with no answer.
+                    {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(8 * 1024 * 1024)},
                     f"{p.value} priority requests from producers",
                 )
             )

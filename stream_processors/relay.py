@@ -52,6 +52,7 @@ class Relay:
         self.producer = make_producer(settings, "relay")
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> due_at of its head
         self.sent = 0
+        self.failed = 0  # deliveries of the current batch that failed
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe(list(self.stage_of), on_revoke=self._on_revoke, on_lost=self._on_revoke)
@@ -68,11 +69,14 @@ class Relay:
 
     def _relay(self, batch: list[Message]) -> None:
         commit: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], int] = {}
+        self.failed = 0
         held: set[tuple[str, int]] = set()
         now = now_ms()
         for msg in batch:
             original = Original.of(msg)
             tp = (original.topic, original.partition)
+            first.setdefault(tp, original.offset)
             if tp in held:
                 continue  # behind an envelope that is not due: fetched again after the resume
             try:
@@ -80,7 +84,9 @@ class Relay:
             except DecodeError as exc:
                 stage = self.stage_of[original.topic]
                 value, headers = dead_letter(self.codec, original, Failure.of(stage, exc, 1, now, now))
-                self.producer.produce(self.topics.dlq(stage), value, original.key, headers=headers)
+                self.producer.produce(
+                    self.topics.dlq(stage), value, original.key, headers=headers, on_delivery=self._delivered
+                )
                 commit[tp] = original.offset + 1
                 continue
             if envelope["due_at"] > now:
@@ -93,9 +99,14 @@ class Relay:
             self._send(envelope)
             commit[tp] = original.offset + 1
         if commit:
-            remaining = self.producer.flush(30)
-            if remaining:
-                raise RuntimeError(f"{remaining} relayed messages were not acknowledged; not committing")
+            # Commit only what the broker acknowledged; through an outage, keep waiting (librdkafka retries).
+            while self.producer.flush(30):
+                log.warning("relayed messages not acknowledged yet; waiting for the broker")
+            if self.failed:
+                log.warning("%d relayed message(s) failed; this batch is read again", self.failed)
+                for (topic, number), offset in first.items():
+                    self.consumer.seek(TopicPartition(topic, number, offset))
+                return
             offsets = [TopicPartition(t, p, o) for (t, p), o in commit.items()]
             self.consumer.commit(offsets=offsets, asynchronous=False)
 
@@ -114,12 +125,20 @@ class Relay:
         while True:
             try:
                 self.producer.produce(
-                    envelope["original_topic"], envelope["value"], envelope["key"], headers=headers
+                    envelope["original_topic"],
+                    envelope["value"],
+                    envelope["key"],
+                    headers=headers,
+                    on_delivery=self._delivered,
                 )
                 break
             except BufferError:
                 self.producer.poll(0.05)
         self.sent += 1
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.failed += 1
 
     def _resume_due(self) -> None:
         now = now_ms()

@@ -77,6 +77,9 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
         producer_linger=0.002,
         stream_buffer_maxsize=conf.stream_buffer_maxsize,
         broker_commit_interval=conf.commit_interval_s,
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        consumer_group_instance_id=f"{conf.app_id}.{settings.instance}" if settings.instance else None,
         web_enabled=conf.web_port is not None,
         web_port=conf.web_port or 6066,
     )
