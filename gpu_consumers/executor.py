@@ -144,7 +144,8 @@ class DeviceLoop:
         return dataclasses.replace(pick, tasks=keep)
 
     def _render(self, pick: Pick) -> None:
-        run = _Run(pick, time.monotonic())
+        started = time.monotonic()
+        run = _Run(pick, started, last_progress=started)
         started_at_ms = time.time_ns() // 1_000_000
         self.depth += 1
         self.max_depth_seen = max(self.max_depth_seen, self.depth)
@@ -210,7 +211,8 @@ class DeviceLoop:
 
         def on_step(done: int, total: int) -> None:
             now = time.monotonic()
-            if now - run.last_progress >= self.progress_interval_s or done == total:
+            # A render shorter than the interval reports nothing: its FramesRendered follows at once.
+            if now - run.last_progress >= self.progress_interval_s:
                 run.last_progress = now
                 self.on_progress(run.pick, done_before + round(chunk_units * done / total), batch_units)
             if self.abandon.is_set():

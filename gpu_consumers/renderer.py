@@ -76,7 +76,10 @@ class Renderer:
             settings,
             f"{settings.kafka.topic_prefix}.renderer.{pool}",
             f"renderer.{pool}",
-            **{"max.poll.interval.ms": 300_000},
+            # range splits each priority topic across the group: every renderer sees every class (sticky
+            # assignors balance partition counts over all topics, leaving a class on one member).
+            # Static membership keeps restarts from triggering its stop-the-world rebalances.
+            **{"max.poll.interval.ms": 300_000, "partition.assignment.strategy": "range"},
         )
         self.producer = make_producer(settings, f"renderer.{pool}")
         self.blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)

@@ -6,8 +6,8 @@ can be followed across topics by its trace id.
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 from collections.abc import Mapping
 
 # Kafka headers as produced: confluent-kafka accepts str or bytes values.
@@ -29,8 +29,16 @@ ORIGIN = "aigc.origin"
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
+# Trace and span ids need to be unique, not secret: a PRNG avoids a getrandom syscall per message.
+_ids = random.Random()
+
+
+def _hex(bits: int) -> str:
+    return f"{_ids.getrandbits(bits):0{bits // 4}x}"
+
+
 def new_traceparent() -> str:
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return f"00-{_hex(128)}-{_hex(64)}-01"
 
 
 def child_traceparent(parent: bytes | str | None) -> str:
@@ -39,7 +47,7 @@ def child_traceparent(parent: bytes | str | None) -> str:
     match = _TRACEPARENT.fullmatch(text or "")
     if not match or match.group(1) == "0" * 32:
         return new_traceparent()
-    return f"00-{match.group(1)}-{secrets.token_hex(8)}-{match.group(3)}"
+    return f"00-{match.group(1)}-{_hex(64)}-{match.group(3)}"
 
 
 def trace_id(traceparent: bytes | str | None) -> str | None:

@@ -189,6 +189,7 @@ class AssemblerSettings(_Section):
     batch_size: int = Field(200, ge=1, description="messages handled in one transaction at most")
     batch_wait_s: float = Field(0.02, gt=0, description="how long to wait for a batch to fill")
     workers: int = Field(8, ge=1, description="threads for object copies and frame downloads")
+    concurrency: int = Field(16, ge=1, description="requests of one batch handled at the same time")
     transaction_timeout_ms: int = Field(15000, ge=1000)
 
 
@@ -278,6 +279,8 @@ class Settings(BaseSettings):
         env = {}
         for name in type(self).model_fields:
             value = reveal(getattr(self, name))
+            if value is None:
+                continue  # unset: the child's default is None too
             # pydantic-settings parses complex fields as JSON and takes simple ones verbatim.
             env[f"{ENV_PREFIX}{name.upper()}"] = (
                 json.dumps(value) if isinstance(value, dict | list) else str(value)

@@ -28,9 +28,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+from cassandra.cluster import ResponseFuture
 from confluent_kafka import KafkaException, Message, TopicPartition
 
 from plumbing.blobs import BlobStore
@@ -44,6 +45,7 @@ from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
+from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.store import AssemblyStore, FrameRow, output_rows, ts
 
@@ -81,7 +83,12 @@ class Sink:
         register_types(self.cluster, settings.cassandra.keyspace)
         self.store = AssemblyStore(session, settings.cassandra.keyspace)
         self.blobs = BlobStore(settings.s3, max_connections=conf.workers * 2)
-        self.pool = ThreadPoolExecutor(conf.workers, thread_name_prefix="assemble")
+        self.pool = ThreadPoolExecutor(
+            conf.workers, thread_name_prefix="assemble"
+        )  # object copies, downloads
+        self.workers = ThreadPoolExecutor(
+            conf.concurrency, thread_name_prefix="request"
+        )  # requests of a batch
         self.assembler = Assembler(self.blobs, settings.s3.results_bucket, self.pool)
         self.cancellations = CancellationWatcher(settings)
         self._topics_seen: set[str] = set()
@@ -102,6 +109,7 @@ class Sink:
         finally:
             self.consumer.close()
             self.cancellations.stop()
+            self.workers.shutdown(wait=True)
             self.pool.shutdown(wait=True)
             self.cluster.shutdown()
 
@@ -152,11 +160,24 @@ class Sink:
 
     # -- one batch --------------------------------------------------------------------------------
     def handle(self, batch: Iterable[Message]) -> list[Out]:
-        """The outputs of a batch. A message that fails is routed (retry topic or dead letter, inside the
-        same transaction); back-pressure or an unknown error fails the whole batch (retried in place, or
-        the sink crashes), since nothing of it is committed."""
-        outputs: list[Out] = []
+        """The outputs of a batch. The batch's requests are handled concurrently (each request's messages
+        in order, by one worker); deferred chores (index rows, staged-frame deletions) are done once for
+        the batch, before its transaction commits. A message that fails is routed (retry topic or dead
+        letter, inside the same transaction); back-pressure or an unknown error fails the whole batch
+        (retried in place, or the sink crashes), since nothing of it is committed."""
+        chores = Chores()
+        groups: dict[object, list[Message]] = {}
         for msg in batch:
+            groups.setdefault(msg.key() or object(), []).append(msg)
+        futures = [self.workers.submit(self._handle_request, msgs, chores) for msgs in groups.values()]
+        wait(futures)
+        outputs = [out for future in futures for out in future.result()]
+        chores.finish(self.blobs, self.settings.s3.staging_bucket)
+        return outputs
+
+    def _handle_request(self, messages: list[Message], chores: Chores) -> list[Out]:
+        outputs: list[Out] = []
+        for msg in messages:
             original = Original.of(msg)
             record: dict[str, Any] | None = None
             try:
@@ -167,9 +188,9 @@ class Sink:
                         f"expected {expected} on {original.topic}, got {name}", code="WRONG_SCHEMA"
                     )
                 if name == "Completion":
-                    outputs += self._decision(record, msg, original.origin)
+                    outputs += self._decision(record, msg, original.origin, chores)
                 else:
-                    outputs += self._frames(record, msg, original.origin)
+                    outputs += self._frames(record, msg, original.origin, chores)
             except Exception as exc:
                 routed = route_failure(
                     self.codec,
@@ -190,7 +211,7 @@ class Sink:
                 outputs.append((routed.topic, routed.key, routed.value, routed.headers))
         return outputs
 
-    def _decision(self, completion: dict[str, Any], msg: Message, origin: str) -> list[Out]:
+    def _decision(self, completion: dict[str, Any], msg: Message, origin: str, chores: Chores) -> list[Out]:
         """Record a decision made before rendering and publish it, once."""
         moderation = completion.get("moderation")
         values = {
@@ -214,49 +235,47 @@ class Sink:
             "model": None,
         }
         reply = header_map(msg).get(REPLY_TOPIC)
-        return self._finish(values, msg, origin, reply.decode() if reply else None)
+        return self._finish(values, msg, origin, reply.decode() if reply else None, chores)
 
-    def _frames(self, fr: dict[str, Any], msg: Message, origin: str) -> list[Out]:
+    def _frames(self, fr: dict[str, Any], msg: Message, origin: str, chores: Chores) -> list[Out]:
         request_id = fr["request_id"]
         if fr["outcome"] != "RENDERED":
-            return self._finish(
-                self._values(fr, origin, fr["outcome"], fr.get("reason_code"), fr.get("message"), [], []),
-                msg,
-                origin,
-                fr.get("reply_topic"),
+            values = self._values(fr, origin, fr["outcome"], fr.get("reason_code"), fr.get("message"), [], [])
+            return self._finish(values, msg, origin, fr.get("reply_topic"), chores)
+        arrived = [
+            FrameRow(
+                b["frame_index"],
+                fr["task_id"],
+                b["bucket"],
+                b["key"],
+                b["sha256"],
+                b["bytes"],
+                fr["render_ms"] // max(1, len(fr["blobs"])),
+                fr["started_at"],
+                fr["finished_at"],
             )
-        self.store.add_frames(
-            request_id,
-            [
-                FrameRow(
-                    b["frame_index"],
-                    fr["task_id"],
-                    b["bucket"],
-                    b["key"],
-                    b["sha256"],
-                    b["bytes"],
-                    fr["render_ms"] // max(1, len(fr["blobs"])),
-                    fr["started_at"],
-                    fr["finished_at"],
-                )
-                for b in fr["blobs"]
-            ],
-        )
-        if self.store.terminal(request_id) is not None:
-            # A re-rendered task of a finished request: its staged copies are surplus.
-            self.blobs.delete(self.settings.s3.staging_bucket, [b["key"] for b in fr["blobs"]])
-            return []
-        frames = self.store.frames(request_id)
+            for b in fr["blobs"]
+        ]
+        # One message carrying every frame (any one-task request) needs no bookkeeping in the frames table.
+        whole = len({f.frame_index for f in arrived}) == fr["frame_count"]
+        if not whole:
+            self.store.add_frames(request_id, arrived)
+            if self.store.terminal(request_id) is not None:
+                # A re-rendered task of a finished request: its staged copies are surplus.
+                chores.delete(f.key for f in arrived)
+                return []
+        # (A one-message request skips that read: its write-once insert settles a late duplicate below.)
+        frames = arrived if whole else self.store.frames(request_id)
         if len({f.frame_index for f in frames}) < fr["frame_count"]:
             return []
         if self.cancellations.is_cancelled(request_id, fr["tenant_id"]):
             reason = self.cancellations.reason(request_id) or "cancelled by its owner"
             values = self._values(fr, origin, "CANCELLED", "CANCELLED", reason, [], frames)
-            return self._finish(values, msg, origin, fr.get("reply_topic"))
+            return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
         out = [self._status(fr, msg)]
         outputs = self.assembler.assemble(fr, frames)
         values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)
-        return out + self._finish(values, msg, origin, fr.get("reply_topic"), staged=frames)
+        return out + self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
 
     def _values(
         self,
@@ -312,14 +331,18 @@ class Sink:
         msg: Message,
         origin: str,
         reply_topic: str | None,
+        chores: Chores,
         staged: list[FrameRow] | None = None,
     ) -> list[Out]:
         written = self.store.write_terminal(values)
+        # Whoever decided, the request is finished now: its staged frames have served their purpose.
+        chores.delete(
+            f.key for f in (staged if staged is not None else self.store.frames(values["request_id"]))
+        )
         if written.applied:
-            self.store.index_by_tenant(values)
-            keys = [f.key for f in staged or self.store.frames(values["request_id"])]
-            if keys:  # the results are stored and recorded: the staged frames have served their purpose
-                self.blobs.delete(self.settings.s3.staging_bucket, keys)
+            if ID_PATTERN.fullmatch(values["tenant_id"] or ""):
+                # (A rejected request's tenant may be any string: the history lists valid tenants only.)
+                chores.write(self.store.index_by_tenant_async(values))
         elif written.row.decided_by != origin:
             log.info(
                 "%s is already %s; %s publishes nothing", values["request_id"], written.row.status, origin
@@ -365,6 +388,30 @@ class Sink:
             self._topics_seen = set(self.producer.list_topics(timeout=10).topics)
             self._topics_checked_at = time.monotonic()
         return topic in self._topics_seen
+
+
+class Chores:
+    """Work a batch defers until all its requests are handled, then does at once before the commit:
+    writes to wait for (index rows) and staged frames to delete (one S3 call per 1,000 keys)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.keys: list[str] = []
+        self.futures: list[ResponseFuture] = []
+
+    def delete(self, keys: Iterable[str]) -> None:
+        with self.lock:
+            self.keys.extend(keys)
+
+    def write(self, future: ResponseFuture) -> None:
+        with self.lock:
+            self.futures.append(future)
+
+    def finish(self, blobs: BlobStore, bucket: str) -> None:
+        for future in self.futures:
+            future.result()
+        if self.keys:
+            blobs.delete(bucket, self.keys)
 
 
 def _next_offsets(batch: Iterable[Message]) -> list[TopicPartition]:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cassandra import ConsistencyLevel, WriteTimeout
-from cassandra.cluster import Session
+from cassandra.cluster import ResponseFuture, Session
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
 from plumbing.metadata import OutputRow
@@ -175,9 +175,9 @@ class AssemblyStore:
             return TerminalWrite(True, _Row(values))
         return TerminalWrite(False, result)
 
-    def index_by_tenant(self, values: dict[str, Any]) -> None:
+    def index_by_tenant_async(self, values: dict[str, Any]) -> ResponseFuture:
         created: datetime = values["created_at"] or values["finished_at"]
-        self.session.execute(
+        return self.session.execute_async(
             self._by_tenant,
             (
                 values["tenant_id"],

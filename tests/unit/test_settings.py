@@ -49,3 +49,21 @@ def test_model_names_and_pools_are_checked():
         Settings.load(models={"m": {"path": "/m", "pool": "Has Spaces"}})
     with pytest.raises(pydantic.ValidationError, match="model name"):
         Settings.load(models={"../m": {"path": "/m"}})
+
+
+def test_to_env_rebuilds_the_same_settings_in_a_child(monkeypatch: pytest.MonkeyPatch):
+    from plumbing.settings import GatekeeperSettings, KafkaSettings, Tier
+
+    original = Settings.load(
+        instance=None,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1", sasl_password=pydantic.SecretStr("pw")),
+        gatekeeper=GatekeeperSettings(tiers={"standard": Tier(), "tiny": Tier(request_burst=1)}),
+    )
+    for key in list(__import__("os").environ):
+        if key.startswith("AIGC_"):
+            monkeypatch.delenv(key)
+    for key, value in original.to_env().items():
+        monkeypatch.setenv(key, value)
+    rebuilt = Settings.load()
+    assert rebuilt == original
+    assert rebuilt.kafka.sasl_password.get_secret_value() == "pw"
