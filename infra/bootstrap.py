@@ -8,6 +8,7 @@ Every step creates what is missing and leaves what matches alone, so re-running 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from string import Template
@@ -15,6 +16,7 @@ from string import Template
 from cassandra.cluster import Session
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
+    AdminClient,
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
@@ -67,6 +69,7 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
             except KafkaException as exc:
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent bootstrap won the race
                     raise
+        _wait_for_leaders(admin, [s.name for s in missing])
     grow = [s for s in specs if s.name in existing and len(existing[s.name].partitions) < s.partitions]
     if grow:
         for name, future in admin.create_partitions(
@@ -90,6 +93,23 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
                     future.result()
                 changes.append(f"topic {spec.name}: set {', '.join(sorted(drift))}")
     return changes
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+    """Return once every partition of ``names`` has a leader: a created topic is usable only then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+        waiting = [
+            name
+            for name in names
+            if name not in topics or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no leader yet for {', '.join(waiting[:5])}")
+        time.sleep(0.1)
 
 
 def ensure_schema(settings: Settings) -> list[str]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
@@ -26,6 +26,19 @@ from schemas.codec import Codec, default_codec
 from schemas.validation import validate_request
 
 POLL_S = 0.2
+T = TypeVar("T")
+# Errors one-shot requests (offsets_for_times, watermarks) report while a leader is being elected or
+# moved; librdkafka does not flag them retriable there.
+_TRANSIENT = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+    }
+)
 DEFAULT_WAIT_LOOKBACK_MS = 3600 * 1000
 _OPTIONAL_FIELDS = (
     "negative_prompt",
@@ -36,6 +49,21 @@ _OPTIONAL_FIELDS = (
     "reply_topic",
     "deadline_ms",
 )
+
+
+def retry_transient(call: Callable[[], T], timeout_s: float = 15.0) -> T:
+    """``call()``, again while it fails with a retriable Kafka error (a new topic's leader not yet
+    known to the broker, a leader moving): librdkafka retries these for produce and fetch itself, but
+    not for one-shot requests such as offsets_for_times."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (error.retriable() or error.code() in _TRANSIENT) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def now_ms() -> int:
@@ -222,7 +250,7 @@ class Client:
             return [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
         if since_ms is None:
             return partitions
-        resolved = consumer.offsets_for_times(partitions, timeout=10)
+        resolved = retry_transient(lambda: consumer.offsets_for_times(partitions, timeout=10))
         return [
             tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in resolved
         ]

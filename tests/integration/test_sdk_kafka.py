@@ -12,7 +12,7 @@ from plumbing.headers import trace_id
 from plumbing.kafka_clients import header_map, make_consumer, make_producer, produce_sync
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
-from producers.client import Client, now_ms
+from producers.client import Client, now_ms, retry_transient
 from schemas.codec import default_codec
 from tests.conftest import unique
 
@@ -80,9 +80,12 @@ def end_offsets(settings: Settings, topic: str) -> int:
     consumer = make_consumer(settings, unique("g"), "test")
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
-        )
+
+        def high(p: int) -> int:
+            tp = TopicPartition(topic, p)
+            return retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=10))[1]
+
+        return sum(high(p) for p in partitions)
     finally:
         consumer.close()
 

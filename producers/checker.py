@@ -1,0 +1,383 @@
+"""The delivery checker: did every request of a run end exactly once, and is nothing left behind?
+
+Consumes, read-only: ``aigc.completions``, every ``aigc.dlq.<stage>`` (optionally ``aigc.status``, and
+the request topics for `submitted_since`), each from a timestamp or the beginning up to the high
+watermarks captured when the read started, with manually assigned partitions and no committed offsets;
+the ``<ks>.requests`` (and ``requests_by_tenant``) tables; the results and staging buckets under each
+tenant's prefix. Produces a `DeliveryReport`:
+
+- lost: submitted ids with neither a completion nor a dead letter;
+- duplicates: ids with more than one completion (the sink promises exactly one);
+- orphan rows: terminal rows whose completion never appeared;
+- orphan objects: result objects of requests without a SUCCEEDED completion, and staged frames of
+  requests that finished (the sink deletes those once the request is recorded);
+- mismatched: ids whose row and completion disagree on the status.
+
+Used by ``aigc check`` and by the chaos, poison and replay tests. The bounded reader (`BoundedRead`) and
+the dead letter's request id (`dead_letter_ids`) are shared with ``producers.dlq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cassandra.cluster import Session
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+from plumbing.blobs import BlobStore
+from plumbing.errors import DecodeError
+from plumbing.kafka_clients import make_consumer
+from plumbing.metadata import connect
+from plumbing.settings import Settings
+from plumbing.topics import PRIORITIES, Stage, Topics
+from schemas.codec import Codec, default_codec
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+METADATA_TIMEOUT_S = 10.0
+IN_CHUNK = 100  # ids per Cassandra IN query: small partitions fan out fine at this size
+
+
+class BoundedRead:
+    """Iterate over the messages of ``topics`` from ``since_ms`` (or the beginning) up to the high
+    watermarks captured at the start, so the read ends even while producers keep writing.
+
+    Partitions are assigned by hand (no group membership, nothing committed). The consumer reads
+    committed data only; a partition ends at its captured watermark or at the end-of-partition event,
+    which librdkafka raises past transaction markers too (the last offset may be a marker, never a
+    message). Partitions still unfinished after ``timeout_s`` are listed in ``unfinished``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Collection[str],
+        since_ms: int | None = None,
+        timeout_s: float = 30.0,
+        role: str = "checker",
+    ) -> None:
+        self.settings = settings
+        self.topics = list(dict.fromkeys(topics))
+        self.since_ms = since_ms
+        self.timeout_s = timeout_s
+        self.role = role
+        self.unfinished: list[str] = []
+        self.missing_topics: list[str] = []
+
+    def __iter__(self) -> Iterator[Message]:
+        group = f"{self.settings.kafka.client_id}.{self.role}.{uuid.uuid4().hex}"
+        consumer = make_consumer(self.settings, group, self.role, **{"enable.partition.eof": True})
+        try:
+            ends = self._assign(consumer)
+            deadline = time.monotonic() + self.timeout_s
+            while ends and time.monotonic() < deadline:
+                msg = consumer.poll(POLL_S)
+                if msg is None:
+                    continue
+                tp = (str(msg.topic()), int(msg.partition() or 0))
+                end = ends.get(tp)
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF and end is not None:
+                        if (msg.offset() or 0) >= end:
+                            self._done(consumer, ends, tp)
+                    else:
+                        log.warning("%s: %s", self.role, error)
+                    continue
+                offset = msg.offset() or 0
+                if end is None or offset >= end:
+                    continue  # written after the read started
+                yield msg
+                if offset >= end - 1:
+                    self._done(consumer, ends, tp)
+            self.unfinished = [f"{t}:{p}" for t, p in sorted(ends)]
+        finally:
+            consumer.close()
+
+    def _assign(self, consumer: Any) -> dict[tuple[str, int], int]:
+        metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
+        partitions = []
+        for topic in self.topics:
+            meta = metadata.topics.get(topic)
+            if meta is None or meta.error is not None:
+                self.missing_topics.append(topic)
+                continue
+            partitions += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        starts: dict[tuple[str, int], int] = {}
+        if self.since_ms is not None and partitions:
+            wanted = [TopicPartition(tp.topic, tp.partition, self.since_ms) for tp in partitions]
+            for tp in consumer.offsets_for_times(wanted, timeout=METADATA_TIMEOUT_S):
+                starts[(tp.topic, tp.partition)] = tp.offset  # -1: nothing at or after since_ms
+        ends: dict[tuple[str, int], int] = {}
+        assignment = []
+        for tp in partitions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S, cached=False)
+            start = starts.get((tp.topic, tp.partition), low)
+            start = high if start < 0 else max(start, low)
+            if start < high:
+                ends[(tp.topic, tp.partition)] = high
+                assignment.append(TopicPartition(tp.topic, tp.partition, start))
+        if assignment:
+            consumer.assign(assignment)
+        return ends
+
+    @staticmethod
+    def _done(consumer: Any, ends: dict[tuple[str, int], int], tp: tuple[str, int]) -> None:
+        ends.pop(tp, None)
+        consumer.pause([TopicPartition(*tp)])
+
+
+def dead_letter_ids(record: Mapping[str, Any], codec: Codec) -> tuple[str | None, str | None]:
+    """Request and tenant ids of a DeadLetter: its own fields, else from its decodable original value
+    (every pipeline record but the envelopes carries request_id and tenant_id)."""
+    request_id, tenant_id = record.get("request_id"), record.get("tenant_id")
+    if request_id is None or tenant_id is None:
+        try:
+            _, original = codec.decode_any(record.get("value"))
+        except DecodeError:
+            return request_id, tenant_id
+        if request_id is None and isinstance(original.get("request_id"), str):
+            request_id = original["request_id"]
+        if tenant_id is None and isinstance(original.get("tenant_id"), str):
+            tenant_id = original["tenant_id"]
+    return request_id, tenant_id
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    submitted: int
+    terminal: dict[str, int]  # status -> count, one per request id
+    dead_lettered: int  # submitted ids in some aigc.dlq.* and without a completion
+    lost: list[str]  # submitted ids with no completion and no dead letter
+    duplicates: dict[str, int]  # request_id -> completions, only those > 1
+    orphan_rows: list[str]  # terminal rows with no completion on the topic
+    orphan_objects: list[str]  # s3://bucket/key left behind (see the module docstring)
+    mismatched: list[str]  # ids whose row status differs from their completion's
+    undecodable: int = 0  # records skipped on the topics read
+    unfinished: list[str] = field(default_factory=list)  # topic:partition not read to the end in time
+    last_status: dict[str, str] = field(default_factory=dict)  # lost id -> last status event, when read
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, duplicated, orphaned or mismatched, and every topic read to its end."""
+        return not (
+            self.lost
+            or self.duplicates
+            or self.orphan_rows
+            or self.orphan_objects
+            or self.mismatched
+            or self.unfinished
+        )
+
+    def summary(self) -> str:
+        terminal = ", ".join(f"{s} {n}" for s, n in sorted(self.terminal.items())) or "none"
+        lines = [
+            f"delivery check: {'OK' if self.ok else 'NOT OK'}",
+            f"  submitted {self.submitted}; terminal {sum(self.terminal.values())} ({terminal}); "
+            f"dead-lettered {self.dead_lettered}; lost {len(self.lost)}",
+        ]
+
+        def section(title: str, items: list[str]) -> None:
+            lines.append(f"  {title}: {len(items)}")
+            lines.extend(f"    {item}" for item in items[:50])
+            if len(items) > 50:
+                lines.append(f"    ... and {len(items) - 50} more")
+
+        section("lost", [f"{i}  (last status {self.last_status.get(i, '-')})" for i in self.lost])
+        section("duplicated completions", [f"{i}  x{n}" for i, n in sorted(self.duplicates.items())])
+        section("orphan rows (no completion)", self.orphan_rows)
+        section("orphan objects", self.orphan_objects)
+        section("row/completion status mismatches", self.mismatched)
+        if self.unfinished:
+            section("partitions not read to the end (raise the timeout)", self.unfinished)
+        if self.undecodable:
+            lines.append(f"  undecodable records skipped: {self.undecodable}")
+        return "\n".join(lines)
+
+
+def check_delivery(
+    settings: Settings,
+    request_ids: Collection[str],
+    tenants: Collection[str] | None = None,
+    since_ms: int | None = None,
+    timeout_s: float = 30.0,
+    read_status: bool = False,
+) -> DeliveryReport:
+    """Check the delivery of ``request_ids`` (see the module docstring).
+
+    ``tenants``: whose buckets and tenant rows to inspect (default: the tenants seen for the submitted
+    ids). ``since_ms``: where the topic reads start and how far back rows and objects count.
+    """
+    codec = default_codec()
+    topics = Topics(settings)
+    submitted = set(request_ids)
+    deadline = time.monotonic() + timeout_s
+    undecodable = 0
+    unfinished: list[str] = []
+
+    def read(names: list[str]) -> Iterator[dict[str, Any]]:
+        nonlocal undecodable
+        reader = BoundedRead(settings, names, since_ms, max(1.0, deadline - time.monotonic()))
+        for msg in reader:
+            try:
+                yield codec.decode_any(msg.value())[1]
+            except DecodeError:
+                undecodable += 1
+        unfinished.extend(reader.unfinished)
+
+    completions: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in read([topics.completions]):
+        if isinstance(record.get("request_id"), str) and "status" in record:
+            completions[record["request_id"]].append(record)
+    seen_tenants: set[str] = set()
+    dead: set[str] = set()
+    for record in read([topics.dlq(stage) for stage in Stage]):
+        request_id, tenant_id = dead_letter_ids(record, codec)
+        if request_id in submitted:
+            dead.add(request_id)
+            if tenant_id:
+                seen_tenants.add(tenant_id)
+    last_status: dict[str, str] = {}
+    if read_status:
+        for record in read([topics.status]):
+            if record.get("request_id") in submitted and "state" in record:
+                last_status[record["request_id"]] = str(record["state"])
+
+    finished = submitted & completions.keys()
+    seen_tenants |= {completions[i][0]["tenant_id"] for i in finished}
+    terminal = Counter(str(completions[i][0]["status"]) for i in finished)
+    lost = sorted(submitted - finished - dead)
+    duplicates = {i: len(completions[i]) for i in sorted(finished) if len(completions[i]) > 1}
+
+    rows = _rows(settings, submitted, tenants, since_ms, completions)
+    seen_tenants |= {row.tenant_id for row in rows if row.tenant_id and row.request_id in submitted}
+    orphan_rows = sorted(row.request_id for row in rows if row.request_id not in completions)
+    mismatched = sorted(
+        f"{row.request_id}: row {row.status}, completion {completions[row.request_id][0]['status']}"
+        for row in rows
+        if row.request_id in completions and row.status != completions[row.request_id][0]["status"]
+    )
+    objects = _orphan_objects(
+        settings, sorted(set(tenants) if tenants is not None else seen_tenants), since_ms, completions
+    )
+    return DeliveryReport(
+        submitted=len(submitted),
+        terminal=dict(terminal),
+        dead_lettered=len(dead - finished),
+        lost=lost,
+        duplicates=duplicates,
+        orphan_rows=orphan_rows,
+        orphan_objects=objects,
+        mismatched=mismatched,
+        undecodable=undecodable,
+        unfinished=unfinished,
+        last_status={i: last_status[i] for i in lost if i in last_status},
+    )
+
+
+def _rows(
+    settings: Settings,
+    submitted: set[str],
+    tenants: Collection[str] | None,
+    since_ms: int | None,
+    completions: Mapping[str, list[dict[str, Any]]],
+) -> list[Any]:
+    """Terminal rows of the submitted ids, plus (when ``tenants`` is given) every row those tenants
+    created since ``since_ms`` (else since the earliest submitted request seen), via the tenant index."""
+    ks = settings.cassandra.keyspace
+    cluster, session = connect(settings.cassandra)
+    try:
+        ids = set(submitted)
+        if tenants:
+            created = [c[0].get("created_at") or 0 for i, c in completions.items() if i in submitted]
+            start = since_ms if since_ms is not None else min((c for c in created if c), default=None)
+            if start is not None:
+                by_tenant = session.prepare(
+                    f"SELECT request_id FROM {ks}.requests_by_tenant "
+                    "WHERE tenant_id = ? AND month = ? AND created_at >= ?"
+                )
+                begin = datetime.fromtimestamp(start / 1000, tz=UTC)
+                for tenant in tenants:
+                    for month in _months(begin, datetime.now(UTC)):
+                        ids.update(r.request_id for r in session.execute(by_tenant, (tenant, month, begin)))
+        return select_rows(session, ks, ids)
+    finally:
+        cluster.shutdown()
+
+
+def select_rows(session: Session, keyspace: str, request_ids: Collection[str]) -> list[Any]:
+    """``request_id, tenant_id, status`` of the terminal rows of ``request_ids`` (IN queries in chunks)."""
+    select = session.prepare(
+        f"SELECT request_id, tenant_id, status FROM {keyspace}.requests WHERE request_id IN ?"
+    )
+    ordered = sorted(request_ids)
+    rows: list[Any] = []
+    for start in range(0, len(ordered), IN_CHUNK):
+        rows += list(session.execute(select, (ordered[start : start + IN_CHUNK],)))
+    return rows
+
+
+def _months(begin: datetime, end: datetime) -> list[str]:
+    """``YYYY-MM`` partitions of requests_by_tenant from ``begin`` to ``end``, inclusive."""
+    months, year, month = [], begin.year, begin.month
+    while (year, month) <= (end.year, end.month):
+        months.append(f"{year:04d}-{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return months
+
+
+def _orphan_objects(
+    settings: Settings,
+    tenants: list[str],
+    since_ms: int | None,
+    completions: Mapping[str, list[dict[str, Any]]],
+) -> list[str]:
+    succeeded = {i for i, c in completions.items() if any(x["status"] == "SUCCEEDED" for x in c)}
+    # S3 times have whole seconds: compare against the start of since_ms's second.
+    floor = None if since_ms is None else since_ms // 1000 * 1000
+    blobs = BlobStore(settings.s3)
+    orphans = []
+    for tenant in tenants:
+        # <tenant>/<yyyy>/<mm>/<dd>/<request_id>/<file>: the request id is the fifth segment.
+        for key in _keys(blobs, settings.s3.results_bucket, f"{tenant}/", floor):
+            parts = key.split("/")
+            if len(parts) < 6 or parts[4] not in succeeded:
+                orphans.append(f"s3://{settings.s3.results_bucket}/{key}")
+        # <tenant>/<request_id>/frames/<n>.<ext>: staged frames outlive their request only by mistake.
+        for key in _keys(blobs, settings.s3.staging_bucket, f"{tenant}/", floor):
+            parts = key.split("/")
+            if len(parts) >= 4 and parts[2] == "frames" and parts[1] in completions:
+                orphans.append(f"s3://{settings.s3.staging_bucket}/{key}")
+    return sorted(orphans)
+
+
+def _keys(blobs: BlobStore, bucket: str, prefix: str, since_ms: int | None) -> Iterator[str]:
+    for page in blobs.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if since_ms is None or obj["LastModified"].timestamp() * 1000 >= since_ms:
+                yield obj["Key"]
+
+
+def submitted_since(
+    settings: Settings, since_ms: int, tenants: Collection[str] | None = None, timeout_s: float = 30.0
+) -> set[str]:
+    """Request ids found on the request topics since ``since_ms`` (of ``tenants``, when given)."""
+    codec = default_codec()
+    topics = Topics(settings)
+    wanted = set(tenants) if tenants else None
+    ids = set()
+    for msg in BoundedRead(settings, [topics.requests(p) for p in PRIORITIES], since_ms, timeout_s):
+        try:
+            request = codec.decode(msg.value(), "GenerationRequest")
+        except DecodeError:
+            continue  # poison: the gatekeeper dead-letters it without an id to follow
+        if wanted is None or request["tenant_id"] in wanted:
+            ids.add(request["request_id"])
+    return ids
