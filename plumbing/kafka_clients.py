@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 from plumbing.errors import DeliveryError
 from plumbing.headers import Headers
 from plumbing.settings import Settings
+from plumbing.topics import MAX_ENVELOPE_BYTES
 
 # librdkafka's own log lines go through Python logging (stage logs, pytest capture) instead of raw stderr.
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
@@ -38,7 +39,7 @@ def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
         "compression.type": "lz4",
         # Java clients' partitioner, so keys land on the same partitions whoever produces them.
         "partitioner": "murmur2_random",
-        "message.max.bytes": 4 * 1024 * 1024,
+        "message.max.bytes": MAX_ENVELOPE_BYTES,
     }
     conf.update(overrides)
     return Producer(conf)

@@ -12,6 +12,14 @@ from enum import StrEnum
 from plumbing.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
+MIB = 1024 * 1024
+# The largest message a producer may send, and so the largest request a topic accepts. A request with a
+# multi-megabyte prompt must reach the gatekeeper (which rejects it for its length) rather than fail at
+# the producer with no answer.
+MAX_REQUEST_BYTES = 8 * MIB
+# A dead letter or retry envelope carries a whole original message, its key and its headers (twice, as
+# fields and as headers): twice the largest request, with room to spare.
+MAX_ENVELOPE_BYTES = 20 * MIB
 
 
 class Priority(StrEnum):
@@ -107,9 +115,7 @@ class Topics:
                     "GenerationRequest",
                     "tenant_id",
                     k.request_partitions,
-                    # 8 MiB: a request with a multi-megabyte prompt must reach the gatekeeper (which
-                    # rejects it for its length) instead of failing at the producer with no answer.
-                    {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(8 * 1024 * 1024)},
+                    {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(MAX_REQUEST_BYTES)},
                     f"{p.value} priority requests from producers",
                 )
             )
@@ -180,7 +186,7 @@ class Topics:
                         "RetryEnvelope",
                         "original key",
                         k.partitions,
-                        {"retention.ms": str(DAY_MS)},
+                        {"retention.ms": str(DAY_MS), "max.message.bytes": str(MAX_ENVELOPE_BYTES)},
                         f"{stage.value} work waiting {_delay_label(delay)} before its next attempt",
                     )
                 )
@@ -190,7 +196,7 @@ class Topics:
                     "DeadLetter",
                     "original key",
                     k.partitions,
-                    {"retention.ms": str(30 * DAY_MS)},
+                    {"retention.ms": str(30 * DAY_MS), "max.message.bytes": str(MAX_ENVELOPE_BYTES)},
                     f"{stage.value} work that failed for good, for operators to inspect and replay",
                 )
             )

@@ -84,7 +84,7 @@ def validate_request(
     scheduler = request.get("scheduler")
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValidationError(
-            "scheduler", f"must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}"
+            "scheduler", f"must be one of {', '.join(sorted(SCHEDULERS))}, got {str(scheduler)[:80]!r}"
         )
     video = request.get("video")
     fmt = request.get("output_format")

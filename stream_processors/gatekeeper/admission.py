@@ -4,7 +4,8 @@ Consumes: a message from ``aigc.requests.<priority>`` (raw bytes and headers), t
 request_id and the rate-limit state of its tenant. Produces an `Admission`: the messages to send and the
 table entries to store; the faust agent only carries them out. In order:
 
-1. decode: undecodable bytes are dead-lettered untouched (``aigc.dlq.gatekeeper``);
+1. decode: undecodable bytes are dead-lettered untouched (``aigc.dlq.gatekeeper``), and so is a request
+   whose request_id is not a valid id (it could not be answered or recorded under it);
 2. dedupe: a request_id seen within the window at another offset is dropped (no second result); the same
    offset seen again is a redelivery after a crash and is decided again, with the decision it had;
 3. validate: bounds, ids, model; a broken rule is REJECTED with a reason code naming the field;
@@ -28,13 +29,15 @@ from typing import Any
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError, ValidationError
 from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
-from plumbing.settings import Settings
+from plumbing.settings import RequestLimits, Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import Codec
 from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
 from stream_processors.gatekeeper import ratelimit
 from stream_processors.gatekeeper.fanout import plan_tasks
 from stream_processors.gatekeeper.moderation import Moderator
+
+MAX_MESSAGE_CHARS = 1000  # longest human-readable message a decision carries
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,15 @@ class Gate:
     ) -> Admission:
         try:
             request = self.codec.decode(original.value, "GenerationRequest")
-        except DecodeError as exc:
+            if not ID_PATTERN.fullmatch(request["request_id"]):
+                # Its id would key the Completion, the Cassandra row and the S3 keys: a request that has
+                # no usable id cannot be answered, so it goes to the operators, bytes intact.
+                raise ValidationError(
+                    "request_id",
+                    "must match ^[A-Za-z0-9_-]{1,64}$; the request cannot be answered under this id",
+                    code="INVALID_REQUEST_ID",
+                )
+        except (DecodeError, ValidationError) as exc:
             value, headers = dead_letter(
                 self.codec, original, Failure.of(Stage.GATEKEEPER, exc, 1, now_ms, now_ms)
             )
@@ -180,7 +191,7 @@ class Gate:
                 "assemble_ms": 0,
                 "total_ms": max(0, now_ms - created_at) if created_at else 0,
             },
-            "labels": request.get("labels") or {},
+            "labels": _echoed_labels(request.get("labels"), self.settings.limits),
             "created_at": created_at,
             "finished_at": now_ms,
         }
@@ -265,6 +276,18 @@ class Gate:
         )
 
 
+def _echoed_labels(labels: Any, limits: RequestLimits) -> dict[str, str]:
+    """The request's labels as its Completion echoes them: all of them when they keep the request limits,
+    none otherwise. A rejected request's labels may never have been checked, and megabytes of them would
+    make a decision larger than the gatekeeper's producer sends (about 1 MB: the worker crashes on it)."""
+    labels = labels or {}
+    if len(labels) > limits.max_labels or any(
+        len(k) > limits.max_label_chars or len(v) > limits.max_label_chars for k, v in labels.items()
+    ):
+        return {}
+    return dict(labels)
+
+
 def _echoed_created_at(value: Any, now_ms: int) -> int:
     """The request's created_at as its Completion echoes it, or 0 when it is not a plausible epoch-ms time.
 
@@ -278,5 +301,9 @@ def _echoed_created_at(value: Any, now_ms: int) -> int:
 
 
 def _decision(status: str, reason: str, message: str, validated: bool = True, **extra: Any) -> dict[str, Any]:
-    """A terminal decision as stored in the ``seen`` entry, so a redelivery can replay it."""
+    """A terminal decision as stored in the ``seen`` entry, so a redelivery can replay it.
+
+    The message is cut to MAX_MESSAGE_CHARS: some validation messages quote the offending value, which
+    may be megabytes long (a scheduler name), and the decision must stay small enough to send."""
+    message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
     return {"status": status, "reason_code": reason, "message": message, "validated": validated, **extra}

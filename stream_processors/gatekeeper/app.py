@@ -32,7 +32,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
-from plumbing.topics import PRIORITIES, Stage, Topics
+from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
@@ -74,6 +74,8 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
         topic_replication_factor=settings.kafka.replication_factor,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_request_size=MAX_ENVELOPE_BYTES,  # a dead letter carries a whole request
+        consumer_max_fetch_size=MAX_ENVELOPE_BYTES,
         producer_linger=0.002,
         stream_buffer_maxsize=conf.stream_buffer_maxsize,
         broker_commit_interval=conf.commit_interval_s,
@@ -122,9 +124,17 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
                 expiry.track(msg.partition, admission.request_id, clock)
             if admission.bucket is not None and admission.tenant_id:
                 buckets[admission.tenant_id] = admission.bucket
-            for out in admission.outputs:
-                topic = outputs.get(out.topic) or outputs.setdefault(out.topic, app.topic(out.topic))
-                await topic.send(key=out.key, value=out.value, headers=cast(Any, out.headers))
+            try:
+                for out in admission.outputs:
+                    topic = outputs.get(out.topic) or outputs.setdefault(out.topic, app.topic(out.topic))
+                    await topic.send(key=out.key, value=out.value, headers=cast(Any, out.headers))
+            except Exception:
+                log.critical(
+                    "could not send the outputs of %s; exiting so it is redelivered",
+                    original.origin,
+                    exc_info=True,
+                )
+                os._exit(70)
             if admission.verdict == "DEAD_LETTERED":
                 log.warning(
                     "dead-lettered %s:%s:%s (%s)", msg.topic, msg.partition, msg.offset, admission.reason

@@ -240,11 +240,16 @@ def test_an_invalid_request_is_rejected_naming_the_field(
     assert tables.buckets == {}
 
 
-def test_an_invalid_request_id_is_rejected_and_not_remembered() -> None:
+@pytest.mark.parametrize("bad", ["not valid!", "", "../etc/passwd", "x" * 70_000, "ｒｅｑ"])
+def test_a_request_without_a_usable_id_is_dead_lettered_intact_and_not_remembered(bad: str) -> None:
     tables = Tables()
-    admission = tables.admit(make_gate(), original(request(request_id="not valid!")))
-    assert admission.verdict == "REJECTED"
+    message = original(request(request_id=bad))
+    admission = tables.admit(make_gate(), message)
+    assert admission.verdict == "DEAD_LETTERED"
     assert admission.reason == "INVALID_REQUEST_ID"
+    [out] = admission.outputs
+    assert out.topic == TOPICS.dlq(Stage.GATEKEEPER)
+    assert codec.decode(out.value, "DeadLetter")["value"] == message.value
     assert tables.seen == {}
 
 
