@@ -30,6 +30,7 @@ from plumbing.settings import Settings
 STOP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 25
 _PR_SET_PDEATHSIG = 1
+_exit_codes: dict[int, int] = {}  # children reaped by _exited, for error messages
 
 
 class InfraError(RuntimeError):
@@ -107,10 +108,11 @@ def _start(service: Service, attached: bool) -> int:
 def _wait_ready(service: Service, pid: int, deadline: float) -> float:
     started = time.monotonic()
     while time.monotonic() < deadline:
-        if owned_pid(service) is None or _exited(pid):
+        if _exited(pid):
+            code = _exit_codes.get(pid, "unknown")
             raise InfraError(
-                f"{service.name} died while starting; last lines of {service.log_file}:\n"
-                f"{log_tail(service.log_file)}"
+                f"{service.name} (pid {pid}) exited with status {code} while starting; "
+                f"last lines of {service.log_file}:\n{log_tail(service.log_file)}"
             )
         if service.ready():
             return time.monotonic() - started
@@ -124,8 +126,9 @@ def _wait_ready(service: Service, pid: int, deadline: float) -> float:
 def _exited(pid: int) -> bool:
     """Reap ``pid`` if it is our exited child; True when it is gone."""
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
         if done == pid:
+            _exit_codes[pid] = os.waitstatus_to_exitcode(status)
             return True
     except ChildProcessError:
         pass  # not our child (started by an earlier `aigc infra up`)

@@ -27,7 +27,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -47,7 +47,7 @@ from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
-from stream_processors.assembler.store import AssemblyStore, FrameRow, output_rows, ts
+from stream_processors.assembler.store import AssemblyStore, FrameRow, as_values, output_rows, ts
 
 log = logging.getLogger(__name__)
 TOPIC_REFRESH_S = 30.0
@@ -256,15 +256,20 @@ class Sink:
             )
             for b in fr["blobs"]
         ]
+        row = self.store.terminal(request_id)
+        if row is not None:
+            # Finished already. Its staged frames may be gone (deleted before an aborted commit), so
+            # nothing is assembled again: if this very input decided it, its transaction never
+            # committed and it publishes the stored result again; any other input is surplus.
+            chores.delete(f.key for f in [*arrived, *self.store.frames(request_id)])
+            if row.decided_by != origin:
+                return []
+            self._index(as_values(row), chores)
+            return self._publish(row, msg, fr.get("reply_topic"))
         # One message carrying every frame (any one-task request) needs no bookkeeping in the frames table.
         whole = len({f.frame_index for f in arrived}) == fr["frame_count"]
         if not whole:
             self.store.add_frames(request_id, arrived)
-            if self.store.terminal(request_id) is not None:
-                # A re-rendered task of a finished request: its staged copies are surplus.
-                chores.delete(f.key for f in arrived)
-                return []
-        # (A one-message request skips that read: its write-once insert settles a late duplicate below.)
         frames = arrived if whole else self.store.frames(request_id)
         if len({f.frame_index for f in frames}) < fr["frame_count"]:
             return []
@@ -339,19 +344,27 @@ class Sink:
         chores.delete(
             f.key for f in (staged if staged is not None else self.store.frames(values["request_id"]))
         )
-        if written.applied:
-            if ID_PATTERN.fullmatch(values["tenant_id"] or ""):
-                # (A rejected request's tenant may be any string: the history lists valid tenants only.)
-                chores.write(self.store.index_by_tenant_async(values))
-        elif written.row.decided_by != origin:
+        if not written.applied and written.row.decided_by != origin:
             log.info(
                 "%s is already %s; %s publishes nothing", values["request_id"], written.row.status, origin
             )
             return []
-        completion = completion_from_row(written.row, self.blobs, self.settings.s3.presign_ttl_s)
+        # Written now, or by this input before its transaction aborted (then the index row may be missing).
+        self._index(values, chores)
+        return self._publish(written.row, msg, reply_topic)
+
+    def _index(self, values: Mapping[str, Any], chores: Chores) -> None:
+        """The tenant's history row (an idempotent insert); a rejected request's tenant may be any string,
+        and the history lists valid tenants only."""
+        if ID_PATTERN.fullmatch(values["tenant_id"] or ""):
+            chores.write(self.store.index_by_tenant_async(values))
+
+    def _publish(self, row: Any, msg: Message, reply_topic: str | None) -> list[Out]:
+        """The Completion of a terminal row, for the completions topic and the request's reply topic."""
+        completion = completion_from_row(row, self.blobs, self.settings.s3.presign_ttl_s)
         value = self.codec.encode("Completion", completion)
-        headers = continue_headers(header_map(msg), values["request_id"], values["tenant_id"])
-        key = values["request_id"].encode()
+        headers = continue_headers(header_map(msg), row.request_id, row.tenant_id)
+        key = row.request_id.encode()
         out: list[Out] = [(self.topics.completions, key, value, headers)]
         if reply_topic and self._topic_exists(reply_topic):
             out.append((reply_topic, key, value, headers))
@@ -359,7 +372,7 @@ class Sink:
             log.warning(
                 "reply topic %s of %s does not exist; the completion went to %s only",
                 reply_topic,
-                values["request_id"],
+                row.request_id,
                 self.topics.completions,
             )
         return out

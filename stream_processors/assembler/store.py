@@ -8,7 +8,7 @@ row, never by retrying blindly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -175,7 +175,7 @@ class AssemblyStore:
             return TerminalWrite(True, _Row(values))
         return TerminalWrite(False, result)
 
-    def index_by_tenant_async(self, values: dict[str, Any]) -> ResponseFuture:
+    def index_by_tenant_async(self, values: Mapping[str, Any]) -> ResponseFuture:
         created: datetime = values["created_at"] or values["finished_at"]
         return self.session.execute_async(
             self._by_tenant,
@@ -205,6 +205,11 @@ class _Row:
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update({column: values.get(column) for column in REQUEST_COLUMNS})
+
+
+def as_values(row: Any) -> dict[str, Any]:
+    """A terminal row (from the driver, or the values just written) as column -> value."""
+    return {column: getattr(row, column, None) for column in REQUEST_COLUMNS}
 
 
 def output_rows(outputs: Sequence[dict[str, Any]]) -> list[OutputRow]:

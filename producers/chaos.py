@@ -1,0 +1,240 @@
+"""`aigc chaos`: kill every stage and restart the broker while requests flow, then account for every request.
+
+The pipeline's real stage processes run under the supervisor on their own topic prefix and keyspace
+(the synthetic backend renders, so hundreds of requests fit in minutes). A workload of images and
+videos at every priority is submitted over the run; on a schedule drawn from one seed (printed, so a
+failure can be replayed with ``--seed``) every stage process is killed with SIGKILL several times and
+restarted by the supervisor, and the broker is stopped and started again. When the workload and the
+faults are over, the run waits for the pipeline to drain and the delivery checker reports lost
+requests, duplicate completions and orphans. Exit status 0 only when all three are zero.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.bootstrap import bootstrap
+from infra.launcher import down, status, up
+from plumbing.errors import DeliveryError
+from plumbing.settings import Settings, Tier
+from plumbing.supervisor import Supervisor, pipeline_stages
+from producers.checker import DeliveryReport, check_delivery
+from producers.client import Client, now_ms
+
+DRAIN_TIMEOUT_S = 300.0
+CHECK_EVERY_S = 5.0
+# A run's tenants are its own (results live under their S3 prefixes) and unthrottled: after a broker
+# outage the submitter sends what fell due meanwhile in a burst, which rate limits would rightly refuse.
+UNTHROTTLED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    requests: int = 200
+    duration_s: float = 90.0  # submissions and faults happen within this window
+    kills_per_stage: int = 3
+    broker_restarts: int = 2
+    renderers: int = 2
+    synthetic_ms: float = 20.0
+    seed: int = field(default_factory=lambda: random.SystemRandom().randrange(1_000_000))
+
+
+def tenants(plan: ChaosPlan) -> tuple[str, ...]:
+    return tuple(f"chaos-{plan.seed}-{name}" for name in "abc")
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    target: str  # a stage process name, or "broker"
+
+
+@dataclass
+class ChaosReport:
+    plan: ChaosPlan
+    submitted: list[str]
+    kills: dict[str, int]
+    broker_restarts: int
+    drain_s: float | None  # from the last fault to the last request accounted for
+    delivery: DeliveryReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.delivery is not None and self.delivery.ok
+
+    def summary(self) -> str:
+        lines = [
+            f"seed {self.plan.seed}: {len(self.submitted)} requests, "
+            + ", ".join(f"{name} killed {n}x" for name, n in sorted(self.kills.items()))
+            + f", broker restarted {self.broker_restarts}x",
+            f"drained {self.drain_s:.1f} s after the last fault"
+            if self.drain_s is not None
+            else "did not drain",
+        ]
+        if self.delivery is not None:
+            lines.append(self.delivery.summary())
+        return "\n".join(lines)
+
+
+def schedule(plan: ChaosPlan, stages: list[str]) -> list[Fault]:
+    """The fault schedule of ``plan``: deterministic given its seed."""
+    rng = random.Random(plan.seed)
+    window = (0.05 * plan.duration_s, 0.85 * plan.duration_s)
+    faults = [Fault(rng.uniform(*window), stage) for stage in stages for _ in range(plan.kills_per_stage)]
+    faults += [Fault(rng.uniform(*window), "broker") for _ in range(plan.broker_restarts)]
+    return sorted(faults, key=lambda f: f.at_s)
+
+
+def workload(plan: ChaosPlan, model: str) -> list[tuple[float, dict[str, Any]]]:
+    """(submit time in seconds, request fields) for the run: images and videos at every priority."""
+    rng = random.Random(plan.seed + 1)
+    items = []
+    for i in range(plan.requests):
+        fields: dict[str, Any] = {
+            "request_id": f"chaos-{plan.seed}-{i}",
+            "tenant_id": rng.choice(tenants(plan)),
+            "priority": rng.choice(("HIGH", "NORMAL", "LOW")),
+            "prompt": f"chaos test {i}",
+            "model": model,
+            "width": 64,
+            "height": 64,
+            "steps": 4,
+            "guidance_scale": 7.5,
+        }
+        if rng.random() < 0.3:
+            fields["video"] = {"num_frames": rng.choice((4, 6, 8)), "fps": 8}
+        else:
+            fields["num_images"] = rng.choice((1, 2))
+        items.append((rng.uniform(0, 0.9 * plan.duration_s), fields))
+    return sorted(items, key=lambda item: item[0])
+
+
+def chaos_settings(settings: Settings, plan: ChaosPlan) -> Settings:
+    """The run's own topic prefix, keyspace and gatekeeper group: it shares the services, nothing else."""
+    tag = f"{plan.seed}{uuid.uuid4().hex[:4]}"
+    return settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(update={"topic_prefix": f"chaos{tag}"}),
+            "cassandra": settings.cassandra.model_copy(update={"keyspace": f"chaos_{tag}"}),
+            "gatekeeper": settings.gatekeeper.model_copy(
+                update={
+                    "app_id": f"chaos-{tag}-gatekeeper",
+                    "tiers": {**settings.gatekeeper.tiers, "chaos": UNTHROTTLED},
+                    "tenant_tiers": {
+                        **settings.gatekeeper.tenant_tiers,
+                        **dict.fromkeys(tenants(plan), "chaos"),
+                    },
+                }
+            ),
+        }
+    )
+
+
+def run_chaos(
+    settings: Settings, plan: ChaosPlan, echo: Callable[[str], None] = print, attached: bool = False
+) -> ChaosReport:
+    echo(f"chaos seed {plan.seed} (replay with --seed {plan.seed})")
+    was_running = all(s.ready for s in status(settings))
+    up(settings, attached=attached, echo=lambda _: None)
+    run = chaos_settings(settings, plan)
+    bootstrap(run, echo=lambda _: None)
+    stages = pipeline_stages(run, plan.renderers, plan.synthetic_ms)
+    supervisor = Supervisor(stages, run.to_env(), run.home / "logs" / run.kafka.topic_prefix,
+                            echo=lambda line: echo(f"  {line}"), max_backoff_s=1.0)  # fmt: skip
+    faults = schedule(plan, [s.name for s in stages])
+    echo("faults: " + ", ".join(f"{f.target}@{f.at_s:.0f}s" for f in faults))
+    report = ChaosReport(plan, [], dict.fromkeys([s.name for s in stages], 0), 0, None)
+    supervisor.start()
+    try:
+        if not supervisor.wait_ready(240):
+            raise RuntimeError(f"the pipeline did not start; logs in {supervisor.log_dir}")
+        started = now_ms()
+        submitter = threading.Thread(target=_submit_all, args=(run, plan, report, echo), daemon=True)
+        t0 = time.monotonic()
+        submitter.start()
+        last_fault = t0
+        for fault in faults:
+            while time.monotonic() - t0 < fault.at_s:
+                supervisor.poll()
+                time.sleep(0.1)
+            if fault.target == "broker":
+                _restart_broker(settings, supervisor, echo, attached)
+                report.broker_restarts += 1
+            else:
+                _kill(supervisor, fault.target, echo)
+                report.kills[fault.target] += 1
+            last_fault = time.monotonic()
+        while submitter.is_alive():
+            supervisor.poll()
+            time.sleep(0.1)
+        report.drain_s, report.delivery = _drain(run, report, supervisor, last_fault, started, echo)
+        return report
+    finally:
+        supervisor.stop()
+        if not was_running:
+            down(settings, echo=lambda _: None)
+
+
+def _submit_all(run: Settings, plan: ChaosPlan, report: ChaosReport, echo: Callable[[str], None]) -> None:
+    t0 = time.monotonic()
+    with Client(run) as client:
+        for at_s, fields in workload(plan, next(iter(run.models))):
+            time.sleep(max(0.0, at_s - (time.monotonic() - t0)))
+            while True:  # the broker may be down: a request counts once the broker acknowledged it
+                try:
+                    client.submit(fields, timeout_s=10)
+                    report.submitted.append(fields["request_id"])
+                    break
+                except DeliveryError as exc:
+                    echo(f"  submit of {fields['request_id']} not acknowledged ({exc}); trying again")
+                    time.sleep(1.0)
+
+
+def _kill(supervisor: Supervisor, name: str, echo: Callable[[str], None]) -> None:
+    for _ in range(100):  # if it is between a crash and its restart, wait for it to be back
+        if name in supervisor.alive():
+            supervisor.signal(name, signal.SIGKILL)
+            echo(f"  SIGKILL {name}")
+            return
+        supervisor.poll()
+        time.sleep(0.1)
+
+
+def _restart_broker(
+    settings: Settings, supervisor: Supervisor, echo: Callable[[str], None], attached: bool
+) -> None:
+    echo("  stopping the broker")
+    down(settings, only=["kafka"], echo=lambda _: None)
+    pause = time.monotonic() + 3.0
+    while time.monotonic() < pause:
+        supervisor.poll()
+        time.sleep(0.1)
+    up(settings, only=["kafka"], attached=attached, echo=lambda _: None)
+    echo("  broker back")
+
+
+def _drain(
+    run: Settings, report: ChaosReport, supervisor: Supervisor, last_fault: float, since_ms: int,
+    echo: Callable[[str], None],
+) -> tuple[float | None, DeliveryReport]:  # fmt: skip
+    """Wait until every submitted request is accounted for; the checker's final report."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        supervisor.poll()
+        delivery = check_delivery(run, report.submitted, tenants(report.plan), since_ms=since_ms)
+        if not delivery.lost:
+            return time.monotonic() - last_fault, delivery
+        if time.monotonic() > deadline:
+            return None, delivery
+        echo(f"  {len(delivery.lost)} request(s) not finished yet")
+        pause = time.monotonic() + CHECK_EVERY_S
+        while time.monotonic() < pause:
+            supervisor.poll()
+            time.sleep(0.2)
