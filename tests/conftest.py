@@ -41,6 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         if "e2e" in path.parts:
             item.add_marker(pytest.mark.e2e)
+        if "chaos" in path.parts:
+            item.add_marker(pytest.mark.chaos)
 
 
 def unique(prefix: str = "t") -> str:
