@@ -79,7 +79,7 @@ class Renderer:
             # range splits each priority topic across the group: every renderer sees every class (sticky
             # assignors balance partition counts over all topics, leaving a class on one member).
             # Static membership keeps restarts from triggering its stop-the-world rebalances.
-            **{"max.poll.interval.ms": 300_000, "partition.assignment.strategy": "range"},
+            **{"max.poll.interval.ms": conf.max_poll_interval_ms, "partition.assignment.strategy": "range"},
         )
         self.producer = make_producer(settings, f"renderer.{pool}")
         self.blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)

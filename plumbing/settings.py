@@ -165,6 +165,9 @@ class RendererSettings(_Section):
     )
     device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda when present")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long a running batch may finish")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=10_000, description="consumer max.poll.interval.ms (renders may last longer: polling goes on)"
+    )
     cpu_threads: int = Field(
         1, ge=1, description="torch threads when rendering on CPU (1 leaves cores to Kafka and friends)"
     )

@@ -13,7 +13,9 @@ SEED = 20261123  # fixed in CI; a failure prints it for `aigc chaos --seed`
 
 
 def test_nothing_is_lost_or_duplicated_when_stages_and_the_broker_die(infra: Settings):
-    plan = ChaosPlan(requests=40, duration_s=30.0, kills_per_stage=1, broker_restarts=1, renderers=1, seed=SEED)
+    plan = ChaosPlan(
+        requests=40, duration_s=30.0, kills_per_stage=1, broker_restarts=1, renderers=1, seed=SEED
+    )
     report = run_chaos(infra, plan, echo=print, attached=True)
     print(report.summary())
     assert report.delivery is not None, "no delivery report"

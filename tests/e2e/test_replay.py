@@ -30,7 +30,7 @@ def pipeline(settings: Settings, renderer_models: str) -> Supervisor:
         dataclasses.replace(s, env={**s.env, "AIGC_MODELS": renderer_models}) if s.verb[0] == "render" else s
         for s in pipeline_stages(settings, renderers=1, synthetic_ms=5.0)
     ]
-    supervisor = Supervisor(stages, settings.to_env(), settings.home / "logs", echo=lambda line: print(line))
+    supervisor = Supervisor(stages, settings.to_env(), settings.home / "logs", echo=print)
     supervisor.start()
     assert supervisor.wait_ready(READY_TIMEOUT_S), f"pipeline not ready; logs in {settings.home / 'logs'}"
     return supervisor
@@ -39,25 +39,38 @@ def pipeline(settings: Settings, renderer_models: str) -> Supervisor:
 def test_dead_letters_of_a_broken_stage_are_replayed_exactly_once(infra: Settings, tmp_path: Path):
     tag = uuid.uuid4().hex[:8]
     synthetic = ModelSpec(path=Path("/synthetic"), backend="synthetic")
-    settings = infra.model_copy(update={
-        "home": tmp_path,
-        "kafka": infra.kafka.model_copy(update={"topic_prefix": f"replay{tag}"}),
-        "cassandra": infra.cassandra.model_copy(update={"keyspace": f"replay_{tag}"}),
-        "gatekeeper": infra.gatekeeper.model_copy(update={"app_id": f"replay-{tag}-gatekeeper"}),
-        "models": {"synth": synthetic},
-    })  # fmt: skip
+    settings = infra.model_copy(
+        update={
+            "home": tmp_path,
+            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"replay{tag}"}),
+            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"replay_{tag}"}),
+            "gatekeeper": infra.gatekeeper.model_copy(update={"app_id": f"replay-{tag}-gatekeeper"}),
+            "models": {"synth": synthetic},
+        }
+    )
     bootstrap(settings, echo=lambda _: None)
     topics = Topics(settings)
-    fields = dict(tenant_id="replayer", prompt="a replayed lantern", model="synth", width=64, height=64, steps=2,
-                  guidance_scale=7.5)  # fmt: skip
+    fields = dict(
+        tenant_id="replayer",
+        prompt="a replayed lantern",
+        model="synth",
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=7.5,
+    )
 
     # 1. The broken renderer knows the model under another name: every task is dead-lettered.
     broken = pipeline(settings, '{"synth-v2": {"path": "/synthetic", "backend": "synthetic"}}')
     try:
         with Client(settings) as client:
             ids = {client.submit(**fields, request_id=f"rp-{tag}-{i}") for i in range(REQUESTS)}
-        letters = collect(settings, [topics.dlq(Stage.RENDERER)], lambda r: r["request_id"] in ids,
-                          lambda found: len(found) >= REQUESTS)  # fmt: skip
+        letters = collect(
+            settings,
+            [topics.dlq(Stage.RENDERER)],
+            lambda r: r["request_id"] in ids,
+            lambda found: len(found) >= REQUESTS,
+        )
         assert {r["request_id"] for r in letters} == ids
         assert {r["error_code"] for r in letters} == {"UNKNOWN_MODEL"}
     finally:

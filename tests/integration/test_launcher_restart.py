@@ -14,7 +14,9 @@ def test_a_service_restarts_at_once_after_it_was_stopped(tmp_path: Path):
     settings = Settings.load(
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:39392"),
         s3=S3Settings(endpoint_url="http://127.0.0.1:39300"),
-        infra=InfraSettings(run_dir=tmp_path / "run", lib_dir=REPO / "infra" / "lib", kafka_controller_port=39393),
+        infra=InfraSettings(
+            run_dir=tmp_path / "run", lib_dir=REPO / "infra" / "lib", kafka_controller_port=39393
+        ),
     )
     try:
         up(settings, attached=True, only=["s3proxy"], echo=lambda _: None)

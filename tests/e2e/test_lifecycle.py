@@ -1,0 +1,154 @@
+"""Lifecycle on the real stack: cancellation mid-render, deadlines in the queue, state across a restart,
+and renders that outlast the consumer's poll interval.
+
+One synthetic renderer renders 12 s per frame in 24 steps (0.5 s a step) with max.poll.interval.ms at
+10 s, so every render here outlasts the poll interval, and cancellation is honoured between steps.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.bootstrap import bootstrap
+from plumbing.settings import ModelSpec, Settings, Tier
+from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.topics import Topics
+from producers.client import Client, now_ms
+from tests.e2e.conftest import collect, completions_of
+
+SERVICE_MS = 12_000.0
+STEPS = 24
+READY_TIMEOUT_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def slow(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Supervisor]]:
+    tag = uuid.uuid4().hex[:8]
+    settings = infra.model_copy(
+        update={
+            "home": tmp_path_factory.mktemp("lifecycle"),
+            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"life{tag}"}),
+            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"life_{tag}"}),
+            "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic", max_batch=1)},
+            "gatekeeper": infra.gatekeeper.model_copy(
+                update={
+                    "app_id": f"life-{tag}-gatekeeper",
+                    "tiers": {"standard": Tier(), "one": Tier(requests_per_s=0.001, request_burst=1)},
+                    "tenant_tiers": {"one-at-a-time": "one"},
+                }
+            ),
+            "renderer": infra.renderer.model_copy(
+                update={"max_poll_interval_ms": 10_000, "progress_interval_s": 0.5}
+            ),
+        }
+    )
+    bootstrap(settings, echo=lambda _: None)
+    supervisor = Supervisor(
+        pipeline_stages(settings, renderers=1, synthetic_ms=SERVICE_MS),
+        settings.to_env(),
+        settings.home / "logs",
+        echo=print,
+    )
+    supervisor.start()
+    try:
+        assert supervisor.wait_ready(READY_TIMEOUT_S), f"not ready; logs in {settings.home / 'logs'}"
+        yield settings, supervisor
+    finally:
+        supervisor.stop()
+
+
+def image(**extra):
+    return {
+        "tenant_id": "life",
+        "prompt": "a slow lantern",
+        "model": "synth",
+        "width": 64,
+        "height": 64,
+        "steps": STEPS,
+        "guidance_scale": 7.5,
+        "request_id": f"lf-{uuid.uuid4().hex[:10]}",
+        **extra,
+    }
+
+
+def wait_running(settings: Settings, request_id: str) -> None:
+    found = collect(
+        settings,
+        [Topics(settings).status],
+        lambda r: r["request_id"] == request_id and r["state"] == "RUNNING",
+        lambda found: len(found) >= 1,
+        timeout_s=60,
+        idle_s=0,
+    )
+    assert found, f"{request_id} never started rendering"
+
+
+def test_a_render_longer_than_the_poll_interval_finishes_once(slow):
+    settings, _ = slow
+    with Client(settings) as client:
+        request_id = client.submit(**image())
+    [completion] = completions_of(settings, {request_id})
+    assert completion["status"] == "SUCCEEDED"
+    assert completion["timings"]["render_ms"] >= SERVICE_MS * 0.9
+    frames = collect(
+        settings, [Topics(settings).frames], lambda r: r["request_id"] == request_id, lambda _: True
+    )
+    assert len(frames) == 1  # rendered once: no rebalance handed the task to a second render
+
+
+def test_cancellation_stops_a_render_between_two_steps(slow):
+    settings, _ = slow
+    with Client(settings) as client:
+        request_id = client.submit(**image())
+        wait_running(settings, request_id)
+        cancelled_at = time.monotonic()
+        client.cancel(request_id, "life", "changed my mind")
+    [completion] = completions_of(settings, {request_id})
+    assert (completion["status"], completion["reason_code"]) == ("CANCELLED", "CANCELLED")
+    assert time.monotonic() - cancelled_at < SERVICE_MS / 1000 / 2  # well before the render would end
+
+
+def test_a_deadline_that_passes_in_the_queue_expires_without_rendering(slow):
+    settings, _ = slow
+    with Client(settings) as client:
+        blocker = client.submit(**image())
+        wait_running(settings, blocker)
+        late = client.submit(**image(deadline_ms=now_ms() + 2_000))
+        [completion] = completions_of(settings, {late})
+        client.cancel(blocker, "life")
+    assert (completion["status"], completion["reason_code"]) == ("EXPIRED", "DEADLINE_EXCEEDED")
+    frames = collect(settings, [Topics(settings).frames], lambda r: r["request_id"] == late, lambda _: True)
+    assert [f["outcome"] for f in frames] == ["EXPIRED"]  # answered by the renderer, never rendered
+
+
+def test_rate_limit_state_survives_a_gatekeeper_restart(slow):
+    settings, supervisor = slow
+    with Client(settings) as client:
+        first = client.submit(**image(tenant_id="one-at-a-time"))
+        accepted = collect(
+            settings,
+            [Topics(settings).status],
+            lambda r: r["request_id"] == first and r["state"] == "ACCEPTED",
+            lambda found: len(found) >= 1,
+            timeout_s=60,
+            idle_s=0,
+        )
+        assert accepted
+        time.sleep(2)  # let the gatekeeper commit: the bucket's changelog is what a restart reads back
+        supervisor.signal("gatekeeper", signal.SIGTERM)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "gatekeeper" not in supervisor.alive() or supervisor.children["gatekeeper"].restarts == 0:
+            supervisor.poll()
+            assert time.monotonic() < deadline, "the gatekeeper did not come back"
+            time.sleep(0.2)
+        assert supervisor.wait_ready(READY_TIMEOUT_S)
+        second = client.submit(**image(tenant_id="one-at-a-time"))
+        [completion] = completions_of(settings, {second})
+        client.cancel(first, "one-at-a-time")
+    assert (completion["status"], completion["reason_code"]) == ("REJECTED", "RATE_LIMITED")
