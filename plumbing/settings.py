@@ -137,9 +137,20 @@ class GatekeeperSettings(_Section):
     policy_path: Path | None = Field(None, description="moderation policy YAML (default: the shipped policy)")
     classifiers: tuple[str, ...] = Field((), description="'module:Class' moderation classifiers")
     classifier_threshold: float = 0.5
+    shed_backlog: dict[str, int] = Field(
+        default_factory=lambda: {"LOW": 2000, "NORMAL": 20000},
+        description="class -> render tasks waiting beyond which its new requests are shed (OVERLOADED)",
+    )
     stream_buffer_maxsize: int = Field(256, ge=1)
     commit_interval_s: float = 1.0
     web_port: int | None = Field(None, description="faust's web server port; None disables it")
+
+    @model_validator(mode="after")
+    def _shed_classes(self) -> GatekeeperSettings:
+        unknown = set(self.shed_backlog) - {"HIGH", "NORMAL", "LOW"}
+        if unknown:
+            raise ValueError(f"shed_backlog names unknown class(es) {', '.join(sorted(unknown))}")
+        return self
 
     @model_validator(mode="after")
     def _tiers_exist(self) -> GatekeeperSettings:
@@ -166,7 +177,9 @@ class RendererSettings(_Section):
     device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda when present")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long a running batch may finish")
     max_poll_interval_ms: int = Field(
-        300_000, ge=10_000, description="consumer max.poll.interval.ms (renders may last longer: polling goes on)"
+        300_000,
+        ge=10_000,
+        description="consumer max.poll.interval.ms (renders may last longer: polling goes on)",
     )
     cpu_threads: int = Field(
         1, ge=1, description="torch threads when rendering on CPU (1 leaves cores to Kafka and friends)"

@@ -11,10 +11,12 @@ table entries to store; the faust agent only carries them out. In order:
 3. validate: bounds, ids, model; a broken rule is REJECTED with a reason code naming the field;
 4. cancelled before admission -> CANCELLED; past its deadline -> EXPIRED;
 5. moderate the prompt, negative prompt and video end prompt -> REJECTED / MODERATED;
-6. per-tenant token buckets for requests and render cost -> REJECTED / RATE_LIMITED with a retry-after;
-7. fan out into render tasks on ``aigc.render.<pool>.<priority>`` and announce ACCEPTED and QUEUED.
+6. shed load: the request's class has more render work waiting than its bound -> REJECTED / OVERLOADED
+   with a retry-after (`backlog`);
+7. per-tenant token buckets for requests and render cost -> REJECTED / RATE_LIMITED with a retry-after;
+8. fan out into render tasks on ``aigc.render.<pool>.<priority>`` and announce ACCEPTED and QUEUED.
 
-Terminal decisions (steps 3-6) are Completion records sent to ``aigc.decisions``, not straight to the
+Terminal decisions (steps 3-7) are Completion records sent to ``aigc.decisions``, not straight to the
 completions topic: the sink writes every terminal state once (a Cassandra lightweight transaction) and
 publishes the Completion in a Kafka transaction, so a gatekeeper that crashes after sending a rejection
 and before committing its offset cannot cause a second completion.
@@ -66,11 +68,13 @@ class Gate:
         codec: Codec,
         moderator: Moderator,
         is_cancelled: Callable[[str, str], bool] = lambda request_id, tenant_id: False,
+        overloaded: Callable[[str, str], int | None] = lambda pool, priority: None,
     ) -> None:
         self.settings = settings
         self.codec = codec
         self.moderator = moderator
         self.is_cancelled = is_cancelled
+        self.overloaded = overloaded
         self.topics = Topics(settings)
         self.window_ms = int(settings.gatekeeper.dedupe_window_s * 1000)
 
@@ -122,7 +126,7 @@ class Gate:
     def _check(
         self, request: dict[str, Any], buckets: Mapping[str, Any], now_ms: int
     ) -> tuple[dict[str, Any] | None, dict[str, float] | None]:
-        """Steps 3-6: a terminal decision, or None and the tenant's new token-bucket state."""
+        """Steps 3-7: a terminal decision, or None and the tenant's new token-bucket state."""
         request_id, tenant_id = request["request_id"], request["tenant_id"]
         try:
             validate_request(
@@ -153,6 +157,11 @@ class Gate:
             }
             message = f"{verdict.field} was blocked by the content policy ({verdict.category})"
             return _decision("REJECTED", "MODERATED", message, moderation=moderation), None
+        pool, priority = self.settings.models[request["model"]].pool, request.get("priority") or "NORMAL"
+        retry_after = self.overloaded(pool, priority)
+        if retry_after is not None:
+            message = f"the {priority} queue of pool {pool} is over its bound; retry later"
+            return _decision("REJECTED", "OVERLOADED", message, retry_after_ms=retry_after), None
         taken = ratelimit.take(
             buckets.get(tenant_id), self.settings.gatekeeper.tier_of(tenant_id), render_cost(request), now_ms
         )

@@ -35,6 +35,7 @@ from plumbing.settings import Settings
 from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
+from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def make_gate(settings: Settings, cancellations: CancellationWatcher | None) -> Gate:
+def make_gate(
+    settings: Settings, cancellations: CancellationWatcher | None, backlog: BacklogMonitor | None = None
+) -> Gate:
     conf = settings.gatekeeper
     policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
     moderator = Moderator(
@@ -55,6 +58,7 @@ def make_gate(settings: Settings, cancellations: CancellationWatcher | None) -> 
         default_codec(),
         moderator,
         cancellations.is_cancelled if cancellations else (lambda request_id, tenant_id: False),
+        backlog.overloaded if backlog else (lambda pool, priority: None),
     )
 
 
@@ -210,9 +214,11 @@ def _header_list(headers: Any) -> list[tuple[str, bytes | None]]:
 def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
     cancellations = CancellationWatcher(settings).start()
-    app = create_app(settings, make_gate(settings, cancellations))
+    backlog = BacklogMonitor(settings).start()
+    app = create_app(settings, make_gate(settings, cancellations, backlog))
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
+        backlog.stop()
         cancellations.stop()

@@ -41,6 +41,7 @@ def slow(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                     "app_id": f"life-{tag}-gatekeeper",
                     "tiers": {"standard": Tier(), "one": Tier(requests_per_s=0.001, request_burst=1)},
                     "tenant_tiers": {"one-at-a-time": "one"},
+                    "shed_backlog": {"LOW": 3},
                 }
             ),
             "renderer": infra.renderer.model_copy(
@@ -152,3 +153,26 @@ def test_rate_limit_state_survives_a_gatekeeper_restart(slow):
         [completion] = completions_of(settings, {second})
         client.cancel(first, "one-at-a-time")
     assert (completion["status"], completion["reason_code"]) == ("REJECTED", "RATE_LIMITED")
+
+
+def test_a_low_priority_flood_is_shed_while_high_priority_preempts_it(slow):
+    settings, _ = slow
+    with Client(settings) as client:
+        flood = [client.submit(**image(priority="LOW")) for _ in range(8)]
+        wait_running(settings, flood[0])
+        time.sleep(2.5)  # the backlog monitor samples once a second
+        shed = [client.submit(**image(priority="LOW")) for _ in range(3)]
+        urgent = client.submit(**image(priority="HIGH"))
+        [high] = completions_of(settings, {urgent})
+        [task] = collect(
+            settings, [Topics(settings).frames], lambda r: r["request_id"] == urgent, lambda _: True
+        )
+        rejected = completions_of(settings, set(shed))
+        for request_id in flood:
+            client.cancel(request_id, "life")
+    assert high["status"] == "SUCCEEDED"
+    # It preempted the running LOW render at a step boundary (0.5 s here) instead of waiting out the
+    # rest of it (about 9 s: the LOW render had been running for at least 2.5 s of its 12).
+    assert task["started_at"] - task["enqueued_at"] < 2_000
+    assert {(c["status"], c["reason_code"]) for c in rejected} == {("REJECTED", "OVERLOADED")}
+    assert all(c["retry_after_ms"] > 0 for c in rejected)

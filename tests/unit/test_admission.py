@@ -564,3 +564,21 @@ def test_a_redelivery_does_not_extend_the_dedupe_window():
     tables.admit(gate, message)
     tables.admit(gate, message, now_ms=NOW + 30_000)
     assert tables.seen["once"]["t"] == NOW
+
+
+def test_an_overloaded_class_is_shed_with_a_retry_after_and_no_tokens_taken() -> None:
+    shed = {(POOL, "LOW"): 3_000}
+    gate = Gate(
+        SETTINGS, codec, Moderator(policy), overloaded=lambda pool, priority: shed.get((pool, priority))
+    )
+    tables = Tables()
+    low = tables.admit(
+        gate, original(request(request_id="low-1", tenant_id=LIMITED, priority="LOW"), offset=1)
+    )
+    assert (low.verdict, low.reason) == ("REJECTED", "OVERLOADED")
+    assert only_decision(low)[1]["retry_after_ms"] == 3_000
+    assert tables.buckets == {}  # shed before the token buckets: nothing charged
+    high = tables.admit(
+        gate, original(request(request_id="high-1", tenant_id=LIMITED, priority="HIGH"), offset=2)
+    )
+    assert high.verdict == "ACCEPTED"
