@@ -45,10 +45,12 @@ def configure(
         if synthetic
         else ModelSpec(path=tiny_model or settings.models["tiny-sd"].path, max_batch=max_batch)
     )
+    # One tenant per load, unthrottled and uncapped: the scenarios measure the pipeline, not admission.
     gatekeeper: GatekeeperSettings = settings.gatekeeper.model_copy(
         update={
             "tiers": {**settings.gatekeeper.tiers, "unlimited": UNLIMITED},
             "tenant_tiers": {"bench": "unlimited", "bench-low": "unlimited"},
+            "tenant_inflight_cap": {},
         }
     )
     if frames_per_task is not None:

@@ -313,9 +313,10 @@ class Renderer:
             while not stop.is_set():
                 if self.device.crashed is not None:
                     raise RuntimeError("the device loop crashed; see the log above") from self.device.crashed
-                for msg in self.consumer.consume(
-                    64, timeout=0.01 if self.scheduler.buffered_tasks() else 0.05
-                ):
+                # At most one batch per call: with the pause below, a class never buffers much more than
+                # one batch ahead, and the rest of the backlog stays in Kafka for the whole group.
+                wait = 0.01 if self.scheduler.buffered_tasks() else 0.05
+                for msg in self.consumer.consume(self.max_frames, timeout=wait):
                     self._take(msg)
                 self._apply_backpressure()
                 self.producer.poll(0)

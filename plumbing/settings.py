@@ -141,15 +141,19 @@ class GatekeeperSettings(_Section):
         default_factory=lambda: {"LOW": 2000, "NORMAL": 20000},
         description="class -> render tasks waiting beyond which its new requests are shed (OVERLOADED)",
     )
+    tenant_inflight_cap: dict[str, int] = Field(
+        default_factory=lambda: {"NORMAL": 256, "LOW": 256},
+        description="class -> render tasks one tenant may have unfinished; more is TENANT_BUSY (fairness)",
+    )
     stream_buffer_maxsize: int = Field(256, ge=1)
     commit_interval_s: float = 1.0
     web_port: int | None = Field(None, description="faust's web server port; None disables it")
 
     @model_validator(mode="after")
     def _shed_classes(self) -> GatekeeperSettings:
-        unknown = set(self.shed_backlog) - {"HIGH", "NORMAL", "LOW"}
+        unknown = {*self.shed_backlog, *self.tenant_inflight_cap} - {"HIGH", "NORMAL", "LOW"}
         if unknown:
-            raise ValueError(f"shed_backlog names unknown class(es) {', '.join(sorted(unknown))}")
+            raise ValueError(f"shed_backlog or tenant_inflight_cap names unknown class(es) {sorted(unknown)}")
         return self
 
     @model_validator(mode="after")

@@ -131,6 +131,7 @@ def chaos_settings(settings: Settings, plan: ChaosPlan) -> Settings:
                         **settings.gatekeeper.tenant_tiers,
                         **dict.fromkeys(tenants(plan), "chaos"),
                     },
+                    "tenant_inflight_cap": {},
                 }
             ),
         }

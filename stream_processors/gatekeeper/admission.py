@@ -12,7 +12,8 @@ table entries to store; the faust agent only carries them out. In order:
 4. cancelled before admission -> CANCELLED; past its deadline -> EXPIRED;
 5. moderate the prompt, negative prompt and video end prompt -> REJECTED / MODERATED;
 6. shed load: the request's class has more render work waiting than its bound -> REJECTED / OVERLOADED
-   with a retry-after (`backlog`);
+   with a retry-after (`backlog`); the tenant already has its cap of unfinished tasks in the class ->
+   REJECTED / TENANT_BUSY (`inflight`);
 7. per-tenant token buckets for requests and render cost -> REJECTED / RATE_LIMITED with a retry-after;
 8. fan out into render tasks on ``aigc.render.<pool>.<priority>`` and announce ACCEPTED and QUEUED.
 
@@ -36,7 +37,8 @@ from plumbing.topics import Stage, Topics
 from schemas.codec import Codec
 from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
 from stream_processors.gatekeeper import ratelimit
-from stream_processors.gatekeeper.fanout import plan_tasks
+from stream_processors.gatekeeper.fanout import plan_tasks, task_count
+from stream_processors.gatekeeper.inflight import BUSY_RETRY_AFTER_MS
 from stream_processors.gatekeeper.moderation import Moderator
 
 MAX_MESSAGE_CHARS = 1000  # longest human-readable message a decision carries
@@ -59,6 +61,8 @@ class Admission:
     reason: str | None = None
     request_id: str | None = None
     tenant_id: str | None = None
+    tasks: int = 0  # render tasks queued (ACCEPTED)
+    priority: str | None = None  # the class they were queued in (ACCEPTED)
 
 
 class Gate:
@@ -69,12 +73,14 @@ class Gate:
         moderator: Moderator,
         is_cancelled: Callable[[str, str], bool] = lambda request_id, tenant_id: False,
         overloaded: Callable[[str, str], int | None] = lambda pool, priority: None,
+        busy: Callable[[str, str, int], bool] = lambda tenant_id, priority, tasks: False,
     ) -> None:
         self.settings = settings
         self.codec = codec
         self.moderator = moderator
         self.is_cancelled = is_cancelled
         self.overloaded = overloaded
+        self.busy = busy
         self.topics = Topics(settings)
         self.window_ms = int(settings.gatekeeper.dedupe_window_s * 1000)
 
@@ -162,6 +168,9 @@ class Gate:
         if retry_after is not None:
             message = f"the {priority} queue of pool {pool} is over its bound; retry later"
             return _decision("REJECTED", "OVERLOADED", message, retry_after_ms=retry_after), None
+        if self.busy(tenant_id, priority, task_count(request, self.settings.gatekeeper.frames_per_task)):
+            message = f"the tenant has as much {priority} work in flight as it may; retry when some finishes"
+            return _decision("REJECTED", "TENANT_BUSY", message, retry_after_ms=BUSY_RETRY_AFTER_MS), None
         taken = ratelimit.take(
             buckets.get(tenant_id), self.settings.gatekeeper.tier_of(tenant_id), render_cost(request), now_ms
         )
@@ -256,6 +265,8 @@ class Gate:
             bucket=bucket,
             request_id=request_id,
             tenant_id=tenant_id,
+            tasks=len(tasks),
+            priority=request.get("priority") or "NORMAL",
         )
 
     def _status(

@@ -36,6 +36,7 @@ from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.backlog import BacklogMonitor
+from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ def now_ms() -> int:
 
 
 def make_gate(
-    settings: Settings, cancellations: CancellationWatcher | None, backlog: BacklogMonitor | None = None
+    settings: Settings,
+    cancellations: CancellationWatcher | None,
+    backlog: BacklogMonitor | None = None,
+    caps: InflightCaps | None = None,
 ) -> Gate:
     conf = settings.gatekeeper
     policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
@@ -59,10 +63,11 @@ def make_gate(
         moderator,
         cancellations.is_cancelled if cancellations else (lambda request_id, tenant_id: False),
         backlog.overloaded if backlog else (lambda pool, priority: None),
+        caps.would_exceed if caps else (lambda tenant_id, priority, tasks: False),
     )
 
 
-def create_app(settings: Settings, gate: Gate) -> faust.App:
+def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None) -> faust.App:
     topics = Topics(settings)
     conf = settings.gatekeeper
     partitions = settings.kafka.request_partitions
@@ -128,6 +133,13 @@ def create_app(settings: Settings, gate: Gate) -> faust.App:
                 expiry.track(msg.partition, admission.request_id, clock)
             if admission.bucket is not None and admission.tenant_id:
                 buckets[admission.tenant_id] = admission.bucket
+            if caps is not None and admission.verdict == "ACCEPTED":
+                caps.admitted(
+                    admission.request_id or "",
+                    admission.tenant_id or "",
+                    admission.priority or "NORMAL",
+                    admission.tasks,
+                )
             try:
                 for out in admission.outputs:
                     topic = outputs.get(out.topic) or outputs.setdefault(out.topic, app.topic(out.topic))
@@ -215,10 +227,13 @@ def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
     cancellations = CancellationWatcher(settings).start()
     backlog = BacklogMonitor(settings).start()
-    app = create_app(settings, make_gate(settings, cancellations, backlog))
+    caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)
+    follower = CompletionFollower(settings, caps).start()
+    app = create_app(settings, make_gate(settings, cancellations, backlog, caps), caps)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
+        follower.stop()
         backlog.stop()
         cancellations.stop()

@@ -29,6 +29,14 @@ def output_format(request: dict[str, Any]) -> str:
     return request.get("output_format") or ("MP4" if request["kind"] == "VIDEO" else "PNG")
 
 
+def task_count(request: dict[str, Any], frames_per_task: int) -> int:
+    """How many tasks `plan_tasks` makes of ``request``, without making them."""
+    video = request.get("video")
+    if video:
+        return -(-video["num_frames"] // frames_per_task)
+    return request.get("num_images") or 1
+
+
 def plan_tasks(
     request: dict[str, Any], pool: str, frames_per_task: int, accepted_at: int, enqueued_at: int
 ) -> list[dict[str, Any]]:

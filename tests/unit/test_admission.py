@@ -582,3 +582,16 @@ def test_an_overloaded_class_is_shed_with_a_retry_after_and_no_tokens_taken() ->
         gate, original(request(request_id="high-1", tenant_id=LIMITED, priority="HIGH"), offset=2)
     )
     assert high.verdict == "ACCEPTED"
+
+
+def test_a_tenant_at_its_in_flight_cap_is_told_to_come_back_and_is_not_charged() -> None:
+    busy_tenants = {LIMITED}
+    gate = Gate(
+        SETTINGS, codec, Moderator(policy), busy=lambda tenant, priority, tasks: tenant in busy_tenants
+    )
+    tables = Tables()
+    busy = tables.admit(gate, original(request(request_id="busy-1", tenant_id=LIMITED), offset=1))
+    assert (busy.verdict, busy.reason) == ("REJECTED", "TENANT_BUSY")
+    assert only_decision(busy)[1]["retry_after_ms"] > 0
+    assert tables.buckets == {}
+    assert tables.admit(gate, original(request(request_id="free-1"), offset=2)).verdict == "ACCEPTED"

@@ -1,0 +1,82 @@
+"""Fairness between tenants of one class, end to end: a flood cannot stand in front of a newcomer.
+
+Tenant A floods NORMAL with 15 requests at once; its in-flight cap is 3, so 3 are queued and the rest
+are told TENANT_BUSY with a retry-after. Tenant B then submits 2 requests: they wait behind at most
+A's 3 tasks, not behind A's whole burst.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from infra.bootstrap import bootstrap
+from plumbing.settings import ModelSpec, Settings
+from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.topics import Topics
+from producers.client import Client
+from tests.e2e.conftest import collect, completions_of
+
+SERVICE_MS = 400.0
+CAP = 3
+
+
+def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, tmp_path: Path):
+    tag = uuid.uuid4().hex[:8]
+    settings = infra.model_copy(
+        update={
+            "home": tmp_path,
+            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"fair{tag}"}),
+            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"fair_{tag}"}),
+            "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic", max_batch=1)},
+            "gatekeeper": infra.gatekeeper.model_copy(
+                update={
+                    "app_id": f"fair-{tag}-gatekeeper",
+                    "tenant_inflight_cap": {"NORMAL": CAP},
+                }
+            ),
+        }
+    )
+    bootstrap(settings, echo=lambda _: None)
+    supervisor = Supervisor(
+        pipeline_stages(settings, renderers=1, synthetic_ms=SERVICE_MS),
+        settings.to_env(),
+        settings.home / "logs",
+        echo=print,
+    )
+    supervisor.start()
+    try:
+        assert supervisor.wait_ready(240)
+        fields = dict(
+            prompt="a fair lantern", model="synth", width=64, height=64, steps=4, guidance_scale=7.5
+        )
+        with Client(settings) as client:
+            flood = {client.submit(**fields, tenant_id="flooder") for _ in range(15)}
+            # The gatekeeper has decided the whole burst before the newcomer arrives.
+            decided = collect(
+                settings,
+                [Topics(settings).status, Topics(settings).decisions],
+                lambda r: r["request_id"] in flood and r.get("state", "x") in ("ACCEPTED", "x"),
+                lambda found: len(found) >= len(flood),
+                timeout_s=60,
+                idle_s=0,
+            )
+            assert len(decided) == len(flood)
+            newcomer = {client.submit(**fields, tenant_id="newcomer") for _ in range(2)}
+        outcomes = {c["request_id"]: c for c in completions_of(settings, flood | newcomer)}
+    finally:
+        supervisor.stop()
+
+    busy = [outcomes[r] for r in flood if outcomes[r]["reason_code"] == "TENANT_BUSY"]
+    assert len(busy) == len(flood) - CAP  # the rest of the burst waits outside the queue
+    assert all(c["retry_after_ms"] > 0 for c in busy)
+    assert {outcomes[r]["status"] for r in newcomer} == {"SUCCEEDED"}
+    # The newcomer's tasks waited behind at most the flooder's CAP tasks (one renderer, one at a time).
+    tasks = collect(
+        settings,
+        [Topics(settings).frames],
+        lambda r: r["request_id"] in newcomer,
+        lambda found: len(found) >= 2,
+    )
+    worst_wait_ms = max(t["started_at"] - t["enqueued_at"] for t in tasks)
+    assert worst_wait_ms < (CAP + 2) * SERVICE_MS
