@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from infra.bootstrap import bootstrap
-from plumbing.kafka_clients import make_consumer
+from plumbing.kafka_clients import consume_available, make_consumer
 from plumbing.settings import Settings
 from plumbing.supervisor import Supervisor, pipeline_stages
 from plumbing.topics import Topics
@@ -159,7 +159,7 @@ class Collector:
         self.ready.set()
         try:
             while not self.stop.is_set():
-                for msg in consumer.consume(500, 0.05):
+                for msg in consume_available(consumer, 500, 0.05):
                     if msg.error():
                         continue
                     received = now_ms()

@@ -43,14 +43,14 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError, ErrorKind, UnknownModelError, classify
 from plumbing.headers import Headers, continue_headers
-from plumbing.kafka_clients import header_map, make_consumer, make_producer
+from plumbing.kafka_clients import consume_available, header_map, make_consumer, make_producer
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
 
 log = logging.getLogger(__name__)
-COMMIT_INTERVAL_S = 0.2
+COMMIT_INTERVAL_S = 1.0  # a crash repeats at most about a second of work; commits cost the broker
 BACKPRESSURE_DELAY_S = 5.0
 UPLOAD_ATTEMPTS = 4
 
@@ -316,7 +316,7 @@ class Renderer:
                 # At most one batch per call: with the pause below, a class never buffers much more than
                 # one batch ahead, and the rest of the backlog stays in Kafka for the whole group.
                 wait = 0.01 if self.scheduler.buffered_tasks() else 0.05
-                for msg in self.consumer.consume(self.max_frames, timeout=wait):
+                for msg in consume_available(self.consumer, self.max_frames, wait):
                     self._take(msg)
                 self._apply_backpressure()
                 self.producer.poll(0)

@@ -67,6 +67,19 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
     return Consumer(conf)
 
 
+def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Up to ``max_messages`` messages, returning as soon as one has arrived.
+
+    ``Consumer.consume(n, timeout)`` waits for ``n`` messages or the whole timeout, so at low load every
+    lone message would sit out the timeout. This blocks only for the first message, then takes whatever
+    else is already fetched: batches under load, no added latency when idle.
+    """
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+
+
 def make_admin(settings: Settings) -> AdminClient:
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),

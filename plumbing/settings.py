@@ -207,7 +207,7 @@ class AssemblerSettings(_Section):
         "0", pattern=r"^[a-z0-9-]{1,32}$", description="stable id of this sink (transactional.id)"
     )
     batch_size: int = Field(200, ge=1, description="messages handled in one transaction at most")
-    batch_wait_s: float = Field(0.02, gt=0, description="how long to wait for a batch to fill")
+    poll_s: float = Field(0.1, gt=0, description="how long an idle sink waits for a message in one poll")
     workers: int = Field(8, ge=1, description="threads for object copies and frame downloads")
     concurrency: int = Field(16, ge=1, description="requests of one batch handled at the same time")
     transaction_timeout_ms: int = Field(15000, ge=1000)

@@ -26,7 +26,7 @@ from confluent_kafka import Message, TopicPartition
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, Headers
-from plumbing.kafka_clients import make_consumer, make_producer
+from plumbing.kafka_clients import consume_available, make_consumer, make_producer
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
@@ -60,7 +60,7 @@ class Relay:
         try:
             while not stop.is_set():
                 self._resume_due()
-                batch = [m for m in self.consumer.consume(BATCH, POLL_S) if not m.error()]
+                batch = [m for m in consume_available(self.consumer, BATCH, POLL_S) if not m.error()]
                 if batch:
                     self._relay(batch)
         finally:

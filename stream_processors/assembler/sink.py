@@ -39,7 +39,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
 from plumbing.errors import DecodeError, classify
 from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
-from plumbing.kafka_clients import header_map, make_consumer, make_producer
+from plumbing.kafka_clients import consume_available, header_map, make_consumer, make_producer
 from plumbing.metadata import connect, register_types
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
@@ -103,7 +103,8 @@ class Sink:
         log.info("assembler consuming %s and %s", self.topics.frames, self.topics.decisions)
         try:
             while not stop.is_set():
-                batch = [m for m in self.consumer.consume(conf.batch_size, conf.batch_wait_s) if self._ok(m)]
+                fetched = consume_available(self.consumer, conf.batch_size, conf.poll_s)
+                batch = [m for m in fetched if self._ok(m)]
                 if batch:
                     self._transact(batch, stop)
         finally:
