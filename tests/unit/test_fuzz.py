@@ -300,6 +300,11 @@ def around(*points: int, spread: int = 9) -> st.SearchStrategy[int]:
     return st.one_of(*[st.integers(p - spread, p + spread) for p in points])
 
 
+def in_long(n: int) -> bool:
+    """Whether ``n`` fits Avro's long (a deadline after an edge ``created_at`` may not)."""
+    return -(2**63) <= n <= 2**63 - 1
+
+
 INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 good_prompts = st.text(st.characters(codec="utf-8", categories=("L", "N", "Zs")), min_size=1, max_size=60)
@@ -363,7 +368,7 @@ def _fields(created_at: int, tenant: str) -> dict[str, tuple[st.SearchStrategy[A
         ),
         "reply_topic": (st.sampled_from([None, reply_prefix(tenant.lower())]), _reply_topics(tenant)),
         "deadline_ms": (
-            st.none() | st.integers(created_at + 1, created_at + LIMITS.max_deadline_ms),
+            st.none() | st.integers(created_at + 1, created_at + LIMITS.max_deadline_ms).filter(in_long),
             st.none() | around(created_at, created_at + LIMITS.max_deadline_ms, NOW, spread=2) | INT64,
         ),
         "labels": (st.dictionaries(valid_ids, good_prompts, max_size=3), edge_labels),
