@@ -34,18 +34,16 @@ from plumbing.settings import (
     S3Settings,
     Settings,
 )
+from plumbing.supervisor import pipeline_stages
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 
-# The verbs the pipeline needs from its containers: the init job's two steps and the three stages.
-REQUIRED_INVOCATIONS = {
-    ("infra", "bootstrap"),
-    ("models", "build-tiny"),
-    ("gatekeeper",),
-    ("render",),
-    ("assemble",),
+# The verbs the pipeline needs from its containers: the init job's two steps and every stage that `aigc run`
+# supervises (read from the supervisor, so a new stage fails here until compose runs it too).
+REQUIRED_INVOCATIONS = {("infra", "bootstrap"), ("models", "build-tiny")} | {
+    (spec.verb[0],) for spec in pipeline_stages(Settings(), renderers=1)
 }
 # Broker settings that name addresses and folders, so differ between loopback processes and containers.
 KAFKA_ADDRESS_KEYS = {
