@@ -25,6 +25,7 @@ and before committing its offset cannot cause a second completion.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,22 @@ class Output:
     key: bytes | None
     value: bytes
     headers: Headers
+    partition: int | None = None  # None: the key's partition
+
+
+def task_partitions(request_id: str, tasks: int, partitions: int) -> list[int | None]:
+    """Partitions for a request's render tasks: spread evenly over the topic from a stable start.
+
+    The key stays the request id (the contract), but the tasks of one request must not share its
+    partition: a partition has one consumer in the group, so a video's frame ranges would render one
+    after another on one renderer instead of side by side on many. The tasks are spaced
+    ``partitions / tasks`` apart rather than next to each other because the renderers' range assignor
+    hands each member a contiguous run of partitions. A lone task keeps the key's partition.
+    """
+    if tasks == 1:
+        return [None]
+    start, stride = zlib.crc32(request_id.encode()) % partitions, max(1, partitions // tasks)
+    return [(start + i * stride) % partitions for i in range(tasks)]
 
 
 @dataclass
@@ -248,14 +265,16 @@ class Gate:
         topic = self.topics.render(spec.pool, request.get("priority") or "NORMAL")
         key = request_id.encode()
         outputs = [self._status(request, "ACCEPTED", incoming, now_ms)]
+        partitions = task_partitions(request_id, len(tasks), self.settings.kafka.render_partitions)
         outputs += [
             Output(
                 topic,
                 key,
                 self.codec.encode("RenderTask", task),
                 continue_headers(incoming, request_id, tenant_id),
+                partition,
             )
-            for task in tasks
+            for task, partition in zip(tasks, partitions, strict=True)
         ]
         outputs.append(self._status(request, "QUEUED", incoming, now_ms, f"{len(tasks)} task(s) on {topic}"))
         return Admission(

@@ -143,7 +143,9 @@ def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None)
             try:
                 for out in admission.outputs:
                     topic = outputs.get(out.topic) or outputs.setdefault(out.topic, app.topic(out.topic))
-                    await topic.send(key=out.key, value=out.value, headers=cast(Any, out.headers))
+                    await topic.send(
+                        key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
+                    )
             except Exception:
                 log.critical(
                     "could not send the outputs of %s; exiting so it is redelivered",

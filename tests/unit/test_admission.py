@@ -419,6 +419,25 @@ def test_an_accepted_video_is_split_into_tasks_of_frames_per_task() -> None:
     assert [(t["frame_start"], t["frame_end"]) for t in tasks] == [(0, 4), (4, 8), (8, 10)]
 
 
+@pytest.mark.parametrize("request_id", ["req-1", "a", "video-0042"])
+def test_the_tasks_of_one_request_go_to_distinct_partitions_under_its_key(request_id: str) -> None:
+    # One partition has one renderer: a video's frame ranges must spread to render side by side.
+    record = request(request_id=request_id, kind="VIDEO", video={"num_frames": 10, "fps": 8})
+    outputs = [
+        o for o in Tables().admit(make_gate(), original(record)).outputs if o.topic.startswith("aigc.render")
+    ]
+    partitions = [o.partition for o in outputs]
+    assert len(outputs) == 3 and len(set(partitions)) == 3
+    assert all(p is not None and 0 <= p < SETTINGS.kafka.render_partitions for p in partitions)
+    assert {o.key for o in outputs} == {request_id.encode()}
+    # spaced evenly: with a contiguous run of partitions per renderer, each run gets its share
+    assert sorted((p - partitions[0]) % SETTINGS.kafka.render_partitions for p in partitions) == [
+        i * (SETTINGS.kafka.render_partitions // 3) for i in range(3)
+    ]
+    lone = Tables().admit(make_gate(), original(request(request_id=request_id)))
+    assert [o.partition for o in lone.outputs if o.topic.startswith("aigc.render")] == [None]
+
+
 def test_a_missing_or_broken_traceparent_starts_a_new_trace() -> None:
     record = request()
     message = original(record)
