@@ -1,0 +1,194 @@
+"""Where the CPU goes while a scenario runs: each stage's share of a core and its hottest code.
+
+    python -m bench.profile --only B2 --seconds 20
+
+Runs ``aigc bench --quick --only <scenario>``, waits until its load is on, then for ``--seconds`` samples
+the Python threads of every stage process while they hold the GIL (py-spy ``--gil``, in parallel,
+without stopping them) and reads each process's CPU time from /proc over the same window. It prints,
+per stage, the share of one core it used and where its busy samples fell (our innermost function and
+the library call it was in), so the stage that holds a target back, and the part of it, can be read off.
+The scenario's own figures are in its usual report (printed path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = ("gatekeeper", "assemble", "render", "relay")
+OWN = ("plumbing/", "schemas/", "producers/", "stream_processors/", "gpu_consumers/")
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def stage_of(pid: int) -> str | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    words = [a.decode() for a in argv]
+    if "plumbing.cli" not in words:
+        return None
+    verb = words[words.index("plumbing.cli") + 1]
+    return verb if verb in STAGES else None
+
+
+def services() -> dict[int, str]:
+    """The local infrastructure's JVMs (the launcher names each with -Daigc.service=<name>)."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in argv:
+            if arg.startswith(b"-Daigc.service="):
+                found[int(entry)] = arg.split(b"=", 1)[1].decode()
+    return found
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def hot_spots(raw: Path) -> tuple[int, collections.Counter[str]]:
+    """Samples, and how many fell in each (deepest own function -> the library call it was in).
+
+    py-spy's raw output is one line per distinct stack, frames outermost first, then a count. A sample
+    is charged to the innermost frame of our own code and the first library frame below it, so both
+    "which of our functions" and "spent in which library" can be read off one line.
+    """
+    total, spots = 0, collections.Counter[str]()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        frames = stack.split(";")
+        own = [i for i, frame in enumerate(frames) if frame.rsplit("(", 1)[-1].startswith(OWN)]
+        if not own:
+            spots["(library threads) " + _name(frames[-1])] += int(count)
+            continue
+        inner = own[-1]
+        below = _name(frames[inner + 1]) if inner + 1 < len(frames) else "itself"
+        spots[f"{_name(frames[inner])} -> {below}"] += int(count)
+    return total, spots
+
+
+def _name(frame: str) -> str:
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rstrip(')').rsplit(':', 1)[0]})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="B2", help="one bench scenario (default: B2)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="sampling window")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds after the load begins")
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    py_spy = Path(sys.executable).with_name("py-spy")
+    out = Path(tempfile.mkdtemp(prefix="aigc-profile-"))
+    aigc = Path(sys.executable).with_name("aigc")
+    bench = subprocess.Popen(
+        [str(aigc), "bench", "--quick", "--only", args.only, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        stages: dict[int, str] = {}
+        deadline = time.monotonic() + 300
+        while not stages and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(1)
+            stages = {p: s for p in descendants(bench.pid) if (s := stage_of(p))}
+        if not stages:
+            print("the scenario's stages never appeared", file=sys.stderr)
+            return 1
+        # Sample once the load is on: the stages together busy more than half a core for a second.
+        deadline = time.monotonic() + args.warmup + 300
+        while time.monotonic() < deadline and bench.poll() is None:
+            stages = {p: s for p in descendants(bench.pid) if (s := stage_of(p))}
+            ticks = {p: cpu_ticks(p) for p in stages}
+            time.sleep(1)
+            if sum(cpu_ticks(p) - ticks[p] for p in stages) / HZ > 0.5:
+                break
+        time.sleep(args.warmup)
+        others = {**services(), bench.pid: "bench driver (load + collector)"}
+        before = {p: cpu_ticks(p) for p in [*stages, *others]}
+        # --gil: only threads holding the GIL, i.e. Python at work (waits and native I/O are left out)
+        record = [
+            str(py_spy),
+            "record",
+            "--gil",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "-d",
+            str(int(args.seconds)),
+        ]
+        spies = {
+            p: subprocess.Popen(
+                [*record, "--pid", str(p), "--output", str(out / f"{p}.txt")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for p in stages
+        }
+        start = time.monotonic()
+        time.sleep(args.seconds)
+        used = {p: cpu_ticks(p) - before[p] for p in before}
+        window = time.monotonic() - start
+        for spy in spies.values():
+            spy.wait(60)
+        bench.wait(900)  # the scenario finishes and writes its own report
+    finally:
+        if bench.poll() is None:
+            bench.send_signal(signal.SIGINT)  # its cleanup stops the pipeline (and the infra it started)
+            bench.wait(120)
+    print(f"# CPU by stage during {args.only} ({window:.0f} s window, share of one core)\n")
+    print(f"the scenario's own report: {out}\n")
+    total = sum(used.values()) / HZ / window
+    print(f"all of the below together: {total:.2f} of the machine's {os.cpu_count()} cores\n")
+    for pid, name in sorted(others.items(), key=lambda item: -used[item[0]]):
+        print(f"- {name}: {used[pid] / HZ / window:.0%} of a core")
+    print()
+    for pid, stage in sorted(stages.items(), key=lambda item: -used[item[0]]):
+        print(f"## {stage} (pid {pid}): {used[pid] / HZ / window:.0%} of a core\n")
+        raw = out / f"{pid}.txt"
+        if not raw.exists():
+            print("no samples\n")
+            continue
+        total, spots = hot_spots(raw)
+        print(f"{total} samples; where they fell (our innermost function -> the call it was in):")
+        for label, n in spots.most_common(args.top):
+            print(f"  {n / max(total, 1):5.0%}  {label}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
