@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from infra.launcher import owned_pid
+from infra.services import all_services
+from plumbing.settings import Settings
+
 STAGES = ("gatekeeper", "assemble", "render", "relay")
 OWN = ("plumbing/", "schemas/", "producers/", "stream_processors/", "gpu_consumers/")
 HZ = os.sysconf("SC_CLK_TCK")
@@ -56,18 +60,10 @@ def stage_of(pid: int) -> str | None:
     return verb if verb in STAGES else None
 
 
-def services() -> dict[int, str]:
-    """The local infrastructure's JVMs (the launcher names each with -Daigc.service=<name>)."""
-    found = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for arg in argv:
-            if arg.startswith(b"-Daigc.service="):
-                found[int(entry)] = arg.split(b"=", 1)[1].decode()
-    return found
+def services(settings: Settings) -> dict[int, str]:
+    """The local infrastructure's JVMs that are running, by pid."""
+    pids = {service.name: owned_pid(service) for service in all_services(settings)}
+    return {pid: name for name, pid in pids.items() if pid is not None}
 
 
 def cpu_ticks(pid: int) -> int:
@@ -111,6 +107,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after the load begins")
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args()
+    settings = Settings.load()  # what `aigc bench` reads too: the same infrastructure
     py_spy = Path(sys.executable).with_name("py-spy")
     out = Path(tempfile.mkdtemp(prefix="aigc-profile-"))
     aigc = Path(sys.executable).with_name("aigc")
@@ -137,7 +134,7 @@ def main() -> int:
             if sum(cpu_ticks(p) - ticks[p] for p in stages) / HZ > 0.5:
                 break
         time.sleep(args.warmup)
-        others = {**services(), bench.pid: "bench driver (load + collector)"}
+        others = {**services(settings), bench.pid: "bench driver (load + collector)"}
         before = {p: cpu_ticks(p) for p in [*stages, *others]}
         # --gil: only threads holding the GIL, i.e. Python at work (waits and native I/O are left out)
         record = [
