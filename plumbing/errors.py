@@ -96,11 +96,13 @@ class DeliveryError(RetryableError):
 
 def classify(exc: BaseException) -> ErrorKind | None:
     """What to do about ``exc``; None means unknown, and unknown errors must crash the stage."""
+    from confluent_kafka import KafkaException  # here: `aigc --help` imports this module, not Kafka
+
     if isinstance(exc, PipelineError):
         return exc.kind
     name = type(exc).__name__
     module = type(exc).__module__ or ""
-    if module.startswith("confluent_kafka"):
+    if isinstance(exc, KafkaException):  # defined in the C module ``cimpl``: match the class, not the module
         error = exc.args[0] if exc.args else None
         if getattr(error, "fatal", lambda: False)():
             return None  # a fenced or fatally failed client cannot go on: crash and restart the stage

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from plumbing.dead_letters import Original
-from plumbing.errors import BackPressure, DecodeError, RetryableError
+from plumbing.errors import BackPressure, DecodeError, ErrorKind, RetryableError, classify
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN
 from plumbing.retries import prior_attempts, route_failure
 from plumbing.settings import RetrySettings, Settings
@@ -82,3 +83,13 @@ def test_attempts_and_origin_come_from_the_headers():
     assert prior_attempts(message(attempts=2)) == 2
     assert message().origin == "aigc.render.default.low:3:42"
     assert message(origin="aigc.render.default.low:0:7").origin == "aigc.render.default.low:0:7"
+
+
+def test_kafka_errors_are_classified_by_their_class_not_their_module():
+    # KafkaException lives in the C module ``cimpl``: a check on the module name never matched it, so a
+    # timed-out transaction call crashed the sink instead of being aborted and tried again.
+    timed_out = KafkaException(KafkaError(KafkaError._TIMED_OUT))
+    fenced = KafkaException(KafkaError(KafkaError._FENCED, fatal=True))
+    assert classify(timed_out) is ErrorKind.RETRYABLE
+    assert classify(fenced) is None
+    assert route(message(), timed_out) is not None
