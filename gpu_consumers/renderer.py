@@ -414,6 +414,9 @@ class Renderer:
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._commit(asynchronous=False)
+        # librdkafka keeps a partition paused across its revocation: resume it, or one assigned back
+        # after its topic was resumed would never be fetched again (`_on_assign` pauses it anew if due).
+        consumer.resume(partitions)
         with self.lock:
             for tp in partitions:
                 self.scheduler.remove_partition(tp.topic, tp.partition)

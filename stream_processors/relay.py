@@ -149,8 +149,12 @@ class Relay:
                 del self.waiting[tp]
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Forget the held partitions that go, and resume them: librdkafka keeps a partition paused
+        across its revocation, so one assigned back later would otherwise stay paused for good. When it
+        comes back, its held envelope is fetched again from the committed offset (and held again)."""
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
+        consumer.resume(partitions)
 
 
 def run(settings: Settings) -> None:

@@ -94,3 +94,44 @@ def test_a_waiting_envelope_holds_only_its_own_partition(isolated: Settings, rel
     consumer.close()
     assert set(arrivals) == {b"sooner", b"later"}
     assert arrivals[b"sooner"] < 5.0 <= arrivals[b"later"]
+
+
+def test_a_waiting_envelope_is_relayed_after_its_partition_moves_away_and_back(
+    isolated: Settings, relay: Relay
+):
+    """Another member joins the relay's group and leaves: partitions move to it and back while the relay
+    holds an envelope in each (a session lost in a broker outage does the same). librdkafka keeps a
+    partition paused across its revocation, so a relay that forgets why it paused a partition must also
+    resume it: every envelope still comes back. The other member consumes nothing, so it relays nothing."""
+    topics = Topics(isolated)
+    retry_topic = topics.retry(Stage.ASSEMBLER, isolated.retry.delays_s[0])
+    producer = make_producer(isolated, "test")
+    partitions = len(producer.list_topics(retry_topic, timeout=10).topics[retry_topic].partitions)
+    now = now_ms()
+    for p in range(partitions):  # each due in 5 s
+        value = retry_of(isolated, f"held-{p}".encode(), p, now + 4_000)
+        produce_sync(producer, retry_topic, value, partition=p)
+    deadline = time.monotonic() + WAIT_S
+    while len(relay.waiting) < partitions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(relay.waiting) == partitions, "the relay did not hold every partition"
+
+    member = make_consumer(isolated, f"{isolated.kafka.topic_prefix}.relay", "test")
+    member.subscribe(list(relay.stage_of))
+    deadline = time.monotonic() + 60
+    while not member.assignment() and time.monotonic() < deadline:
+        member.poll(0.2)
+    moved = {(tp.topic, tp.partition) for tp in member.assignment()}
+    member.close()  # leaves the group: its partitions go back to the relay
+    assert moved, "no partition moved to the other member"
+
+    consumer = make_consumer(isolated, unique("g"), "test")
+    consumer.subscribe([topics.frames])
+    arrived: set[bytes] = set()
+    deadline = time.monotonic() + 60
+    while len(arrived) < partitions and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is not None and not msg.error():
+            arrived.add(msg.value())
+    consumer.close()
+    assert arrived == {f"held-{p}".encode() for p in range(partitions)}, f"{len(moved)} partitions moved"
