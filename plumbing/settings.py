@@ -211,6 +211,11 @@ class AssemblerSettings(_Section):
     workers: int = Field(8, ge=1, description="threads for object copies and frame downloads")
     concurrency: int = Field(16, ge=1, description="requests of one batch handled at the same time")
     transaction_timeout_ms: int = Field(15000, ge=1000)
+    stall_timeout_s: float = Field(
+        300.0,
+        ge=5,
+        description="a batch without progress this long ends the process (stacks logged) for a restart",
+    )
 
 
 class RetrySettings(_Section):

@@ -27,8 +27,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from typing import Any
 
 from cassandra.cluster import ResponseFuture
@@ -44,6 +45,7 @@ from plumbing.metadata import connect, register_types
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
+from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
@@ -93,6 +95,7 @@ class Sink:
         self.cancellations = CancellationWatcher(settings)
         self._topics_seen: set[str] = set()
         self._topics_checked_at = 0.0
+        self.watchdog = Watchdog(conf.stall_timeout_s)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -103,6 +106,7 @@ class Sink:
         log.info("assembler consuming %s and %s", self.topics.frames, self.topics.decisions)
         try:
             while not stop.is_set():
+                self.watchdog.beat()
                 fetched = consume_available(self.consumer, conf.batch_size, conf.poll_s)
                 batch = [m for m in fetched if self._ok(m)]
                 if batch:
@@ -113,6 +117,7 @@ class Sink:
             self.workers.shutdown(wait=True)
             self.pool.shutdown(wait=True)
             self.cluster.shutdown()
+            self.watchdog.stop()
 
     def _ok(self, msg: Message) -> bool:
         if msg.error():
@@ -121,22 +126,29 @@ class Sink:
         return True
 
     def _transact(self, batch: list[Message], stop: threading.Event) -> None:
+        """Handle ``batch`` and commit its outputs and offsets in one transaction, trying again until done.
+
+        librdkafka's rules for a failed transactional call: a retriable error (a timeout: the operation
+        goes on in the background) means call it again; any other non-fatal error means abort the
+        transaction and start over; a fatal one (fenced) ends the process. The watchdog beats once per
+        attempt, so an attempt stuck in a call that keeps timing out ends in a restart, not a hang."""
         attempt = 0
         while True:
+            self.watchdog.beat()
             self.producer.begin_transaction()
             try:
                 for topic, key, value, headers in self.handle(batch):
                     self.producer.produce(topic, value, key, headers=headers)
-                self.producer.send_offsets_to_transaction(
-                    _next_offsets(batch), self.consumer.consumer_group_metadata(), 30
-                )
-                self.producer.commit_transaction(30)
+                group = self.consumer.consumer_group_metadata()
+                send_offsets = self.producer.send_offsets_to_transaction
+                self._call(partial(send_offsets, _next_offsets(batch), group, 30), stop)
+                self._call(partial(self.producer.commit_transaction, 30), stop)
                 return
             except Exception as exc:
-                self._abort()
                 kind = classify(exc)
-                if kind is None or (isinstance(exc, KafkaException) and exc.args[0].fatal()):
+                if kind is None:
                     raise
+                self._call(partial(self.producer.abort_transaction, 30), stop)
                 attempt += 1
                 delay = min(MAX_BACKOFF_S, 0.2 * 2**attempt)
                 log.warning(
@@ -151,13 +163,17 @@ class Sink:
                     raise
                 # The batch stays in hand: its offsets were not committed, so nothing is skipped.
 
-    def _abort(self) -> None:
-        try:
-            self.producer.abort_transaction(30)
-        except KafkaException as exc:
-            if exc.args[0].fatal():
-                raise
-            log.warning("abort failed: %s", exc)
+    @staticmethod
+    def _call(call: Callable[[], None], stop: threading.Event) -> None:
+        """A transactional call, made again for as long as librdkafka calls its error retriable."""
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable() or stop.is_set():
+                    raise
+                log.warning("%s; calling again", error.str())
 
     # -- one batch --------------------------------------------------------------------------------
     def handle(self, batch: Iterable[Message]) -> list[Out]:

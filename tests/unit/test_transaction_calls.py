@@ -1,0 +1,45 @@
+"""The sink's rule for a failed transactional call (librdkafka's): retriable means call it again."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from stream_processors.assembler.sink import Sink
+
+
+def failing(*errors: KafkaError):
+    """A call that raises ``errors`` in turn, then returns; it counts its calls."""
+    calls = []
+
+    def call() -> None:
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise KafkaException(errors[len(calls) - 1])
+
+    return call, calls
+
+
+def test_a_retriable_error_calls_again_until_it_succeeds():
+    timed_out = KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True)
+    call, calls = failing(timed_out, timed_out)
+    Sink._call(call, threading.Event())
+    assert len(calls) == 3
+
+
+def test_an_error_that_is_not_retriable_is_raised_at_once():
+    call, calls = failing(KafkaError(KafkaError._STATE, "abort required", txn_requires_abort=True))
+    with pytest.raises(KafkaException):
+        Sink._call(call, threading.Event())
+    assert len(calls) == 1
+
+
+def test_a_stopping_sink_does_not_call_again():
+    stop = threading.Event()
+    stop.set()
+    call, calls = failing(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+    with pytest.raises(KafkaException):
+        Sink._call(call, stop)
+    assert len(calls) == 1
