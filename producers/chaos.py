@@ -18,7 +18,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from infra.bootstrap import bootstrap
 from infra.launcher import down, status, up
@@ -30,6 +33,8 @@ from producers.client import Client, now_ms
 
 DRAIN_TIMEOUT_S = 300.0
 CHECK_EVERY_S = 5.0
+STALL_S = 60.0  # no request finished for this long: ask every stage for its stacks
+STALL_RESTART_S = 90.0
 # A run's tenants are its own (results live under their S3 prefixes) and unthrottled: after a broker
 # outage the submitter sends what fell due meanwhile in a burst, which rate limits would rightly refuse.
 UNTHROTTLED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
@@ -134,6 +139,8 @@ def chaos_settings(settings: Settings, plan: ChaosPlan) -> Settings:
                     "tenant_inflight_cap": {},
                 }
             ),
+            # A sink stuck in a call restarts (its watchdog) well within the drain window.
+            "assembler": settings.assembler.model_copy(update={"stall_timeout_s": STALL_RESTART_S}),
         }
     )
 
@@ -225,17 +232,58 @@ def _drain(
     run: Settings, report: ChaosReport, supervisor: Supervisor, last_fault: float, since_ms: int,
     echo: Callable[[str], None],
 ) -> tuple[float | None, DeliveryReport]:  # fmt: skip
-    """Wait until every submitted request is accounted for; the checker's final report."""
+    """Wait until every submitted request is accounted for; the checker's final report.
+
+    When the count of unfinished requests stops moving for `STALL_S`, every stage is asked for its
+    threads' stacks (SIGUSR1, see `plumbing.cli`); if the run then fails to drain, the stacks that show
+    the project's own code are printed with the lost requests' last status, so a hang can be located
+    from the output alone."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    unfinished: int | None = None
+    moved_at = time.monotonic()
+    dumps: dict[str, int] = {}  # stage -> its log's size when asked for stacks
     while True:
         supervisor.poll()
-        delivery = check_delivery(run, report.submitted, tenants(report.plan), since_ms=since_ms)
-        if not delivery.lost:
-            return time.monotonic() - last_fault, delivery
+        try:
+            delivery = check_delivery(run, report.submitted, tenants(report.plan), since_ms=since_ms)
+        except KafkaException as exc:  # a broker just restarted may refuse offset queries for a moment
+            echo(f"  delivery check failed ({exc.args[0].str()}); checking again")
+        else:
+            if not delivery.lost:
+                return time.monotonic() - last_fault, delivery
+            if len(delivery.lost) != unfinished:
+                unfinished, moved_at = len(delivery.lost), time.monotonic()
+                echo(f"  {unfinished} request(s) not finished yet")
         if time.monotonic() > deadline:
-            return None, delivery
-        echo(f"  {len(delivery.lost)} request(s) not finished yet")
+            final = check_delivery(
+                run, report.submitted, tenants(report.plan), since_ms=since_ms, read_status=True
+            )
+            for name, offset in dumps.items():
+                echo(_project_stacks(name, supervisor.log_dir / f"{name}.log", offset))
+            return None, final
+        if not dumps and time.monotonic() - moved_at > STALL_S:
+            echo(f"  no progress for {STALL_S:.0f} s: every stage writes its stacks to its log")
+            for name in supervisor.alive():
+                dumps[name] = (supervisor.log_dir / f"{name}.log").stat().st_size
+                supervisor.signal(name, signal.SIGUSR1)
         pause = time.monotonic() + CHECK_EVERY_S
         while time.monotonic() < pause:
             supervisor.poll()
             time.sleep(0.2)
+
+
+def _project_stacks(name: str, log: Path, offset: int) -> str:
+    """The threads of a faulthandler dump in ``log`` (written after ``offset``) that run project code."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    threads: list[list[str]] = []
+    for line in lines:
+        if line.startswith(("Current thread 0x", "Thread 0x")):
+            threads.append([line])
+        elif line.startswith("  File ") and threads:
+            threads[-1].append(line)
+    root = str(Path(__file__).resolve().parent.parent)
+    ours = [t for t in threads if any(root in f and "site-packages" not in f for f in t[1:])]
+    header = f"  {name}: {len(ours)} of {len(threads)} threads run project code"
+    return "\n".join([header, *(line for thread in ours for line in thread)])

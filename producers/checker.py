@@ -248,7 +248,7 @@ def check_delivery(
     if read_status:
         for record in read([topics.status]):
             if record.get("request_id") in submitted and "state" in record:
-                last_status[record["request_id"]] = str(record["state"])
+                last_status[record["request_id"]] = f"{record.get('stage')} {record['state']}"
 
     finished = submitted & completions.keys()
     seen_tenants |= {completions[i][0]["tenant_id"] for i in finished}
