@@ -7,13 +7,16 @@ stack to stderr (the stage's log, so the hang can be diagnosed) and exits with s
 (or the container's restart policy) starts the stage again and the uncommitted work is redelivered.
 
 Re-arming `faulthandler` restarts its timer thread, so `beat` re-arms at most once a second: the process
-exits between ``timeout_s - 1`` and ``timeout_s`` seconds after its last beat.
+exits between ``timeout_s - 1`` and ``timeout_s`` seconds after its last beat. `limit` holds one call
+to a tighter bound, for a call that has its own timeout and is known to overstay it at times.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 REARM_EVERY_S = 1.0
 
@@ -28,6 +31,16 @@ class Watchdog:
         if self._armed_at is None or now - self._armed_at >= REARM_EVERY_S:
             faulthandler.dump_traceback_later(self.timeout_s, exit=True)
             self._armed_at = now
+
+    @contextmanager
+    def limit(self, seconds: float) -> Iterator[None]:
+        """The process exits if the block takes longer than ``seconds``; the loop's timeout applies after."""
+        faulthandler.dump_traceback_later(seconds, exit=True)
+        try:
+            yield
+        finally:
+            self._armed_at = None
+            self.beat()
 
     def stop(self) -> None:
         faulthandler.cancel_dump_traceback_later()

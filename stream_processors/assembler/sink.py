@@ -54,6 +54,8 @@ from stream_processors.assembler.store import AssemblyStore, FrameRow, as_values
 log = logging.getLogger(__name__)
 TOPIC_REFRESH_S = 30.0
 MAX_BACKOFF_S = 10.0
+TXN_CALL_S = 30.0  # timeout of each transactional call
+TXN_CALL_MARGIN_S = 30.0  # how long past it a call may block before the process ends
 Out = tuple[str, bytes | None, bytes, Headers]
 
 
@@ -101,7 +103,8 @@ class Sink:
     def run(self, stop: threading.Event) -> None:
         conf = self.settings.assembler
         self.cancellations.start()
-        self.producer.init_transactions(30)
+        with self.watchdog.limit(TXN_CALL_S + TXN_CALL_MARGIN_S):
+            self.producer.init_transactions(TXN_CALL_S)
         self.consumer.subscribe([self.topics.frames, self.topics.decisions])
         log.info("assembler consuming %s and %s", self.topics.frames, self.topics.decisions)
         try:
@@ -141,14 +144,14 @@ class Sink:
                     self.producer.produce(topic, value, key, headers=headers)
                 group = self.consumer.consumer_group_metadata()
                 send_offsets = self.producer.send_offsets_to_transaction
-                self._call(partial(send_offsets, _next_offsets(batch), group, 30), stop)
-                self._call(partial(self.producer.commit_transaction, 30), stop)
+                self._call(partial(send_offsets, _next_offsets(batch), group, TXN_CALL_S), stop)
+                self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
                 return
             except Exception as exc:
                 kind = classify(exc)
                 if kind is None:
                     raise
-                self._call(partial(self.producer.abort_transaction, 30), stop)
+                self._call(partial(self.producer.abort_transaction, TXN_CALL_S), stop)
                 attempt += 1
                 delay = min(MAX_BACKOFF_S, 0.2 * 2**attempt)
                 log.warning(
@@ -163,12 +166,17 @@ class Sink:
                     raise
                 # The batch stays in hand: its offsets were not committed, so nothing is skipped.
 
-    @staticmethod
-    def _call(call: Callable[[], None], stop: threading.Event) -> None:
-        """A transactional call, made again for as long as librdkafka calls its error retriable."""
+    def _call(self, call: Callable[[], None], stop: threading.Event) -> None:
+        """A transactional call, made again for as long as librdkafka calls its error retriable.
+
+        Each call gets `TXN_CALL_S` (its own timeout) plus a margin before the process ends: after a
+        broker restart librdkafka 2.16 can block in ``send_offsets_to_transaction`` far beyond its timeout
+        (its coordinator request is never sent again, librdkafka issue #5511); only a new producer
+        recovers, and a restarted process is the clean way to get one."""
         while True:
             try:
-                return call()
+                with self.watchdog.limit(TXN_CALL_S + TXN_CALL_MARGIN_S):
+                    return call()
             except KafkaException as exc:
                 error = exc.args[0]
                 if not error.retriable() or stop.is_set():

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from plumbing.watchdog import Watchdog
 from stream_processors.assembler.sink import Sink
+
+
+@pytest.fixture
+def sink():
+    """What `Sink._call` needs of a sink: its watchdog (disarmed after the test, or it ends pytest)."""
+    watchdog = Watchdog(600)
+    yield SimpleNamespace(watchdog=watchdog)
+    watchdog.stop()
 
 
 def failing(*errors: KafkaError):
@@ -22,24 +32,24 @@ def failing(*errors: KafkaError):
     return call, calls
 
 
-def test_a_retriable_error_calls_again_until_it_succeeds():
+def test_a_retriable_error_calls_again_until_it_succeeds(sink):
     timed_out = KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True)
     call, calls = failing(timed_out, timed_out)
-    Sink._call(call, threading.Event())
+    Sink._call(sink, call, threading.Event())
     assert len(calls) == 3
 
 
-def test_an_error_that_is_not_retriable_is_raised_at_once():
+def test_an_error_that_is_not_retriable_is_raised_at_once(sink):
     call, calls = failing(KafkaError(KafkaError._STATE, "abort required", txn_requires_abort=True))
     with pytest.raises(KafkaException):
-        Sink._call(call, threading.Event())
+        Sink._call(sink, call, threading.Event())
     assert len(calls) == 1
 
 
-def test_a_stopping_sink_does_not_call_again():
+def test_a_stopping_sink_does_not_call_again(sink):
     stop = threading.Event()
     stop.set()
     call, calls = failing(KafkaError(KafkaError._TIMED_OUT, retriable=True))
     with pytest.raises(KafkaException):
-        Sink._call(call, stop)
+        Sink._call(sink, call, stop)
     assert len(calls) == 1

@@ -13,6 +13,14 @@ dog = Watchdog(2.0)
 for _ in range(int(sys.argv[1])):  # a loop that beats, then one that hangs
     dog.beat()
     time.sleep(0.1)
+if sys.argv[2] == "overstay":
+    def a_call_past_its_limit():
+        with dog.limit(1.0):
+            time.sleep(60)
+    with dog.limit(1.0):
+        time.sleep(0.2)  # within the limit: the loop's timeout applies again after it
+    time.sleep(1.5)
+    a_call_past_its_limit()
 if sys.argv[2] == "hang":
     def stuck_in_a_call():
         time.sleep(60)
@@ -41,3 +49,10 @@ def test_a_loop_that_stops_beating_exits_with_its_stack_in_the_log():
 def test_stop_disarms_it():
     done, _ = run(beats=1, then="stop")  # then idles for longer than the timeout, disarmed
     assert done.returncode == 0 and "alive" in done.stdout, done.stderr
+
+
+def test_a_call_that_overstays_its_limit_ends_the_process_sooner_than_the_loop_timeout():
+    done, took = run(beats=1, then="overstay")
+    assert done.returncode == 1
+    assert "Timeout (0:00:01)!" in done.stderr and "a_call_past_its_limit" in done.stderr
+    assert took < 10.0
