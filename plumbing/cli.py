@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings.load()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack
+    faulthandler.enable()  # a crash in a C extension (SIGSEGV, SIGABRT, ...) logs every thread's stack
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # and so does `kill -USR1 <pid>`
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
