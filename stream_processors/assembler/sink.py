@@ -98,6 +98,7 @@ class Sink:
         self._topics_seen: set[str] = set()
         self._topics_checked_at = 0.0
         self.watchdog = Watchdog(conf.stall_timeout_s)
+        self.failures = 0  # batches failed in a row (the pause before fetching again grows with it)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -129,42 +130,56 @@ class Sink:
         return True
 
     def _transact(self, batch: list[Message], stop: threading.Event) -> None:
-        """Handle ``batch`` and commit its outputs and offsets in one transaction, trying again until done.
+        """Handle ``batch`` and commit its outputs and offsets in one transaction.
 
         librdkafka's rules for a failed transactional call: a retriable error (a timeout: the operation
         goes on in the background) means call it again; any other non-fatal error means abort the
-        transaction and start over; a fatal one (fenced) ends the process. The watchdog beats once per
-        attempt, so an attempt stuck in a call that keeps timing out ends in a restart, not a hang."""
-        attempt = 0
-        while True:
-            self.watchdog.beat()
-            self.producer.begin_transaction()
+        transaction; a fatal one (fenced) ends the process. After an abort the consumer is rewound to the
+        batch and the loop polls again after a growing pause: polling keeps the consumer in its group (a
+        sink that retried in place with a membership lost in a broker outage got UNKNOWN_MEMBER_ID for
+        ever), and partitions that moved to another sink in the meantime are simply not fetched again."""
+        self.producer.begin_transaction()
+        try:
+            for topic, key, value, headers in self.handle(batch):
+                self.producer.produce(topic, value, key, headers=headers)
+            group = self.consumer.consumer_group_metadata()
+            send_offsets = self.producer.send_offsets_to_transaction
+            self._call(partial(send_offsets, _next_offsets(batch), group, TXN_CALL_S), stop)
+            self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
+            self.failures = 0
+            return
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None:
+                raise
+            self._call(partial(self.producer.abort_transaction, TXN_CALL_S), stop)
+            self.failures += 1
+            delay = min(MAX_BACKOFF_S, 0.2 * 2**self.failures)
+            log.warning(
+                "batch of %d failed (%s, failure %d in a row); fetching it again in %.1f s: %s",
+                len(batch),
+                kind.value,
+                self.failures,
+                delay,
+                exc,
+            )
+        self._rewind(batch)
+        stop.wait(delay)
+
+    def _rewind(self, batch: list[Message]) -> None:
+        """Seek back to the first offset of each partition of ``batch``: none of it was committed.
+
+        A partition this sink no longer owns cannot be sought (its next owner starts from the committed
+        offset); one it still owns but cannot seek would go on past the batch, so the process ends and
+        the whole assignment restarts from the committed offsets."""
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for topic, partition, offset in _first_offsets(batch):
             try:
-                for topic, key, value, headers in self.handle(batch):
-                    self.producer.produce(topic, value, key, headers=headers)
-                group = self.consumer.consumer_group_metadata()
-                send_offsets = self.producer.send_offsets_to_transaction
-                self._call(partial(send_offsets, _next_offsets(batch), group, TXN_CALL_S), stop)
-                self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
-                return
-            except Exception as exc:
-                kind = classify(exc)
-                if kind is None:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException:
+                if (topic, partition) in owned:
                     raise
-                self._call(partial(self.producer.abort_transaction, TXN_CALL_S), stop)
-                attempt += 1
-                delay = min(MAX_BACKOFF_S, 0.2 * 2**attempt)
-                log.warning(
-                    "batch of %d failed (%s, attempt %d); retrying in %.1f s: %s",
-                    len(batch),
-                    kind.value,
-                    attempt,
-                    delay,
-                    exc,
-                )
-                if stop.wait(delay):
-                    raise
-                # The batch stays in hand: its offsets were not committed, so nothing is skipped.
+                log.info("%s[%d] is no longer this sink's; the next owner fetches it", topic, partition)
 
     def _call(self, call: Callable[[], None], stop: threading.Event) -> None:
         """A transactional call, made again for as long as librdkafka calls its error retriable.
@@ -189,7 +204,7 @@ class Sink:
         in order, by one worker); deferred chores (index rows, staged-frame deletions) are done once for
         the batch, before its transaction commits. A message that fails is routed (retry topic or dead
         letter, inside the same transaction); back-pressure or an unknown error fails the whole batch
-        (retried in place, or the sink crashes), since nothing of it is committed."""
+        (fetched again after a pause, or the sink crashes), since nothing of it is committed."""
         chores = Chores()
         groups: dict[object, list[Message]] = {}
         for msg in batch:
@@ -229,7 +244,7 @@ class Sink:
                     record.get("tenant_id") if record else None,
                 )  # raises exc again when it is unknown
                 if routed is None:
-                    raise  # back-pressure: the batch waits and is tried again in place
+                    raise  # back-pressure: the batch is fetched again after a pause
                 log.warning(
                     "%s %s: %s", "dead-lettered" if routed.dead else "retrying", original.coordinates, exc
                 )
@@ -450,6 +465,15 @@ class Chores:
             future.result()
         if self.keys:
             blobs.delete(bucket, self.keys)
+
+
+def _first_offsets(batch: Iterable[Message]) -> list[tuple[str, int, int]]:
+    firsts: dict[tuple[str, int], int] = {}
+    for msg in batch:
+        original = Original.of(msg)
+        key = (original.topic, original.partition)
+        firsts[key] = min(firsts.get(key, original.offset), original.offset)
+    return [(topic, partition, offset) for (topic, partition), offset in firsts.items()]
 
 
 def _next_offsets(batch: Iterable[Message]) -> list[TopicPartition]:
