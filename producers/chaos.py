@@ -49,6 +49,7 @@ class ChaosPlan:
     renderers: int = 2
     synthetic_ms: float = 20.0
     seed: int = field(default_factory=lambda: random.SystemRandom().randrange(1_000_000))
+    broker_down_s: float = 3.0  # how long each broker restart keeps it stopped (its start-up comes on top)
 
 
 def tenants(plan: ChaosPlan) -> tuple[str, ...]:
@@ -173,7 +174,7 @@ def run_chaos(
                 supervisor.poll()
                 time.sleep(0.1)
             if fault.target == "broker":
-                _restart_broker(settings, supervisor, echo, attached)
+                _restart_broker(settings, supervisor, echo, attached, plan.broker_down_s)
                 report.broker_restarts += 1
             else:
                 _kill(supervisor, fault.target, echo)
@@ -216,11 +217,11 @@ def _kill(supervisor: Supervisor, name: str, echo: Callable[[str], None]) -> Non
 
 
 def _restart_broker(
-    settings: Settings, supervisor: Supervisor, echo: Callable[[str], None], attached: bool
+    settings: Settings, supervisor: Supervisor, echo: Callable[[str], None], attached: bool, down_s: float
 ) -> None:
     echo("  stopping the broker")
     down(settings, only=["kafka"], echo=lambda _: None)
-    pause = time.monotonic() + 3.0
+    pause = time.monotonic() + down_s
     while time.monotonic() < pause:
         supervisor.poll()
         time.sleep(0.1)

@@ -83,6 +83,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     chaos.add_argument("--duration", type=float, default=90.0, help="seconds of submissions and faults")
     chaos.add_argument("--kills", type=int, default=3, help="SIGKILLs per stage process")
     chaos.add_argument("--broker-restarts", type=int, default=2)
+    chaos.add_argument("--broker-down", type=float, default=3.0, help="seconds the broker stays stopped")
     chaos.add_argument("--renderers", type=int, default=2)
     chaos.add_argument("--synthetic-ms", type=float, default=20.0, help="device time per frame")
     chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
@@ -231,7 +232,13 @@ def _chaos(args: argparse.Namespace, settings: Settings) -> int:
     from producers.chaos import ChaosPlan, run_chaos
 
     plan = ChaosPlan(
-        args.requests, args.duration, args.kills, args.broker_restarts, args.renderers, args.synthetic_ms
+        args.requests,
+        args.duration,
+        args.kills,
+        args.broker_restarts,
+        args.renderers,
+        args.synthetic_ms,
+        broker_down_s=args.broker_down,
     )
     if args.seed is not None:
         plan = ChaosPlan(**{**plan.__dict__, "seed": args.seed})
