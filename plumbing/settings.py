@@ -147,6 +147,9 @@ class GatekeeperSettings(_Section):
     )
     stream_buffer_maxsize: int = Field(256, ge=1)
     commit_interval_s: float = 1.0
+    stall_timeout_s: float = Field(
+        120.0, ge=10, description="a request partition left unread this long ends the process for a restart"
+    )
     web_port: int | None = Field(None, description="faust's web server port; None disables it")
 
     @model_validator(mode="after")

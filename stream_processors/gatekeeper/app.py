@@ -38,6 +38,7 @@ from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
+from stream_processors.gatekeeper.stall import StallGuard
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,13 @@ def run(settings: Settings) -> None:
     backlog = BacklogMonitor(settings).start()
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)
     follower = CompletionFollower(settings, caps).start()
+    guard = StallGuard(settings).start()
     app = create_app(settings, make_gate(settings, cancellations, backlog, caps), caps)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
+        guard.stop()
         follower.stop()
         backlog.stop()
         cancellations.stop()
