@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from plumbing.errors import DeliveryError
@@ -77,7 +77,14 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
     first = consumer.poll(timeout_s)
     if first is None:
         return []
-    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+    messages = [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+    for msg in messages:
+        error = msg.error()
+        if error is not None and error.fatal():
+            # A fenced static member (its session lost in a broker outage) or a failed client: its
+            # stage must restart, or it would go on polling a consumer that never delivers again.
+            raise KafkaException(error)
+    return messages
 
 
 def make_admin(settings: Settings) -> AdminClient:
