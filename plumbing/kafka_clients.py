@@ -12,8 +12,16 @@ import os
 import socket
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from plumbing.errors import DeliveryError
 from plumbing.headers import Headers
@@ -94,6 +102,34 @@ def make_admin(settings: Settings) -> AdminClient:
         "logger": LIBRDKAFKA_LOGGER,
     }
     return AdminClient(conf)
+
+
+def group_offsets(
+    admin: AdminClient, group: str, topics: list[str], timeout_s: float = 10.0
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per partition of those ``topics`` that exist: (what ``group`` committed there, 0 if nothing; its
+    log-end offset). Two batched admin requests after one metadata request per topic: a whole cluster's
+    metadata may be thousands of topics, and decoding it every second cost the gatekeeper a fifth of its
+    Python time under load."""
+    partitions = []
+    for topic in topics:
+        metadata = admin.list_topics(topic=topic, timeout=timeout_s).topics
+        if topic in metadata and metadata[topic].error is None:
+            partitions += [TopicPartition(topic, p) for p in metadata[topic].partitions]
+    if not partitions:
+        return {}
+    ends = {
+        (tp.topic, tp.partition): future.result().offset
+        for tp, future in admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in partitions}, request_timeout=timeout_s
+        ).items()
+    }
+    committed = {}
+    request = [ConsumerGroupTopicPartitions(group, partitions)]
+    for future in admin.list_consumer_group_offsets(request, request_timeout=timeout_s).values():
+        for tp in future.result().topic_partitions:
+            committed[(tp.topic, tp.partition)] = max(0, tp.offset)
+    return {key: (committed.get(key, 0), end) for key, end in ends.items()}
 
 
 def header_list(message: Message) -> list[tuple[str, bytes | None]]:

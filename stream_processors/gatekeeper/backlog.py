@@ -1,9 +1,9 @@
 """How much render work is waiting per pool and class, for load shedding.
 
-A thread asks the broker once a second, in two batched admin requests, for the log-end offsets of
-every render topic and the offsets the pool's renderer group has committed on them; the difference is
-the backlog of each (pool, class) in tasks. It also keeps the rate at which each backlog drains, so a
-shed request can be told when to come back (`retry_after_ms`).
+A thread asks the broker once a second, in two batched admin requests per pool (`group_offsets`),
+for the log-end offsets of its render topics and the offsets its renderer group has committed on them;
+the difference is the backlog of each (pool, class) in tasks. It also keeps the rate at which each
+backlog drains, so a shed request can be told when to come back (`retry_after_ms`).
 
 A class is overloaded when its backlog passes the bound in settings (``gatekeeper.shed_backlog``;
 HIGH has none by default). The gatekeeper then rejects new requests of that class with OVERLOADED:
@@ -17,10 +17,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
-from plumbing.kafka_clients import make_admin
+from plumbing.kafka_clients import group_offsets, make_admin
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 
@@ -84,42 +84,22 @@ class BacklogMonitor:
                 log.warning("backlog: %s", exc)
 
     def refresh(self, admin: AdminClient) -> None:
-        partitions: dict[tuple[str, str], list[TopicPartition]] = {}
-        for pool in self.settings.pools:
-            for priority in PRIORITIES:
-                topic = self.topics.render(pool, priority)
-                # One topic's metadata at a time: the whole cluster's may be thousands of topics, and
-                # decoding it every second cost the gatekeeper a fifth of its Python time under load.
-                metadata = admin.list_topics(topic=topic, timeout=10).topics
-                if topic in metadata and metadata[topic].error is None:
-                    partitions[(pool, priority.value)] = [
-                        TopicPartition(topic, p) for p in metadata[topic].partitions
-                    ]
-        ends = {
-            (tp.topic, tp.partition): future.result().offset
-            for tp, future in admin.list_offsets(
-                {tp: OffsetSpec.latest() for tps in partitions.values() for tp in tps}, request_timeout=10
-            ).items()
-        }
-        committed: dict[tuple[str, int], int] = {}
-        for pool in self.settings.pools:
-            group = f"{self.settings.kafka.topic_prefix}.renderer.{pool}"
-            tps = [tp for (p, _), tps in partitions.items() if p == pool for tp in tps]
-            request = [ConsumerGroupTopicPartitions(group, tps)]
-            for future in admin.list_consumer_group_offsets(request, request_timeout=10).values():
-                for tp in future.result().topic_partitions:
-                    committed[(tp.topic, tp.partition)] = max(0, tp.offset)
         now = time.monotonic()
         backlogs = {}
-        for key, tps in partitions.items():
-            done = sum(committed.get((tp.topic, tp.partition), 0) for tp in tps)
-            waiting = sum(
-                max(0, ends[(tp.topic, tp.partition)] - committed.get((tp.topic, tp.partition), 0))
-                for tp in tps
-            )
-            before = self._committed.get(key)
-            rate = (done - before[1]) / (now - before[0]) if before and now > before[0] else 0.0
-            self._committed[key] = (now, done)
-            backlogs[key] = Backlog(waiting, max(0.0, rate))
+        for pool in self.settings.pools:
+            topics = {priority.value: self.topics.render(pool, priority) for priority in PRIORITIES}
+            group = f"{self.settings.kafka.topic_prefix}.renderer.{pool}"
+            offsets = group_offsets(admin, group, list(topics.values()))
+            for priority, topic in topics.items():
+                partitions = [both for (t, _), both in offsets.items() if t == topic]
+                if not partitions:
+                    continue  # the topic does not exist (yet)
+                done = sum(committed for committed, _ in partitions)
+                waiting = sum(max(0, end - committed) for committed, end in partitions)
+                key = (pool, priority)
+                before = self._committed.get(key)
+                rate = (done - before[1]) / (now - before[0]) if before and now > before[0] else 0.0
+                self._committed[key] = (now, done)
+                backlogs[key] = Backlog(waiting, max(0.0, rate))
         with self._lock:
             self._backlogs = backlogs

@@ -17,10 +17,9 @@ import os
 import threading
 import time
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import KafkaException
 
-from plumbing.kafka_clients import make_admin
+from plumbing.kafka_clients import group_offsets, make_admin
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 
@@ -71,7 +70,7 @@ class StallGuard:
         admin = make_admin(self.settings)
         while not self._stop.wait(CHECK_EVERY_S):
             try:
-                offsets = self.offsets(admin)
+                offsets = group_offsets(admin, self.settings.gatekeeper.app_id, self.topics)
             except KafkaException as exc:  # a broker outage: the clock of each partition keeps running
                 log.warning("stall guard: %s", exc)
                 continue
@@ -84,22 +83,3 @@ class StallGuard:
                 )
                 logging.shutdown()
                 os._exit(EXIT_STATUS)
-
-    def offsets(self, admin: AdminClient) -> dict[tuple[str, int], tuple[int, int]]:
-        partitions = []
-        for topic in self.topics:
-            metadata = admin.list_topics(topic=topic, timeout=10).topics
-            if topic in metadata and metadata[topic].error is None:
-                partitions += [TopicPartition(topic, p) for p in metadata[topic].partitions]
-        ends = {
-            (tp.topic, tp.partition): future.result().offset
-            for tp, future in admin.list_offsets(
-                {tp: OffsetSpec.latest() for tp in partitions}, request_timeout=10
-            ).items()
-        }
-        request = [ConsumerGroupTopicPartitions(self.settings.gatekeeper.app_id, partitions)]
-        committed = {}
-        for future in admin.list_consumer_group_offsets(request, request_timeout=10).values():
-            for tp in future.result().topic_partitions:
-                committed[(tp.topic, tp.partition)] = max(0, tp.offset)
-        return {key: (committed.get(key, 0), end) for key, end in ends.items()}
