@@ -144,7 +144,8 @@ class Sink:
                 self.producer.produce(topic, value, key, headers=headers)
             group = self.consumer.consumer_group_metadata()
             send_offsets = self.producer.send_offsets_to_transaction
-            self._call(partial(send_offsets, _next_offsets(batch), group, TXN_CALL_S), stop)
+            ends = [TopicPartition(t, p, end) for (t, p), (_, end) in _offset_ranges(batch).items()]
+            self._call(partial(send_offsets, ends, group, TXN_CALL_S), stop)
             self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
             self.failures = 0
             return
@@ -173,7 +174,7 @@ class Sink:
         offset); one it still owns but cannot seek would go on past the batch, so the process ends and
         the whole assignment restarts from the committed offsets."""
         owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        for topic, partition, offset in _first_offsets(batch):
+        for (topic, partition), (offset, _) in _offset_ranges(batch).items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException:
@@ -467,22 +468,15 @@ class Chores:
             blobs.delete(bucket, self.keys)
 
 
-def _first_offsets(batch: Iterable[Message]) -> list[tuple[str, int, int]]:
-    firsts: dict[tuple[str, int], int] = {}
+def _offset_ranges(batch: Iterable[Message]) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per partition of ``batch``: its first offset and the offset after its last."""
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
     for msg in batch:
         original = Original.of(msg)
         key = (original.topic, original.partition)
-        firsts[key] = min(firsts.get(key, original.offset), original.offset)
-    return [(topic, partition, offset) for (topic, partition), offset in firsts.items()]
-
-
-def _next_offsets(batch: Iterable[Message]) -> list[TopicPartition]:
-    ends: dict[tuple[str, int], int] = {}
-    for msg in batch:
-        original = Original.of(msg)
-        key = (original.topic, original.partition)
-        ends[key] = max(ends.get(key, -1), original.offset + 1)
-    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in ends.items()]
+        first, end = ranges.get(key, (original.offset, original.offset + 1))
+        ranges[key] = (min(first, original.offset), max(end, original.offset + 1))
+    return ranges
 
 
 def run(settings: Settings) -> None:
