@@ -321,6 +321,10 @@ def test_a_blocked_text_is_rejected_as_moderated(fields: dict[str, Any], field: 
         "policy_version": policy.version,
         "source": "policy",
         "field": field,
+        "reason": "",
+        "model_version": None,
+        "score": None,
+        "scores": {},
     }
     assert field in completion["message"]
     assert tables.buckets == {}  # moderation comes before the rate limiter

@@ -242,7 +242,9 @@ def assert_decode_is_total(data: bytes) -> None:
 def test_every_record_round_trips(named: tuple[str, dict[str, Any]]) -> None:
     record, datum = named
     data = codec.encode(record, datum)
-    assert codec.decode_any(data) == (record, codec.decode(data, record))
+    name, decoded = codec.decode_any(data)
+    assert name == record
+    assert same(decoded, codec.decode(data, record))  # NaN != NaN, so not ==
     assert same(codec.decode(data, record), datum)
 
 
