@@ -106,6 +106,12 @@ def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None)
             compacting=True,
             deleting=False,
             internal=True,
+            # As faust's own changelog topics: a changelog is read by table recovery, never by a stream, so
+            # it must not count as an acked topic. With acks on, faust's livelock detector watches its
+            # partitions and, once this worker has written past the recovered position, logs "Stream has
+            # not started processing TP(...changelog...)" every few seconds from stream_processing_timeout
+            # (300 s) after start, though nothing is wrong.
+            acks=False,
             key_serializer="json",
             value_serializer="json",
         )
