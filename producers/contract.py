@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 ADMISSION = REPO / "stream_processors" / "gatekeeper" / "admission.py"
 INFLIGHT = REPO / "stream_processors" / "gatekeeper" / "inflight.py"
 DOC = REPO / "docs" / "producing.md"
-EXAMPLE = REPO / "examples" / "producer.py"
+EXAMPLE = REPO / "docs" / "example_producer.py"
 REGENERATE = "python -m producers.contract --write"
 _BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)", re.S)
 # Enum fields: Avro admits only their symbols, so a wrong value is undecodable, never a rejection.

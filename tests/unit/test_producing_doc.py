@@ -58,7 +58,7 @@ def test_the_doc_shows_the_example_file_verbatim():
     block = re.search(r"<!-- generated:example -->\n```python\n(.*?)```\n<!-- end:example -->", doc, re.S)
     assert block is not None, "docs/producing.md lost its example block"
     assert block.group(1) == contract.EXAMPLE.read_text(encoding="utf-8"), (
-        f"the example in docs/producing.md differs from examples/producer.py; run {contract.REGENERATE}"
+        f"the example in docs/producing.md differs from docs/example_producer.py; run {contract.REGENERATE}"
     )
 
 

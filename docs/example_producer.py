@@ -5,7 +5,7 @@ GenerationRequest with Avro single-object encoding, produces it to the request t
 keyed by tenant_id, follows the status topic and waits for the request's Completion on the completions
 topic (or on the tenant's reply topic with --reply-topic), then prints each output's presigned URL.
 
-    python examples/producer.py --schemas schemas --tenant acme "a lighthouse at dusk"
+    python docs/example_producer.py --schemas schemas --tenant acme "a lighthouse at dusk"
 
 Exit status: 0 when the request SUCCEEDED, 1 when it ended otherwise or no Completion came in time.
 """
@@ -116,7 +116,7 @@ def main() -> int:
         "scheduler": None,
         "reply_topic": args.reply_topic,
         "deadline_ms": now + int(args.timeout * 1000),  # no use to us later: it ends EXPIRED instead
-        "labels": {"sent-by": "examples/producer.py"},
+        "labels": {"sent-by": "docs/example_producer.py"},
         "created_at": now,
     }
     value = encode(schemas, "GenerationRequest", request)
