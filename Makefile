@@ -44,7 +44,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The PEER scenario runs Celery on Debian's redis-server (installed here when missing; root on our machines).
 bench: setup
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(AIGC) bench
 
 chaos: setup

@@ -106,6 +106,54 @@ def markdown(document: dict[str, Any]) -> str:
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
     ]
+    comparison = side_by_side(document["results"])
+    if comparison:
+        lines += ["## Ours against Celery + Redis (the same synthetic workload)", "", *comparison, ""]
     for name, result in document["results"].items():
         lines += [f"## {name}", "", "| figure | value |", "|---|---|", *_lines("", result), ""]
     return "\n".join(lines)
+
+
+SIDE_BY_SIDE = (
+    ("B1 overhead p50 / p99 at 10% load (ms)", ("B1", "load_10pct", "overhead_ms")),
+    ("B1 overhead p50 / p99 at 50% load (ms)", ("B1", "load_50pct", "overhead_ms")),
+    ("B3 HIGH queue wait p50 / p99, no LOW (ms)", ("B3", "baseline", "high_queue_wait_ms")),
+    ("B3 HIGH e2e p50 / p99, no LOW (ms)", ("B3", "baseline", "high_e2e_ms")),
+    ("B3 HIGH queue wait p50 / p99, LOW flood (ms)", ("B3", "flood", "high_queue_wait_ms")),
+    ("B3 HIGH e2e p50 / p99, LOW flood (ms)", ("B3", "flood", "high_e2e_ms")),
+)
+
+
+def side_by_side(results: dict[str, Any]) -> list[str]:
+    """Markdown rows comparing our B1-B3 with the peer's, where both ran."""
+    peer_results = results.get("PEER")
+    if not isinstance(peer_results, dict) or "B1" not in peer_results:
+        return []
+
+    def dig(root: Any, path: tuple[str, ...]) -> Any:
+        for key in path:
+            root = root.get(key) if isinstance(root, dict) else None
+        return root
+
+    def pct(value: Any) -> str:
+        if not isinstance(value, dict) or value.get("p50") is None:
+            return "-"
+        return f"{value['p50']:.0f} / {value['p99']:.0f} (n {value.get('n', '?')})"
+
+    rows = ["| figure | ours | Celery + Redis |", "|---|---|---|"]
+    for label, path in SIDE_BY_SIDE:
+        rows.append(f"| {label} | {pct(dig(results, path))} | {pct(dig(peer_results, path))} |")
+    for variant in ("baseline", "flood"):
+        ours, theirs = dig(results, ("B3", variant)), dig(peer_results, ("B3", variant))
+        counts = [
+            f"{d.get('high_completed', '-')} of {d.get('high_requests', '-')}" if isinstance(d, dict) else "-"
+            for d in (ours, theirs)
+        ]
+        rows.append(f"| B3 HIGH completed, {variant} | {counts[0]} | {counts[1]} |")
+    ours_b2, theirs_b2 = dig(results, ("B2", "completed_per_s")), dig(peer_results, ("B2", "completed_per_s"))
+    rows.append(
+        "| B2 completed requests/s, 0 ms service | "
+        + " | ".join(f"{v:.0f}" if isinstance(v, float) else "-" for v in (ours_b2, theirs_b2))
+        + " |"
+    )
+    return rows

@@ -395,6 +395,13 @@ def b7_scaling(settings: Settings, quick: bool) -> dict[str, Any]:
     return out
 
 
+def peer_celery(settings: Settings, quick: bool) -> dict[str, Any]:
+    """B1, B2 and B3's workload on Celery 5 + Redis (the peer), printed beside ours in the report."""
+    from bench.peer import peer
+
+    return peer(quick)
+
+
 SCENARIOS = {
     "T1": t1_tiny_model,
     "B1": b1_overhead,
@@ -404,4 +411,5 @@ SCENARIOS = {
     "B5": b5_batching,
     "B6": b6_video_sink,
     "B7": b7_scaling,
+    "PEER": peer_celery,
 }
