@@ -80,13 +80,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
     sub = dlq.add_subparsers(dest="dlq_verb", metavar="ACTION", required=True)
     ls = sub.add_parser("ls", help="count dead letters by stage and error kind, and by error code")
     _filter_flags(ls)
-    ls.set_defaults(handler=_ls)
+    ls.set_defaults(handler=_ls, needs=("kafka",))
     show = sub.add_parser(
         "show",
         help="print dead letters: error, attempts, times, original coordinates and the decoded original",
     )
     _filter_flags(show)
-    show.set_defaults(handler=_show)
+    show.set_defaults(handler=_show, needs=("kafka",))
     replay = sub.add_parser(
         "replay",
         help="send dead letters back to their original topics (a dry run unless --execute)",
@@ -100,7 +100,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     replay.add_argument(
         "--rate", type=float, default=50.0, help="messages per second at most (default: %(default)s)"
     )
-    replay.set_defaults(handler=_replay)
+    replay.set_defaults(handler=_replay, needs=("kafka", "cassandra"))
 
     check = verbs.add_parser(
         "check",
@@ -126,7 +126,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to read the topics (default: %(default)s)"
     )
-    check.set_defaults(handler=_check)
+    check.set_defaults(handler=_check, needs=("kafka", "cassandra", "s3"))
 
 
 def _filters(args: argparse.Namespace) -> Filters:
