@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from plumbing.errors import PipelineError
 from plumbing.settings import ENV_PREFIX, Settings
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--synthetic-ms", type=float, help="renderers use the synthetic backend (benchmarking)")
     run.add_argument("--no-restart", action="store_true", help="report a crashed stage but do not restart it")
+    run.add_argument("--log-dir", type=Path, help="stage logs here (default: <home>/logs)")
+    run.add_argument(
+        "--state-file", type=Path, help="keep each stage's pid and readiness here as JSON (for `aigc status`)"
+    )
     run.set_defaults(handler=_run)
     for module in (infra_cli, producers_cli):
         module.register(verbs)
@@ -71,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from plumbing.supervisor import run_pipeline
 
-    return run_pipeline(settings, args.renderers, args.synthetic_ms, restart=not args.no_restart)
+    return run_pipeline(
+        settings,
+        args.renderers,
+        args.synthetic_ms,
+        restart=not args.no_restart,
+        log_dir=args.log_dir,
+        state_file=args.state_file,
+    )
 
 
 LIBRDKAFKA = "librdkafka"  # the logger plumbing.kafka_clients gives librdkafka

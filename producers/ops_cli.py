@@ -1,4 +1,4 @@
-"""`aigc dlq ls | show | replay` and `aigc check`: operators' verbs over the dead letters and deliveries.
+"""`aigc up | status | down`, `aigc dlq ls | show | replay` and `aigc check`: operators' verbs.
 
 Kafka, the keyspace and the buckets come from the settings (AIGC_KAFKA__BOOTSTRAP_SERVERS,
 AIGC_KAFKA__TOPIC_PREFIX, AIGC_CASSANDRA__*, AIGC_S3__*). Exit status: 0 success, 1 failure (a check
@@ -71,6 +71,16 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    # Not "verbose": `aigc -v` (debug logging) owns that name in the parsed arguments.
+    parser.add_argument(
+        "--verbose",
+        dest="per_record",
+        action="store_true",
+        help="after the summary, one line per dead letter",
+    )
+
+
 def register(verbs: argparse._SubParsersAction) -> None:
     dlq = verbs.add_parser(
         "dlq",
@@ -78,8 +88,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Dead letters live on <prefix>.dlq.<stage> (AIGC_KAFKA__TOPIC_PREFIX). " + SERVICES,
     )
     sub = dlq.add_subparsers(dest="dlq_verb", metavar="ACTION", required=True)
-    ls = sub.add_parser("ls", help="count dead letters by stage and error kind, and by error code")
+    ls = sub.add_parser("ls", help="count dead letters by stage and reason (--verbose: one line each too)")
     _filter_flags(ls)
+    _verbose_flag(ls)
     ls.set_defaults(handler=_ls, needs=("kafka",))
     show = sub.add_parser(
         "show",
@@ -97,10 +108,31 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     _filter_flags(replay)
     replay.add_argument("--execute", action="store_true", help="really send (default: a dry run)")
+    _verbose_flag(replay)
     replay.add_argument(
         "--rate", type=float, default=50.0, help="messages per second at most (default: %(default)s)"
     )
     replay.set_defaults(handler=_replay, needs=("kafka", "cassandra"))
+
+    up = verbs.add_parser(
+        "up",
+        help="start the infrastructure and the pipeline in the background (make run)",
+        description="Starts Kafka, Cassandra and S3Proxy (as `aigc infra up`), creates topics, tables and "
+        "buckets, builds the tiny model if missing, then the stages under a background supervisor; returns "
+        "once every stage is ready. Stage logs: <AIGC_INFRA__RUN_DIR>/pipeline/. `aigc down` stops it all.",
+    )
+    up.add_argument(
+        "--renderers", type=int, default=1, help="renderer processes per pool (default: %(default)s)"
+    )
+    up.add_argument("--synthetic-ms", type=float, help="renderers use the synthetic backend (no model)")
+    up.set_defaults(handler=_up)
+    verbs.add_parser(
+        "status",
+        help="say whether each service and stage is ready; exit 1 if one is not",
+    ).set_defaults(handler=_status)
+    verbs.add_parser(
+        "down", help="stop the pipeline's stages, then the infrastructure this run directory started"
+    ).set_defaults(handler=_down)
 
     check = verbs.add_parser(
         "check",
@@ -129,6 +161,24 @@ def register(verbs: argparse._SubParsersAction) -> None:
     check.set_defaults(handler=_check, needs=("kafka", "cassandra", "s3"))
 
 
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.service import up
+
+    return up(settings, args.renderers, args.synthetic_ms)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.service import status
+
+    return status(settings)
+
+
+def _down(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.service import down
+
+    return down(settings)
+
+
 def _filters(args: argparse.Namespace) -> Filters:
     from producers.dlq import Filters
 
@@ -145,9 +195,14 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 
 def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.dlq import count, read_dead_letters
+    from producers.dlq import count, format_line, read_dead_letters
 
-    print(count(read_dead_letters(settings, _filters(args), timeout_s=args.timeout)).format())
+    entries = read_dead_letters(settings, _filters(args), timeout_s=args.timeout)
+    print(count(entries).format())
+    if args.per_record:
+        print()
+        for entry in entries:
+            print(format_line(entry))
     return 0
 
 
@@ -174,9 +229,11 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
         execute=args.execute,
         rate=args.rate,
         timeout_s=args.timeout,
-        echo=lambda line: print(line, flush=True),
     )
     print(report.summary())
+    if args.per_record:
+        print()
+        print("\n".join(report.lines()))
     return 1 if report.failed else 0
 
 

@@ -32,6 +32,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
+from plumbing.shutdown import exit_after
 from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
@@ -41,6 +42,7 @@ from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderat
 from stream_processors.gatekeeper.stall import StallGuard
 
 log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 10.0  # a stop with the broker reachable takes about a second
 
 
 def now_ms() -> int:
@@ -226,6 +228,14 @@ def _header_list(headers: Any) -> list[tuple[str, bytes | None]]:
     return list(headers)
 
 
+class BoundedWorker(faust.Worker):
+    """A faust worker that stops within `SHUTDOWN_GRACE_S` of SIGTERM or SIGINT, broker or not."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:  # mode's hook for SIGTERM and SIGINT
+        super()._schedule_shutdown(signal)
+        exit_after(SHUTDOWN_GRACE_S, "the gatekeeper")
+
+
 def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
     cancellations = CancellationWatcher(settings).start()
@@ -233,8 +243,9 @@ def run(settings: Settings) -> None:
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)
     follower = CompletionFollower(settings, caps).start()
     guard = StallGuard(settings).start()
+    settings.home.mkdir(parents=True, exist_ok=True)  # faust's datadir lives there; a fresh clone has none
     app = create_app(settings, make_gate(settings, cancellations, backlog, caps), caps)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker = BoundedWorker(app, loglevel=settings.log_level.lower(), quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
