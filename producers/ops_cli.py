@@ -114,6 +114,31 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     replay.set_defaults(handler=_replay, needs=("kafka", "cassandra"))
 
+    tenants = verbs.add_parser(
+        "tenants",
+        help="provision tenants: reply topic and quotas the gatekeeper applies",
+        description="Quotas live on the compacted <prefix>.tenants topic, which running gatekeepers follow "
+        "(a change applies within about a second); a tenant without quotas of its own gets its tier from "
+        "AIGC_GATEKEEPER__TENANT_TIERS / AIGC_GATEKEEPER__TIERS. Kafka from AIGC_KAFKA__BOOTSTRAP_SERVERS.",
+    )
+    tsub = tenants.add_subparsers(dest="tenants_verb", metavar="ACTION", required=True)
+    add = tsub.add_parser(
+        "add",
+        help="create TENANT's reply topic <prefix>.reply.<tenant> and set its quotas",
+        description="Quotas not given keep the tenant's current ones (or its tier's). Idempotent.",
+    )
+    add.add_argument("tenant")
+    add.add_argument("--rate", type=float, help="requests per second")
+    add.add_argument("--burst", type=float, help="requests at once after a quiet spell")
+    add.add_argument(
+        "--cost-rate", type=float, help="render cost (frames x steps x width x height) per second"
+    )
+    add.add_argument("--cost-burst", type=float, help="render cost at once")
+    add.set_defaults(handler=_tenants_add, needs=("kafka",))
+    tsub.add_parser("ls", help="tenants, their quotas and reply topics").set_defaults(
+        handler=_tenants_ls, needs=("kafka",)
+    )
+
     up = verbs.add_parser(
         "up",
         help="start the infrastructure and the pipeline in the background (make run)",
@@ -159,6 +184,41 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--timeout", type=float, default=60.0, help="seconds to read the topics (default: %(default)s)"
     )
     check.set_defaults(handler=_check, needs=("kafka", "cassandra", "s3"))
+
+
+def _tenants_add(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from producers.tenants import add_tenant
+
+    try:
+        changes, tier = add_tenant(
+            settings, args.tenant, args.rate, args.burst, args.cost_rate, args.cost_burst
+        )
+    except ValidationError as exc:
+        print(f"aigc tenants add: invalid quotas: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    for change in changes:
+        print(change)
+    print(
+        f"tenant {args.tenant}: {tier.requests_per_s:g} requests/s (burst {tier.request_burst:g}), "
+        f"cost {tier.cost_per_s:g}/s (burst {tier.cost_burst:g})"
+    )
+    return 0
+
+
+def _tenants_ls(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.tenants import list_tenants
+
+    print(f"{'tenant':<20} {'req/s':>8} {'burst':>6} {'cost/s':>10} {'cost burst':>10}  quotas  reply topics")
+    for t in list_tenants(settings):
+        q = t.tier
+        print(
+            f"{t.tenant_id:<20} {q.requests_per_s:>8g} {q.request_burst:>6g} {q.cost_per_s:>10.3g} "
+            f"{q.cost_burst:>10.3g}  {'own' if t.own_quotas else 'tier':<6}  "
+            + (", ".join(t.reply_topics) or "-")
+        )
+    return 0
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:

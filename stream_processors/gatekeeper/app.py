@@ -33,6 +33,7 @@ from plumbing.dead_letters import Original
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.shutdown import exit_after
+from plumbing.tenants import TenantQuotas
 from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
@@ -54,6 +55,7 @@ def make_gate(
     cancellations: CancellationWatcher | None,
     backlog: BacklogMonitor | None = None,
     caps: InflightCaps | None = None,
+    quotas: TenantQuotas | None = None,
 ) -> Gate:
     conf = settings.gatekeeper
     policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
@@ -67,6 +69,7 @@ def make_gate(
         cancellations.is_cancelled if cancellations else (lambda request_id, tenant_id: False),
         backlog.overloaded if backlog else (lambda pool, priority: None),
         caps.would_exceed if caps else (lambda tenant_id, priority, tasks: False),
+        quotas.tier_of if quotas else None,
     )
 
 
@@ -243,13 +246,15 @@ def run(settings: Settings) -> None:
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)
     follower = CompletionFollower(settings, caps).start()
     guard = StallGuard(settings).start()
+    quotas = TenantQuotas(settings).start()
     settings.home.mkdir(parents=True, exist_ok=True)  # faust's datadir lives there; a fresh clone has none
-    app = create_app(settings, make_gate(settings, cancellations, backlog, caps), caps)
+    app = create_app(settings, make_gate(settings, cancellations, backlog, caps, quotas), caps)
     worker = BoundedWorker(app, loglevel=settings.log_level.lower(), quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
         guard.stop()
+        quotas.stop()
         follower.stop()
         backlog.stop()
         cancellations.stop()
