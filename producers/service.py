@@ -89,6 +89,7 @@ def start_pipeline(
     """Start the stage supervisor in the background (unless running) and wait until every stage is ready."""
     paths = PipelinePaths.of(settings)
     pid = supervisor_pid(paths)
+    proc: subprocess.Popen[bytes] | None = None
     if pid is not None:
         echo(f"pipeline: already running (supervisor pid {pid})")
     else:
@@ -112,7 +113,8 @@ def start_pipeline(
         echo(f"pipeline: started (supervisor pid {pid}, logs in {paths.dir})")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if supervisor_pid(paths) is None:
+        # Our own child is asked directly: until it has exec'd, its command line is still ours.
+        if (proc.poll() is not None) if proc is not None else supervisor_pid(paths) is None:
             raise ServiceError(f"the supervisor exited; last lines of {paths.log}:\n{log_tail(paths.log)}")
         stages = stage_status(settings)
         if stages and all(s.ready for s in stages):
