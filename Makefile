@@ -11,7 +11,7 @@ UV_VERSION := 0.13.9
 M2 ?= $(HOME)/.m2/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit lint typecheck bench chaos lock infra-up infra-down clean
+.PHONY: setup demo run status down test test-unit lint typecheck bench chaos lock infra-up infra-down clean
 
 setup: $(VENV)/.installed infra/lib/.resolved
 
@@ -32,6 +32,17 @@ infra/lib/.resolved: infra/maven/pom.xml infra/maven/kafka/pom.xml infra/maven/c
 
 demo: setup
 	$(AIGC) demo
+
+# The pipeline as a background service for your own producers: `make run` starts the infrastructure and
+# the stages and returns once they are ready; `make status` says what runs; `make down` stops it all.
+run: setup
+	$(AIGC) up
+
+status: setup
+	$(AIGC) status
+
+down: setup
+	$(AIGC) down
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

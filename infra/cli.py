@@ -1,4 +1,4 @@
-"""`aigc infra up | down | status | bootstrap`."""
+"""`aigc infra up | down | status | bootstrap` and `aigc kafka <tool> ...`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,32 @@ def register(verbs: argparse._SubParsersAction) -> None:
     sub.add_parser("bootstrap", help="create missing topics, tables and buckets").set_defaults(
         handler=_bootstrap
     )
+    register_kafka(verbs)
+
+
+def register_kafka(verbs: argparse._SubParsersAction) -> None:
+    from infra.kafka_tools import TOOLS
+
+    kafka = verbs.add_parser(
+        "kafka",
+        help="Kafka's own admin tools (consumer groups, topics, ...) against the configured cluster",
+        description="Runs Kafka's command-line tools from infra/lib/kafka with --bootstrap-server from "
+        "AIGC_KAFKA__BOOTSTRAP_SERVERS; every other argument goes to the tool unchanged, e.g. "
+        "`aigc kafka groups --list`, `aigc kafka groups --describe --group aigc-gatekeeper`, "
+        "`aigc kafka topics --describe --topic aigc.requests.normal`.",
+    )
+    sub = kafka.add_subparsers(dest="kafka_tool", metavar="TOOL", required=True)
+    for tool, main_class in TOOLS.items():
+        # No option of our own ("+" prefix): every argument, --help included, is the tool's.
+        parser = sub.add_parser(tool, help=main_class, add_help=False, prefix_chars="+")
+        parser.add_argument("args", nargs="*", help="passed to the tool (--help: its help)")
+        parser.set_defaults(handler=_kafka_tool, needs=("kafka",))
+
+
+def _kafka_tool(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.kafka_tools import run_tool
+
+    return run_tool(settings, args.kafka_tool, args.args)
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:

@@ -57,7 +57,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
+    """The command line of process ``pid`` (empty when it is gone)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -71,7 +72,7 @@ def owned_pid(service: Service) -> int | None:
         pid = int(service.pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    args = _cmdline(pid)
+    args = cmdline(pid)
     if f"-Daigc.run={service.run_dir}" in args and f"-Daigc.service={service.name}" in args:
         return pid
     return None

@@ -3,6 +3,10 @@
 Each package's ``cli`` module has ``register(subparsers)``; verbs import their heavy modules only when
 they run, so ``aigc --help`` works with nothing installed beyond the standard library and pydantic.
 Settings are read once here and passed down. Exit status: 0 success, 1 failure, 2 usage.
+
+A verb that needs services says so with ``set_defaults(needs=("kafka", ...))``: they are checked
+before it runs, so one that is down fails the verb at once with one line naming it and its address.
+Such a verb is a client, not a stage: librdkafka's own log lines go to the debug log (``aigc -v``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from plumbing.errors import PipelineError
 from plumbing.settings import ENV_PREFIX, Settings
@@ -50,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--synthetic-ms", type=float, help="renderers use the synthetic backend (benchmarking)")
     run.add_argument("--no-restart", action="store_true", help="report a crashed stage but do not restart it")
+    run.add_argument("--log-dir", type=Path, help="stage logs here (default: <home>/logs)")
+    run.add_argument(
+        "--state-file", type=Path, help="keep each stage's pid and readiness here as JSON (for `aigc status`)"
+    )
     run.set_defaults(handler=_run)
     for module in (infra_cli, producers_cli):
         module.register(verbs)
@@ -67,7 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from plumbing.supervisor import run_pipeline
 
-    return run_pipeline(settings, args.renderers, args.synthetic_ms, restart=not args.no_restart)
+    return run_pipeline(
+        settings,
+        args.renderers,
+        args.synthetic_ms,
+        restart=not args.no_restart,
+        log_dir=args.log_dir,
+        state_file=args.state_file,
+    )
+
+
+LIBRDKAFKA = "librdkafka"  # the logger plumbing.kafka_clients gives librdkafka
+
+
+def _demote_to_debug(record: logging.LogRecord) -> bool:
+    """librdkafka's lines in a client verb are debug detail: the verb reports the failure itself."""
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """Errors a verb reports in one line: ours, the OS's, and Kafka's once a verb has loaded it."""
+    errors: tuple[type[BaseException], ...] = (PipelineError, RuntimeError, OSError)
+    kafka = sys.modules.get("confluent_kafka")
+    return (*errors, kafka.KafkaException) if kafka is not None else errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,11 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Handler = args.handler
+    needs = getattr(args, "needs", ())
+    if needs and not args.verbose:
+        logging.getLogger(LIBRDKAFKA).addFilter(_demote_to_debug)
     try:
+        if needs:
+            from plumbing.reachability import require
+
+            require(settings, needs)
         return int(handler(args, settings) or 0)
     except KeyboardInterrupt:
         return 130
-    except (PipelineError, RuntimeError, OSError) as exc:
+    except _client_errors() as exc:
         print(f"aigc {args.verb}: {exc}", file=sys.stderr)
         return 1
 

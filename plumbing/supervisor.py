@@ -6,12 +6,17 @@ each stage ready (by a line its log prints when it starts consuming), reports a 
 its exit code and the tail of its log, and restarts it after a growing back-off. Stopping (Ctrl-C or
 SIGTERM) asks every stage to finish its work in hand (SIGTERM), then kills what is left after a grace
 period. Children die with the supervisor even when it is killed outright (PR_SET_PDEATHSIG).
+
+With a state file (`aigc up` runs `aigc run` in the background with one), the supervisor writes what
+each stage is doing (pid, ready, restarts) there whenever it changes, so `aigc status` can answer
+from another process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -170,24 +175,57 @@ class Supervisor:
                 codes[name] = child.proc.wait()
         return codes
 
-    def run_until(self, stop: Callable[[], bool]) -> None:
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        """Each stage's pid, whether it is alive and ready, and how often it was restarted."""
+        return {
+            name: {
+                "pid": c.proc.pid,
+                "alive": c.proc.poll() is None,
+                "ready": c.ready_at is not None and c.proc.poll() is None,
+                "restarts": c.restarts,
+                "log": str(c.log),
+            }
+            for name, c in self.children.items()
+        }
+
+    def run_until(self, stop: Callable[[], bool], state_file: Path | None = None) -> None:
+        written = None
         while not stop():
             self.poll()
+            if state_file is not None and (state := self.snapshot()) != written:
+                write_state(state_file, {"supervisor": os.getpid(), "stages": state})
+                written = state
             time.sleep(0.2)
 
 
-def run_pipeline(settings: Settings, renderers: int, synthetic_ms: float | None, restart: bool) -> int:
+def write_state(path: Path, state: dict[str, object]) -> None:
+    """Replace ``path`` with ``state`` as JSON in one rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_pipeline(
+    settings: Settings,
+    renderers: int,
+    synthetic_ms: float | None,
+    restart: bool,
+    log_dir: Path | None = None,
+    state_file: Path | None = None,
+) -> int:
     """`aigc run`: start the stages, supervise them until Ctrl-C or SIGTERM, stop them cleanly."""
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
     supervisor = Supervisor(pipeline_stages(settings, renderers, synthetic_ms), settings.to_env(),
-                            settings.home / "logs", restart=restart)  # fmt: skip
+                            log_dir or settings.home / "logs", restart=restart)  # fmt: skip
     supervisor.start()
     try:
-        supervisor.run_until(lambda: bool(stopping))
+        supervisor.run_until(lambda: bool(stopping), state_file)
     finally:
         print("stopping the pipeline...", flush=True)
         codes = supervisor.stop()
-        print("stopped: " + ", ".join(f"{name} ({code})" for name, code in codes.items()))
+        print("stopped: " + ", ".join(f"{name} ({code})" for name, code in codes.items()), flush=True)
+        if state_file is not None:
+            write_state(state_file, {"supervisor": os.getpid(), "stopped": codes, "stages": {}})
     return 0

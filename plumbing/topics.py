@@ -100,6 +100,10 @@ class Topics:
         """Compacted changelog of one of the gatekeeper's faust tables (faust creates and owns it)."""
         return f"{self.prefix}.gatekeeper.{table}.changelog"
 
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}.tenants"
+
     def reply_prefix(self, tenant_id: str) -> str:
         """The prefix a tenant's reply topics must have: from settings, else ``<prefix>.reply.<tenant>``."""
         return self._settings.reply_topic_prefixes.get(tenant_id, f"{self.prefix}.reply.{tenant_id.lower()}")
@@ -176,6 +180,14 @@ class Topics:
                     "segment.ms": str(3600 * 1000),
                 },
                 "cancellations, compacted by request_id",
+            ),
+            TopicSpec(
+                self.tenants,
+                "TenantQuota",
+                "tenant_id",
+                1,
+                {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+                "each tenant's quotas (aigc tenants add), compacted by tenant_id, read whole by gatekeepers",
             ),
         ]
         for stage in Stage:

@@ -48,7 +48,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--timeout", type=float, default=300.0, help="seconds to --wait (default: %(default)s)"
     )
     submit.add_argument("--json", action="store_true", help="print the completion as JSON")
-    submit.set_defaults(handler=_submit)
+    submit.set_defaults(handler=_submit, needs=("kafka",))
 
     watch = verbs.add_parser("watch", help="tail completions and status events, human-readable")
     watch.add_argument("--request-id", action="append", help="only these requests (repeatable)")
@@ -57,11 +57,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
     watch.add_argument("--from-beginning", action="store_true", help="start at the beginning of the topics")
     watch.add_argument("--no-status", action="store_true", help="completions only")
     watch.add_argument("--timeout", type=float, help="stop after this many idle seconds (default: never)")
-    watch.set_defaults(handler=_watch)
+    watch.set_defaults(handler=_watch, needs=("kafka",))
 
     get = verbs.add_parser("get", help="print a request's state and outputs (from Cassandra)")
     get.add_argument("request_id")
-    get.set_defaults(handler=_get)
+    get.set_defaults(handler=_get, needs=("cassandra",))
 
     demo = verbs.add_parser(
         "demo",
@@ -93,7 +93,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     cancel.add_argument("request_id")
     cancel.add_argument("--tenant", default="demo", help="owner of the request (default: %(default)s)")
     cancel.add_argument("--reason")
-    cancel.set_defaults(handler=_cancel)
+    cancel.set_defaults(handler=_cancel, needs=("kafka",))
 
 
 def request_from_args(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Brings the local infrastructure up if it is not running, builds the tiny model if it is missing, starts
 the pipeline (gatekeeper, one renderer, assembler) under the supervisor, submits one image request and
-one 16-frame video request through the SDK, shows live progress bars from the status topic, prints each
-completion, downloads the outputs and says where they are. Whatever it started, it stops at the end.
+one 16-frame video request through the SDK, shows live progress from the status topic (bars on a
+terminal, one line per state change in a file or a pipe), prints each completion, downloads the
+outputs and says where they are. Whatever it started, it stops at the end.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from infra.bootstrap import bootstrap
 from infra.launcher import down, status, up
 from plumbing.blobs import BlobStore
@@ -23,6 +22,7 @@ from plumbing.settings import Settings
 from plumbing.supervisor import Supervisor, pipeline_stages
 from producers.cli import format_completion
 from producers.client import Client, now_ms
+from producers.progress import progress_view
 
 READY_TIMEOUT_S = 300.0
 TENANT = "demo"
@@ -56,40 +56,34 @@ def demo_requests(model: str) -> list[dict[str, Any]]:
 
 def follow(client: Client, requests: dict[str, dict[str, Any]], since_ms: int, timeout_s: float,
            supervisor: Supervisor) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Progress bars from status events until every request has its completion."""
-    bars = {}
-    interactive = sys.stdout.isatty()
-    for position, (request_id, req) in enumerate(requests.items()):
+    """Progress from status events until every request has its completion: bars on a terminal, one
+    line per state change in a file or a pipe."""
+    totals = {}
+    for request_id, req in requests.items():
         frames = req["video"]["num_frames"] if req.get("video") else req["num_images"]
         label = f"{'video' if req.get('video') else 'image'} {request_id[:8]}"
-        bars[request_id] = tqdm(total=frames * req["steps"], desc=label, position=position, unit="step",
-                                leave=True, dynamic_ncols=True, file=sys.stdout,
-                                mininterval=0.1 if interactive else 5.0)  # fmt: skip
+        totals[request_id] = (label, frames * req["steps"])
+    view = progress_view(totals)
     done_by_task: dict[str, dict[str, int]] = {rid: {} for rid in requests}
     completions: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
         supervisor.poll()
         rid = event.request_id
-        bar = bars[rid]
         if rid in completions:
             continue  # a status event that lost the race with its completion (another topic)
         if event.kind == "completion":
             completions[rid] = event.record
-            bar.n = bar.total if event.record["status"] == "SUCCEEDED" else bar.n
-            bar.set_postfix_str(event.record["status"])
-            bar.refresh()
+            succeeded = event.record["status"] == "SUCCEEDED"
+            view.update(rid, event.record["status"], totals[rid][1] if succeeded else None)
         elif event.record["state"] == "RUNNING" and event.record.get("progress"):
             done_by_task[rid][event.record["task_id"]] = event.record["progress"]["done"]
-            bar.n = min(bar.total, sum(done_by_task[rid].values()))
-            bar.set_postfix_str("rendering")
-            bar.refresh()
+            view.update(rid, "RUNNING", sum(done_by_task[rid].values()))
         else:
-            bar.set_postfix_str(event.record["state"].lower())
+            view.update(rid, event.record["state"])
         if len(completions) == len(requests) or time.monotonic() > deadline:
             break
-    for bar in bars.values():
-        bar.close()
+    view.close()
     return completions
 
 

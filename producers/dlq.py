@@ -27,10 +27,11 @@ covers what comes after. Dead letters of the same original message in one run ar
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -144,30 +145,44 @@ class DlqCounts:
     by_stage_kind: dict[tuple[str, str], int]
     by_code: dict[str, int]
     not_dead_letters: int  # messages on a dead-letter topic that are not DeadLetter records
+    by_stage_reason: dict[tuple[str, str, str], int] = field(default_factory=dict)  # stage, kind, code
 
     def format(self) -> str:
         lines = [f"dead letters: {self.total}"]
         if self.not_dead_letters:
             lines[0] += f" ({self.not_dead_letters} not decodable as DeadLetter)"
-        lines.append("by stage and error kind:")
-        lines += [f"  {s:<12} {k:<12} {n}" for (s, k), n in sorted(self.by_stage_kind.items())]
+        lines.append("by stage and reason (error kind, code):")
+        lines += [
+            f"  {s:<12} {k:<14} {c:<28} {n}"
+            for (s, k, c), n in sorted(self.by_stage_reason.items(), key=lambda x: (x[0][0], -x[1], x[0]))
+        ]
         lines.append("by error code:")
         lines += [f"  {c:<28} {n}" for c, n in sorted(self.by_code.items(), key=lambda x: (-x[1], x[0]))]
         return "\n".join(lines)
 
 
 def count(entries: Collection[DeadLetterEntry]) -> DlqCounts:
-    stage_kind: Counter[tuple[str, str]] = Counter()
-    codes: Counter[str] = Counter()
+    stage_reason: Counter[tuple[str, str, str]] = Counter()
     for e in entries:
         if e.record is None:
             kind = code = "(undecodable)"
         else:
             kind, code = e.record["error_kind"], e.record["error_code"] or "(none)"
-        stage_kind[(e.stage, kind)] += 1
-        codes[code] += 1
+        stage_reason[(e.stage, kind, code)] += 1
+    stage_kind: Counter[tuple[str, str]] = Counter()
+    codes: Counter[str] = Counter()
+    for (stage, kind, code), n in stage_reason.items():
+        stage_kind[(stage, kind)] += n
+        codes[code] += n
     bad = sum(1 for e in entries if e.record is None)
-    return DlqCounts(len(entries), dict(stage_kind), dict(codes), bad)
+    return DlqCounts(len(entries), dict(stage_kind), dict(codes), bad, dict(stage_reason))
+
+
+def format_line(entry: DeadLetterEntry) -> str:
+    """One line per dead letter (`dlq ls --verbose`): where, when, stage, reason and whose."""
+    r = entry.record
+    reason = f"{r['error_kind']} {r['error_code'] or '(none)'}" if r else f"({entry.problem})"
+    return f"{entry.coordinate}  {iso(entry.timestamp_ms)}  {entry.stage}  {reason}  {_who(entry)}"
 
 
 def preview(data: bytes | None, limit: int = PREVIEW_BYTES) -> str:
@@ -227,6 +242,9 @@ class ReplayAction(NamedTuple):
     coordinate: str  # dead letter's topic:partition:offset
     action: str  # "would send" (dry run), "sent", "skip" or "failed"
     reason: str
+    stage: str = ""  # the dead letter's stage and error code, for the summary
+    code: str = ""
+    why: str = ""  # the reason without what is particular to one record, for the summary
 
 
 @dataclass(frozen=True)
@@ -242,9 +260,19 @@ class ReplayReport:
         return bool(self.of("failed"))
 
     def summary(self) -> str:
+        """Counts by action, then by stage, error code and reason: a few lines however many records."""
         counts = Counter(a.action for a in self.actions)
         told = ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) or "nothing matched"
-        return f"replay{' (dry run: nothing sent; --execute sends)' if self.dry_run else ''}: {told}"
+        lines = [f"replay{' (dry run: nothing sent; --execute sends)' if self.dry_run else ''}: {told}"]
+        groups = Counter((a.stage, a.code, a.action + (f": {a.why}" if a.why else "")) for a in self.actions)
+        if groups:
+            lines.append("by stage and reason (error code, what replay does):")
+            lines += [f"  {s:<12} {c:<28} {w:<52} {n}" for (s, c, w), n in sorted(groups.items())]
+        return "\n".join(lines)
+
+    def lines(self) -> list[str]:
+        """One line per dead letter (`--verbose`)."""
+        return [f"{a.coordinate}  {a.action}: {a.reason}" for a in self.actions]
 
 
 class Pacer:
@@ -348,6 +376,8 @@ def replay(
                 else:
                     where = f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
                     action = ReplayAction(entry.coordinate, "sent", f"to {where} ({_who(entry)})")
+        code = (entry.record["error_code"] or "(none)") if entry.record else "(undecodable)"
+        action = action._replace(stage=entry.stage, code=code)
         actions.append(action)
         if echo is not None:
             echo(f"{action.coordinate}  {action.action}: {action.reason}")
@@ -365,25 +395,35 @@ def _decide(
 ) -> ReplayAction | None:
     """A skip (or a note that sending stopped), or None when the entry is to be sent."""
 
-    def skip(reason: str) -> ReplayAction:
-        return ReplayAction(entry.coordinate, "skip", reason)
+    def skip(reason: str, why: str) -> ReplayAction:
+        return ReplayAction(entry.coordinate, "skip", reason, why=why)
 
     problem = problems[entry.coordinate]
     if problem is not None:
-        return skip(problem)
+        return skip(problem, problem_kind(problem))
     record = entry.record
     assert record is not None
     if entry.request_id is not None and entry.request_id in finished:
-        return skip(f"already finished ({finished[entry.request_id]})")
+        status = finished[entry.request_id]
+        return skip(f"already finished ({status})", f"already finished ({status})")
     if entry.coordinate in replayed:
-        return skip(f"already replayed as {replayed[entry.coordinate]}")
+        return skip(f"already replayed as {replayed[entry.coordinate]}", "already replayed")
     if record["original_topic"] not in existing:
-        return skip(f"original topic {record['original_topic']} does not exist")
+        return skip(f"original topic {record['original_topic']} does not exist", "original topic missing")
     if _original(record) in sent_originals:
-        return skip(f"same original message as {sent_originals[_original(record)]}")
+        return skip(f"same original message as {sent_originals[_original(record)]}", "same original")
     if stopped is not None:
-        return skip(stopped)
+        return skip(stopped, "stopped after a failed send")
     return None
+
+
+def problem_kind(problem: str) -> str:
+    """A revalidation problem without its record's details: "invalid request (UNKNOWN_MODEL: no model
+    'x')" -> "invalid request (UNKNOWN_MODEL)"."""
+    match = re.match(r"(.*?) \((\w+)[:)]", problem)
+    if match:
+        return f"{match[1]} ({match[2]})"
+    return re.split(r" \(|: ", problem, maxsplit=1)[0]
 
 
 def _original(record: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""`aigc dlq ls | show | replay` and `aigc check`: operators' verbs over the dead letters and deliveries.
+"""`aigc up | status | down`, `aigc dlq ls | show | replay` and `aigc check`: operators' verbs.
 
 Kafka, the keyspace and the buckets come from the settings (AIGC_KAFKA__BOOTSTRAP_SERVERS,
 AIGC_KAFKA__TOPIC_PREFIX, AIGC_CASSANDRA__*, AIGC_S3__*). Exit status: 0 success, 1 failure (a check
@@ -71,6 +71,16 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    # Not "verbose": `aigc -v` (debug logging) owns that name in the parsed arguments.
+    parser.add_argument(
+        "--verbose",
+        dest="per_record",
+        action="store_true",
+        help="after the summary, one line per dead letter",
+    )
+
+
 def register(verbs: argparse._SubParsersAction) -> None:
     dlq = verbs.add_parser(
         "dlq",
@@ -78,15 +88,16 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Dead letters live on <prefix>.dlq.<stage> (AIGC_KAFKA__TOPIC_PREFIX). " + SERVICES,
     )
     sub = dlq.add_subparsers(dest="dlq_verb", metavar="ACTION", required=True)
-    ls = sub.add_parser("ls", help="count dead letters by stage and error kind, and by error code")
+    ls = sub.add_parser("ls", help="count dead letters by stage and reason (--verbose: one line each too)")
     _filter_flags(ls)
-    ls.set_defaults(handler=_ls)
+    _verbose_flag(ls)
+    ls.set_defaults(handler=_ls, needs=("kafka",))
     show = sub.add_parser(
         "show",
         help="print dead letters: error, attempts, times, original coordinates and the decoded original",
     )
     _filter_flags(show)
-    show.set_defaults(handler=_show)
+    show.set_defaults(handler=_show, needs=("kafka",))
     replay = sub.add_parser(
         "replay",
         help="send dead letters back to their original topics (a dry run unless --execute)",
@@ -97,10 +108,56 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     _filter_flags(replay)
     replay.add_argument("--execute", action="store_true", help="really send (default: a dry run)")
+    _verbose_flag(replay)
     replay.add_argument(
         "--rate", type=float, default=50.0, help="messages per second at most (default: %(default)s)"
     )
-    replay.set_defaults(handler=_replay)
+    replay.set_defaults(handler=_replay, needs=("kafka", "cassandra"))
+
+    tenants = verbs.add_parser(
+        "tenants",
+        help="provision tenants: reply topic and quotas the gatekeeper applies",
+        description="Quotas live on the compacted <prefix>.tenants topic, which running gatekeepers follow "
+        "(a change applies within about a second); a tenant without quotas of its own gets its tier from "
+        "AIGC_GATEKEEPER__TENANT_TIERS / AIGC_GATEKEEPER__TIERS. Kafka from AIGC_KAFKA__BOOTSTRAP_SERVERS.",
+    )
+    tsub = tenants.add_subparsers(dest="tenants_verb", metavar="ACTION", required=True)
+    add = tsub.add_parser(
+        "add",
+        help="create TENANT's reply topic <prefix>.reply.<tenant> and set its quotas",
+        description="Quotas not given keep the tenant's current ones (or its tier's). Idempotent.",
+    )
+    add.add_argument("tenant")
+    add.add_argument("--rate", type=float, help="requests per second")
+    add.add_argument("--burst", type=float, help="requests at once after a quiet spell")
+    add.add_argument(
+        "--cost-rate", type=float, help="render cost (frames x steps x width x height) per second"
+    )
+    add.add_argument("--cost-burst", type=float, help="render cost at once")
+    add.set_defaults(handler=_tenants_add, needs=("kafka",))
+    tsub.add_parser("ls", help="tenants, their quotas and reply topics").set_defaults(
+        handler=_tenants_ls, needs=("kafka",)
+    )
+
+    up = verbs.add_parser(
+        "up",
+        help="start the infrastructure and the pipeline in the background (make run)",
+        description="Starts Kafka, Cassandra and S3Proxy (as `aigc infra up`), creates topics, tables and "
+        "buckets, builds the tiny model if missing, then the stages under a background supervisor; returns "
+        "once every stage is ready. Stage logs: <AIGC_INFRA__RUN_DIR>/pipeline/. `aigc down` stops it all.",
+    )
+    up.add_argument(
+        "--renderers", type=int, default=1, help="renderer processes per pool (default: %(default)s)"
+    )
+    up.add_argument("--synthetic-ms", type=float, help="renderers use the synthetic backend (no model)")
+    up.set_defaults(handler=_up)
+    verbs.add_parser(
+        "status",
+        help="say whether each service and stage is ready; exit 1 if one is not",
+    ).set_defaults(handler=_status)
+    verbs.add_parser(
+        "down", help="stop the pipeline's stages, then the infrastructure this run directory started"
+    ).set_defaults(handler=_down)
 
     check = verbs.add_parser(
         "check",
@@ -126,7 +183,60 @@ def register(verbs: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to read the topics (default: %(default)s)"
     )
-    check.set_defaults(handler=_check)
+    check.set_defaults(handler=_check, needs=("kafka", "cassandra", "s3"))
+
+
+def _tenants_add(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from producers.tenants import add_tenant
+
+    try:
+        changes, tier = add_tenant(
+            settings, args.tenant, args.rate, args.burst, args.cost_rate, args.cost_burst
+        )
+    except ValidationError as exc:
+        print(f"aigc tenants add: invalid quotas: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    for change in changes:
+        print(change)
+    print(
+        f"tenant {args.tenant}: {tier.requests_per_s:g} requests/s (burst {tier.request_burst:g}), "
+        f"cost {tier.cost_per_s:g}/s (burst {tier.cost_burst:g})"
+    )
+    return 0
+
+
+def _tenants_ls(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.tenants import list_tenants
+
+    print(f"{'tenant':<20} {'req/s':>8} {'burst':>6} {'cost/s':>10} {'cost burst':>10}  quotas  reply topics")
+    for t in list_tenants(settings):
+        q = t.tier
+        print(
+            f"{t.tenant_id:<20} {q.requests_per_s:>8g} {q.request_burst:>6g} {q.cost_per_s:>10.3g} "
+            f"{q.cost_burst:>10.3g}  {'own' if t.own_quotas else 'tier':<6}  "
+            + (", ".join(t.reply_topics) or "-")
+        )
+    return 0
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.service import up
+
+    return up(settings, args.renderers, args.synthetic_ms)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.service import status
+
+    return status(settings)
+
+
+def _down(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.service import down
+
+    return down(settings)
 
 
 def _filters(args: argparse.Namespace) -> Filters:
@@ -145,9 +255,14 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 
 def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.dlq import count, read_dead_letters
+    from producers.dlq import count, format_line, read_dead_letters
 
-    print(count(read_dead_letters(settings, _filters(args), timeout_s=args.timeout)).format())
+    entries = read_dead_letters(settings, _filters(args), timeout_s=args.timeout)
+    print(count(entries).format())
+    if args.per_record:
+        print()
+        for entry in entries:
+            print(format_line(entry))
     return 0
 
 
@@ -174,9 +289,11 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
         execute=args.execute,
         rate=args.rate,
         timeout_s=args.timeout,
-        echo=lambda line: print(line, flush=True),
     )
     print(report.summary())
+    if args.per_record:
+        print()
+        print("\n".join(report.lines()))
     return 1 if report.failed else 0
 
 

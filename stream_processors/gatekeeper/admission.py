@@ -33,7 +33,7 @@ from typing import Any
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError, ValidationError
 from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
-from plumbing.settings import RequestLimits, Settings
+from plumbing.settings import RequestLimits, Settings, Tier
 from plumbing.topics import Stage, Topics
 from schemas.codec import Codec
 from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
@@ -91,6 +91,7 @@ class Gate:
         is_cancelled: Callable[[str, str], bool] = lambda request_id, tenant_id: False,
         overloaded: Callable[[str, str], int | None] = lambda pool, priority: None,
         busy: Callable[[str, str, int], bool] = lambda tenant_id, priority, tasks: False,
+        tier_of: Callable[[str], Tier] | None = None,  # a tenant's quotas (default: its tier in settings)
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -98,6 +99,7 @@ class Gate:
         self.is_cancelled = is_cancelled
         self.overloaded = overloaded
         self.busy = busy
+        self.tier_of = tier_of or settings.gatekeeper.tier_of
         self.topics = Topics(settings)
         self.window_ms = int(settings.gatekeeper.dedupe_window_s * 1000)
 
@@ -188,9 +190,7 @@ class Gate:
         if self.busy(tenant_id, priority, task_count(request, self.settings.gatekeeper.frames_per_task)):
             message = f"the tenant has as much {priority} work in flight as it may; retry when some finishes"
             return _decision("REJECTED", "TENANT_BUSY", message, retry_after_ms=BUSY_RETRY_AFTER_MS), None
-        taken = ratelimit.take(
-            buckets.get(tenant_id), self.settings.gatekeeper.tier_of(tenant_id), render_cost(request), now_ms
-        )
+        taken = ratelimit.take(buckets.get(tenant_id), self.tier_of(tenant_id), render_cost(request), now_ms)
         if taken.reason == "COST_EXCEEDS_TIER":
             message = "the request costs more than the tenant's tier allows at once"
             return _decision("REJECTED", "COST_EXCEEDS_TIER", message), None

@@ -32,6 +32,8 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
+from plumbing.shutdown import exit_after
+from plumbing.tenants import TenantQuotas
 from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
@@ -41,6 +43,7 @@ from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderat
 from stream_processors.gatekeeper.stall import StallGuard
 
 log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 10.0  # a stop with the broker reachable takes about a second
 
 
 def now_ms() -> int:
@@ -52,6 +55,7 @@ def make_gate(
     cancellations: CancellationWatcher | None,
     backlog: BacklogMonitor | None = None,
     caps: InflightCaps | None = None,
+    quotas: TenantQuotas | None = None,
 ) -> Gate:
     conf = settings.gatekeeper
     policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
@@ -65,6 +69,7 @@ def make_gate(
         cancellations.is_cancelled if cancellations else (lambda request_id, tenant_id: False),
         backlog.overloaded if backlog else (lambda pool, priority: None),
         caps.would_exceed if caps else (lambda tenant_id, priority, tasks: False),
+        quotas.tier_of if quotas else None,
     )
 
 
@@ -232,6 +237,14 @@ def _header_list(headers: Any) -> list[tuple[str, bytes | None]]:
     return list(headers)
 
 
+class BoundedWorker(faust.Worker):
+    """A faust worker that stops within `SHUTDOWN_GRACE_S` of SIGTERM or SIGINT, broker or not."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:  # mode's hook for SIGTERM and SIGINT
+        super()._schedule_shutdown(signal)
+        exit_after(SHUTDOWN_GRACE_S, "the gatekeeper")
+
+
 def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
     cancellations = CancellationWatcher(settings).start()
@@ -239,12 +252,15 @@ def run(settings: Settings) -> None:
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)
     follower = CompletionFollower(settings, caps).start()
     guard = StallGuard(settings).start()
-    app = create_app(settings, make_gate(settings, cancellations, backlog, caps), caps)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    quotas = TenantQuotas(settings).start()
+    settings.home.mkdir(parents=True, exist_ok=True)  # faust's datadir lives there; a fresh clone has none
+    app = create_app(settings, make_gate(settings, cancellations, backlog, caps, quotas), caps)
+    worker = BoundedWorker(app, loglevel=settings.log_level.lower(), quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
         guard.stop()
+        quotas.stop()
         follower.stop()
         backlog.stop()
         cancellations.stop()

@@ -452,8 +452,20 @@ def test_cli_dlq_and_check(world: World, tmp_path):
 
     dry = aigc(world.settings, "dlq", "replay", "--error-kind", "retryable")
     assert dry.returncode == 0, dry.stderr
-    assert f"{p['coords']['exhausted']}  would send: to " in dry.stdout
-    assert f"{p['coords']['retired']}  skip: invalid request (UNKNOWN_MODEL" in dry.stdout
+    summary = dry.stdout.splitlines()
+    assert summary[0] == "replay (dry run: nothing sent; --execute sends): 1 skip, 1 would send"
+    assert summary[1].startswith("by stage and reason")
+    assert [line.split() for line in summary[2:]] == [
+        ["gatekeeper", "STORE_UNAVAILABLE", "skip:", "invalid", "request", "(UNKNOWN_MODEL)", "1"],
+        ["gatekeeper", "STORE_UNAVAILABLE", "would", "send", "1"],
+    ]  # a summary only: no line per dead letter without --verbose
+    verbose = aigc(world.settings, "dlq", "replay", "--error-kind", "retryable", "--verbose")
+    assert verbose.stdout.startswith(dry.stdout)
+    assert f"{p['coords']['exhausted']}  would send: to " in verbose.stdout
+    assert f"{p['coords']['retired']}  skip: invalid request (UNKNOWN_MODEL" in verbose.stdout
+    listed_verbose = aigc(world.settings, "dlq", "ls", "--verbose")
+    assert listed_verbose.stdout.startswith(listed.stdout.rstrip("\n"))
+    assert p["coords"]["render"] in listed_verbose.stdout and p["coords"]["render"] not in listed.stdout
     assert aigc(world.settings, "dlq", "replay", "--since", "yesterday-ish").returncode == 2
 
     done, missing = world.request()["request_id"], world.request()["request_id"]
