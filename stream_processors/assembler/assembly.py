@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from plumbing.blobs import BlobStore, StoredBlob, result_prefix
+from plumbing.errors import PermanentError
 from stream_processors.assembler.store import FrameRow, moderation_verdict, ms
 from stream_processors.assembler.video import decode_png, encode_image, encode_mp4
 
@@ -40,7 +41,18 @@ class Assembler:
     def pixels(self, frames: Sequence[FrameRow]) -> list[NDArray[np.uint8]]:
         """The staged frames decoded to RGB arrays, in frame order (downloaded in parallel)."""
         ordered = sorted(frames, key=lambda f: f.frame_index)
-        return list(self.pool.map(lambda f: decode_png(self.blobs.get(f.bucket, f.key)), ordered))
+        return list(self.pool.map(self._decode, ordered))
+
+    def _decode(self, frame: FrameRow) -> NDArray[np.uint8]:
+        """One staged frame's pixels; one that cannot be decoded can never be checked or published, so it
+        is a permanent failure (its FramesRendered message is dead-lettered), not a crash."""
+        try:
+            return decode_png(self.blobs.get(frame.bucket, frame.key))
+        except ValueError as exc:
+            raise PermanentError(
+                f"staged frame {frame.frame_index} (s3://{frame.bucket}/{frame.key}) is not an image: {exc}",
+                code="UNDECODABLE_FRAME",
+            ) from exc
 
     def assemble(
         self,

@@ -6,16 +6,20 @@ The real detector on real pixels is covered by tests/integration/test_output_che
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from plumbing.errors import ErrorKind, PermanentError, classify
 from plumbing.settings import AssemblerSettings
 from schemas.codec import default_codec
-from stream_processors.assembler.assembly import completion_from_row
+from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.output_check import Detection, OutputVerdict, decide, policy_version
-from stream_processors.assembler.store import moderation_row, moderation_verdict
+from stream_processors.assembler.store import FrameRow, moderation_row, moderation_verdict
+from stream_processors.assembler.video import encode_image
 
 UNSAFE = {"BUTTOCKS_EXPOSED": 0.5, "ANUS_EXPOSED": 0.3}
 
@@ -140,3 +144,31 @@ def test_the_completion_of_a_blocked_row_encodes_with_the_verdict_and_no_outputs
     assert decoded["moderation"] == OUTPUT_VERDICT
     assert decoded["outputs"] == []
     assert (decoded["status"], decoded["reason_code"]) == ("REJECTED", "OUTPUT_MODERATED")
+
+
+class Blobs:
+    """Staged objects by key (a stand-in for the S3 store: only ``get`` is used here)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.objects[key]
+
+
+def staged(index: int) -> FrameRow:
+    return FrameRow(index, "t.0", "staging", f"f{index}", "", 0, 0, 0, 0)
+
+
+def test_frames_are_checked_in_frame_order_and_an_undecodable_one_is_a_permanent_named_error() -> None:
+    red, blue = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    blobs = Blobs({"f0": encode_image(red, "PNG"), "f1": encode_image(blue, "PNG"), "f2": b"not a png"})
+    with ThreadPoolExecutor(2) as pool:
+        assembler = Assembler(blobs, "results", "quarantine", pool)  # type: ignore[arg-type]
+        pixels = assembler.pixels([staged(1), staged(0)])
+        assert [p[0, 0].tolist() for p in pixels] == [[255, 0, 0], [0, 0, 255]]
+        with pytest.raises(PermanentError, match="staged frame 2") as failed:
+            assembler.pixels([staged(0), staged(2)])
+    assert failed.value.code == "UNDECODABLE_FRAME"
+    assert classify(failed.value) is ErrorKind.PERMANENT
