@@ -1,5 +1,5 @@
 """Bootstrap from one declarative source each: topics (`plumbing.topics`), keyspace and tables
-(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings`).
+(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings` and the assembler's quarantine bucket).
 
 Every step creates what is missing and leaves what matches alone, so re-running it changes nothing;
 `bootstrap` returns the list of changes it made (empty on a second run).
@@ -151,7 +151,11 @@ def ensure_buckets(settings: Settings) -> list[str]:
     store = BlobStore(settings.s3)
     return [
         f"bucket {bucket}: created"
-        for bucket in (settings.s3.staging_bucket, settings.s3.results_bucket)
+        for bucket in (
+            settings.s3.staging_bucket,
+            settings.s3.results_bucket,
+            settings.assembler.quarantine_bucket,
+        )
         if store.ensure_bucket(bucket)
     ]
 

@@ -219,6 +219,34 @@ class AssemblerSettings(_Section):
         ge=5,
         description="a batch without progress this long ends the process (stacks logged) for a restart",
     )
+    output_check: bool = Field(
+        True, description="moderate every rendered image and video frame (nudenet) before publishing it"
+    )
+    output_unsafe_labels: dict[str, float] = Field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "FEMALE_GENITALIA_EXPOSED",
+                "MALE_GENITALIA_EXPOSED",
+                "FEMALE_BREAST_EXPOSED",
+                "BUTTOCKS_EXPOSED",
+                "ANUS_EXPOSED",
+            ),
+            0.5,
+        ),
+        description="nudenet label -> score (0..1) from which a detection blocks the request's output",
+    )
+    output_check_threads: int = Field(1, ge=1, description="CPU threads of the output detector")
+    quarantine_bucket: str = Field(
+        "aigc-quarantine", description="bucket of blocked outputs; operators only, never presigned"
+    )
+
+    @field_validator("output_unsafe_labels")
+    @classmethod
+    def _thresholds(cls, labels: dict[str, float]) -> dict[str, float]:
+        wrong = sorted(label for label, score in labels.items() if not 0.0 <= score <= 1.0)
+        if wrong:
+            raise ValueError(f"output_unsafe_labels thresholds must be in [0, 1]: {wrong}")
+        return labels
 
 
 class RetrySettings(_Section):

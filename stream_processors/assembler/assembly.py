@@ -5,6 +5,10 @@ row); produces objects in the results bucket under ``<tenant>/<yyyy>/<mm>/<dd>/<
 deterministic names, so assembling twice writes the same objects. Images are copied server-side when
 the format is unchanged (PNG) and re-encoded otherwise; a video is decoded frame by frame and encoded
 as H.264 MP4 at the requested fps.
+
+A request whose output moderation blocked it gets no result objects: its staged frames are copied to the
+quarantine bucket under the same prefix (``.../<request_id>/frame-<index>.png``), which no presigned URL
+is ever made for.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from plumbing.blobs import BlobStore, StoredBlob, result_prefix
-from stream_processors.assembler.store import FrameRow, ms
+from plumbing.errors import PermanentError
+from stream_processors.assembler.store import FrameRow, moderation_verdict, ms
 from stream_processors.assembler.video import decode_png, encode_image, encode_mp4
 
 CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MP4": "video/mp4"}
@@ -22,19 +30,57 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MP4": "mp4"}
 
 
 class Assembler:
-    def __init__(self, blobs: BlobStore, results_bucket: str, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, blobs: BlobStore, results_bucket: str, quarantine_bucket: str, pool: ThreadPoolExecutor
+    ) -> None:
         self.blobs = blobs
         self.bucket = results_bucket
+        self.quarantine_bucket = quarantine_bucket
         self.pool = pool
 
-    def assemble(self, request: dict[str, Any], frames: Sequence[FrameRow]) -> list[dict[str, Any]]:
-        """Store the final objects of ``request`` (a FramesRendered record) and describe them."""
+    def pixels(self, frames: Sequence[FrameRow]) -> list[NDArray[np.uint8]]:
+        """The staged frames decoded to RGB arrays, in frame order (downloaded in parallel)."""
+        ordered = sorted(frames, key=lambda f: f.frame_index)
+        return list(self.pool.map(self._decode, ordered))
+
+    def _decode(self, frame: FrameRow) -> NDArray[np.uint8]:
+        """One staged frame's pixels; one that cannot be decoded can never be checked or published, so it
+        is a permanent failure (its FramesRendered message is dead-lettered), not a crash."""
+        try:
+            return decode_png(self.blobs.get(frame.bucket, frame.key))
+        except ValueError as exc:
+            raise PermanentError(
+                f"staged frame {frame.frame_index} (s3://{frame.bucket}/{frame.key}) is not an image: {exc}",
+                code="UNDECODABLE_FRAME",
+            ) from exc
+
+    def assemble(
+        self,
+        request: dict[str, Any],
+        frames: Sequence[FrameRow],
+        pixels: Sequence[NDArray[np.uint8]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Store the final objects of ``request`` (a FramesRendered record) and describe them; a video is
+        encoded from ``pixels`` (the frames already decoded, in order) when given."""
         ordered = sorted(frames, key=lambda f: f.frame_index)
         prefix = result_prefix(request["tenant_id"], request["request_id"], request["created_at"])
         fmt = request["output_format"]
         if request["kind"] == "VIDEO":
-            return [self._video(request, ordered, prefix)]
+            return [self._video(request, ordered, prefix, pixels)]
         return list(self.pool.map(lambda f: self._image(request, f, prefix, fmt), ordered))
+
+    def quarantine(self, request: dict[str, Any], frames: Sequence[FrameRow]) -> str:
+        """Copy the staged frames of a blocked request to the quarantine bucket (server-side, same keys
+        on a second try); return the ``s3://`` prefix that holds them."""
+        prefix = result_prefix(request["tenant_id"], request["request_id"], request["created_at"])
+
+        def copy(f: FrameRow) -> None:
+            staged = StoredBlob(f.bucket, f.key, f.sha256, f.bytes)
+            key = f"{prefix}frame-{f.frame_index:05d}.png"
+            self.blobs.copy(staged, self.quarantine_bucket, key, CONTENT_TYPES["PNG"])
+
+        list(self.pool.map(copy, frames))
+        return f"s3://{self.quarantine_bucket}/{prefix}"
 
     def _image(self, request: dict[str, Any], frame: FrameRow, prefix: str, fmt: str) -> dict[str, Any]:
         key = f"{prefix}image-{frame.frame_index}.{EXTENSIONS[fmt]}"
@@ -58,8 +104,14 @@ class Assembler:
             "fps": None,
         }
 
-    def _video(self, request: dict[str, Any], frames: Sequence[FrameRow], prefix: str) -> dict[str, Any]:
-        pixels = list(self.pool.map(lambda f: decode_png(self.blobs.get(f.bucket, f.key)), frames))
+    def _video(
+        self,
+        request: dict[str, Any],
+        frames: Sequence[FrameRow],
+        prefix: str,
+        pixels: Sequence[NDArray[np.uint8]] | None,
+    ) -> dict[str, Any]:
+        pixels = list(pixels) if pixels is not None else self.pixels(frames)
         fps = int(request["fps"])
         data = encode_mp4(pixels, fps)
         stored = self.blobs.put(self.bucket, f"{prefix}video.mp4", data, CONTENT_TYPES["MP4"])
@@ -106,7 +158,7 @@ def completion_from_row(row: Any, blobs: BlobStore, presign_ttl_s: int) -> dict[
         "reason_code": row.reason_code,
         "message": row.message,
         "retry_after_ms": row.retry_after_ms,
-        "moderation": dict(row.moderation) if row.moderation else None,
+        "moderation": moderation_verdict(row.moderation),
         "outputs": outputs,
         "timings": {
             "queued_ms": row.queued_ms or 0,

@@ -17,6 +17,13 @@ Exactly one Completion per request_id, even when the sink dies between writing a
    names this very input, so the Completion is published again from the stored row;
 4. every other input for a finished request (a re-rendered frame, a late rejection) finds a row decided
    by another input and publishes nothing.
+
+Output moderation (`output_check`, on by default): once all frames of a request are in, every image and
+video frame is checked before any result object is written. A block copies the staged frames to the
+quarantine bucket and writes a REJECTED / OUTPUT_MODERATED terminal row (verdict, scores and quarantine
+location in its ``moderation`` map) through the same write-once path, so its Completion has the verdict
+and no outputs. The check is deterministic on the same pixels, so a repeated batch decides the same way,
+and once the row exists it is the stored row that is published.
 The transactional.id is stable per sink instance, so a restarted sink fences its predecessor and
 aborts its open transaction at once instead of after the transaction timeout.
 """
@@ -49,7 +56,15 @@ from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
-from stream_processors.assembler.store import AssemblyStore, FrameRow, as_values, output_rows, ts
+from stream_processors.assembler.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
+from stream_processors.assembler.store import (
+    AssemblyStore,
+    FrameRow,
+    as_values,
+    moderation_row,
+    output_rows,
+    ts,
+)
 
 log = logging.getLogger(__name__)
 TOPIC_REFRESH_S = 30.0
@@ -93,7 +108,12 @@ class Sink:
         self.workers = ThreadPoolExecutor(
             conf.concurrency, thread_name_prefix="request"
         )  # requests of a batch
-        self.assembler = Assembler(self.blobs, settings.s3.results_bucket, self.pool)
+        self.assembler = Assembler(self.blobs, settings.s3.results_bucket, conf.quarantine_bucket, self.pool)
+        self.output_check = (
+            OutputCheck(NudeNetDetector(conf.output_check_threads), conf.output_unsafe_labels)
+            if conf.output_check
+            else None
+        )
         self.cancellations = CancellationWatcher(settings)
         self._topics_seen: set[str] = set()
         self._topics_checked_at = 0.0
@@ -262,7 +282,7 @@ class Sink:
             "reason_code": completion.get("reason_code"),
             "message": completion.get("message"),
             "retry_after_ms": completion.get("retry_after_ms"),
-            "moderation": {k: str(v) for k, v in moderation.items()} if moderation else None,
+            "moderation": moderation_row(moderation),
             "outputs": [],
             "queued_ms": 0,
             "render_ms": 0,
@@ -319,9 +339,37 @@ class Sink:
             values = self._values(fr, origin, "CANCELLED", "CANCELLED", reason, [], frames)
             return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
         out = [self._status(fr, msg)]
-        outputs = self.assembler.assemble(fr, frames)
+        pixels = self.assembler.pixels(frames) if self.output_check or fr["kind"] == "VIDEO" else None
+        verdict = self.output_check.check(pixels) if self.output_check and pixels is not None else None
+        if verdict is not None:
+            return out + self._blocked(fr, frames, verdict, msg, origin, chores)
+        outputs = self.assembler.assemble(fr, frames, pixels)
         values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)
         return out + self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+
+    def _blocked(
+        self,
+        fr: dict[str, Any],
+        frames: list[FrameRow],
+        verdict: OutputVerdict,
+        msg: Message,
+        origin: str,
+        chores: Chores,
+    ) -> list[Out]:
+        """Quarantine a request whose output moderation blocked, and end it REJECTED with the verdict."""
+        assert self.output_check is not None
+        where = self.assembler.quarantine(fr, frames)
+        frame_index = sorted(f.frame_index for f in frames)[verdict.frame_index]
+        message = verdict.message(fr["kind"])
+        values = self._values(fr, origin, "REJECTED", REASON_CODE, message, [], frames)
+        values["moderation"] = moderation_row(
+            self.output_check.moderation(verdict),
+            frame_index=str(frame_index),
+            threshold=repr(verdict.threshold),
+            quarantine=where,
+        )
+        log.warning("%s: %s; frames quarantined in %s", fr["request_id"], message, where)
+        return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
 
     def _values(
         self,

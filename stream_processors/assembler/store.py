@@ -8,6 +8,7 @@ row, never by retrying blindly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -229,3 +230,47 @@ def output_rows(outputs: Sequence[dict[str, Any]]) -> list[OutputRow]:
         )
         for o in outputs
     ]
+
+
+# The moderation column is a map<text, text>; these fields of a ModerationVerdict are not text.
+_FLOAT_FIELDS = ("score",)
+_JSON_FIELDS = ("scores",)
+
+
+def moderation_row(verdict: Mapping[str, Any] | None, **extra: str) -> dict[str, str] | None:
+    """A ModerationVerdict (plus ``extra`` operator-only entries) as the row's text map: absent values are
+    left out, a score is written with repr (exact round trip), scores as JSON."""
+    if not verdict:
+        return None
+    row = {}
+    for key, value in verdict.items():
+        if value is None:
+            continue
+        row[key] = json.dumps(value, sort_keys=True) if key in _JSON_FIELDS else str(value)
+    return {**row, **extra}
+
+
+def moderation_verdict(row: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """The ModerationVerdict record of a row's moderation map (operator-only entries dropped; rows written
+    before a field existed get its schema default)."""
+    if not row:
+        return None
+    verdict: dict[str, Any] = {
+        "category": row.get("category", ""),
+        "policy_version": row.get("policy_version", ""),
+        "source": row.get("source", "policy"),
+        "field": row.get("field", "prompt"),
+        "reason": row.get("reason", ""),
+        "model_version": row.get("model_version"),
+        "score": None,
+        "scores": {},
+    }
+    for key in _FLOAT_FIELDS:
+        if row.get(key) not in (None, "None"):
+            verdict[key] = float(row[key])
+    for key in _JSON_FIELDS:
+        if row.get(key):
+            verdict[key] = {k: float(v) for k, v in json.loads(row[key]).items()}
+    if verdict["model_version"] == "None":  # written by str(None) before this codec existed
+        verdict["model_version"] = None
+    return verdict
