@@ -116,7 +116,7 @@ def _blocks(item: Check, where: str, keyed: bool) -> Check:
 def compile_check(schema: Any) -> Check:
     """The strict check of ``schema`` (fastavro's parsed form or JSON-shaped), compiled once."""
     names: dict[str, Check] = {}
-    where = schema.get("name", schema["type"]).rpartition(".")[2] if isinstance(schema, dict) else str(schema)
+    where = str(schema.get("name", schema["type"]) if isinstance(schema, dict) else schema).rpartition(".")[2]
     return _compile(schema, names, where, "")
 
 
