@@ -4,6 +4,12 @@ The terminal row of a request is written with ``INSERT ... IF NOT EXISTS`` (a Pa
 transaction), carrying ``decided_by``: the topic:partition:offset of the input that decided it. A
 timeout of that write is ambiguous (it may have been applied), so it is settled by a SERIAL read of the
 row, never by retrying blindly.
+
+A rejected request's ``tenant_id`` may be any text the producer sent (``%``, ``tenant:*``, control
+characters, U+10FFFF). The row stores it escaped (`stored_tenant_id`: percent-encoding, reversible with
+``urllib.parse.unquote``; a valid id is unchanged), so nothing that reads rows (the checker, ``aigc
+get``, the Completion published from the row) meets raw control characters, and ``reason_code`` and
+``message`` say why it was rejected.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from cassandra import ConsistencyLevel, WriteTimeout
 from cassandra.cluster import ResponseFuture, Session
@@ -162,6 +169,7 @@ class AssemblyStore:
 
     def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
         """Write the terminal row once; tell whether this call won and which row holds the state."""
+        values = {**values, "tenant_id": stored_tenant_id(values["tenant_id"])}
         params = tuple(values.get(column) for column in REQUEST_COLUMNS)
         try:
             result = self.session.execute(self._insert_terminal, params).one()
@@ -198,6 +206,13 @@ class AssemblyStore:
             "WHERE tenant_id = %s AND month = %s LIMIT %s"
         )
         return list(self.session.execute(statement, (tenant_id, month, limit)))
+
+
+def stored_tenant_id(tenant_id: str | None) -> str | None:
+    """``tenant_id`` as the terminal row stores it: every character outside ``[A-Za-z0-9_.~-]``
+    percent-encoded as UTF-8 (``urllib.parse.quote`` with nothing safe), so a valid id is unchanged and
+    ``unquote`` gives back exactly what the producer sent."""
+    return None if tenant_id is None else quote(tenant_id, safe="")
 
 
 class _Row:
