@@ -7,9 +7,9 @@ row, never by retrying blindly.
 
 A rejected request's ``tenant_id`` may be any text the producer sent (``%``, ``tenant:*``, control
 characters, U+10FFFF). The row stores it escaped (`stored_tenant_id`: percent-encoding, reversible with
-``urllib.parse.unquote``; a valid id is unchanged), so nothing that reads rows (the checker, ``aigc
-get``, the Completion published from the row) meets raw control characters, and ``reason_code`` and
-``message`` say why it was rejected.
+``urllib.parse.unquote``; a valid id is unchanged), so what reads the table (the checker, ``aigc get``)
+never meets raw control characters or path syntax, and ``reason_code`` and ``message`` say why it was
+rejected. The rows this module hands back carry the id as sent again, so the Completion echoes it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from cassandra import ConsistencyLevel, WriteTimeout
 from cassandra.cluster import ResponseFuture, Session
@@ -165,12 +165,15 @@ class AssemblyStore:
 
     def terminal(self, request_id: str) -> Any:
         """The terminal row of ``request_id``, or None while it is unfinished."""
-        return self.session.execute(self._terminal, (request_id,)).one()
+        return _as_sent(self.session.execute(self._terminal, (request_id,)).one())
 
     def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
-        """Write the terminal row once; tell whether this call won and which row holds the state."""
-        values = {**values, "tenant_id": stored_tenant_id(values["tenant_id"])}
-        params = tuple(values.get(column) for column in REQUEST_COLUMNS)
+        """Write the terminal row once; tell whether this call won and which row holds the state.
+
+        The row stores ``tenant_id`` escaped (`stored_tenant_id`); the rows handed back carry it as sent,
+        so the Completion published from them echoes the producer's tenant id exactly."""
+        stored = {**values, "tenant_id": stored_tenant_id(values["tenant_id"])}
+        params = tuple(stored.get(column) for column in REQUEST_COLUMNS)
         try:
             result = self.session.execute(self._insert_terminal, params).one()
         except WriteTimeout:
@@ -178,10 +181,10 @@ class AssemblyStore:
             row = self.session.execute(self._terminal_serial, (values["request_id"],)).one()
             if row is None:
                 return self.write_terminal(values)  # nothing was accepted: safe to propose again
-            return TerminalWrite(row.decided_by == values["decided_by"], row)
+            return TerminalWrite(row.decided_by == values["decided_by"], _as_sent(row))
         if result.applied:
             return TerminalWrite(True, _Row(values))
-        return TerminalWrite(False, result)
+        return TerminalWrite(False, _as_sent(result))
 
     def index_by_tenant_async(self, values: Mapping[str, Any]) -> ResponseFuture:
         created: datetime = values["created_at"] or values["finished_at"]
@@ -213,6 +216,13 @@ def stored_tenant_id(tenant_id: str | None) -> str | None:
     percent-encoded as UTF-8 (``urllib.parse.quote`` with nothing safe), so a valid id is unchanged and
     ``unquote`` gives back exactly what the producer sent."""
     return None if tenant_id is None else quote(tenant_id, safe="")
+
+
+def _as_sent(row: Any) -> Any:
+    """A stored row with its tenant id as the producer sent it (``unquote`` of what was stored)."""
+    if row is None or "%" not in (row.tenant_id or ""):
+        return row  # nothing escaped: the common case keeps the driver's row
+    return _Row({**as_values(row), "tenant_id": unquote(row.tenant_id)})
 
 
 class _Row:
