@@ -63,7 +63,8 @@ class BackPressure(PipelineError):
 class DecodeError(PermanentError):
     """Bytes that are not a valid Avro single-object message of an expected schema.
 
-    ``code`` is one of EMPTY, TRUNCATED, BAD_MARKER, UNKNOWN_SCHEMA, WRONG_SCHEMA, BAD_BODY, TRAILING_BYTES.
+    ``code`` is one of `schemas.codec.DECODE_CODES` (EMPTY, TRUNCATED, BAD_MARKER, UNKNOWN_SCHEMA, BAD_BODY,
+    BAD_ENUM_INDEX, BAD_UNION_INDEX, BAD_VARINT, BAD_LENGTH, ...).
     """
 
     code = "UNDECODABLE"

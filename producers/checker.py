@@ -4,7 +4,9 @@ Consumes, read-only: ``aigc.completions``, every ``aigc.dlq.<stage>`` (optionall
 the request topics for `submitted_since`), each from a timestamp or the beginning up to the high
 watermarks captured when the read started, with manually assigned partitions and no committed offsets;
 the ``<ks>.requests`` (and ``requests_by_tenant``) tables; the results and staging buckets under each
-tenant's prefix. Produces a `DeliveryReport`:
+valid tenant id's prefix (a row of a request rejected for its tenant id holds that id escaped, and no
+object was ever stored under it: no S3 prefix is built from anything but a validated id). Any id can be
+checked: one that could never be a Cassandra key is simply not looked up. Produces a `DeliveryReport`:
 
 - lost: submitted ids with neither a completion nor a dead letter;
 - duplicates: ids with more than one completion (the sink promises exactly one);
@@ -38,6 +40,7 @@ from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
 from schemas.codec import Codec, default_codec
+from schemas.validation import ID_PATTERN
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -317,7 +320,8 @@ def select_rows(session: Session, keyspace: str, request_ids: Collection[str]) -
     select = session.prepare(
         f"SELECT request_id, tenant_id, status FROM {keyspace}.requests WHERE request_id IN ?"
     )
-    ordered = sorted(request_ids)
+    # An id that cannot be a partition key (empty, or over 64 KiB) has no row; asking would be an error.
+    ordered = sorted(i for i in request_ids if 0 < len(i.encode("utf-8", "surrogatepass")) <= 65535)
     rows: list[Any] = []
     for start in range(0, len(ordered), IN_CHUNK):
         rows += list(session.execute(select, (ordered[start : start + IN_CHUNK],)))
@@ -344,7 +348,9 @@ def _orphan_objects(
     floor = None if since_ms is None else since_ms // 1000 * 1000
     blobs = BlobStore(settings.s3)
     orphans = []
-    for tenant in tenants:
+    # Keys are built from validated ids only, so a tenant id that is not one (a rejected request's,
+    # stored escaped) never had an object, and a prefix made of it is not a question to ask S3.
+    for tenant in (t for t in tenants if ID_PATTERN.fullmatch(t)):
         # <tenant>/<yyyy>/<mm>/<dd>/<request_id>/<file>: the request id is the fifth segment.
         for key in _keys(blobs, settings.s3.results_bucket, f"{tenant}/", floor):
             parts = key.split("/")

@@ -6,9 +6,15 @@ schema's parsing canonical form, then the Avro binary body. The codec knows ever
 schema by fingerprint and resolves it to the current schema of the same record: data written by an older
 producer is read with today's fields, new ones taking their defaults.
 
+Decoding is strict: before fastavro reads a body, `schemas.canonical` walks it with the writer schema and
+rejects anything that is not the canonical Avro encoding of some datum (a negative or out-of-range enum
+or union index, a varint past 64 bits or not in its shortest form, an ``int`` past 32 bits, a length
+or block count that is negative or past the remaining bytes, ...), so what decodes re-encodes to the
+same bytes.
+
 Errors: `decode` raises `plumbing.errors.DecodeError` and nothing else, whatever the bytes; its ``code``
-says what was wrong (EMPTY, TRUNCATED, BAD_MARKER, UNKNOWN_SCHEMA, WRONG_SCHEMA, BAD_BODY,
-TRAILING_BYTES). `encode` raises `plumbing.errors.EncodeError` for a record that does not fit its schema.
+says what was wrong: one of `DECODE_CODES`. `encode` raises `plumbing.errors.EncodeError` for a record
+that does not fit its schema.
 """
 
 from __future__ import annotations
@@ -25,10 +31,31 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from plumbing.errors import DecodeError, EncodeError
+from schemas.canonical import Check, compile_check
 
 MARKER = b"\xc3\x01"
 HEADER_LEN = len(MARKER) + 8
 SCHEMA_DIR = Path(__file__).resolve().parent
+# Every code `Codec.decode` may raise: the framing's, fastavro's (BAD_BODY) and the strict pass's.
+DECODE_CODES = frozenset(
+    {
+        "EMPTY",
+        "TRUNCATED",
+        "BAD_MARKER",
+        "UNKNOWN_SCHEMA",
+        "WRONG_SCHEMA",
+        "BAD_BODY",
+        "TRAILING_BYTES",
+        "BAD_ENUM_INDEX",
+        "BAD_UNION_INDEX",
+        "BAD_VARINT",
+        "INT_OUT_OF_RANGE",
+        "BAD_LENGTH",
+        "NON_CANONICAL",
+        "DUPLICATE_KEY",
+        "BAD_BOOLEAN",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,7 @@ class SchemaVersion:
     parsed: Any  # fastavro's parsed form
     source: Path
     current: bool
+    check: Check  # the strict pass over a body written with this schema
 
 
 def schema_fingerprint(schema: Any) -> bytes:
@@ -53,6 +81,7 @@ def _load(path: Path, current: bool) -> SchemaVersion:
         parsed=fastavro.parse_schema(raw),
         source=path,
         current=current,
+        check=compile_check(raw),
     )
 
 
@@ -114,6 +143,12 @@ class Codec:
         if expect is not None and writer.record != expect:
             raise DecodeError(f"expected {expect}, got {writer.record}", code="WRONG_SCHEMA")
         reader = self._current[writer.record]
+        data = bytes(data)
+        end = writer.check(data, HEADER_LEN)
+        if end != len(data):
+            raise DecodeError(
+                f"{writer.record}: {len(data) - end} bytes after the record", code="TRAILING_BYTES"
+            )
         body = io.BytesIO(data)
         body.seek(HEADER_LEN)
         try:
@@ -124,7 +159,7 @@ class Codec:
             raise DecodeError(
                 f"{writer.record}: malformed body ({type(exc).__name__}: {exc})"[:500], code="BAD_BODY"
             ) from exc
-        if body.tell() != len(data):
+        if body.tell() != len(data):  # the strict pass agrees with fastavro on where a record ends
             raise DecodeError(
                 f"{writer.record}: {len(data) - body.tell()} bytes after the record", code="TRAILING_BYTES"
             )

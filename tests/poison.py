@@ -6,7 +6,9 @@ clock reading ``now_ms`` that timestamps are made from). What an event must come
 is computed from the bytes with the current codec and validator (`judge`):
 
 - ``dead_letter``: the bytes do not decode as a GenerationRequest, so the gatekeeper must put them on
-  its dead-letter topic untouched; ``reason_code`` is the DecodeError code the dead letter must carry.
+  its dead-letter topic untouched; ``reason_code`` is the DecodeError code the dead letter must carry
+  (``bad_enum_index`` and ``bad_union_index`` must carry BAD_ENUM_INDEX / BAD_UNION_INDEX: see
+  `tests/unit/test_codec_strict.py` for why fastavro alone would accept them).
 - ``rejected``: the bytes decode, so the request must end with exactly one Completion, ``status``
   REJECTED (``reason_code`` from the validator) or EXPIRED (a deadline already past).
 
@@ -18,6 +20,7 @@ check that nothing was ever recorded or answered under it.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import string
@@ -25,6 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import fastavro
 
 from plumbing.errors import DecodeError, ValidationError
 from plumbing.headers import pipeline_headers
@@ -256,6 +261,48 @@ def huge_array(ctx: _Context) -> Made:
     return value, f"labels block count {count}", record["request_id"]
 
 
+def _field_at(ctx: _Context, record: dict[str, Any], field: str) -> int:
+    """Where ``field`` starts in ``ctx.encode(record)``: the encoded length of the fields before it."""
+    schema = ctx.codec.schema("GenerationRequest").parsed
+    names = [f["name"] for f in schema["fields"]]
+    before = {"type": "record", "name": "Before", "fields": schema["fields"][: names.index(field)]}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(before), record)
+    return HEADER_LEN + len(buf.getvalue())
+
+
+def bad_enum_index(ctx: _Context) -> Made:
+    """An enum index that fastavro alone reads as a real symbol (negative: Python's indexing wraps) or
+    cannot read (past the last symbol)."""
+    field_name = ctx.rng.choice(["priority", "priority", "kind", "output_format"])
+    record = ctx.request(output_format="PNG")
+    data = ctx.encode(record)
+    at = _field_at(ctx, record, field_name) + (1 if field_name == "output_format" else 0)  # past its union
+    index = ctx.rng.choice([-1, -2, -3, -1, 3, 2**31 - 1, -(2**31)])
+    return (
+        data[:at] + _varint(index) + data[at + 1 :],
+        f"{field_name} enum index {index}",
+        record["request_id"],
+    )
+
+
+def bad_union_index(ctx: _Context) -> Made:
+    """A union branch index out of range; -1 on a ``["null", X]`` field present as X reads X's branch
+    under fastavro alone, so the request would look valid."""
+    field_name = ctx.rng.choice(["negative_prompt", "seed", "deadline_ms", "reply_topic", "video"])
+    values = {"negative_prompt": "blurry", "seed": 12345, "deadline_ms": ctx.now_ms + HOUR_MS,
+              "reply_topic": None, "video": None}  # fmt: skip
+    record = ctx.request(**{field_name: values[field_name]})
+    data = ctx.encode(record)
+    at = _field_at(ctx, record, field_name)
+    index = ctx.rng.choice([-1, -1, -2, 2, 3, -(2**63)])
+    return (
+        data[:at] + _varint(index) + data[at + 1 :],
+        f"{field_name} union index {index}",
+        record["request_id"],
+    )
+
+
 def empty(ctx: _Context) -> Made:
     return b"", "zero bytes"
 
@@ -433,6 +480,8 @@ GENERATORS: dict[str, tuple[Generator, int | None]] = {
     "bad_utf8": (bad_utf8, None),
     "huge_string": (huge_string, None),
     "huge_array": (huge_array, None),
+    "bad_enum_index": (bad_enum_index, None),
+    "bad_union_index": (bad_union_index, None),
     "negative_or_absurd_sizes": (negative_or_absurd_sizes, None),
     "bad_ids": (bad_ids, None),
     "megabyte_prompts": (megabyte_prompts, 4),

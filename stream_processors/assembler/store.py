@@ -4,6 +4,12 @@ The terminal row of a request is written with ``INSERT ... IF NOT EXISTS`` (a Pa
 transaction), carrying ``decided_by``: the topic:partition:offset of the input that decided it. A
 timeout of that write is ambiguous (it may have been applied), so it is settled by a SERIAL read of the
 row, never by retrying blindly.
+
+A rejected request's ``tenant_id`` may be any text the producer sent (``%``, ``tenant:*``, control
+characters, U+10FFFF). The row stores it escaped (`stored_tenant_id`: percent-encoding, reversible with
+``urllib.parse.unquote``; a valid id is unchanged), so what reads the table (the checker, ``aigc get``)
+never meets raw control characters or path syntax, and ``reason_code`` and ``message`` say why it was
+rejected. The rows this module hands back carry the id as sent again, so the Completion echoes it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, unquote
 
 from cassandra import ConsistencyLevel, WriteTimeout
 from cassandra.cluster import ResponseFuture, Session
@@ -159,11 +166,15 @@ class AssemblyStore:
 
     def terminal(self, request_id: str) -> Any:
         """The terminal row of ``request_id``, or None while it is unfinished."""
-        return self.session.execute(self._terminal, (request_id,)).one()
+        return _as_sent(self.session.execute(self._terminal, (request_id,)).one())
 
     def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
-        """Write the terminal row once; tell whether this call won and which row holds the state."""
-        params = tuple(values.get(column) for column in REQUEST_COLUMNS)
+        """Write the terminal row once; tell whether this call won and which row holds the state.
+
+        The row stores ``tenant_id`` escaped (`stored_tenant_id`); the rows handed back carry it as sent,
+        so the Completion published from them echoes the producer's tenant id exactly."""
+        stored = {**values, "tenant_id": stored_tenant_id(values["tenant_id"])}
+        params = tuple(stored.get(column) for column in REQUEST_COLUMNS)
         try:
             result = self.session.execute(self._insert_terminal, params).one()
         except WriteTimeout:
@@ -171,10 +182,10 @@ class AssemblyStore:
             row = self.session.execute(self._terminal_serial, (values["request_id"],)).one()
             if row is None:
                 return self.write_terminal(values)  # nothing was accepted: safe to propose again
-            return TerminalWrite(row.decided_by == values["decided_by"], row)
+            return TerminalWrite(row.decided_by == values["decided_by"], _as_sent(row))
         if result.applied:
             return TerminalWrite(True, _Row(values))
-        return TerminalWrite(False, result)
+        return TerminalWrite(False, _as_sent(result))
 
     def index_by_tenant_async(self, values: Mapping[str, Any]) -> ResponseFuture:
         created: datetime = values["created_at"] or values["finished_at"]
@@ -199,6 +210,20 @@ class AssemblyStore:
             "WHERE tenant_id = %s AND month = %s LIMIT %s"
         )
         return list(self.session.execute(statement, (tenant_id, month, limit)))
+
+
+def stored_tenant_id(tenant_id: str | None) -> str | None:
+    """``tenant_id`` as the terminal row stores it: every character outside ``[A-Za-z0-9_.~-]``
+    percent-encoded as UTF-8 (``urllib.parse.quote`` with nothing safe), so a valid id is unchanged and
+    ``unquote`` gives back exactly what the producer sent."""
+    return None if tenant_id is None else quote(tenant_id, safe="")
+
+
+def _as_sent(row: Any) -> Any:
+    """A stored row with its tenant id as the producer sent it (``unquote`` of what was stored)."""
+    if row is None or "%" not in (row.tenant_id or ""):
+        return row  # nothing escaped: the common case keeps the driver's row
+    return _Row({**as_values(row), "tenant_id": unquote(row.tenant_id)})
 
 
 class _Row:

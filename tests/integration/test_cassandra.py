@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from urllib.parse import unquote
 
 import pytest
 
 from infra.bootstrap import cql_statements, ensure_schema
 from plumbing.metadata import OutputRow, connect, register_types
 from plumbing.settings import Settings
+from stream_processors.assembler.store import AssemblyStore, stored_tenant_id
 from tests.conftest import unique
 
 
@@ -83,3 +85,34 @@ def test_cql_files_are_parameterised_by_settings(keyspace_settings: Settings):
     statements = cql_statements(keyspace_settings)
     assert statements[0].startswith(f"CREATE KEYSPACE IF NOT EXISTS {keyspace_settings.cassandra.keyspace}")
     assert all("${" not in s for s in statements)
+
+
+@pytest.mark.parametrize("tenant", ["%", "tenant:*", "del\x7f", "\U0010ffff", "../etc", "acme"])
+def test_a_rejected_requests_tenant_id_is_stored_escaped_and_handed_back_as_sent(
+    keyspace_settings: Settings, tenant: str
+):
+    ensure_schema(keyspace_settings)
+    ks = keyspace_settings.cassandra.keyspace
+    cluster, session = connect(keyspace_settings.cassandra)
+    register_types(cluster, ks)
+    try:
+        store = AssemblyStore(session, ks)
+        now = datetime.now(UTC).replace(microsecond=0)
+        values = {"request_id": "rej-1", "tenant_id": tenant, "status": "REJECTED",
+                  "reason_code": "INVALID_TENANT_ID", "message": "tenant_id: must match the id pattern",
+                  "outputs": [], "created_at": now, "finished_at": now, "decided_by": "t:0:1"}  # fmt: skip
+        written = store.write_terminal(values)
+        assert written.applied and written.row.tenant_id == tenant
+        raw = session.execute(
+            f"SELECT tenant_id, reason_code, message FROM {ks}.requests WHERE request_id = 'rej-1'"
+        )
+        row = raw.one()
+        assert row.tenant_id == stored_tenant_id(tenant) and unquote(row.tenant_id) == tenant
+        assert row.tenant_id.isascii() and row.tenant_id.isprintable()
+        assert row.reason_code == "INVALID_TENANT_ID" and "tenant_id" in row.message
+        # A second decision loses, and the row it is shown, like a read, carries the id as sent.
+        again = store.write_terminal({**values, "status": "FAILED", "decided_by": "t:0:2"})
+        assert not again.applied and again.row.tenant_id == tenant and again.row.status == "REJECTED"
+        assert store.terminal("rej-1").tenant_id == tenant
+    finally:
+        cluster.shutdown()

@@ -145,11 +145,12 @@ def test_data_written_with_an_older_schema_is_read_with_the_new_one():
         (lambda b: b[:5], "TRUNCATED"),
         (lambda b: b"\x00\x01" + b[2:], "BAD_MARKER"),
         (lambda b: b[:2] + b"\xff" * 8 + b[10:], "UNKNOWN_SCHEMA"),
-        (lambda b: b[:-3], "BAD_BODY"),
+        (lambda b: b[:-3], "TRUNCATED"),
         (lambda b: b + b"\x00", "TRAILING_BYTES"),
-        (lambda b: b[:10] + b"\x01" * 3, "BAD_BODY"),
+        # a string of length -1
+        (lambda b: b[:10] + b"\x01" * 3, "BAD_LENGTH"),
         # a string whose length prefix claims 2**62 bytes
-        (lambda b: b[:10] + b"\xfe\xff\xff\xff\xff\xff\xff\xff\x7f" + b[10:], "BAD_BODY"),
+        (lambda b: b[:10] + b"\xfe\xff\xff\xff\xff\xff\xff\xff\x7f" + b[10:], "BAD_LENGTH"),
         # invalid UTF-8 in the first string (request_id "req-1" -> bytes ff fe ...)
         (lambda b: b[:11] + b"\xff\xfe\xfd\xfc\xfb" + b[16:], "BAD_BODY"),
     ],

@@ -26,7 +26,7 @@ from plumbing.errors import DecodeError, ValidationError
 from plumbing.headers import pipeline_headers
 from plumbing.settings import GatekeeperSettings, ModelSpec, RequestLimits, Settings, Tier
 from plumbing.topics import Stage, Topics
-from schemas.codec import HEADER_LEN, MARKER, Codec
+from schemas.codec import DECODE_CODES, HEADER_LEN, MARKER, Codec
 from schemas.validation import validate_request
 from stream_processors.gatekeeper.admission import Gate
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy
@@ -205,17 +205,6 @@ raw_bytes = st.one_of(
 )
 
 
-DECODE_CODES = {
-    "EMPTY",
-    "TRUNCATED",
-    "BAD_MARKER",
-    "UNKNOWN_SCHEMA",
-    "WRONG_SCHEMA",
-    "BAD_BODY",
-    "TRAILING_BYTES",
-}
-
-
 def decode_outcome(c: Codec, data: bytes, expect: str | None) -> dict[str, Any] | DecodeError:
     """The record, or the DecodeError; any other exception escapes and fails the property."""
     try:
@@ -232,6 +221,9 @@ def assert_decode_is_total(data: bytes) -> None:
                 assert result.code in DECODE_CODES, result.code
             else:
                 assert isinstance(result, dict)
+                record = c.decode_any(data)[0]
+                if data[2:HEADER_LEN] == c.schema(record).fingerprint:  # strict: decoded means canonical
+                    assert c.encode(record, result) == data
 
 
 # -- codec properties -------------------------------------------------------------------------------
