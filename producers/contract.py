@@ -331,12 +331,20 @@ def decisions_table() -> str:
 
 _DEAD_LETTER_HELP = {
     "EMPTY": "the value is empty (or null)",
-    "TRUNCATED": "shorter than the 10-byte header",
+    "TRUNCATED": "shorter than the 10-byte header, or the body ends inside a value",
     "BAD_MARKER": "the first two bytes are not `C3 01`",
     "UNKNOWN_SCHEMA": "the fingerprint is not one of the pipeline's schemas (or their history)",
     "WRONG_SCHEMA": "a known schema, but not GenerationRequest",
     "BAD_BODY": "the body is not valid Avro for the schema the fingerprint names",
     "TRAILING_BYTES": "bytes left over after the record",
+    "BAD_ENUM_INDEX": "an enum index that is negative or past the last symbol (e.g. `priority` -1)",
+    "BAD_UNION_INDEX": "a union branch index that is negative or past the last branch",
+    "BAD_VARINT": "an int or long over 10 bytes, past 64 bits, or not in its shortest form",
+    "INT_OUT_OF_RANGE": "an `int` field outside the 32-bit range",
+    "BAD_LENGTH": "a length or block count that is negative or past the remaining bytes",
+    "NON_CANONICAL": "an array or map written in more than one block (write each in one block)",
+    "DUPLICATE_KEY": "a map key written twice",
+    "BAD_BOOLEAN": "a boolean byte other than 0 or 1",
     "INVALID_REQUEST_ID": "decodes, but request_id breaks the id pattern: it cannot key an answer",
 }
 
@@ -354,7 +362,11 @@ def _codes_in(path: Path) -> list[str]:
 
 def dead_letters_table() -> str:
     """Reasons a request is dead-lettered at the gatekeeper (no Completion), from the codec and admission."""
-    codes = _codes_in(SCHEMA_DIR / "codec.py") + _codes_in(ADMISSION)
+    codes = list(
+        dict.fromkeys(
+            _codes_in(SCHEMA_DIR / "codec.py") + _codes_in(SCHEMA_DIR / "canonical.py") + _codes_in(ADMISSION)
+        )
+    )
     rows = [(f"`{c}`", _DEAD_LETTER_HELP.get(c, "(not described yet: see the code)")) for c in codes]
     return _table(("`error_code` (and header `dlq.error.code`)", "when"), rows)
 
