@@ -182,8 +182,8 @@ def _bad_bytes(code: str) -> bytes:
     }[code]
 
 
-STRICT_CODES = {"BAD_BODY", "BAD_ENUM_INDEX", "BAD_UNION_INDEX", "BAD_VARINT", "INT_OUT_OF_RANGE", "BAD_LENGTH",
-                "NON_CANONICAL", "DUPLICATE_KEY"}  # fmt: skip
+STRICT_CODES = {"BAD_BODY", "BAD_ENUM_INDEX", "BAD_UNION_INDEX", "BAD_VARINT", "INT_OUT_OF_RANGE",
+                "BAD_LENGTH", "NON_CANONICAL", "DUPLICATE_KEY"}  # fmt: skip
 NO_BOOLEAN_IN_REQUESTS = "BAD_BOOLEAN"  # GenerationRequest has no boolean field to break
 
 
