@@ -298,8 +298,9 @@ def peer(quick: bool) -> dict[str, Any]:
                     "low_offered": len(lows),
                     "low_completed_during_run": sum(1 for i in lows if i in run.done),
                 }
+                if flood.is_alive():
+                    flood.join(duration + 10)
                 run.close()
-                flood.join(duration + 10)
         out["B3"] = b3
     return out
 
