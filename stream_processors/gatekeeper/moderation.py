@@ -42,11 +42,19 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
+from confusable_homoglyphs import utils as confusable_data
+
+from stream_processors.gatekeeper.chinese import homophone_regex, pinyin_view, to_simplified
+from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, PromptModel
+
+if TYPE_CHECKING:
+    from plumbing.settings import GatekeeperSettings
 
 DEFAULT_POLICY_PATH = Path(__file__).parent / "policy.yaml"
 
@@ -56,16 +64,39 @@ _CJK = (
     "\u31a0-\u31bf\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f"
 )
 _CJK_CHAR = re.compile(f"[{_CJK}]")
-# Look-alike letters NFKC leaves alone, each with its Latin twin (lower case: the text is casefolded
-# first): Cyrillic, Greek, then Latin letters with no decomposition. RUF001 is silenced because
-# ambiguity is the whole point of this table.
-_LOOKALIKES = (
-    *("аa", "вb", "еe", "єe", "ѕs", "іi", "јj", "кk", "мm", "нh", "оo", "рp", "сc", "ԁd", "тt"),  # noqa: RUF001
-    *("уy", "хx", "һh", "ԛq", "ԝw", "үy", "ӏl"),  # noqa: RUF001
-    *("αa", "βb", "εe", "ηn", "ιi", "κk", "νv", "οo", "ρp", "τt", "υu", "χx", "ωw", "ϲc", "ϳj"),  # noqa: RUF001
-    *("ɡg", "ɑa", "ıi", "ɩi", "łl", "øo", "đd", "ħh"),  # noqa: RUF001
-)
-_CONFUSABLES = {pair[0]: pair[1] for pair in _LOOKALIKES} | {"æ": "ae", "œ": "oe"}
+# Look-alike letters: Unicode TR39 confusables (the `confusable_homoglyphs` data) whose skeleton is one
+# ASCII letter or digit, then a few Latin letters with strokes that TR39 does not list and NFKD keeps.
+_STROKED = {
+    "є": "e",
+    "ł": "l",
+    "ø": "o",
+    "đ": "d",
+    "ħ": "h",
+    "ɨ": "i",
+    "ŧ": "t",
+    "ƀ": "b",
+    "æ": "ae",
+    "œ": "oe",
+}
+
+
+def _tr39_latin() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for char, glyphs in confusable_data.load("confusables.json").items():
+        if char.isascii() or _CJK_CHAR.match(char):
+            continue
+        latin = next(
+            (g["c"] for g in glyphs if len(g["c"]) == 1 and g["c"].isascii() and g["c"].isalnum()), None
+        )
+        if latin is not None:
+            table[char] = latin.lower()
+            # The text is casefolded before this table is read: Cyrillic capitals (TR39: H, M, T, b)
+            # arrive in lower case, which TR39 lists with nothing or with another letter.
+            table.setdefault(char.casefold(), latin.lower())
+    return table
+
+
+_CONFUSABLES = _tr39_latin() | _STROKED
 _LEET_DIGITS = str.maketrans("01345789", "oieastbg")
 _LEET_SYMBOLS = {"@": "a", "$": "s", "!": "i", "|": "l", "+": "t"}
 _FOLD_CACHE_LIMIT = 1 << 16
@@ -135,6 +166,12 @@ class Verdict:
     source: str = "policy"
     field: str | None = None
     matched: str | None = None  # the term or pattern, for operator logs only: never shown to users
+    reason: str = ""  # reason code within the category (SEXUAL_MINORS, DOXXING, ...)
+    model_version: str | None = None  # the prompt model's version when it was consulted
+    score: float | None = None  # the deciding (or, when allowed, the highest) model score
+    scores: Mapping[str, float] = dataclass_field(
+        default_factory=dict
+    )  # every category's model score, for audit
 
 
 class Classifier(Protocol):
@@ -152,7 +189,7 @@ def _fold(text: str) -> str:
     folded = text.translate(_FOLD)
     if not unicodedata.is_normalized("NFC", folded):  # kana voicing marks, Hangul jamo: compose them
         folded = unicodedata.normalize("NFC", folded)
-    return folded if folded.isascii() else _space_cjk(folded)
+    return folded if folded.isascii() else _space_cjk(to_simplified(folded))
 
 
 def _space_cjk(text: str) -> str:
@@ -271,60 +308,128 @@ def _trie(entries: Iterable[tuple[str, Any]]) -> tuple[re.Pattern[str] | None, l
 
 
 _Label = tuple[int, str, str]  # category index, category, term or pattern
-_Rules = tuple[Sequence[str], Sequence[str]]  # a category's terms and patterns
+_CATEGORY_KEYS = ("terms", "patterns", "homophones", "cues", "reason", "strict")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One category of a policy, its terms already normalised (see the module docstring)."""
+
+    terms: Sequence[str] = ()
+    patterns: Sequence[str] = ()
+    homophones: Sequence[str] = ()  # Chinese terms also matched by their pinyin
+    cues: Sequence[str] = ()  # ambiguous words: block only with the model's agreement
+    reason: str = ""  # reason code on the verdict; default: the category name in upper case
+    strict: bool = False  # a prevention/news/medical framing never excuses a match
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What the policy found in one text: a rule it breaks, a cue it holds, whether it is framed as
+    prevention, news, history, medicine or education (without asking for gore, sex or glorification),
+    and the text the model reads (the collapsed view and its pinyin)."""
+
+    hit: tuple[str, str] | None
+    cue: tuple[str, str] | None
+    framed: bool
+    model_text: str
 
 
 class Policy:
     """A parsed, compiled policy: immutable once built, safe to share between threads."""
 
-    def __init__(self, version: str, categories: Mapping[str, _Rules], allow: Sequence[str]) -> None:
+    def __init__(
+        self,
+        version: str,
+        categories: Mapping[str, Rules | tuple[Sequence[str], Sequence[str]]],
+        allow: Sequence[str],
+        framing: Sequence[str] = (),
+        aggravating: Sequence[str] = (),
+    ) -> None:
         """Compile normalised rules; build a policy with `from_mapping` or `from_file`, which normalise."""
         self.version = version
-        self.categories = tuple(categories)
-        rules = [(index, category, *rule) for index, (category, rule) in enumerate(categories.items())]
+        self.rules = {
+            name: rules if isinstance(rules, Rules) else Rules(*rules) for name, rules in categories.items()
+        }
+        self.categories = tuple(self.rules)
+        indexed = list(enumerate(self.rules.items()))
         self._terms, self._term_labels = _trie(
-            (term, (index, category, term)) for index, category, terms, _ in rules for term in terms
+            (term, (index, name, term)) for index, (name, rule) in indexed for term in rule.terms
         )
         # One regex per pattern: each keeps the fast literal-prefix search an alternation would lose.
-        labels = [
-            (index, category, pattern) for index, category, _, patterns in rules for pattern in patterns
-        ]
+        labels = [(index, name, pattern) for index, (name, rule) in indexed for pattern in rule.patterns]
         self._patterns = [(re.compile(label[2]), label) for label in labels]
+        self._cues, self._cue_labels = _trie(
+            (cue, (index, name, cue)) for index, (name, rule) in indexed for cue in rule.cues
+        )
+        self._homophones = [
+            (regex, name)
+            for name, rule in self.rules.items()
+            if (regex := homophone_regex(list(rule.homophones))) is not None
+        ]
         self._allow = _trie((phrase, None) for phrase in allow)[0]
+        self._framing = _trie((phrase, None) for phrase in framing)[0]
+        self._aggravating = _trie((phrase, None) for phrase in aggravating)[0]
+
+    def reason(self, category: str) -> str:
+        """The reason code a block in `category` carries."""
+        rules = self.rules.get(category)
+        return (rules.reason if rules is not None else "") or category.upper()
+
+    def strict(self, category: str) -> bool:
+        rules = self.rules.get(category)
+        return rules is not None and rules.strict
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Policy:
         """Validate and compile a policy; a malformed one raises ValueError naming the offending key."""
         if not isinstance(data, Mapping):
             raise ValueError("policy: the top level must be a mapping")
-        unknown = sorted(str(key) for key in data if key not in ("version", "categories", "allow"))
+        known = ("version", "categories", "allow", "context")
+        unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
-            raise ValueError(f"policy key {unknown[0]!r}: unknown (expected version, categories, allow)")
+            raise ValueError(f"policy key {unknown[0]!r}: unknown (expected {', '.join(known)})")
         version = data.get("version")
         if not isinstance(version, str) or not version.strip():
             raise ValueError("policy key 'version': must be a non-empty string (quote dates in YAML)")
         raw_categories = data.get("categories")
         if not isinstance(raw_categories, Mapping) or not raw_categories:
             raise ValueError("policy key 'categories': must be a non-empty mapping of name to terms/patterns")
-        categories: dict[str, _Rules] = {}
+        categories: dict[str, Rules] = {}
         for name, body in raw_categories.items():
             where = f"categories.{name}"
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"policy key {where!r}: a category name must be a non-empty string")
             if not isinstance(body, Mapping):
                 raise ValueError(f"policy key {where!r}: must be a mapping with terms and/or patterns")
-            extra = sorted(str(key) for key in body if key not in ("terms", "patterns"))
+            extra = sorted(str(key) for key in body if key not in _CATEGORY_KEYS)
             if extra:
-                raise ValueError(f"policy key '{where}.{extra[0]}': unknown (expected terms, patterns)")
+                expected = ", ".join(_CATEGORY_KEYS)
+                raise ValueError(f"policy key '{where}.{extra[0]}': unknown (expected {expected})")
             terms = _terms(body.get("terms"), f"{where}.terms")
             patterns = _patterns(body.get("patterns"), f"{where}.patterns")
-            if not terms and not patterns:
+            homophones = _strings(body.get("homophones"), f"{where}.homophones")
+            if not terms and not patterns and not homophones:
                 raise ValueError(f"policy key {where!r}: needs at least one term or pattern")
-            categories[name] = (terms, patterns)
-        return cls(version, categories, _terms(data.get("allow"), "allow"))
+            reason, strict = body.get("reason", ""), body.get("strict", False)
+            if not isinstance(reason, str) or not isinstance(strict, bool):
+                raise ValueError(f"policy key {where!r}: reason must be a string and strict true or false")
+            cues = _terms(body.get("cues"), f"{where}.cues")
+            categories[name] = Rules(terms, patterns, homophones, cues, reason, strict)
+        context = data.get("context") or {}
+        if not isinstance(context, Mapping) or set(context) - {"framing", "aggravating"}:
+            raise ValueError("policy key 'context': must be a mapping with framing and/or aggravating")
+        return cls(
+            version,
+            categories,
+            _terms(data.get("allow"), "allow"),
+            _terms(context.get("framing"), "context.framing"),
+            _terms(context.get("aggravating"), "context.aggravating"),
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> Policy:
+        """Read and compile a YAML policy; ValueError names the file and the offending key."""
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
@@ -336,14 +441,40 @@ class Policy:
 
     def match(self, text: str) -> tuple[str, str] | None:
         """(category, term or pattern) of the first rule `text` breaks, or None."""
+        return self.inspect(text).hit
+
+    def inspect(self, text: str) -> Inspection:
+        """Every view of `text` searched once: the first rule broken, the first cue, the framing."""
         plain, word, collapsed = _views(text)
+        hit: tuple[str, str] | None = None
         for view in (plain, word if word != plain else "", collapsed if collapsed != word else ""):
-            hit = self._first(view) if view else None
-            if hit is not None and self._allow is not None and self._allow.search(view) is not None:
-                hit = self._first(self._allow.sub(r"\1 ", view))
-            if hit is not None:
-                return hit[1], hit[2]
-        return None
+            found = self._first(self._unallowed(view)) if view else None
+            if found is not None:
+                hit = found[1], found[2]
+                break
+        pinyin = pinyin_view(self._unallowed(collapsed))
+        if hit is None:
+            for regex, category in self._homophones:
+                if (homophone := regex.search(pinyin)) is not None:
+                    hit = category, f"pinyin:{homophone.group()}"
+                    break
+        cue = None
+        if self._cues is not None and (found_cue := self._cues.search(collapsed)) is not None:
+            label = self._cue_labels[(found_cue.lastindex or 0) - 2]
+            cue = label[1], label[2]
+        framed = (
+            self._framing is not None
+            and self._framing.search(word) is not None
+            and (self._aggravating is None or self._aggravating.search(collapsed) is None)
+        )
+        model_text = collapsed.strip() if pinyin == collapsed else f"{collapsed.strip()} | {pinyin.strip()}"
+        return Inspection(hit, cue, framed, model_text)
+
+    def _unallowed(self, view: str) -> str:
+        """`view` with allow-listed phrases blanked out."""
+        if self._allow is None or self._allow.search(view) is None:
+            return view
+        return self._allow.sub(r"\1 ", view)
 
     def _first(self, view: str) -> _Label | None:
         """The leftmost rule `view` breaks; at one position the earlier category, then patterns, win."""
@@ -399,31 +530,92 @@ def _patterns(value: Any, where: str) -> list[str]:
 
 
 class Moderator:
-    """Checks a request's texts against a policy, then against any classifiers."""
+    """Checks a request's texts against a policy and the prompt model, then against any classifiers.
+
+    Per text: a rule of the policy (term, pattern, Chinese homophone) blocks, unless the text is framed
+    as prevention, news, history, medicine or education and its category is not strict; then the model
+    decides. A cue (an ambiguous word: "naked", "shoot") blocks when the model's score for its category
+    reaches `cue_thresholds`; with no rule or cue, a score reaching `thresholds` blocks.
+    """
 
     def __init__(
-        self, policy: Policy, classifiers: Sequence[Classifier] = (), threshold: float = 0.5
+        self,
+        policy: Policy,
+        classifiers: Sequence[Classifier] = (),
+        threshold: float = 0.5,
+        model: PromptModel | None = None,
+        thresholds: Mapping[str, float] | None = None,
+        cue_thresholds: Mapping[str, float] | None = None,
     ) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold {threshold!r}: must be between 0 and 1")
+        for value in (threshold, *(thresholds or {}).values(), *(cue_thresholds or {}).values()):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"threshold {value!r}: must be between 0 and 1")
         self.policy = policy
         self.classifiers = tuple(classifiers)
         self.threshold = threshold
+        self.model = model
+        self.thresholds = dict(thresholds or {})
+        self.cue_thresholds = dict(cue_thresholds or {})
 
     def check(self, texts: Mapping[str, str | None]) -> Verdict:
-        """Policy over every field in order, then classifiers (slower) over every field in order."""
-        present = [(field, text) for field, text in texts.items() if text]
+        """Policy and model over every field in order, then classifiers (slower) over every field."""
+        present = [(name, text) for name, text in texts.items() if text]
         version = self.policy.version
-        for field, text in present:
-            hit = self.policy.match(text)
-            if hit is not None:
-                return Verdict(False, version, hit[0], "policy", field, hit[1])
-        for field, text in present:
+        top: tuple[float, Mapping[str, float]] = (0.0, {})
+        for name, text in present:
+            verdict = self._check_text(name, text)
+            if not verdict.allowed:
+                return verdict
+            if verdict.score is not None and verdict.score >= top[0]:
+                top = (verdict.score, verdict.scores)
+        for name, text in present:
             for classifier in self.classifiers:
                 result = classifier.classify(text)
                 if result is not None and result[1] >= self.threshold:
-                    return Verdict(False, version, result[0], classifier.name, field)
-        return Verdict(True, version)
+                    return Verdict(
+                        False, version, result[0], classifier.name, name, reason=self.policy.reason(result[0])
+                    )
+        if self.model is None:
+            return Verdict(True, version)
+        return Verdict(True, version, model_version=self.model.version, score=top[0], scores=top[1])
+
+    def _check_text(self, name: str, text: str) -> Verdict:
+        found = self.policy.inspect(text)
+        version, model = self.policy.version, self.model
+        if found.hit is not None and (model is None or self.policy.strict(found.hit[0]) or not found.framed):
+            category, matched = found.hit
+            return Verdict(False, version, category, "policy", name, matched, self.policy.reason(category))
+        if model is None:
+            return Verdict(True, version)
+        scores = model.scores(found.model_text)
+        blocking = [
+            (score - self._threshold(category, found), category)
+            for category, score in scores.items()
+            if score >= self._threshold(category, found)
+        ]
+        if blocking:
+            category = max(blocking)[1]
+            return Verdict(
+                False,
+                version,
+                category,
+                model.name,
+                name,
+                found.cue[1] if found.cue and found.cue[0] == category else None,
+                self.policy.reason(category),
+                model.version,
+                scores[category],
+                scores,
+            )
+        return Verdict(True, version, model_version=model.version, score=max(scores.values()), scores=scores)
+
+    def _threshold(self, category: str, found: Inspection) -> float:
+        """A category's model threshold for this text: lower where a rule or cue of it matched."""
+        if (found.hit is not None and found.hit[0] == category) or (
+            found.cue is not None and found.cue[0] == category
+        ):
+            return self.cue_thresholds.get(category, self.thresholds.get(category, self.threshold))
+        return self.thresholds.get(category, self.threshold)
 
 
 def load_classifier(spec: str) -> Classifier:
@@ -439,3 +631,20 @@ def load_classifier(spec: str) -> Classifier:
     if not isinstance(getattr(instance, "name", None), str) or not hasattr(instance, "classify"):
         raise TypeError(f"classifier {spec!r}: needs a str `name` and a `classify(text)` method")
     return instance
+
+
+def build_moderator(conf: GatekeeperSettings) -> Moderator:
+    """The Moderator the gatekeeper uses, from its settings: policy, prompt model, thresholds and any
+    extra classifiers. `aigc moderation eval` builds it the same way, so it scores what runs."""
+    policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
+    model = (
+        PromptModel.load(conf.prompt_model_path or DEFAULT_MODEL_PATH) if conf.prompt_model_enabled else None
+    )
+    return Moderator(
+        policy,
+        [load_classifier(spec) for spec in conf.classifiers],
+        conf.classifier_threshold,
+        model,
+        conf.moderation_thresholds,
+        conf.moderation_cue_thresholds,
+    )
