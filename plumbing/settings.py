@@ -153,11 +153,11 @@ class GatekeeperSettings(_Section):
     )
     prompt_model_enabled: bool = Field(True, description="consult the prompt classifier after the policy")
     moderation_thresholds: dict[str, float] = Field(
-        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.9),
+        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.8),
         description="category -> prompt-model score at or above which a prompt is blocked on the model alone",
     )
     moderation_cue_thresholds: dict[str, float] = Field(
-        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.5),
+        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.3),
         description="category -> prompt-model score that blocks a prompt holding a cue of the category, "
         "or a framed match of its policy (prevention, news, ...)",
     )

@@ -61,3 +61,28 @@ def homophone_regex(terms: list[str]) -> re.Pattern[str] | None:
     if not alternatives:
         return None
     return re.compile(f"(?<![a-z])(?:{'|'.join(alternatives)})(?![a-z])")
+
+
+_GROUP_OR_GAP = re.compile(r"\(\?:([^()]*)\)|\.\{0,(\d+)\}\?")
+_ALL_HAN = re.compile("[\u4e00-\u9fff]{2,}")
+
+
+def pinyin_pattern(pattern: str) -> str | None:
+    """A pattern of Chinese word groups and gaps, ``(?:儿童|幼女).{0,20}?(?:色情|裸体)``, rewritten for
+    the pinyin view: each word of two or more characters as its syllables (separators optional), a gap
+    four times as long. Single characters and mixed words are left out (one syllable has too many
+    homophones); a pattern of any other shape has no pinyin form (None)."""
+    parts, end = [], 0
+    for found in _GROUP_OR_GAP.finditer(pattern):
+        if found.start() != end:
+            return None
+        end = found.end()
+        if found.group(2) is not None:
+            parts.append(f".{{0,{4 * int(found.group(2))}}}?")
+            continue
+        words = [w for w in found.group(1).split("|") if _ALL_HAN.fullmatch(w)]
+        if not words:
+            return None
+        spelled = sorted({r"[\W_]*".join(term_syllables(w)) for w in words}, key=len, reverse=True)
+        parts.append(f"(?<![a-z])(?:{'|'.join(spelled)})(?![a-z])")
+    return "".join(parts) if parts and end == len(pattern) else None

@@ -5,8 +5,9 @@ rows put a harmful phrase of a category into a prompt template and disguise it w
 safe rows are everyday subjects, look-alikes (a harm word in a harmless sense) and harmful topics in an
 allowed framing, disguised the same way so that an evasion is not itself a signal. Aggravated framings
 (prevention poster *with gore*) are unsafe. Every vocabulary list and the templates are split by
-position (`TEST_EVERY`), and the test split is drawn only from test items: it shares no template and no
-key phrase with the training split, so its figures say how the model does on wording it never saw.
+position (`_part`) into train, dev and test items, and each split is drawn only from its own items: the
+test split shares no template and no key phrase with the others, so its figures say how moderation does
+on wording it never saw, and the dev split is what thresholds and regularisation were chosen on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 from pypinyin import Style, lazy_pinyin
 
 VOCAB_PATH = Path(__file__).parent / "corpus_vocab.yaml"
-TEST_EVERY = 4  # items whose index % TEST_EVERY == TEST_EVERY - 1 are test-only
+SPLIT_EVERY = 5  # see `_part`: 3 of every 5 items train, 1 dev, 1 test
 CATEGORIES = (
     "sexual",
     "sexual_minors",
@@ -61,9 +62,12 @@ class Row:
 
 
 def _part(items: list[Any], split: str) -> list[Any]:
-    """The items of one split: every TEST_EVERY-th item is test-only, the rest train-only."""
-    test = [item for n, item in enumerate(items) if n % TEST_EVERY == TEST_EVERY - 1]
-    return test if split == "test" else [item for item in items if item not in test]
+    """The items of one split, by position: of every SPLIT_EVERY items, the last is test-only, the one
+    before it dev-only (for choosing thresholds and regularisation), the rest train-only."""
+    slot = {"test": SPLIT_EVERY - 1, "dev": SPLIT_EVERY - 2}.get(split)
+    if slot is None:
+        return [item for n, item in enumerate(items) if n % SPLIT_EVERY < SPLIT_EVERY - 2]
+    return [item for n, item in enumerate(items) if n % SPLIT_EVERY == slot]
 
 
 class _Generator:
@@ -75,7 +79,7 @@ class _Generator:
 
     def fill(self, phrase: str, lang: str) -> str:
         """Fill a phrase's {g} (group), {n} (name), {m} (minor) and {s} (sexual act) slots."""
-        slots = {"g": "groups", "n": "names", "m": "minors", "s": "sexual_acts"}
+        slots = {"g": "groups", "n": "names", "m": "minors", "s": "sexual_acts", "a": "adults"}
         for slot, key in slots.items():
             while "{" + slot + "}" in phrase:
                 phrase = phrase.replace("{" + slot + "}", self.pick(self.vocab[key][lang]), 1)

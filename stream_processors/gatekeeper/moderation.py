@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import yaml
 from confusable_homoglyphs import utils as confusable_data
 
-from stream_processors.gatekeeper.chinese import homophone_regex, pinyin_view, to_simplified
+from stream_processors.gatekeeper.chinese import homophone_regex, pinyin_pattern, pinyin_view, to_simplified
 from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, PromptModel
 
 if TYPE_CHECKING:
@@ -92,7 +92,8 @@ def _tr39_latin() -> dict[str, str]:
             table[char] = latin.lower()
             # The text is casefolded before this table is read: Cyrillic capitals (TR39: H, M, T, b)
             # arrive in lower case, which TR39 lists with nothing or with another letter.
-            table.setdefault(char.casefold(), latin.lower())
+            if not char.casefold().isascii():  # long s casefolds to s, and TR39 reads it as f
+                table.setdefault(char.casefold(), latin.lower())
     return table
 
 
@@ -308,6 +309,7 @@ def _trie(entries: Iterable[tuple[str, Any]]) -> tuple[re.Pattern[str] | None, l
 
 
 _Label = tuple[int, str, str]  # category index, category, term or pattern
+_LONG_HAN_TERM = re.compile("[\u4e00-\u9fff]{3,}")
 _CATEGORY_KEYS = ("terms", "patterns", "homophones", "cues", "reason", "strict")
 
 
@@ -362,11 +364,17 @@ class Policy:
         self._cues, self._cue_labels = _trie(
             (cue, (index, name, cue)) for index, (name, rule) in indexed for cue in rule.cues
         )
-        self._homophones = [
-            (regex, name)
-            for name, rule in self.rules.items()
-            if (regex := homophone_regex(list(rule.homophones))) is not None
-        ]
+        # Pinyin rules, searched in the pinyin view: the homophone terms, every Chinese term of three
+        # or more characters (rare enough as sounds), and the Chinese word-group patterns.
+        self._homophones: list[tuple[re.Pattern[str], str]] = []
+        for name, rule in self.rules.items():
+            long_terms = [term for term in rule.terms if _LONG_HAN_TERM.fullmatch(term)]
+            regex = homophone_regex([*rule.homophones, *long_terms])
+            if regex is not None:
+                self._homophones.append((regex, name))
+            for pattern in rule.patterns:
+                if (spelled := pinyin_pattern(pattern)) is not None:
+                    self._homophones.append((re.compile(spelled), name))
         self._allow = _trie((phrase, None) for phrase in allow)[0]
         self._framing = _trie((phrase, None) for phrase in framing)[0]
         self._aggravating = _trie((phrase, None) for phrase in aggravating)[0]
@@ -465,7 +473,7 @@ class Policy:
         framed = (
             self._framing is not None
             and self._framing.search(word) is not None
-            and (self._aggravating is None or self._aggravating.search(collapsed) is None)
+            and (self._aggravating is None or self._aggravating.search(self._unallowed(collapsed)) is None)
         )
         model_text = collapsed.strip() if pinyin == collapsed else f"{collapsed.strip()} | {pinyin.strip()}"
         return Inspection(hit, cue, framed, model_text)
@@ -610,10 +618,9 @@ class Moderator:
         return Verdict(True, version, model_version=model.version, score=max(scores.values()), scores=scores)
 
     def _threshold(self, category: str, found: Inspection) -> float:
-        """A category's model threshold for this text: lower where a rule or cue of it matched."""
-        if (found.hit is not None and found.hit[0] == category) or (
-            found.cue is not None and found.cue[0] == category
-        ):
+        """A category's model threshold for this text: the lower cue threshold where a cue of it is
+        present and the text is not framed (a framed match is judged like any other text)."""
+        if found.cue is not None and found.cue[0] == category and not found.framed:
             return self.cue_thresholds.get(category, self.thresholds.get(category, self.threshold))
         return self.thresholds.get(category, self.threshold)
 

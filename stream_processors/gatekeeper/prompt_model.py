@@ -93,9 +93,8 @@ class PromptModel:
         """Probability per category that `text` belongs to it (one-vs-rest logistic regression)."""
         logits = self._intercept.astype(np.float64)
         for analyzer, vocabulary, idf, offset in self._blocks:
-            counts = Counter(
-                column for gram in analyzer(text) if (column := vocabulary.get(gram)) is not None
-            )
+            counts = Counter(map(vocabulary.get, analyzer(text)))  # C loops: the hot spot of a check
+            counts.pop(None, None)
             if not counts:
                 continue
             columns = np.fromiter(counts, dtype=np.intp, count=len(counts))

@@ -34,7 +34,7 @@ from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, FEATUR
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "prompt-linear"
-DEFAULT_TEST_SPLIT = Path(".aigc/moderation/test.jsonl")
+DEFAULT_TEST_SPLIT = Path(".aigc/moderation/test.jsonl")  # the dev split goes beside it, dev.jsonl
 TRAIN_PER_CELL = 60  # unsafe prompts per category, language and evasion kind (and as many safe)
 TEST_PER_CELL = 12
 C = 8.0  # inverse regularisation strength of each logistic regression
@@ -63,7 +63,7 @@ def train(
     coef, intercept = [], []
     for category in CATEGORIES:
         target = np.array([row.label == "unsafe" and row.category == category for row in train_rows])
-        regression = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+        regression = LogisticRegression(C=c, max_iter=3000)
         regression.fit(matrix, target)
         coef.append(regression.coef_[0])
         intercept.append(regression.intercept_[0])
@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         len(train_rows),
         len(test_rows),
     )
+    dev_rows = list(generate("dev", TEST_PER_CELL, args.seed))
     args.test_split.parent.mkdir(parents=True, exist_ok=True)
-    with args.test_split.open("w", encoding="utf-8") as out:
-        out.writelines(json.dumps(row.as_dict(), ensure_ascii=False) + "\n" for row in test_rows)
+    for path, rows in ((args.test_split, test_rows), (args.test_split.with_name("dev.jsonl"), dev_rows)):
+        with path.open("w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row.as_dict(), ensure_ascii=False) + "\n" for row in rows)
     meta, arrays = train(train_rows, policy)
     digest = save(meta, arrays, args.model)
     log.info(
