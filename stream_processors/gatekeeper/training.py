@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from stream_processors.gatekeeper.corpus import CATEGORIES, Row, generate
 from stream_processors.gatekeeper.evaluation import breakdown
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Policy
-from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, FEATURES, vectorizers
+from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, FEATURES, PromptModel, vectorizers
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "prompt-linear"
@@ -55,16 +56,18 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 def train(
     train_rows: list[Row], policy: Policy, c: float = C
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Fit the model on `train_rows`: its JSON metadata (without sha256) and its arrays."""
+) -> tuple[dict[str, Any], dict[str, np.ndarray], Callable[[list[str]], np.ndarray]]:
+    """Fit the model on `train_rows`: its JSON metadata (without sha256), its arrays, and sklearn's own
+    probabilities (texts -> rows of per-category scores) to check the exported model against."""
     texts = [policy.inspect(row.prompt).model_text for row in train_rows]
     fitted = vectorizers()
     matrix = sparse.hstack([fitted[name].fit_transform(texts) for name in FEATURES]).tocsr()
-    coef, intercept = [], []
+    coef, intercept, regressions = [], [], []
     for category in CATEGORIES:
         target = np.array([row.label == "unsafe" and row.category == category for row in train_rows])
         regression = LogisticRegression(C=c, max_iter=3000)
         regression.fit(matrix, target)
+        regressions.append(regression)
         coef.append(regression.coef_[0])
         intercept.append(regression.intercept_[0])
     arrays = {
@@ -77,7 +80,12 @@ def train(
         for name in FEATURES
     }
     meta = {"name": MODEL_NAME, "categories": list(CATEGORIES), "vocabulary": vocabulary}
-    return meta, arrays
+
+    def reference(texts: list[str]) -> np.ndarray:
+        features = sparse.hstack([fitted[name].transform(texts) for name in FEATURES]).tocsr()
+        return np.column_stack([r.predict_proba(features)[:, 1] for r in regressions])
+
+    return meta, arrays, reference
 
 
 def save(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> str:
@@ -115,14 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     for path, rows in ((args.test_split, test_rows), (args.test_split.with_name("dev.jsonl"), dev_rows)):
         with path.open("w", encoding="utf-8") as out:
             out.writelines(json.dumps(row.as_dict(), ensure_ascii=False) + "\n" for row in rows)
-    meta, arrays = train(train_rows, policy)
+    meta, arrays, _ = train(train_rows, policy)
     digest = save(meta, arrays, args.model)
-    log.info(
-        "model: %s (%d KiB), sha256 %s", args.model.with_suffix(".npz"), len(arrays["coef"]) // 1, digest
-    )
-
-    from stream_processors.gatekeeper.prompt_model import PromptModel
-
+    size = args.model.with_suffix(".npz").stat().st_size + args.model.stat().st_size
+    log.info("model: %s and its .npz (%d KiB), sha256 %s", args.model, size // 1024, digest)
     model = PromptModel.load(args.model)
     texts = [policy.inspect(row.prompt).model_text for row in test_rows]
     blocked = [max(model.scores(text).values()) >= 0.5 for text in texts]

@@ -335,7 +335,7 @@ def test_a_model_decision_carries_the_model_version_score_and_scores() -> None:
     # The gatekeeper's own moderator (shipped policy and model): "naked" is only a cue, so the model
     # decides, and the Completion says which model, with what score, over which categories.
     gate = Gate(SETTINGS, codec, build_moderator(SETTINGS.gatekeeper))
-    admission = Tables().admit(gate, original(request(prompt="a naked woman posing on a bed")))
+    admission = Tables().admit(gate, original(request(prompt="a nude figure")))
     _, completion = only_decision(admission)
     verdict = completion["moderation"]
     assert (verdict["category"], verdict["reason"], verdict["source"]) == (
