@@ -228,7 +228,7 @@ def _join_singles(match: re.Match[str]) -> str:
     run = match.group(2)
     chars = _SEPS.split(run)
     seps = _SEPS.findall(run)
-    dominant = max(set(seps), key=seps.count)
+    dominant = max(seps, key=seps.count)  # ties: the first separator (a set would vary with the hash seed)
     joined = chars[0] + "".join(
         ("" if sep == dominant else " ") + char for sep, char in zip(seps, chars[1:], strict=True)
     )
