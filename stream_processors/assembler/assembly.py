@@ -9,6 +9,7 @@ as H.264 MP4 at the requested fps.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -106,7 +107,7 @@ def completion_from_row(row: Any, blobs: BlobStore, presign_ttl_s: int) -> dict[
         "reason_code": row.reason_code,
         "message": row.message,
         "retry_after_ms": row.retry_after_ms,
-        "moderation": dict(row.moderation) if row.moderation else None,
+        "moderation": moderation_from_row(row.moderation),
         "outputs": outputs,
         "timings": {
             "queued_ms": row.queued_ms or 0,
@@ -118,3 +119,21 @@ def completion_from_row(row: Any, blobs: BlobStore, presign_ttl_s: int) -> dict[
         "created_at": ms(row.created_at),
         "finished_at": ms(row.finished_at),
     }
+
+
+# ModerationVerdict fields that are not strings: the row's map<text, text> holds them as JSON.
+_TYPED_MODERATION = ("model_version", "score", "scores")
+
+
+def moderation_to_row(moderation: dict[str, Any] | None) -> dict[str, str] | None:
+    """A Completion's moderation verdict as the row's map<text, text> (typed fields as JSON)."""
+    if not moderation:
+        return None
+    return {k: json.dumps(v) if k in _TYPED_MODERATION else str(v) for k, v in moderation.items()}
+
+
+def moderation_from_row(stored: Any) -> dict[str, Any] | None:
+    """The verdict back from the row; rows written before the typed fields have none of them."""
+    if not stored:
+        return None
+    return {k: json.loads(v) if k in _TYPED_MODERATION else v for k, v in dict(stored).items()}

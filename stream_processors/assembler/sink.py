@@ -48,7 +48,7 @@ from plumbing.topics import Stage, Topics
 from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
-from stream_processors.assembler.assembly import Assembler, completion_from_row
+from stream_processors.assembler.assembly import Assembler, completion_from_row, moderation_to_row
 from stream_processors.assembler.store import AssemblyStore, FrameRow, as_values, output_rows, ts
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class Sink:
             "reason_code": completion.get("reason_code"),
             "message": completion.get("message"),
             "retry_after_ms": completion.get("retry_after_ms"),
-            "moderation": {k: str(v) for k, v in moderation.items()} if moderation else None,
+            "moderation": moderation_to_row(moderation),
             "outputs": [],
             "queued_ms": 0,
             "render_ms": 0,

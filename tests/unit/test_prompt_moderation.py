@@ -14,6 +14,7 @@ import pytest
 
 from plumbing import cli
 from plumbing.settings import MODERATION_CATEGORIES, GatekeeperSettings
+from stream_processors.assembler.assembly import moderation_from_row, moderation_to_row
 from stream_processors.gatekeeper.corpus import generate
 from stream_processors.gatekeeper.evaluation import evaluate
 from stream_processors.gatekeeper.moderation import Moderator, Policy, build_moderator, normalise
@@ -322,3 +323,42 @@ def test_eval_refuses_a_malformed_line_with_status_2(
     path = write_rows(tmp_path / "bad.jsonl", [{**EVAL_ROWS[0], "label": "maybe"}])
     assert cli.main(["moderation", "eval", str(path)]) == 2
     assert "bad.jsonl:1" in capfd.readouterr().err
+
+
+# --- the verdict through the sink's Cassandra row -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "verdict",
+    [
+        {
+            "category": "violence_gore",
+            "policy_version": "7",
+            "source": "policy",
+            "field": "prompt",
+            "reason": "VIOLENCE_GORE",
+            "model_version": None,
+            "score": None,
+            "scores": {},
+        },
+        {
+            "category": "sexual",
+            "policy_version": "2026-12-06",
+            "source": "prompt-linear",
+            "field": "prompt",
+            "reason": "SEXUAL_CONTENT",
+            "model_version": "prompt-linear-0123",
+            "score": 0.93,
+            "scores": {"sexual": 0.93, "hate": 0.01},
+        },
+    ],
+)
+def test_a_verdict_survives_the_row_of_the_sink(verdict: dict[str, Any]) -> None:
+    row = moderation_to_row(verdict)
+    assert row is not None and all(isinstance(v, str) for v in row.values())  # map<text, text>
+    assert moderation_from_row(row) == verdict
+
+
+def test_a_row_written_before_the_typed_fields_still_reads() -> None:
+    old = {"category": "violence", "policy_version": "2026-11-01", "source": "policy", "field": "prompt"}
+    assert moderation_from_row(old) == old
