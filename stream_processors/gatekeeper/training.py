@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 
 from stream_processors.gatekeeper.corpus import CATEGORIES, Row, generate
 from stream_processors.gatekeeper.evaluation import breakdown
-from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Policy
+from stream_processors.gatekeeper.policy import DEFAULT_POLICY_PATH, Policy
 from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, FEATURES, PromptModel, vectorizers
 
 log = logging.getLogger(__name__)
