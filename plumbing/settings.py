@@ -157,7 +157,7 @@ class GatekeeperSettings(_Section):
         description="category -> prompt-model score at or above which a prompt is blocked on the model alone",
     )
     moderation_cue_thresholds: dict[str, float] = Field(
-        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.3),
+        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.4),
         description="category -> prompt-model score that blocks a prompt holding a cue of the category, "
         "or a framed match of its policy (prevention, news, ...)",
     )
