@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(verbs)
+    __import__("stream_processors.gatekeeper.moderation_cli", fromlist=["register"]).register(verbs)
     return parser
 
 

@@ -127,6 +127,17 @@ class Tier(_Section):
     cost_burst: float = Field(200e6, gt=0)
 
 
+MODERATION_CATEGORIES = (
+    "sexual_minors",
+    "sexual",
+    "violence_gore",
+    "hate",
+    "self_harm",
+    "weapons_drugs",
+    "harassment_doxxing",
+)
+
+
 class GatekeeperSettings(_Section):
     app_id: str = "aigc-gatekeeper"
     dedupe_window_s: float = Field(600.0, gt=0, description="a request_id seen within this window is dropped")
@@ -137,6 +148,19 @@ class GatekeeperSettings(_Section):
     policy_path: Path | None = Field(None, description="moderation policy YAML (default: the shipped policy)")
     classifiers: tuple[str, ...] = Field((), description="'module:Class' moderation classifiers")
     classifier_threshold: float = 0.5
+    prompt_model_path: Path | None = Field(
+        None, description="prompt classifier .json (default: the shipped model); see prompt_model_enabled"
+    )
+    prompt_model_enabled: bool = Field(True, description="consult the prompt classifier after the policy")
+    moderation_thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.8),
+        description="category -> prompt-model score at or above which a prompt is blocked on the model alone",
+    )
+    moderation_cue_thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict.fromkeys(MODERATION_CATEGORIES, 0.4),
+        description="category -> prompt-model score that blocks a prompt holding a cue of the category, "
+        "or a framed match of its policy (prevention, news, ...)",
+    )
     shed_backlog: dict[str, int] = Field(
         default_factory=lambda: {"LOW": 2000, "NORMAL": 20000},
         description="class -> render tasks waiting beyond which its new requests are shed (OVERLOADED)",
@@ -157,6 +181,13 @@ class GatekeeperSettings(_Section):
         unknown = {*self.shed_backlog, *self.tenant_inflight_cap} - {"HIGH", "NORMAL", "LOW"}
         if unknown:
             raise ValueError(f"shed_backlog or tenant_inflight_cap names unknown class(es) {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _moderation_thresholds(self) -> GatekeeperSettings:
+        for name, value in {**self.moderation_thresholds, **self.moderation_cue_thresholds}.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"moderation threshold of {name}: {value} is not between 0 and 1")
         return self
 
     @model_validator(mode="after")

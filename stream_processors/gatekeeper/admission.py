@@ -179,6 +179,10 @@ class Gate:
                 "policy_version": verdict.policy_version,
                 "source": verdict.source,
                 "field": verdict.field or "prompt",
+                "reason": verdict.reason,
+                "model_version": verdict.model_version,
+                "score": verdict.score,
+                "scores": dict(verdict.scores),
             }
             message = f"{verdict.field} was blocked by the content policy ({verdict.category})"
             return _decision("REJECTED", "MODERATED", message, moderation=moderation), None

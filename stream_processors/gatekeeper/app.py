@@ -39,7 +39,7 @@ from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
-from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, load_classifier
+from stream_processors.gatekeeper.moderation import build_moderator
 from stream_processors.gatekeeper.stall import StallGuard
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,10 @@ def make_gate(
     quotas: TenantQuotas | None = None,
 ) -> Gate:
     conf = settings.gatekeeper
-    policy = Policy.from_file(conf.policy_path or DEFAULT_POLICY_PATH)
-    moderator = Moderator(
-        policy, [load_classifier(path) for path in conf.classifiers], conf.classifier_threshold
-    )
     return Gate(
         settings,
         default_codec(),
-        moderator,
+        build_moderator(conf),
         cancellations.is_cancelled if cancellations else (lambda request_id, tenant_id: False),
         backlog.overloaded if backlog else (lambda pool, priority: None),
         caps.would_exceed if caps else (lambda tenant_id, priority, tasks: False),

@@ -114,7 +114,7 @@ def test_rejections_carry_the_reason_and_render_nothing(pipeline: Settings):
     by_id = {c["request_id"]: c for c in completions_of(pipeline, ids)}
     assert by_id[moderated]["status"] == "REJECTED"
     assert by_id[moderated]["reason_code"] == "MODERATED"
-    assert by_id[moderated]["moderation"]["category"] == "violence"
+    assert by_id[moderated]["moderation"]["category"] == "violence_gore"
     assert by_id[invalid]["reason_code"] == "INVALID_WIDTH" and "width" in by_id[invalid]["message"]
     statuses = sorted((by_id[r]["status"], by_id[r]["reason_code"]) for r in limited)
     assert statuses == [("REJECTED", "RATE_LIMITED"), ("SUCCEEDED", None)]

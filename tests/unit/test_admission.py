@@ -15,6 +15,7 @@ import pytest
 from plumbing.dead_letters import Original
 from plumbing.headers import REPLY_TOPIC, TRACEPARENT, pipeline_headers, trace_id
 from plumbing.settings import (
+    MODERATION_CATEGORIES,
     GatekeeperSettings,
     KafkaSettings,
     ModelSpec,
@@ -28,7 +29,7 @@ from schemas.codec import default_codec
 from schemas.validation import render_cost
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.fanout import plan_tasks
-from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy
+from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, build_moderator
 
 NOW = 1_700_000_000_000
 WINDOW_S = 60.0
@@ -317,17 +318,38 @@ def test_a_blocked_text_is_rejected_as_moderated(fields: dict[str, Any], field: 
     _, completion = only_decision(admission)
     assert completion["reason_code"] == "MODERATED"
     assert completion["moderation"] == {
-        "category": "violence",
+        "category": "violence_gore",
         "policy_version": policy.version,
         "source": "policy",
         "field": field,
-        "reason": "",
+        "reason": "VIOLENCE_GORE",
         "model_version": None,
         "score": None,
         "scores": {},
     }
     assert field in completion["message"]
     assert tables.buckets == {}  # moderation comes before the rate limiter
+
+
+def test_a_model_decision_carries_the_model_version_score_and_scores() -> None:
+    # The gatekeeper's own moderator (shipped policy and model): "naked" is only a cue, so the model
+    # decides, and the Completion says which model, with what score, over which categories.
+    gate = Gate(SETTINGS, codec, build_moderator(SETTINGS.gatekeeper))
+    admission = Tables().admit(gate, original(request(prompt="a nude figure")))
+    _, completion = only_decision(admission)
+    verdict = completion["moderation"]
+    assert (verdict["category"], verdict["reason"], verdict["source"]) == (
+        "sexual",
+        "SEXUAL_CONTENT",
+        "prompt-linear",
+    )
+    assert verdict["model_version"].startswith("prompt-linear-")
+    assert (
+        verdict["score"]
+        == max(verdict["scores"].values())
+        >= SETTINGS.gatekeeper.moderation_cue_thresholds["sexual"]
+    )
+    assert set(verdict["scores"]) == set(MODERATION_CATEGORIES)
 
 
 # -- rate limits ------------------------------------------------------------------------------------
