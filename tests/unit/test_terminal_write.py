@@ -50,14 +50,18 @@ VALUES = {"request_id": "r1", "tenant_id": "t", "status": "SUCCEEDED", "decided_
 
 
 def test_a_timeout_that_did_commit_is_recognised_by_the_serial_read():
-    session = Session([cas_timeout(), SimpleNamespace(decided_by="frames:0:7", status="SUCCEEDED", tenant_id="t")])
+    session = Session(
+        [cas_timeout(), SimpleNamespace(decided_by="frames:0:7", status="SUCCEEDED", tenant_id="t")]
+    )
     written = AssemblyStore(session, "ks").write_terminal(VALUES)  # type: ignore[arg-type]
     assert written.applied
     assert session.calls == [("insert", None), ("other", ConsistencyLevel.SERIAL)]  # read, no second insert
 
 
 def test_a_timeout_that_lost_to_another_input_is_not_applied():
-    session = Session([cas_timeout(), SimpleNamespace(decided_by="decisions:2:1", status="REJECTED", tenant_id="t")])
+    session = Session(
+        [cas_timeout(), SimpleNamespace(decided_by="decisions:2:1", status="REJECTED", tenant_id="t")]
+    )
     written = AssemblyStore(session, "ks").write_terminal(VALUES)  # type: ignore[arg-type]
     assert not written.applied and written.row.status == "REJECTED"
 
