@@ -10,21 +10,16 @@ reaches a running gatekeeper within a poll (about a second).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
-
+from plumbing.compacted import CompactedTopicFollower
 from plumbing.errors import DecodeError
-from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
+from plumbing.kafka_clients import make_producer, produce_sync
 from plumbing.settings import Settings, Tier
 from plumbing.topics import Topics
 from schemas.codec import Codec, default_codec
 
 log = logging.getLogger(__name__)
-POLL_S = 0.2
-RETRY_S = 2.0
 
 
 def quota_record(tenant_id: str, tier: Tier, now_ms: int | None = None) -> dict[str, object]:
@@ -56,27 +51,12 @@ def read_quotas(settings: Settings, timeout_s: float = 10.0) -> dict[str, Tier]:
         quotas.stop()
 
 
-class TenantQuotas:
+class TenantQuotas(CompactedTopicFollower):
     """The gatekeeper's view of the tenants topic: tenant -> Tier, kept current by a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._topic = Topics(settings).tenants
+        super().__init__(settings, Topics(settings).tenants, "tenants")
         self._tiers: dict[str, Tier] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._caught_up = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tenants", daemon=True)
-
-    def start(self, wait_s: float = 10.0) -> TenantQuotas:
-        """Start following; return once the topic was read to its end (or ``wait_s`` passed)."""
-        self._thread.start()
-        self._caught_up.wait(wait_s)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
     def tier_of(self, tenant_id: str) -> Tier:
         """The tenant's own quotas if it has any, else its tier from the settings."""
@@ -87,39 +67,6 @@ class TenantQuotas:
     def snapshot(self) -> dict[str, Tier]:
         with self._lock:
             return dict(self._tiers)
-
-    def _run(self) -> None:
-        """Follow the topic until stopped; a broker outage is waited out, never the end of the thread."""
-        while not self._stop.is_set():
-            try:
-                self._follow()
-            except KafkaException as exc:
-                log.warning("tenants: %s; reading again in %.0f s", exc, RETRY_S)
-                self._stop.wait(RETRY_S)
-
-    def _follow(self) -> None:
-        consumer = make_consumer(self._settings, f"tenants-{uuid.uuid4().hex}", "tenants",
-                                 **{"enable.partition.eof": True})  # fmt: skip
-        codec = default_codec()
-        try:
-            partitions = consumer.list_topics(self._topic, timeout=10).topics[self._topic].partitions
-            consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
-            at_eof: set[int] = set()
-            while not self._stop.is_set():
-                msg = consumer.poll(POLL_S)
-                if msg is None:
-                    continue
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        at_eof.add(msg.partition() or 0)
-                        if len(at_eof) == len(partitions):
-                            self._caught_up.set()
-                    continue
-                self._apply(msg.key(), msg.value(), codec)
-        finally:
-            self._caught_up.set()
-            consumer.close()
 
     def _apply(self, key: bytes | None, value: bytes | None, codec: Codec) -> None:
         if key is None:
