@@ -1,5 +1,6 @@
 """Bootstrap from one declarative source each: topics (`plumbing.topics`), keyspace and tables
-(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings`).
+(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings`), the renderers' share groups
+(`share_group_config`, from `plumbing.settings.RendererSettings`).
 
 Every step creates what is missing and leaves what matches alone, so re-running it changes nothing;
 `bootstrap` returns the list of changes it made (empty on a second run).
@@ -22,10 +23,11 @@ from confluent_kafka.admin import (
     ConfigResource,
     NewPartitions,
     NewTopic,
+    ResourceType,
 )
 
 from plumbing.blobs import BlobStore
-from plumbing.kafka_clients import make_admin
+from plumbing.kafka_clients import make_admin, renderer_group
 from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import Topics, TopicSpec
@@ -112,6 +114,45 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float = A
         time.sleep(0.1)
 
 
+def share_group_config(settings: Settings) -> dict[str, str]:
+    """Group settings of each pool's renderer share group.
+
+    A new group starts at the earliest offset (tasks produced before the first renderer joined are
+    rendered); a task stays locked to the renderer that took it for longer than its render (the client
+    cannot renew a lock); after ``share_delivery_limit`` deliveries the broker archives a task, so the
+    renderer dead-letters it on its last delivery; aborted transactions never show, as in classic mode."""
+    conf = settings.renderer
+    return {
+        "share.auto.offset.reset": "earliest",
+        "share.record.lock.duration.ms": str(conf.share_lock_ms),
+        "share.delivery.count.limit": str(conf.share_delivery_limit),
+        "share.isolation.level": "read_committed",
+    }
+
+
+def ensure_share_groups(settings: Settings) -> list[str]:
+    """Set `share_group_config` on each pool's renderer share group (share mode only); a group's config
+    can be set before any member has joined."""
+    if settings.renderer.consumer != "share":
+        return []
+    admin = make_admin(settings)
+    wanted = share_group_config(settings)
+    changes = []
+    for pool in settings.pools:
+        group = renderer_group(settings, pool)
+        current = admin.describe_configs([ConfigResource(ResourceType.GROUP, group)])
+        described = next(iter(current.values())).result()
+        drift = {k: v for k, v in wanted.items() if described.get(k) is None or described[k].value != v}
+        if not drift:
+            continue
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in drift.items()]
+        change = ConfigResource(ResourceType.GROUP, group, incremental_configs=entries)
+        for future in admin.incremental_alter_configs([change]).values():
+            future.result()
+        changes.append(f"share group {group}: set {', '.join(sorted(drift))}")
+    return changes
+
+
 def ensure_schema(settings: Settings) -> list[str]:
     cluster, session = connect(settings.cassandra)
     try:
@@ -157,7 +198,12 @@ def ensure_buckets(settings: Settings) -> list[str]:
 
 
 def bootstrap(settings: Settings, echo: Callable[[str], None] = print) -> list[str]:
-    changes = ensure_topics(settings) + ensure_schema(settings) + ensure_buckets(settings)
+    changes = (
+        ensure_topics(settings)
+        + ensure_share_groups(settings)
+        + ensure_schema(settings)
+        + ensure_buckets(settings)
+    )
     for change in changes:
         echo(change)
     echo(f"bootstrap: {len(changes)} change(s)" if changes else "bootstrap: everything already in place")
