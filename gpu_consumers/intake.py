@@ -108,13 +108,25 @@ class ShareIntake:
                     # every renderer; the others take a micro-batch at once.
                     "max.poll.records": 1 if cls == "HIGH" else batch_tasks,
                     "fetch.wait.max.ms": conf.share_fetch_wait_ms,
-                    "max.poll.interval.ms": conf.max_poll_interval_ms,
+                    # A consumer holding a batch is not polled until the batch is acknowledged: let
+                    # the lock, not the poll interval, bound how long a render may hold its tasks.
+                    "max.poll.interval.ms": max(conf.max_poll_interval_ms, 2 * conf.share_lock_ms),
                 },
             )
             for cls in topics
         }
         for consumer in self.consumers.values():
             consumer.set_acknowledgement_commit_callback(self._committed)
+        # A share group has no committed offsets to read a backlog from: commit, under the consumer
+        # group's name (no member joins it), the offset after the last task taken from each partition,
+        # so end offset minus committed is the number of tasks not yet taken, as in classic mode.
+        self.progress = make_consumer(
+            settings.model_copy(update={"instance": None}),  # no static member: it never joins the group
+            renderer_group(settings, pool, share=False),
+            f"renderer.{pool}.progress",
+        )
+        self.taken: dict[tuple[str, int], int] = {}
+        self.last_progress = 0.0
         self.held: dict[str, set[Coords]] = {cls: set() for cls in topics}
         self.unsent: set[str] = set()  # classes with acknowledgements not yet sent to the broker
         self.refused = 0  # acknowledgements the broker refused (a lock that expired first)
@@ -140,7 +152,9 @@ class ShareIntake:
                         raise KafkaException(error)
                     log.warning("share consumer error: %s", error)
                     continue
-                self.held[cls].add(coords(msg))
+                topic, partition, offset = coords(msg)
+                self.held[cls].add((topic, partition, offset))
+                self.taken[(topic, partition)] = max(self.taken.get((topic, partition), 0), offset + 1)
                 out.append(msg)
         return out
 
@@ -163,6 +177,19 @@ class ShareIntake:
                     raise
                 log.warning("sending acknowledgements failed (%s); they go with the next poll", exc)
         self.unsent.clear()
+        if self.taken and time.monotonic() - self.last_progress >= COMMIT_INTERVAL_S:
+            self._commit_progress()
+            self.last_progress = time.monotonic()
+
+    def _commit_progress(self, asynchronous: bool = True) -> None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self.taken.items()]
+        try:
+            if asynchronous:
+                self.progress.commit(offsets=offsets, asynchronous=True)
+            else:
+                self.progress.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # informational: the next turn commits again
+            log.warning("committing progress failed (%s)", exc)
 
     def close(self) -> None:
         """RELEASE every task still held (buffered, or abandoned at shutdown) and leave the group."""
@@ -173,6 +200,9 @@ class ShareIntake:
                 log.info("released %d %s task(s)", len(held), cls)
         for consumer in self.consumers.values():
             consumer.close()
+        if self.taken:
+            self._commit_progress(asynchronous=False)
+        self.progress.close()
 
     def _acknowledge(self, task: Coords, ack_type: AcknowledgeType) -> None:
         cls = self.class_of[task[0]]

@@ -76,12 +76,16 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
     return Consumer(conf)
 
 
-def renderer_group(settings: Settings, pool: str) -> str:
-    """The group of ``pool``'s renderers: a share group in share mode, a consumer group in classic mode.
+def renderer_group(settings: Settings, pool: str, share: bool | None = None) -> str:
+    """The group of ``pool``'s renderers: a share group in share mode, a consumer group in classic mode
+    (``share`` picks one, else ``renderer.consumer`` does).
 
-    The names differ so that a broker can hold both (a group id has one type for its whole life)."""
+    The names differ so that a broker can hold both (a group id has one type for its whole life). The
+    consumer group's committed offsets are what backlog readers (the gatekeeper's shedding, lag tools)
+    read in both modes: share-mode renderers commit there how far the queue has been taken."""
     base = f"{settings.kafka.topic_prefix}.renderer.{pool}"
-    return f"{base}.share" if settings.renderer.consumer == "share" else base
+    share = settings.renderer.consumer == "share" if share is None else share
+    return f"{base}.share" if share else base
 
 
 def make_share_consumer(settings: Settings, group_id: str, role: str, **overrides: Any) -> ShareConsumer:

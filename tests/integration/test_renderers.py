@@ -26,7 +26,14 @@ from confluent_kafka import AcknowledgeType
 
 from gpu_consumers.renderer import Renderer
 from infra.bootstrap import ensure_buckets, ensure_share_groups, ensure_topics
-from plumbing.kafka_clients import make_consumer, make_producer, make_share_consumer, renderer_group
+from plumbing.kafka_clients import (
+    group_offsets,
+    make_admin,
+    make_consumer,
+    make_producer,
+    make_share_consumer,
+    renderer_group,
+)
 from plumbing.settings import ModelSpec, Settings
 from plumbing.topics import Stage, Topics
 from producers.client import new_request, now_ms
@@ -203,6 +210,18 @@ def test_two_renderers_share_one_partition(
     spans = {w: [(r["started_at"], r["finished_at"]) for r in done if r["worker_id"] == w] for w in by}
     overlap = sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in spans["a"] for s2, e2 in spans["b"])
     assert overlap > 0.5 * sum(e - s for s, e in spans["a"]), spans
+    # Backlog readers (the gatekeeper's shedding) see the queue drained, as with a consumer group.
+    admin = make_admin(settings)
+    high = Topics(settings).render(POOL, "HIGH")
+    deadline = time.monotonic() + 10.0
+    while True:
+        [(committed, end)] = group_offsets(
+            admin, renderer_group(settings, POOL, share=False), [high]
+        ).values()
+        if committed == end:
+            break
+        assert time.monotonic() < deadline, (committed, end)
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("mode", ["share", "classic"])
