@@ -68,12 +68,18 @@ def running_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: st
 
 
 @pytest.fixture(scope="session")
-def pipeline(
+def share_pipeline(
     infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     """The pipeline with share-group renderers (the default), shared by the session's tests."""
     with running_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "share") as settings:
         yield settings
+
+
+@pytest.fixture(scope="session")
+def pipeline(share_pipeline: Settings) -> Settings:
+    """The pipeline of the default renderer mode (share groups)."""
+    return share_pipeline
 
 
 @pytest.fixture(scope="session")

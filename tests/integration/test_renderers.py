@@ -228,7 +228,8 @@ def test_two_renderers_share_one_partition(
 def test_high_first_under_low_backlog(
     infra: Settings, tmp_path: Path, renderers: Any, frames_reader: Any, mode: str
 ) -> None:
-    """With a LOW backlog in Kafka, a HIGH task is rendered next (preempting the LOW batch in hand)."""
+    """With a LOW backlog in Kafka, a HIGH task is rendered next, preempting the LOW batch in hand between
+    two steps; LOW is micro-batched and its tenants take turns."""
     settings = renderer_settings(infra, mode, tmp_path, synthetic_ms_per_frame=600.0, progress_interval_s=0.1)
     reader = frames_reader(settings)
     lows = [task("LOW", tenant=f"t{i % 3}") for i in range(16)]
@@ -246,6 +247,13 @@ def test_high_first_under_low_backlog(
     high_done = next(r for r in frames(reader.records) if r["task_id"] == high["task_id"])
     lows_done = [r for r in frames(reader.records) if r["priority"] == "LOW"]
     assert sum(r["started_at"] > high_done["finished_at"] for r in lows_done) >= 8
+    # Step-level preemption: HIGH rendered nested inside the LOW batch it found running.
+    assert any(
+        r["started_at"] < high_done["started_at"] and r["finished_at"] > high_done["finished_at"]
+        for r in lows_done
+    ), (high_done, lows_done[:4])
+    # Micro-batching: LOW tasks were rendered in batches of up to max_batch (4) frames.
+    assert max(r["batch_size"] for r in lows_done) == 4
     # Tenant turns inside LOW: the first four LOW tasks rendered come from three tenants.
     assert len({r["tenant_id"] for r in lows_done[:4]}) == 3
 
@@ -279,8 +287,8 @@ def test_kill_9_redelivers_to_the_other(infra: Settings, tmp_path: Path, frames_
 
 
 def test_graceful_stop_releases(infra: Settings, tmp_path: Path, renderers: Any, frames_reader: Any) -> None:
-    """A renderer stopped with tasks in hand RELEASEs them: another renders them well before the lock
-    (60 s) would have expired."""
+    """A renderer stopped with tasks in hand hands them back (RELEASE, then leaving the group, which
+    releases too): another renders them well before the lock (60 s) or the session (45 s) would expire."""
     slow = {"synthetic_ms_per_frame": 3000.0, "shutdown_grace_s": 0.0, "progress_interval_s": 0.2}
     settings = renderer_settings(infra, "share", tmp_path, share_lock_ms=60_000, **slow)
     reader = frames_reader(settings)
