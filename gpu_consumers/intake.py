@@ -28,6 +28,8 @@ second: a crash repeats unfinished tasks and never skips one.
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -43,7 +45,7 @@ from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_S = 1.0  # classic mode: a crash repeats at most about a second of work
-CLOSE_TIMEOUT_S = 30.0
+STATISTICS_INTERVAL_MS = 1000
 
 Coords = tuple[str, int, int]  # topic, partition, offset of one task
 
@@ -68,6 +70,9 @@ class Intake(Protocol):
 
     def start(self) -> None:
         """Join the group and start fetching."""
+
+    def assigned(self) -> bool:
+        """True once the group has given this member partitions to take tasks from."""
 
     def poll(self, room: Collection[str], timeout_s: float) -> list[Message]:
         """Messages of the classes in ``room`` (those the scheduler has room for), waiting at most
@@ -111,6 +116,10 @@ class ShareIntake:
                     # A consumer holding a batch is not polled until the batch is acknowledged: let
                     # the lock, not the poll interval, bound how long a render may hold its tasks.
                     "max.poll.interval.ms": max(conf.max_poll_interval_ms, 2 * conf.share_lock_ms),
+                    # Statistics say when the member has its assignment (`assigned`): a new member gets
+                    # it only at its next heartbeat, about 5 s after joining.
+                    "statistics.interval.ms": STATISTICS_INTERVAL_MS,
+                    "stats_cb": functools.partial(self._statistics, cls),
                 },
             )
             for cls in topics
@@ -128,12 +137,19 @@ class ShareIntake:
         self.taken: dict[tuple[str, int], int] = {}
         self.last_progress = 0.0
         self.held: dict[str, set[Coords]] = {cls: set() for cls in topics}
+        self.assignment = dict.fromkeys(topics, 0)  # partitions per class, from the statistics
         self.unsent: set[str] = set()  # classes with acknowledgements not yet sent to the broker
         self.refused = 0  # acknowledgements the broker refused (a lock that expired first)
 
     def start(self) -> None:
         for cls, consumer in self.consumers.items():
             consumer.subscribe([self.topics[cls]])
+
+    def assigned(self) -> bool:
+        return all(self.assignment.values())
+
+    def _statistics(self, cls: str, stats: str) -> None:
+        self.assignment[cls] = int(json.loads(stats).get("cgrp", {}).get("assignment_size", 0))
 
     def poll(self, room: Collection[str], timeout_s: float) -> list[Message]:
         # A consumer may poll only once its last poll is all acknowledged: that is the bound on prefetch.
@@ -249,7 +265,7 @@ class ClassicIntake:
             },
         )
         self.tracker = OffsetTracker()
-        self.assigned: set[tuple[str, int]] = set()
+        self.partitions: set[tuple[str, int]] = set()
         self.paused: set[str] = set()
         self.last_commit = 0.0
 
@@ -260,6 +276,9 @@ class ClassicIntake:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+
+    def assigned(self) -> bool:
+        return True  # a consumer group assigns on join (no initial rebalance delay on our brokers)
 
     def poll(self, room: Collection[str], timeout_s: float) -> list[Message]:
         self._pause_full(room)
@@ -278,7 +297,7 @@ class ClassicIntake:
         self.tracker.done(*task)
 
     def owns(self, task: Coords) -> bool:
-        return (task[0], task[1]) in self.assigned
+        return (task[0], task[1]) in self.partitions
 
     def tick(self) -> None:
         if time.monotonic() - self.last_commit >= COMMIT_INTERVAL_S:
@@ -293,7 +312,7 @@ class ClassicIntake:
     def _pause_full(self, room: Collection[str]) -> None:
         """Pause a class's partitions while it has no room (about one batch buffered); resume after."""
         for cls, topic in self.topics.items():
-            partitions = [TopicPartition(t, p) for t, p in self.assigned if t == topic]
+            partitions = [TopicPartition(t, p) for t, p in self.partitions if t == topic]
             if cls not in room and topic not in self.paused and partitions:
                 self.consumer.pause(partitions)
                 self.paused.add(topic)
@@ -305,7 +324,7 @@ class ClassicIntake:
         offsets = [
             TopicPartition(t, p, o)
             for (t, p), o in self.tracker.committable().items()
-            if (t, p) in self.assigned
+            if (t, p) in self.partitions
         ]
         if offsets:
             try:
@@ -319,7 +338,7 @@ class ClassicIntake:
                 log.warning("commit failed (%s); it will be retried", exc)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self.partitions |= {(tp.topic, tp.partition) for tp in partitions}
         paused = [tp for tp in partitions if tp.topic in self.paused]
         if paused:
             consumer.pause(paused)
@@ -332,7 +351,7 @@ class ClassicIntake:
         for tp in partitions:
             self.on_revoked(tp.topic, tp.partition)
             self.tracker.forget(tp.topic, tp.partition)
-            self.assigned.discard((tp.topic, tp.partition))
+            self.partitions.discard((tp.topic, tp.partition))
 
 
 def make_intake(

@@ -53,6 +53,7 @@ from schemas.codec import default_codec
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05
 BUSY_POLL_S = 0.01
+ASSIGNMENT_TIMEOUT_S = 30.0  # "serving" is announced once the group assigned partitions, or after this
 
 
 class DeliveriesExhausted(PermanentError):
@@ -186,6 +187,9 @@ class Renderer:
         device = threading.Thread(target=self.device.run, args=(stop,), name="device", daemon=True)
         device.start()
         self.intake.start()
+        deadline = time.monotonic() + ASSIGNMENT_TIMEOUT_S
+        while not self.intake.assigned() and time.monotonic() < deadline and not stop.is_set():
+            self._turn()  # tasks that come meanwhile are taken as usual
         log.info(
             "renderer %s serving pool %s (%s; %s consumer)",
             self.worker_id,
@@ -199,13 +203,7 @@ class Renderer:
             while not stop.is_set():
                 if self.device.crashed is not None:
                     raise RuntimeError("the device loop crashed; see the log above") from self.device.crashed
-                with self.lock:
-                    busy = self.scheduler.buffered_tasks() > 0
-                    room = [c for c in CLASSES if self.scheduler.buffered_frames(c) < self.max_frames]
-                for msg in self.intake.poll(room, BUSY_POLL_S if busy else IDLE_POLL_S):
-                    self._take(msg)
-                self.producer.poll(0)
-                self.intake.tick()
+                self._turn()
         finally:
             # Graceful stop: take no new batch, let the one in hand finish within the grace period, else
             # abandon it between two steps; what is still held goes back to the group.
@@ -219,6 +217,16 @@ class Renderer:
             self.outbox.close()
             self.intake.close()
             self.cancellations.stop()
+
+    def _turn(self) -> None:
+        """One turn of the main loop: take new tasks where a class has room, serve delivery reports."""
+        with self.lock:
+            busy = self.scheduler.buffered_tasks() > 0
+            room = [c for c in CLASSES if self.scheduler.buffered_frames(c) < self.max_frames]
+        for msg in self.intake.poll(room, BUSY_POLL_S if busy else IDLE_POLL_S):
+            self._take(msg)
+        self.producer.poll(0)
+        self.intake.tick()
 
     def _take(self, msg: Message) -> None:
         """Decode a consumed task and give it to the scheduler; dead-letter what cannot be rendered."""
