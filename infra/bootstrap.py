@@ -8,6 +8,7 @@ Every step creates what is missing and leaves what matches alone, so re-running 
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import Topics, TopicSpec
 
+log = logging.getLogger(__name__)
 CQL_DIR = Path(__file__).resolve().parent / "cql"
 ADMIN_TIMEOUT_S = 30.0
 
@@ -138,7 +140,20 @@ def ensure_share_groups(settings: Settings) -> list[str]:
     admin = make_admin(settings)
     wanted = share_group_config(settings)
     changes = []
+    topics = Topics(settings)
+    metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
     for pool in settings.pools:
+        for priority in ("HIGH", "NORMAL", "LOW"):
+            name = topics.render(pool, priority)
+            if name in metadata and len(metadata[name].partitions) > settings.kafka.render_partitions:
+                # Partitions cannot shrink: the share group would give each renderer whole partitions.
+                log.warning(
+                    "%s has %d partitions, more than kafka.render_partitions (%d): share-group renderers "
+                    "share a partition only while they outnumber the partitions; recreate it with fewer",
+                    name,
+                    len(metadata[name].partitions),
+                    settings.kafka.render_partitions,
+                )
         group = renderer_group(settings, pool)
         current = admin.describe_configs([ConfigResource(ResourceType.GROUP, group)])
         described = next(iter(current.values())).result()

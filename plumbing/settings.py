@@ -29,7 +29,13 @@ class KafkaSettings(_Section):
     bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers, comma separated")
     topic_prefix: str = Field("aigc", description="first dotted segment of every topic name")
     request_partitions: int = Field(6, ge=1, description="partitions of each request topic")
-    render_partitions: int = Field(16, ge=1, description="partitions of each render topic (>= renderers)")
+    render_partitions: int = Field(
+        1,
+        ge=1,
+        description="partitions of each render topic: share-group renderers share a partition only while "
+        "they outnumber the partitions, so 1 lets every renderer take every task; classic renderers need "
+        "at least one partition each",
+    )
     partitions: int = Field(6, ge=1, description="partitions of the other topics")
     replication_factor: int = Field(1, ge=1)
     client_id: str = Field("aigc", description="client.id prefix for every Kafka client")
