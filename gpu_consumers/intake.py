@@ -109,8 +109,9 @@ class ShareIntake:
                 group,
                 f"renderer.{pool}.{cls.lower()}",
                 **{
-                    # HIGH never waits to fill a batch: one task at a time spreads a HIGH backlog over
-                    # every renderer; the others take a micro-batch at once.
+                    # Tasks per poll: HIGH never waits to fill a batch, the others take a micro-batch.
+                    # (The broker hands out whole record batches: tasks produced together in one batch
+                    # go to one member whatever this says.)
                     "max.poll.records": 1 if cls == "HIGH" else batch_tasks,
                     "fetch.wait.max.ms": conf.share_fetch_wait_ms,
                     # A consumer holding a batch is not polled until the batch is acknowledged: let
@@ -135,6 +136,7 @@ class ShareIntake:
             f"renderer.{pool}.progress",
         )
         self.taken: dict[tuple[str, int], int] = {}
+        self.progressed = False  # taken moved since the last progress commit
         self.last_progress = 0.0
         self.held: dict[str, set[Coords]] = {cls: set() for cls in topics}
         self.assignment = dict.fromkeys(topics, 0)  # partitions per class, from the statistics
@@ -170,7 +172,9 @@ class ShareIntake:
                     continue
                 topic, partition, offset = coords(msg)
                 self.held[cls].add((topic, partition, offset))
-                self.taken[(topic, partition)] = max(self.taken.get((topic, partition), 0), offset + 1)
+                if offset + 1 > self.taken.get((topic, partition), 0):
+                    self.taken[(topic, partition)] = offset + 1
+                    self.progressed = True
                 out.append(msg)
         return out
 
@@ -193,11 +197,12 @@ class ShareIntake:
                     raise
                 log.warning("sending acknowledgements failed (%s); they go with the next poll", exc)
         self.unsent.clear()
-        if self.taken and time.monotonic() - self.last_progress >= COMMIT_INTERVAL_S:
+        if self.progressed and time.monotonic() - self.last_progress >= COMMIT_INTERVAL_S:
             self._commit_progress()
             self.last_progress = time.monotonic()
 
     def _commit_progress(self, asynchronous: bool = True) -> None:
+        self.progressed = False
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.taken.items()]
         try:
             if asynchronous:
@@ -210,13 +215,13 @@ class ShareIntake:
     def close(self) -> None:
         """RELEASE every task still held (buffered, or abandoned at shutdown) and leave the group."""
         for cls, held in self.held.items():
+            if held:
+                log.info("releasing %d %s task(s)", len(held), cls)
             for task in sorted(held):
                 self._acknowledge(task, AcknowledgeType.RELEASE)
-            if held:
-                log.info("released %d %s task(s)", len(held), cls)
         for consumer in self.consumers.values():
             consumer.close()
-        if self.taken:
+        if self.progressed:
             self._commit_progress(asynchronous=False)
         self.progress.close()
 
