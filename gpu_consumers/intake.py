@@ -129,14 +129,14 @@ class ShareIntake:
             consumer.set_acknowledgement_commit_callback(self._committed)
         # A share group has no committed offsets to read a backlog from: commit, under the consumer
         # group's name (no member joins it), the offset after the last task taken from each partition,
-        # so end offset minus committed is the number of tasks not yet taken, as in classic mode.
+        # so end offset minus committed is the number of tasks not yet taken, as in classic mode. Once a
+        # second: one OffsetFetch, and a commit only where this renderer is ahead.
         self.progress = make_consumer(
             settings.model_copy(update={"instance": None}),  # no static member: it never joins the group
             renderer_group(settings, pool, share=False),
             f"renderer.{pool}.progress",
         )
         self.taken: dict[tuple[str, int], int] = {}
-        self.progressed = False  # taken moved since the last progress commit
         self.last_progress = 0.0
         self.held: dict[str, set[Coords]] = {cls: set() for cls in topics}
         self.assignment = dict.fromkeys(topics, 0)  # partitions per class, from the statistics
@@ -172,9 +172,7 @@ class ShareIntake:
                     continue
                 topic, partition, offset = coords(msg)
                 self.held[cls].add((topic, partition, offset))
-                if offset + 1 > self.taken.get((topic, partition), 0):
-                    self.taken[(topic, partition)] = offset + 1
-                    self.progressed = True
+                self.taken[(topic, partition)] = max(self.taken.get((topic, partition), 0), offset + 1)
                 out.append(msg)
         return out
 
@@ -197,19 +195,22 @@ class ShareIntake:
                     raise
                 log.warning("sending acknowledgements failed (%s); they go with the next poll", exc)
         self.unsent.clear()
-        if self.progressed and time.monotonic() - self.last_progress >= COMMIT_INTERVAL_S:
+        if self.taken and time.monotonic() - self.last_progress >= COMMIT_INTERVAL_S:
             self._commit_progress()
             self.last_progress = time.monotonic()
 
-    def _commit_progress(self, asynchronous: bool = True) -> None:
-        self.progressed = False
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.taken.items()]
+    def _commit_progress(self) -> None:
+        """Commit this renderer's progress where it is ahead of what the group holds: each renderer knows
+        only what it took, so the committed offset converges on the furthest any renderer took."""
+        partitions = [TopicPartition(t, p) for t, p in self.taken]
         try:
-            if asynchronous:
-                self.progress.commit(offsets=offsets, asynchronous=True)
-            else:
-                self.progress.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:  # informational: the next turn commits again
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in self.progress.committed(partitions, 10)
+            }
+            ahead = [TopicPartition(t, p, o) for (t, p), o in self.taken.items() if o > committed[(t, p)]]
+            if ahead:
+                self.progress.commit(offsets=ahead, asynchronous=False)
+        except KafkaException as exc:  # informational: the next turn tries again
             log.warning("committing progress failed (%s)", exc)
 
     def close(self) -> None:
@@ -221,8 +222,8 @@ class ShareIntake:
                 self._acknowledge(task, AcknowledgeType.RELEASE)
         for consumer in self.consumers.values():
             consumer.close()
-        if self.progressed:
-            self._commit_progress(asynchronous=False)
+        if self.taken:
+            self._commit_progress()
         self.progress.close()
 
     def _acknowledge(self, task: Coords, ack_type: AcknowledgeType) -> None:
