@@ -11,10 +11,10 @@ from plumbing.settings import Settings
 def register(verbs: argparse._SubParsersAction) -> None:
     render = verbs.add_parser(
         "render",
-        help="run a renderer process of one pool (a consumer group member)",
-        description="Consumes aigc.render.<pool>.{high,normal,low}; settings under AIGC_RENDERER__* and the "
-        "model "
-        "registry AIGC_MODELS.",
+        help="run a renderer process of one pool (a share-group member)",
+        description="Takes tasks from aigc.render.<pool>.{high,normal,low} as a member of the pool's share "
+        "group (AIGC_RENDERER__CONSUMER=classic: a consumer group member instead); settings under "
+        "AIGC_RENDERER__* and the model registry AIGC_MODELS.",
     )
     render.add_argument("--pool", default="default", help="renderer pool to serve (default: %(default)s)")
     render.add_argument(

@@ -9,7 +9,9 @@ position on the call stack untouched, so when the hook returns it resumes exactl
 and produces the same frames it would have produced without the interruption. A nested pick only
 takes classes above the running one, so at most one batch per class is on the stack (three deep).
 
-Rendered frames go to ``publish`` (a thread pool uploads them), so the device moves straight on.
+The loop talks to three small parts: ``backend_for`` (a model's loaded backend), `TaskChecks` (is a
+task cancelled or past its deadline) and `Outcomes` (where rendered, skipped and failed batches and
+progress go: the renderer's `Outbox`, whose thread pool uploads frames, so the device moves straight on).
 A CUDA out-of-memory splits the batch in halves and retries them.
 """
 
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -61,6 +64,32 @@ class Rendered:
     batch_frames: int
 
 
+class TaskChecks(Protocol):
+    """Questions the loop asks about a task before and while rendering it."""
+
+    def skip_reason(self, task: Task) -> str | None:
+        """CANCELLED or EXPIRED when the task must not be rendered, else None."""
+
+    def is_cancelled(self, task: Task) -> bool:
+        """True once the task's owner cancelled it (asked between denoising steps)."""
+
+
+class Outcomes(Protocol):
+    """Where the loop's results go (called on the device thread; must not block on the device)."""
+
+    def rendered(self, rendered: Rendered) -> None:
+        """A batch finished: publish its frames."""
+
+    def skipped(self, task: Task, outcome: str) -> None:
+        """A task was not rendered (CANCELLED, EXPIRED): answer it."""
+
+    def failed(self, pick: Pick, exc: BaseException) -> None:
+        """A batch failed: route its tasks (retry, dead letter, or later again)."""
+
+    def progress(self, pick: Pick, done: int, total: int) -> None:
+        """``done`` of ``total`` frame-steps of a batch are rendered."""
+
+
 @dataclass
 class _Run:
     pick: Pick
@@ -70,29 +99,23 @@ class _Run:
 
 
 class DeviceLoop:
+    """The thread that owns the device: pick a batch, render it, hand the result to `Outcomes`."""
+
     def __init__(
         self,
         scheduler: Scheduler,
         lock: threading.Condition,
         backend_for: Callable[[str], Backend],
-        publish: Callable[[Rendered], None],
-        skip: Callable[[Task], str | None],
-        on_skipped: Callable[[Task, str], None],
-        on_progress: Callable[[Pick, int, int], None],
-        on_failed: Callable[[Pick, BaseException], None],
-        is_cancelled: Callable[[Task], bool],
+        checks: TaskChecks,
+        outcomes: Outcomes,
         max_frames: int,
         progress_interval_s: float = 0.5,
     ) -> None:
         self.scheduler = scheduler
-        self.lock = lock
+        self.lock = lock  # guards the scheduler; notified when tasks arrive
         self.backend_for = backend_for
-        self.publish = publish
-        self.skip = skip
-        self.on_skipped = on_skipped
-        self.on_progress = on_progress
-        self.on_failed = on_failed
-        self.is_cancelled = is_cancelled
+        self.checks = checks
+        self.outcomes = outcomes
         self.max_frames = max_frames
         self.progress_interval_s = progress_interval_s
         self.busy_s = 0.0  # device time spent rendering, for the busy fraction
@@ -134,11 +157,11 @@ class DeviceLoop:
         """Answer expired and cancelled tasks without rendering them."""
         keep = []
         for task in pick.tasks:
-            reason = self.skip(task)
+            reason = self.checks.skip_reason(task)
             if reason is None:
                 keep.append(task)
             else:
-                self.on_skipped(task, reason)
+                self.outcomes.skipped(task, reason)
         if not keep:
             return None
         return dataclasses.replace(pick, tasks=keep)
@@ -153,10 +176,10 @@ class DeviceLoop:
             frames = self._render_split(pick, run)
         except BatchCancelled:
             for task in pick.tasks:
-                self.on_skipped(task, "CANCELLED")
+                self.outcomes.skipped(task, "CANCELLED")
             return
         except BatchAbandoned:
-            # Handed back: nothing is published, so the offsets stay uncommitted and another renderer
+            # Handed back: nothing is published, so the tasks stay unacknowledged and another renderer
             # (or this one, restarted) renders these tasks again.
             log.info("abandoned a batch of %d task(s) at shutdown", len(pick.tasks))
             if self.depth > 1:
@@ -164,13 +187,13 @@ class DeviceLoop:
             return
         except Exception as exc:  # the renderer routes it (retry or dead letter) by its class
             log.exception("batch of %d task(s) failed", len(pick.tasks))
-            self.on_failed(pick, exc)
+            self.outcomes.failed(pick, exc)
             return
         finally:
             self.depth -= 1
             elapsed = time.monotonic() - run.started - run.suspended_s
             self.busy_s += elapsed
-        self.publish(Rendered(pick, frames, started_at_ms, elapsed, pick.frames))
+        self.outcomes.rendered(Rendered(pick, frames, started_at_ms, elapsed, pick.frames))
 
     def _render_split(self, pick: Pick, run: _Run) -> list[np.ndarray]:
         tasks = pick.tasks
@@ -214,10 +237,10 @@ class DeviceLoop:
             # A render shorter than the interval reports nothing: its FramesRendered follows at once.
             if now - run.last_progress >= self.progress_interval_s:
                 run.last_progress = now
-                self.on_progress(run.pick, done_before + round(chunk_units * done / total), batch_units)
+                self.outcomes.progress(run.pick, done_before + round(chunk_units * done / total), batch_units)
             if self.abandon.is_set():
                 raise BatchAbandoned
-            if all(self.is_cancelled(task) for task in run.pick.tasks):
+            if all(self.checks.is_cancelled(task) for task in run.pick.tasks):
                 raise BatchCancelled
             if done < total:
                 self._preempt(run)

@@ -1,130 +1,92 @@
 """The renderer worker of one pool: render topics in, staged frames and FramesRendered out.
 
-Consumes ``aigc.render.<pool>.{high,normal,low}`` as consumer group ``<prefix>.renderer.<pool>``;
-produces ``aigc.frames`` (one FramesRendered per task: RENDERED, CANCELLED, EXPIRED or FAILED),
-RUNNING status events and dead letters. This module knows Kafka, not diffusers: the device loop
-(`executor`) renders and the `Scheduler` chooses.
+Consumes ``aigc.render.<pool>.{high,normal,low}``; produces ``aigc.frames`` (one FramesRendered per
+task: RENDERED, CANCELLED, EXPIRED or FAILED), RUNNING status events, retries and dead letters. This
+module knows Kafka, not diffusers. Four parts, each with a small interface:
 
-Threads: the main thread polls Kafka, feeds the scheduler, pauses a class's partitions while it has
-about one batch buffered (prefetch stays bounded; the backlog stays in Kafka where other renderers can
-take it), serves delivery reports and commits. The device thread renders. A small pool uploads frames.
-The main thread keeps polling however long a render takes, so a slow render never exceeds the
-consumer's poll interval and never triggers a rebalance.
+- `intake.Intake` (``poll``, ``finish``, ``owns``, ``close``): where tasks come from and where their
+  acknowledgements go: a share group by default (any idle renderer takes the next task), a classic
+  consumer group behind ``renderer.consumer=classic``;
+- `scheduler.Scheduler`: which buffered tasks run next (priority with bounded starvation, tenant
+  turns, micro-batches);
+- `executor.DeviceLoop`: the device thread (render, preempt between steps, cancel, skip);
+- `outbox.Outbox`: uploads and records out; calls ``done`` when a task's outcome is acknowledged.
 
-Delivery: a task's offset is committed only after its frames are uploaded and its FramesRendered is
-acknowledged by the broker, and only once every earlier offset of the partition is done too
-(`OffsetTracker`). A crash therefore repeats unfinished tasks (the same keys are overwritten, the
-assembler counts frames once) and never loses one.
+Threads: the main thread polls the intake, feeds the scheduler and serves delivery reports (which
+acknowledge tasks); the device thread renders; a small pool uploads frames. A class takes new tasks
+only while about one batch of it is buffered: the backlog stays in Kafka where other renderers take it.
+
+Delivery: a task is acknowledged (ACCEPT in share mode, its offset committed in classic mode) only
+after its frames are uploaded and its FramesRendered is acknowledged by the broker. A crash therefore
+repeats unfinished tasks (the same keys are overwritten, the assembler counts frames once) and never
+loses one; `intake` says how each mode hands tasks back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import Message
 
 from gpu_consumers.backends import Backend, make_backend
-from gpu_consumers.executor import DeviceLoop, Rendered, task_slices
-from gpu_consumers.offsets import OffsetTracker
+from gpu_consumers.executor import DeviceLoop
+from gpu_consumers.intake import coords, make_intake
+from gpu_consumers.outbox import Outbox
 from gpu_consumers.publisher import Publisher, now_ms
 from gpu_consumers.scheduler import CLASSES, Pick, Scheduler
 from gpu_consumers.tasks import Task
 from plumbing.blobs import BlobStore
 from plumbing.cancellations import CancellationWatcher
-from plumbing.dead_letters import Failure, Original, dead_letter
-from plumbing.errors import DecodeError, ErrorKind, UnknownModelError, classify
-from plumbing.headers import Headers, continue_headers
-from plumbing.kafka_clients import consume_available, header_map, make_consumer, make_producer
-from plumbing.retries import route_failure
-from plumbing.settings import Settings
+from plumbing.dead_letters import Failure, Original
+from plumbing.errors import DecodeError, PermanentError, UnknownModelError
+from plumbing.kafka_clients import header_map, make_producer
+from plumbing.settings import ModelSpec, Settings
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
 
 log = logging.getLogger(__name__)
-COMMIT_INTERVAL_S = 1.0  # a crash repeats at most about a second of work; commits cost the broker
-BACKPRESSURE_DELAY_S = 5.0
-UPLOAD_ATTEMPTS = 4
+IDLE_POLL_S = 0.05
+BUSY_POLL_S = 0.01
+ASSIGNMENT_TIMEOUT_S = 30.0  # "serving" is announced once the group assigned partitions, or after this
 
 
-class Renderer:
-    def __init__(
-        self, settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None
-    ) -> None:
-        conf = settings.renderer
+class DeliveriesExhausted(PermanentError):
+    """The task was delivered as often as the share group allows (earlier renderers crashed on it)."""
+
+    code = "DELIVERY_LIMIT"
+
+
+class Models:
+    """The pool's model backends, each loaded once (on the device thread, or by ``warm_up``)."""
+
+    def __init__(self, settings: Settings, models: dict[str, ModelSpec], overrides: dict[str, Any]) -> None:
         self.settings = settings
-        self.pool = pool
-        self.topics = Topics(settings)
-        self.codec = default_codec()
-        self.worker_id = conf.worker_id or settings.instance or f"{socket.gethostname()}-{os.getpid()}"
-        self.models = {name: spec for name, spec in settings.models.items() if spec.pool == pool}
-        if not self.models:
-            raise ValueError(f"no model in the registry is served by pool {pool!r}")
-        self.max_frames = min(spec.max_batch for spec in self.models.values())
-        self.backend_overrides = backend_overrides or {}
-        self.by_class = {Priority(c).value: self.topics.render(pool, c) for c in CLASSES}
-        self.class_of = {topic: cls for cls, topic in self.by_class.items()}
-        self.consumer = make_consumer(
-            settings,
-            f"{settings.kafka.topic_prefix}.renderer.{pool}",
-            f"renderer.{pool}",
-            # range splits each priority topic across the group: every renderer sees every class (sticky
-            # assignors balance partition counts over all topics, leaving a class on one member).
-            # Static membership keeps restarts from triggering its stop-the-world rebalances.
-            **{"max.poll.interval.ms": conf.max_poll_interval_ms, "partition.assignment.strategy": "range"},
-        )
-        self.producer = make_producer(settings, f"renderer.{pool}")
-        self.blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)
-        self.publisher = Publisher(
-            self.codec, self.blobs, settings.s3.staging_bucket, self.topics.frames, self.worker_id
-        )
-        self.lock = threading.Condition()
-        self.scheduler = Scheduler(conf.weights, conf.aging_s, conf.batch_wait_ms / 1000)
-        self.tracker = OffsetTracker()
-        self.uploads = ThreadPoolExecutor(conf.upload_workers, thread_name_prefix="upload")
-        self.cancellations = CancellationWatcher(settings)
-        self.backends: dict[str, Backend] = {}
-        self.device = DeviceLoop(
-            self.scheduler,
-            self.lock,
-            self._backend,
-            self._publish,
-            self._skip_reason,
-            self._answer_skipped,
-            self._progress,
-            self._failed,
-            self._cancelled,
-            self.max_frames,
-            conf.progress_interval_s,
-        )
-        self.assigned: set[tuple[str, int]] = set()
-        self.paused: set[str] = set()
-        self.delivered = 0
+        self.specs = models
+        self.overrides = overrides
+        self.loaded: dict[str, Backend] = {}
 
-    # -- backends, run on the device thread -------------------------------------------------------------
-    def _backend(self, model: str) -> Backend:
-        backend = self.backends.get(model)
+    def backend(self, model: str) -> Backend:
+        """The loaded backend of ``model`` (loading it on first use)."""
+        backend = self.loaded.get(model)
         if backend is None:
-            spec = self.models[model]
-            kind = self.backend_overrides.get("kind", spec.backend)
+            spec = self.specs[model]
+            conf = self.settings.renderer
+            kind = self.overrides.get("kind", spec.backend)
             if kind == "synthetic":
-                conf = self.settings.renderer
                 backend = make_backend(
                     "synthetic",
                     name=model,
                     max_batch=spec.max_batch,
-                    service_ms_per_frame=self.backend_overrides.get(
+                    service_ms_per_frame=self.overrides.get(
                         "service_ms_per_frame", conf.synthetic_ms_per_frame
                     ),
-                    steps=self.backend_overrides.get("steps", conf.synthetic_steps),
+                    steps=self.overrides.get("steps", conf.synthetic_steps),
                 )
             else:
                 self._limit_cpu_threads()
@@ -133,11 +95,16 @@ class Renderer:
                     model_path=spec.path,
                     name=model,
                     max_batch=spec.max_batch,
-                    device=self.settings.renderer.device,
+                    device=conf.device,
                 )
             log.info("loaded model %s (%s backend)", model, kind)
-            self.backends[model] = backend
+            self.loaded[model] = backend
         return backend
+
+    def warm_up(self) -> None:
+        """Load every model of the pool before taking work."""
+        for model in self.specs:
+            self.backend(model)
 
     def _limit_cpu_threads(self) -> None:
         import torch
@@ -146,186 +113,100 @@ class Renderer:
         if device == "cpu":
             torch.set_num_threads(self.settings.renderer.cpu_threads)
 
-    def warm_up(self) -> None:
-        """Load every model of the pool before taking work (a model loads once, here)."""
-        for model in self.models:
-            self._backend(model)
 
-    # -- callbacks from the device thread -------------------------------------------------------------
-    def _cancelled(self, task: Task) -> bool:
+class Checks:
+    """Whether a task is cancelled (`CancellationWatcher`) or past its deadline (`executor.TaskChecks`)."""
+
+    def __init__(self, cancellations: CancellationWatcher) -> None:
+        self.cancellations = cancellations
+
+    def is_cancelled(self, task: Task) -> bool:
         return self.cancellations.is_cancelled(task.request_id, task.tenant_id)
 
-    def _skip_reason(self, task: Task) -> str | None:
-        if self._cancelled(task):
+    def skip_reason(self, task: Task) -> str | None:
+        if self.is_cancelled(task):
             return "CANCELLED"
         deadline = task.record.get("deadline_ms")
         if deadline is not None and deadline <= now_ms():
             return "EXPIRED"
         return None
 
-    def _answer_skipped(self, task: Task, outcome: str) -> None:
-        reason = "CANCELLED" if outcome == "CANCELLED" else "DEADLINE_EXCEEDED"
-        message = (
-            "cancelled by its owner" if outcome == "CANCELLED" else "the deadline passed before rendering"
-        )
-        value, headers = self.publisher.record(
-            task, outcome, [], started_at=now_ms(), render_ms=0, batch_size=0, reason=reason, message=message
-        )
-        self._produce_result(task, value, headers)
 
-    def _failed(self, pick: Pick, exc: BaseException) -> None:
-        """Route the tasks of a failed batch: retry topic, dead letter, or (back-pressure) later again.
+class Renderer:
+    """One renderer process of a pool: wires the intake, scheduler, device loop and outbox together."""
 
-        An unknown error is raised again: the device loop stops, the process exits and the tasks,
-        uncommitted, are rendered again after a restart.
-        """
-        for task in pick.tasks:
-            assert task.original is not None
-            routed = route_failure(
-                self.codec,
-                self.topics,
-                self.settings.retry,
-                Stage.RENDERER,
-                task.original,
-                exc,
-                now_ms(),
-                task.request_id,
-                task.tenant_id,
-            )
-            if routed is None:
-                log.warning(
-                    "back-pressure on %s (%s): rendering it again in %.0f s",
-                    task.task_id,
-                    exc,
-                    BACKPRESSURE_DELAY_S,
-                )
-                threading.Timer(BACKPRESSURE_DELAY_S, self._requeue, args=(task,)).start()
-                continue
-            log.warning("%s task %s: %s", "dead-lettered" if routed.dead else "retrying", task.task_id, exc)
-            self._produce(routed.topic, routed.value, routed.key, routed.headers, task)
-
-    def _requeue(self, task: Task) -> None:
-        with self.lock:
-            if (task.topic, task.partition) in self.assigned:
-                self.scheduler.add(task)
-                self.lock.notify_all()
-
-    def _progress(self, pick: Pick, done: int, total: int) -> None:
-        fraction = done / max(1, total)
-        for task in pick.tasks:
-            units = task.frame_count * int(task.record["steps"])
-            with contextlib.suppress(BufferError):  # progress is informational: drop it, never block on it
-                self.producer.produce(
-                    self.topics.status,
-                    self.publisher.progress(task, round(fraction * units), units),
-                    task.request_id.encode(),
-                    headers=continue_headers(task.headers, task.request_id, task.tenant_id),
-                )
-
-    def _publish(self, rendered: Rendered) -> None:
-        for task, start, end in task_slices(rendered.pick.tasks):
-            if self._cancelled(task):  # cancelled while its batch rendered: drop the frames
-                self._answer_skipped(task, "CANCELLED")
-                continue
-            share = rendered.render_s * 1000 * task.frame_count / max(1, rendered.batch_frames)
-            self.uploads.submit(
-                self._upload,
-                task,
-                rendered.frames[start:end],
-                rendered.started_at_ms,
-                round(share),
-                rendered.batch_frames,
-            )
-
-    def _upload(
-        self, task: Task, frames: list[Any], started_at: int, render_ms: int, batch_size: int
+    def __init__(
+        self, settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None
     ) -> None:
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
-            try:
-                blobs = self.publisher.upload(task, frames)
-                break
-            except Exception as exc:  # noqa: BLE001 - classify() decides: retry here, or route the task
-                if classify(exc) is not ErrorKind.RETRYABLE or attempt == UPLOAD_ATTEMPTS:
-                    self._failed(Pick([task], task.priority, 0.0), exc)
-                    return
-                time.sleep(0.2 * 2**attempt)
-        value, headers = self.publisher.record(
-            task, "RENDERED", blobs, started_at=started_at, render_ms=render_ms, batch_size=batch_size
+        conf = settings.renderer
+        self.settings = settings
+        self.pool = pool
+        self.codec = default_codec()
+        self.worker_id = conf.worker_id or settings.instance or f"{socket.gethostname()}-{os.getpid()}"
+        specs = {name: spec for name, spec in settings.models.items() if spec.pool == pool}
+        if not specs:
+            raise ValueError(f"no model in the registry is served by pool {pool!r}")
+        self.models = Models(settings, specs, backend_overrides or {})
+        self.max_frames = min(spec.max_batch for spec in specs.values())
+        topics = Topics(settings)
+        by_class = {Priority(c).value: topics.render(pool, c) for c in CLASSES}
+        self.intake = make_intake(settings, pool, by_class, self.max_frames, self._revoked)
+        # In share mode a class's next tasks come only once its last poll is finished: waiting to fill a
+        # batch would wait for nothing.
+        batch_wait_s = conf.batch_wait_ms / 1000 if conf.consumer == "classic" else 0.0
+        self.lock = threading.Condition()  # guards the scheduler
+        self.scheduler = Scheduler(conf.weights, conf.aging_s, batch_wait_s)
+        self.cancellations = CancellationWatcher(settings)
+        checks = Checks(self.cancellations)
+        self.producer = make_producer(settings, f"renderer.{pool}")
+        blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)
+        publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, topics.frames, self.worker_id)
+        self.outbox = Outbox(
+            settings,
+            self.codec,
+            self.producer,
+            publisher,
+            checks.is_cancelled,
+            self.intake.finish,
+            self._requeue,
         )
-        self._produce_result(task, value, headers)
+        self.device = DeviceLoop(
+            self.scheduler,
+            self.lock,
+            self.models.backend,
+            checks,
+            self.outbox,
+            self.max_frames,
+            conf.progress_interval_s,
+        )
 
-    def _mark_done(
-        self, topic: str, partition: int, offset: int, resend: Callable[[], None] | None = None
-    ) -> Any:
-        """A delivery report that lets the task's offset be committed (reports run on the main thread).
-
-        A message the broker never acknowledged (an outage longer than librdkafka's own retries) is sent
-        again, so its task's offset is not left pending forever."""
-
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is None:
-                self.tracker.done(topic, partition, offset)
-                self.delivered += 1
-            elif resend is not None and not err.fatal():
-                log.warning(
-                    "output for %s:%s:%s not delivered (%s); sending it again", topic, partition, offset, err
-                )
-                threading.Timer(1.0, resend).start()
-            else:
-                log.error("output for %s:%s:%s not delivered (%s)", topic, partition, offset, err)
-
-        return delivered
-
-    def _produce_result(self, task: Task, value: bytes, headers: Headers) -> None:
-        self._produce(self.topics.frames, value, task.request_id.encode(), headers, task)
-
-    def _produce(self, topic: str, value: bytes, key: bytes | None, headers: Headers, task: Task) -> None:
-        """Produce the outcome of ``task``; once acknowledged, its offset may be committed."""
-
-        def send() -> None:
-            report = self._mark_done(task.topic, task.partition, task.offset, send)
-            while True:
-                try:
-                    self.producer.produce(topic, value, key, headers=headers, on_delivery=report)
-                    return
-                except BufferError:
-                    time.sleep(0.01)
-
-        send()
-
-    # -- the main loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        """Render until ``stop``; then finish (or abandon) the batch in hand and hand the rest back."""
         self.cancellations.start()
-        self.warm_up()
+        self.models.warm_up()
         device = threading.Thread(target=self.device.run, args=(stop,), name="device", daemon=True)
         device.start()
-        self.consumer.subscribe(
-            list(self.by_class.values()),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+        self.intake.start()
+        deadline = time.monotonic() + ASSIGNMENT_TIMEOUT_S
+        while not self.intake.assigned() and time.monotonic() < deadline and not stop.is_set():
+            self._turn()  # tasks that come meanwhile are taken as usual
+        log.info(
+            "renderer %s serving pool %s (%s; %s consumer)",
+            self.worker_id,
+            self.pool,
+            ", ".join(self.models.specs),
+            self.settings.renderer.consumer,
         )
-        log.info("renderer %s serving pool %s (%s)", self.worker_id, self.pool, ", ".join(self.models))
         if ready is not None:
             ready.set()
-        last_commit = 0.0
         try:
             while not stop.is_set():
                 if self.device.crashed is not None:
                     raise RuntimeError("the device loop crashed; see the log above") from self.device.crashed
-                # At most one batch per call: with the pause below, a class never buffers much more than
-                # one batch ahead, and the rest of the backlog stays in Kafka for the whole group.
-                wait = 0.01 if self.scheduler.buffered_tasks() else 0.05
-                for msg in consume_available(self.consumer, self.max_frames, wait):
-                    self._take(msg)
-                self._apply_backpressure()
-                self.producer.poll(0)
-                if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
-                    self._commit()
-                    last_commit = time.monotonic()
+                self._turn()
         finally:
             # Graceful stop: take no new batch, let the one in hand finish within the grace period, else
-            # abandon it between two steps (its offsets stay uncommitted: handed back to the group).
+            # abandon it between two steps; what is still held goes back to the group.
             stop.set()
             with self.lock:
                 self.lock.notify_all()
@@ -333,100 +214,61 @@ class Renderer:
             if device.is_alive():
                 self.device.abandon.set()
                 device.join(timeout=60)
-            self.uploads.shutdown(wait=True)
-            self.producer.flush(30)
-            self._commit(asynchronous=False)
-            self.consumer.close()
+            self.outbox.close()
+            self.intake.close()
             self.cancellations.stop()
 
+    def _turn(self) -> None:
+        """One turn of the main loop: take new tasks where a class has room, serve delivery reports."""
+        with self.lock:
+            busy = self.scheduler.buffered_tasks() > 0
+            room = [c for c in CLASSES if self.scheduler.buffered_frames(c) < self.max_frames]
+        for msg in self.intake.poll(room, BUSY_POLL_S if busy else IDLE_POLL_S):
+            self._take(msg)
+        self.producer.poll(0)
+        self.intake.tick()
+
     def _take(self, msg: Message) -> None:
-        if msg.error():
-            log.warning("consumer error: %s", msg.error())
-            return
+        """Decode a consumed task and give it to the scheduler; dead-letter what cannot be rendered."""
         original = Original.of(msg)
-        self.tracker.track(original.topic, original.partition, original.offset)
+        if self.intake.exhausted(msg):
+            self._dead_letter(original, DeliveriesExhausted(f"delivered {msg.delivery_count()} times"))
+            return
         try:
             record = self.codec.decode(msg.value(), "RenderTask")
         except DecodeError as exc:
-            value, headers = dead_letter(
-                self.codec, original, Failure.of(Stage.RENDERER, exc, 1, now_ms(), now_ms())
-            )
-            self.producer.produce(
-                self.topics.dlq(Stage.RENDERER),
-                value,
-                msg.key(),
-                headers=headers,
-                on_delivery=self._mark_done(original.topic, original.partition, original.offset),
-            )
+            self._dead_letter(original, exc)
             return
-        task = Task(
-            record,
-            original.topic,
-            original.partition,
-            original.offset,
-            header_map(msg),
-            time.monotonic(),
-            original,
-        )
-        if record["model"] not in self.models:
+        topic, partition, offset = coords(msg)
+        task = Task(record, topic, partition, offset, header_map(msg), time.monotonic(), original)
+        if record["model"] not in self.models.specs:
             # The gatekeeper's registry routed it here but this pool's does not serve it: a configuration
             # mismatch, dead-lettered for replay once the registries agree.
-            self._failed(Pick([task], task.priority, 0.0), UnknownModelError(record["model"]))
+            self.outbox.failed(Pick([task], task.priority, 0.0), UnknownModelError(record["model"]))
             return
         with self.lock:
             self.scheduler.add(task)
             self.lock.notify_all()
 
-    def _apply_backpressure(self) -> None:
-        """Pause a class's partitions while about one batch of it is buffered; resume below that."""
-        for cls, topic in self.by_class.items():
-            full = self.scheduler.buffered_frames(cls) >= self.max_frames
-            partitions = [TopicPartition(t, p) for t, p in self.assigned if t == topic]
-            if full and topic not in self.paused and partitions:
-                self.consumer.pause(partitions)
-                self.paused.add(topic)
-            elif not full and topic in self.paused:
-                self.consumer.resume(partitions)
-                self.paused.discard(topic)
+    def _dead_letter(self, original: Original, exc: Exception) -> None:
+        log.warning("dead-lettering %s: %s", original.coordinates, exc)
+        self.outbox.dead_letter(original, Failure.of(Stage.RENDERER, exc, 1, now_ms(), now_ms()))
 
-    def _commit(self, asynchronous: bool = True) -> None:
-        offsets = [
-            TopicPartition(t, p, o)
-            for (t, p), o in self.tracker.committable().items()
-            if (t, p) in self.assigned
-        ]
-        if offsets:
-            try:
-                if asynchronous:
-                    self.consumer.commit(offsets=offsets, asynchronous=True)
-                else:
-                    self.consumer.commit(offsets=offsets, asynchronous=False)
-            except Exception as exc:
-                if classify(exc) is None:
-                    raise
-                log.warning("commit failed (%s); it will be retried", exc)
-
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
-        paused = [tp for tp in partitions if tp.topic in self.paused]
-        if paused:
-            consumer.pause(paused)
-
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._commit(asynchronous=False)
-        # librdkafka keeps a partition paused across its revocation: resume it, or one assigned back
-        # after its topic was resumed would never be fetched again (`_on_assign` pauses it anew if due).
-        consumer.resume(partitions)
+    def _requeue(self, task: Task) -> None:
+        """Back-pressure: schedule a task again later, if it is still this renderer's."""
         with self.lock:
-            for tp in partitions:
-                self.scheduler.remove_partition(tp.topic, tp.partition)
-        for tp in partitions:
-            self.tracker.forget(tp.topic, tp.partition)
-            self.assigned.discard((tp.topic, tp.partition))
+            if self.intake.owns(task.coords):
+                self.scheduler.add(task)
+                self.lock.notify_all()
+
+    def _revoked(self, topic: str, partition: int) -> None:
+        """Classic mode: a partition went to another member; drop its buffered tasks."""
+        with self.lock:
+            self.scheduler.remove_partition(topic, partition)
 
 
 def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None) -> None:
-    """Run one renderer process until SIGINT or SIGTERM; work in hand is finished and committed first."""
+    """Run one renderer process until SIGINT or SIGTERM; work in hand is finished and acknowledged first."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -41,6 +41,11 @@ class Task:
         )
 
     @property
+    def coords(self) -> tuple[str, int, int]:
+        """Where it was consumed: (topic, partition, offset)."""
+        return self.topic, self.partition, self.offset
+
+    @property
     def task_id(self) -> str:
         return str(self.record["task_id"])
 

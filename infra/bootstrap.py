@@ -1,5 +1,6 @@
 """Bootstrap from one declarative source each: topics (`plumbing.topics`), keyspace and tables
-(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings` and the assembler's quarantine bucket).
+(``infra/cql/*.cql``), buckets (`plumbing.settings.S3Settings` and the assembler's quarantine bucket), the
+renderers' share groups (`share_group_config`, from `plumbing.settings.RendererSettings`).
 
 Every step creates what is missing and leaves what matches alone, so re-running it changes nothing;
 `bootstrap` returns the list of changes it made (empty on a second run).
@@ -7,6 +8,7 @@ Every step creates what is missing and leaves what matches alone, so re-running 
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -22,14 +24,16 @@ from confluent_kafka.admin import (
     ConfigResource,
     NewPartitions,
     NewTopic,
+    ResourceType,
 )
 
 from plumbing.blobs import BlobStore
-from plumbing.kafka_clients import make_admin
+from plumbing.kafka_clients import make_admin, renderer_group
 from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import Topics, TopicSpec
 
+log = logging.getLogger(__name__)
 CQL_DIR = Path(__file__).resolve().parent / "cql"
 ADMIN_TIMEOUT_S = 30.0
 
@@ -112,6 +116,58 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float = A
         time.sleep(0.1)
 
 
+def share_group_config(settings: Settings) -> dict[str, str]:
+    """Group settings of each pool's renderer share group.
+
+    A new group starts at the earliest offset (tasks produced before the first renderer joined are
+    rendered); a task stays locked to the renderer that took it for longer than its render (the client
+    cannot renew a lock); after ``share_delivery_limit`` deliveries the broker archives a task, so the
+    renderer dead-letters it on its last delivery; aborted transactions never show, as in classic mode."""
+    conf = settings.renderer
+    return {
+        "share.auto.offset.reset": "earliest",
+        "share.record.lock.duration.ms": str(conf.share_lock_ms),
+        "share.delivery.count.limit": str(conf.share_delivery_limit),
+        "share.isolation.level": "read_committed",
+    }
+
+
+def ensure_share_groups(settings: Settings) -> list[str]:
+    """Set `share_group_config` on each pool's renderer share group (share mode only); a group's config
+    can be set before any member has joined."""
+    if settings.renderer.consumer != "share":
+        return []
+    admin = make_admin(settings)
+    wanted = share_group_config(settings)
+    changes = []
+    topics = Topics(settings)
+    metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    for pool in settings.pools:
+        for priority in ("HIGH", "NORMAL", "LOW"):
+            name = topics.render(pool, priority)
+            if name in metadata and len(metadata[name].partitions) > settings.kafka.render_partitions:
+                # Partitions cannot shrink: the share group would give each renderer whole partitions.
+                log.warning(
+                    "%s has %d partitions, more than kafka.render_partitions (%d): share-group renderers "
+                    "share a partition only while they outnumber the partitions; recreate it with fewer",
+                    name,
+                    len(metadata[name].partitions),
+                    settings.kafka.render_partitions,
+                )
+        group = renderer_group(settings, pool)
+        current = admin.describe_configs([ConfigResource(ResourceType.GROUP, group)])
+        described = next(iter(current.values())).result()
+        drift = {k: v for k, v in wanted.items() if described.get(k) is None or described[k].value != v}
+        if not drift:
+            continue
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in drift.items()]
+        change = ConfigResource(ResourceType.GROUP, group, incremental_configs=entries)
+        for future in admin.incremental_alter_configs([change]).values():
+            future.result()
+        changes.append(f"share group {group}: set {', '.join(sorted(drift))}")
+    return changes
+
+
 def ensure_schema(settings: Settings) -> list[str]:
     cluster, session = connect(settings.cassandra)
     try:
@@ -161,7 +217,12 @@ def ensure_buckets(settings: Settings) -> list[str]:
 
 
 def bootstrap(settings: Settings, echo: Callable[[str], None] = print) -> list[str]:
-    changes = ensure_topics(settings) + ensure_schema(settings) + ensure_buckets(settings)
+    changes = (
+        ensure_topics(settings)
+        + ensure_share_groups(settings)
+        + ensure_schema(settings)
+        + ensure_buckets(settings)
+    )
     for change in changes:
         echo(change)
     echo(f"bootstrap: {len(changes)} change(s)" if changes else "bootstrap: everything already in place")

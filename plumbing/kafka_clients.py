@@ -19,6 +19,7 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    ShareConsumer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -73,6 +74,36 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
         conf["group.instance.id"] = f"{group_id}.{settings.instance}"
     conf.update(overrides)
     return Consumer(conf)
+
+
+def renderer_group(settings: Settings, pool: str, share: bool | None = None) -> str:
+    """The group of ``pool``'s renderers: a share group in share mode, a consumer group in classic mode
+    (``share`` picks one, else ``renderer.consumer`` does).
+
+    The names differ so that a broker can hold both (a group id has one type for its whole life). The
+    consumer group's committed offsets are what backlog readers (the gatekeeper's shedding, lag tools)
+    read in both modes: share-mode renderers commit there how far the queue has been taken."""
+    base = f"{settings.kafka.topic_prefix}.renderer.{pool}"
+    share = settings.renderer.consumer == "share" if share is None else share
+    return f"{base}.share" if share else base
+
+
+def make_share_consumer(settings: Settings, group_id: str, role: str, **overrides: Any) -> ShareConsumer:
+    """A share-group member (KIP-932) that acknowledges each record explicitly.
+
+    Records it polls are locked to it until acknowledged (ACCEPT, RELEASE or REJECT) or until the group's
+    ``share.record.lock.duration.ms`` passes; it may poll again only once every record of the previous
+    poll is acknowledged. Share groups read committed data only on their own setting
+    (``share.isolation.level``, a group config), not on a client property."""
+    conf: dict[str, Any] = {
+        **settings.kafka.client_config(),
+        "client.id": client_id(settings, role),
+        "logger": LIBRDKAFKA_LOGGER,
+        "group.id": group_id,
+        "share.acknowledgement.mode": "explicit",
+    }
+    conf.update(overrides)
+    return ShareConsumer(conf)
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:

@@ -29,7 +29,13 @@ class KafkaSettings(_Section):
     bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers, comma separated")
     topic_prefix: str = Field("aigc", description="first dotted segment of every topic name")
     request_partitions: int = Field(6, ge=1, description="partitions of each request topic")
-    render_partitions: int = Field(16, ge=1, description="partitions of each render topic (>= renderers)")
+    render_partitions: int = Field(
+        1,
+        ge=1,
+        description="partitions of each render topic: share-group renderers share a partition only while "
+        "they outnumber the partitions, so 1 lets every renderer take every task; classic renderers need "
+        "at least one partition each",
+    )
     partitions: int = Field(6, ge=1, description="partitions of the other topics")
     replication_factor: int = Field(1, ge=1)
     client_id: str = Field("aigc", description="client.id prefix for every Kafka client")
@@ -223,6 +229,31 @@ class RendererSettings(_Section):
         1, ge=1, description="torch threads when rendering on CPU (1 leaves cores to Kafka and friends)"
     )
     worker_id: str | None = None
+    consumer: Literal["share", "classic"] = Field(
+        "share",
+        description="share: each pool's renderers form one share group (KIP-932) and take tasks as a queue; "
+        "classic: a consumer group that splits partitions (brokers without share groups)",
+    )
+    share_lock_ms: int = Field(
+        60_000,
+        ge=15_000,
+        le=3_600_000,
+        description="share mode: how long a taken task stays locked to its renderer (bootstrap sets the "
+        "group's share.record.lock.duration.ms); must exceed the longest render, as the client cannot "
+        "renew a lock; the broker caps it with group.share.max.record.lock.duration.ms (60 s by default)",
+    )
+    share_delivery_limit: int = Field(
+        5,
+        ge=2,
+        le=10,
+        description="share mode: deliveries of a task before it is dead-lettered (the group's "
+        "share.delivery.count.limit); the last delivery is dead-lettered, not rendered",
+    )
+    share_fetch_wait_ms: int = Field(
+        10,
+        ge=1,
+        description="share mode: fetch.wait.max.ms of the share consumers (latency of an idle queue)",
+    )
     synthetic_ms_per_frame: float = Field(200.0, ge=0, description="synthetic backend: device time per frame")
     synthetic_steps: int | None = Field(
         None, ge=1, description="synthetic backend: steps (default: the task's)"

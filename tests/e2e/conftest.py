@@ -6,6 +6,7 @@ model built once for the session. Tests use their own request ids and tenants, s
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -36,14 +37,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def pipeline(
-    infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Settings]:
+@contextlib.contextmanager
+def running_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: str) -> Iterator[Settings]:
+    """The stages on a fresh topic prefix and keyspace, renderers in ``consumer`` mode (share, classic)."""
     tag = uuid.uuid4().hex[:8]
     settings = infra.model_copy(
         update={
-            "home": tmp_path_factory.mktemp("home"),
+            "home": home,
             "kafka": infra.kafka.model_copy(update={"topic_prefix": f"e2e{tag}"}),
             "cassandra": infra.cassandra.model_copy(update={"keyspace": f"e2e_{tag}"}),
             "models": {"tiny-sd": ModelSpec(path=tiny_model)},
@@ -53,6 +53,7 @@ def pipeline(
                 tenant_tiers={"limited-tenant": "limited"},
                 dedupe_window_s=600,
             ),
+            "renderer": infra.renderer.model_copy(update={"consumer": consumer}),
         }
     )
     bootstrap(settings, echo=lambda _: None)
@@ -64,6 +65,30 @@ def pipeline(
         yield settings
     finally:
         supervisor.stop()
+
+
+@pytest.fixture(scope="session")
+def share_pipeline(
+    infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """The pipeline with share-group renderers (the default), shared by the session's tests."""
+    with running_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "share") as settings:
+        yield settings
+
+
+@pytest.fixture(scope="session")
+def pipeline(share_pipeline: Settings) -> Settings:
+    """The pipeline of the default renderer mode (share groups)."""
+    return share_pipeline
+
+
+@pytest.fixture(scope="session")
+def classic_pipeline(
+    infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """The pipeline with classic consumer-group renderers (``renderer.consumer=classic``)."""
+    with running_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "classic") as settings:
+        yield settings
 
 
 def collect(

@@ -6,6 +6,8 @@ import hashlib
 import urllib.request
 import uuid
 
+import pytest
+
 from infra.bootstrap import ensure_topics
 from plumbing.blobs import BlobStore
 from plumbing.kafka_clients import make_producer, produce_sync
@@ -16,6 +18,12 @@ from producers.client import Client, new_request
 from schemas.codec import default_codec
 from stream_processors.assembler.video import decode_png, probe_video
 from tests.e2e.conftest import collect, completions_of
+
+
+@pytest.fixture(params=["share", "classic"])
+def pipeline(request: pytest.FixtureRequest) -> Settings:
+    """Each test of this module against both renderer modes: share groups and classic consumer groups."""
+    return request.getfixturevalue(f"{request.param}_pipeline")
 
 
 def rid(tag: str) -> str:

@@ -47,7 +47,8 @@ policy = Policy.from_file(DEFAULT_POLICY_PATH)
 
 def make_settings() -> Settings:
     return Settings.load(
-        kafka=KafkaSettings(topic_prefix="aigc"),
+        # Several render partitions, as classic-mode renderers need: a video's tasks are spread over them.
+        kafka=KafkaSettings(topic_prefix="aigc", render_partitions=16),
         limits=RequestLimits(),
         models={"tiny-sd": ModelSpec(path=Path("/models/tiny-sd"), pool=POOL, backend="synthetic")},
         reply_topic_prefixes={},

@@ -62,8 +62,26 @@ def same_frames(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+class Checks:
+    """`executor.TaskChecks` from two functions."""
+
+    def __init__(self, skip: Callable[[Task], str | None], is_cancelled: Callable[[Task], bool]) -> None:
+        self.skip_reason = skip
+        self.is_cancelled = is_cancelled
+
+
+class Outcomes:
+    """`executor.Outcomes` that records into a `Harness`."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.rendered = harness._publish
+        self.skipped = harness._skipped
+        self.failed = harness._failed
+        self.progress = harness._progress
+
+
 class Harness:
-    """A DeviceLoop on its own thread, with callbacks that record what happened."""
+    """A DeviceLoop on its own thread, with outcomes recorded as they happen."""
 
     def __init__(
         self,
@@ -85,12 +103,8 @@ class Harness:
             self.scheduler,
             self.lock,
             lambda model: backends[model],
-            self._publish,
-            skip,
-            self._skipped,
-            self._progress,
-            self._failed,
-            is_cancelled,
+            Checks(skip, is_cancelled),
+            Outcomes(self),
             max_frames,
             progress_interval_s=0.0,
         )

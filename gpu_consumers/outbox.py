@@ -1,0 +1,195 @@
+"""Everything the renderer sends, and the moment a task is done.
+
+The `Outbox` receives the device loop's outcomes (`executor.Outcomes`): rendered frames are uploaded by
+a small thread pool and announced by FramesRendered; a skipped task (cancelled, expired) is answered by
+a FramesRendered without frames; a failed one is routed to a retry topic or the dead-letter topic
+(`route_failure`), or rendered again later under back-pressure; progress goes to the status topic. Each
+task has one outcome record, and only when the broker acknowledges it does the outbox call ``done``
+(the renderer then ACCEPTs the task, or REJECTs a dead-lettered one, or commits its offset): a crash
+before that repeats the task, never loses it. Delivery reports run on the renderer's main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from gpu_consumers.executor import Rendered, task_slices
+from gpu_consumers.intake import Ack, Coords
+from gpu_consumers.publisher import Publisher, now_ms
+from gpu_consumers.scheduler import Pick
+from gpu_consumers.tasks import Task
+from plumbing.dead_letters import Failure, Original, dead_letter
+from plumbing.errors import ErrorKind, classify
+from plumbing.headers import Headers, continue_headers
+from plumbing.retries import route_failure
+from plumbing.settings import Settings
+from plumbing.topics import Stage, Topics
+from schemas.codec import Codec
+
+log = logging.getLogger(__name__)
+BACKPRESSURE_DELAY_S = 5.0
+UPLOAD_ATTEMPTS = 4
+RESEND_DELAY_S = 1.0
+
+
+class Outbox:
+    """Outcomes of tasks out to Kafka and S3; ``done(coords, ack)`` once each is acknowledged."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        codec: Codec,
+        producer: Producer,
+        publisher: Publisher,
+        is_cancelled: Callable[[Task], bool],
+        done: Callable[[Coords, Ack], None],
+        requeue: Callable[[Task], None],
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.topics = Topics(settings)
+        self.producer = producer
+        self.publisher = publisher
+        self.is_cancelled = is_cancelled
+        self.done = done
+        self.requeue = requeue
+        self.uploads = ThreadPoolExecutor(settings.renderer.upload_workers, thread_name_prefix="upload")
+        self.delivered = 0
+
+    # -- the device loop's outcomes (executor.Outcomes), called on the device thread ----------------
+    def rendered(self, rendered: Rendered) -> None:
+        """Upload each task's frames (thread pool), then announce them."""
+        for task, start, end in task_slices(rendered.pick.tasks):
+            if self.is_cancelled(task):  # cancelled while its batch rendered: drop the frames
+                self.skipped(task, "CANCELLED")
+                continue
+            share = rendered.render_s * 1000 * task.frame_count / max(1, rendered.batch_frames)
+            self.uploads.submit(
+                self._upload,
+                task,
+                rendered.frames[start:end],
+                rendered.started_at_ms,
+                round(share),
+                rendered.batch_frames,
+            )
+
+    def skipped(self, task: Task, outcome: str) -> None:
+        """Answer a task that was not rendered: CANCELLED or EXPIRED."""
+        reason = "CANCELLED" if outcome == "CANCELLED" else "DEADLINE_EXCEEDED"
+        message = (
+            "cancelled by its owner" if outcome == "CANCELLED" else "the deadline passed before rendering"
+        )
+        value, headers = self.publisher.record(
+            task, outcome, [], started_at=now_ms(), render_ms=0, batch_size=0, reason=reason, message=message
+        )
+        self._produce(self.topics.frames, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+
+    def failed(self, pick: Pick, exc: BaseException) -> None:
+        """Route the tasks of a failed batch: retry topic, dead letter, or (back-pressure) later again.
+
+        An unknown error is raised again: the device loop stops, the process exits and the tasks,
+        unacknowledged, are rendered again after a restart."""
+        for task in pick.tasks:
+            assert task.original is not None
+            routed = route_failure(
+                self.codec,
+                self.topics,
+                self.settings.retry,
+                Stage.RENDERER,
+                task.original,
+                exc,
+                now_ms(),
+                task.request_id,
+                task.tenant_id,
+            )
+            if routed is None:
+                log.warning(
+                    "back-pressure on %s (%s): rendering it again in %.0f s",
+                    task.task_id,
+                    exc,
+                    BACKPRESSURE_DELAY_S,
+                )
+                threading.Timer(BACKPRESSURE_DELAY_S, self.requeue, args=(task,)).start()
+                continue
+            log.warning("%s task %s: %s", "dead-lettered" if routed.dead else "retrying", task.task_id, exc)
+            ack = Ack.REJECT if routed.dead else Ack.ACCEPT
+            self._produce(routed.topic, routed.value, routed.key, routed.headers, task.coords, ack)
+
+    def progress(self, pick: Pick, done: int, total: int) -> None:
+        """RUNNING events for the tasks of a batch (dropped, never waited for, when the queue is full)."""
+        fraction = done / max(1, total)
+        for task in pick.tasks:
+            units = task.frame_count * int(task.record["steps"])
+            with contextlib.suppress(BufferError):
+                self.producer.produce(
+                    self.topics.status,
+                    self.publisher.progress(task, round(fraction * units), units),
+                    task.request_id.encode(),
+                    headers=continue_headers(task.headers, task.request_id, task.tenant_id),
+                )
+
+    # -- from the main thread ---------------------------------------------------------------------
+    def dead_letter(self, original: Original, failure: Failure) -> None:
+        """Dead-letter a consumed message with its bytes intact; REJECT it once acknowledged."""
+        value, headers = dead_letter(self.codec, original, failure)
+        coords = (original.topic, original.partition, original.offset)
+        self._produce(self.topics.dlq(Stage.RENDERER), value, original.key, headers, coords, Ack.REJECT)
+
+    def close(self) -> None:
+        """Finish the uploads in hand and wait for every outcome's acknowledgement."""
+        self.uploads.shutdown(wait=True)
+        self.producer.flush(30)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _upload(
+        self, task: Task, frames: list[Any], started_at: int, render_ms: int, batch_size: int
+    ) -> None:
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                blobs = self.publisher.upload(task, frames)
+                break
+            except Exception as exc:  # noqa: BLE001 - classify() decides: retry here, or route the task
+                if classify(exc) is not ErrorKind.RETRYABLE or attempt == UPLOAD_ATTEMPTS:
+                    self.failed(Pick([task], task.priority, 0.0), exc)
+                    return
+                time.sleep(0.2 * 2**attempt)
+        value, headers = self.publisher.record(
+            task, "RENDERED", blobs, started_at=started_at, render_ms=render_ms, batch_size=batch_size
+        )
+        self._produce(self.topics.frames, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+
+    def _produce(
+        self, topic: str, value: bytes, key: bytes | None, headers: Headers, coords: Coords, ack: Ack
+    ) -> None:
+        """Produce the outcome of the task at ``coords``; once acknowledged, the task is done.
+
+        A message the broker never acknowledged (an outage longer than librdkafka's own retries) is sent
+        again, so its task is not left pending forever."""
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                self.delivered += 1
+                self.done(coords, ack)
+            elif not err.fatal():
+                log.warning("output for %s:%s:%s not delivered (%s); sending it again", *coords, err)
+                threading.Timer(RESEND_DELAY_S, send).start()
+            else:
+                log.error("output for %s:%s:%s not delivered (%s)", *coords, err)
+
+        def send() -> None:
+            while True:
+                try:
+                    self.producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
+                    return
+                except BufferError:
+                    time.sleep(0.01)
+
+        send()
