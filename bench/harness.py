@@ -42,6 +42,13 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return data[low] + (data[high] - data[low]) * (rank - low)
 
 
+def steady_rate(done_ms: Sequence[float]) -> float:
+    """Completions per second over the completion times ``done_ms`` (sorted), skipping the first fifth:
+    start-up and fetch warm-up."""
+    steady = done_ms[len(done_ms) // 5 :]
+    return (len(steady) - 1) / ((steady[-1] - steady[0]) / 1000) if len(steady) > 1 else 0.0
+
+
 def summary(values: Sequence[float]) -> dict[str, float | int | None]:
     return {
         "n": len(values),

@@ -31,7 +31,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench.harness import summary
+from bench.harness import steady_rate, summary
 
 REDIS_URL_ENV = "AIGC_BENCH_REDIS_URL"
 DONE = "peer:done"
@@ -260,8 +260,7 @@ def peer(quick: bool) -> dict[str, Any]:
             submitted_s = time.monotonic() - started
             run.wait(ids, 300)
             done = sorted(run.done[i]["received"] for i in ids if i in run.done)
-            steady = done[len(done) // 5 :]
-            rate = (len(steady) - 1) / ((steady[-1] - steady[0]) / 1000) if len(steady) > 1 else 0.0
+            rate = steady_rate(done)
             out["B2"] = {
                 "workers": 4,
                 "requests": len(ids),

@@ -22,6 +22,7 @@ from bench.harness import (
     image,
     percentile,
     stage_breakdown,
+    steady_rate,
     summary,
 )
 from plumbing.settings import GatekeeperSettings, ModelSpec, RendererSettings, Settings, Tier
@@ -166,8 +167,7 @@ def b2_throughput(settings: Settings, quick: bool) -> dict[str, Any]:
             load.close()
             collector.close()
     done = sorted(t.received_ms for t in timings if t.received_ms)
-    steady = done[len(done) // 5 :]  # skip the first fifth: start-up and fetch warm-up
-    rate = (len(steady) - 1) / ((steady[-1] - steady[0]) / 1000) if len(steady) > 1 else 0.0
+    rate = steady_rate(done)
     stages: dict[str, list[float]] = defaultdict(list)
     for t in timings:
         task = t.tasks[0] if t.tasks else None
