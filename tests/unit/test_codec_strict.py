@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plumbing.errors import DecodeError
-from producers.client import new_request
 from schemas.canonical import compile_check
 from schemas.codec import DECODE_CODES, HEADER_LEN, Codec
+from tests.unit.test_codec import image_request as request
 
 codec = Codec()
 
@@ -37,20 +37,6 @@ def zigzag(value: int) -> bytes:
             out.append(byte)
             return bytes(out)
         out.append(byte | 0x80)
-
-
-def request(**fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = dict(
-        request_id="req-1",
-        tenant_id="acme",
-        prompt="a red fox in snow",
-        model="tiny-sd",
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=7.5,
-    )
-    return new_request(**{**base, **fields})
 
 
 SAMPLES: list[tuple[str, dict[str, Any]]] = [

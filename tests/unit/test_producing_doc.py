@@ -19,6 +19,7 @@ from producers import contract
 from schemas.codec import HEADER_LEN, SCHEMA_DIR, default_codec
 from stream_processors.gatekeeper.admission import Gate
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy
+from tests.unit.test_codec_strict import zigzag
 
 codec = default_codec()
 
@@ -128,31 +129,23 @@ def test_the_valid_base_request_is_accepted():
     assert admit(codec.encode("GenerationRequest", contract.valid_request())).verdict == "ACCEPTED"
 
 
-def _zigzag(value: int) -> bytes:
-    n, out = (value << 1) ^ (value >> 63), bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    return bytes([*out, n])
-
-
 def _strict_bytes(code: str) -> bytes:
     """A GenerationRequest that fastavro alone would read, broken the way the strict pass names ``code``."""
     request = {**contract.valid_request(), "prompt": "PPPP", "labels": {"a": "1", "b": "2"}}
     data = codec.encode("GenerationRequest", request)
-    prompt = data.index(_zigzag(4) + b"PPPP")  # the prompt's length, then its bytes
+    prompt = data.index(zigzag(4) + b"PPPP")  # the prompt's length, then its bytes
     after_prompt = prompt + 5  # negative_prompt's union index (null)
     model = after_prompt + 1
     width = model + 1 + len(request["model"])
-    labels = _zigzag(2) + b"".join(_zigzag(1) + c.encode() for c in "a1b2") + b"\x00"
-    split = _zigzag(1) + b"\x02a\x021" + _zigzag(1) + b"\x02b\x022\x00"
+    labels = zigzag(2) + b"".join(zigzag(1) + c.encode() for c in "a1b2") + b"\x00"
+    split = zigzag(1) + b"\x02a\x021" + zigzag(1) + b"\x02b\x022\x00"
     patches = {
         "BAD_BODY": (data.index(b"PPPP"), 4, b"\xff\xfe\xff\xfe"),  # invalid UTF-8
-        "BAD_ENUM_INDEX": (HEADER_LEN + 2 + 6 + 1 + 4, 1, _zigzag(-1)),  # priority after two strings
-        "BAD_UNION_INDEX": (after_prompt, 1, _zigzag(-1)),
+        "BAD_ENUM_INDEX": (HEADER_LEN + 2 + 6 + 1 + 4, 1, zigzag(-1)),  # priority after two strings
+        "BAD_UNION_INDEX": (after_prompt, 1, zigzag(-1)),
         "BAD_VARINT": (after_prompt, 1, b"\x80" * 10 + b"\x00"),
-        "INT_OUT_OF_RANGE": (width, len(_zigzag(request["width"])), _zigzag(2**40)),
-        "BAD_LENGTH": (prompt, 1, _zigzag(10_000)),
+        "INT_OUT_OF_RANGE": (width, len(zigzag(request["width"])), zigzag(2**40)),
+        "BAD_LENGTH": (prompt, 1, zigzag(10_000)),
         "NON_CANONICAL": (data.index(labels), len(labels), split),
         "DUPLICATE_KEY": (data.index(labels), len(labels), labels.replace(b"\x02b", b"\x02a")),
     }
