@@ -18,6 +18,9 @@ from producers.client import Client
 from tests.e2e.conftest import collect, completions_of
 
 SERVICE_MS = 400.0
+# A task's hand-off between renders: in share mode the renderer acknowledges the last task once its
+# FramesRendered is acknowledged and then polls the next; a fresh clone measured 2,011 ms for 4 tasks.
+HANDOFF_MS = 150.0
 CAP = 3
 
 
@@ -79,4 +82,6 @@ def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, t
         lambda found: len(found) >= 2,
     )
     worst_wait_ms = max(t["started_at"] - t["enqueued_at"] for t in tasks)
-    assert worst_wait_ms < (CAP + 2) * SERVICE_MS
+    # At most CAP flooder tasks and the other newcomer task, each with a hand-off (acknowledge, next
+    # poll); behind the whole burst it would be 15 tasks, over 6 s.
+    assert worst_wait_ms < (CAP + 1) * (SERVICE_MS + HANDOFF_MS)
