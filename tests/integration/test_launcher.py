@@ -20,7 +20,15 @@ from infra.services import all_services
 from plumbing.settings import InfraSettings, KafkaSettings, S3Settings, Settings
 from tests.conftest import REPO
 
-PORTS = {"kafka": 39092, "controller": 39093, "s3": 39000}
+
+def _free_port() -> int:
+    """A loopback port nothing listens on now (fixed ports collided with a listener in a CI-like run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+PORTS = {name: _free_port() for name in ("kafka", "controller", "s3", "cql")}
 ONLY = ("kafka", "s3proxy")
 
 
@@ -96,7 +104,7 @@ def test_a_killed_service_is_reported_with_its_log(own: Settings):
         "AIGC_S3__ENDPOINT_URL": f"http://127.0.0.1:{PORTS['s3']}",
         "AIGC_INFRA__RUN_DIR": str(own.infra.run_dir),
         "AIGC_INFRA__KAFKA_CONTROLLER_PORT": str(PORTS["controller"]),
-        "AIGC_CASSANDRA__PORT": "39042",
+        "AIGC_CASSANDRA__PORT": str(PORTS["cql"]),
     }
     cli = subprocess.run(
         [sys.executable, "-m", "plumbing.cli", "infra", "status"],
@@ -116,6 +124,6 @@ def test_a_port_held_by_someone_else_is_refused(own: Settings):
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", PORTS["s3"]))
         squatter.listen()
-        with pytest.raises(InfraError, match="port 39000 is taken"):
+        with pytest.raises(InfraError, match=f"port {PORTS['s3']} is taken"):
             up(own, attached=True, only=("s3proxy",), echo=lambda _: None)
     assert ours(own) == []
