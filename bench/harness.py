@@ -158,7 +158,7 @@ class Collector:
             self.settings, f"bench-{uuid.uuid4().hex}", "bench", **{"fetch.wait.max.ms": 10}
         )
         codec = default_codec()
-        topics = [self.topics.completions, self.topics.frames]
+        topics = [self.topics.completions, *self.topics.all_frames()]
         metadata = consumer.list_topics(timeout=10)
         consumer.assign(
             [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in metadata.topics[t].partitions]

@@ -90,7 +90,8 @@ class Outbox:
         value, headers = self.publisher.record(
             task, outcome, [], started_at=now_ms(), render_ms=0, batch_size=0, reason=reason, message=message
         )
-        self._produce(self.topics.frames, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+        topic = self.topics.frames(task.priority)
+        self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
 
     def failed(self, pick: Pick, exc: BaseException) -> None:
         """Route the tasks of a failed batch: retry topic, dead letter, or (back-pressure) later again.
@@ -164,7 +165,8 @@ class Outbox:
         value, headers = self.publisher.record(
             task, "RENDERED", blobs, started_at=started_at, render_ms=render_ms, batch_size=batch_size
         )
-        self._produce(self.topics.frames, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+        topic = self.topics.frames(task.priority)
+        self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
 
     def _produce(
         self, topic: str, value: bytes, key: bytes | None, headers: Headers, coords: Coords, ack: Ack

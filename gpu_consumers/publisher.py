@@ -33,13 +33,10 @@ def now_ms() -> int:
 
 
 class Publisher:
-    def __init__(
-        self, codec: Codec, blobs: BlobStore, staging_bucket: str, frames_topic: str, worker_id: str
-    ) -> None:
+    def __init__(self, codec: Codec, blobs: BlobStore, staging_bucket: str, worker_id: str) -> None:
         self.codec = codec
         self.blobs = blobs
         self.bucket = staging_bucket
-        self.frames_topic = frames_topic
         self.worker_id = worker_id
 
     def upload(self, task: Task, frames: list[np.ndarray]) -> list[dict[str, Any]]:

@@ -160,7 +160,7 @@ class Renderer:
         checks = Checks(self.cancellations)
         self.producer = make_producer(settings, f"renderer.{pool}")
         blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)
-        publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, topics.frames, self.worker_id)
+        publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, self.worker_id)
         self.outbox = Outbox(
             settings,
             self.codec,

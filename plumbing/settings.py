@@ -176,6 +176,12 @@ class GatekeeperSettings(_Section):
         description="class -> render tasks one tenant may have unfinished; more is TENANT_BUSY (fairness)",
     )
     stream_buffer_maxsize: int = Field(256, ge=1)
+    max_poll_records: int = Field(
+        32,
+        ge=1,
+        description="requests one fetch hands the agents at most: a fetch larger than a class's free buffer "
+        "blocks faust's delivery of every class until that class drains, HIGH included",
+    )
     commit_interval_s: float = 1.0
     stall_timeout_s: float = Field(
         120.0, ge=10, description="a request partition left unread this long ends the process for a restart"
@@ -272,6 +278,12 @@ class AssemblerSettings(_Section):
         "0", pattern=r"^[a-z0-9-]{1,32}$", description="stable id of this sink (transactional.id)"
     )
     batch_size: int = Field(200, ge=1, description="messages handled in one transaction at most")
+    background_batch_size: int = Field(
+        32,
+        ge=1,
+        description="messages of a class below HIGH handled in one transaction at most: more urgent work "
+        "arriving meanwhile waits for that transaction",
+    )
     poll_s: float = Field(0.1, gt=0, description="how long an idle sink waits for a message in one poll")
     workers: int = Field(8, ge=1, description="threads for object copies and frame downloads")
     concurrency: int = Field(16, ge=1, description="requests of one batch handled at the same time")

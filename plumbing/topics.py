@@ -31,6 +31,11 @@ class Priority(StrEnum):
     def suffix(self) -> str:
         return self.value.lower()
 
+    @property
+    def rank(self) -> int:
+        """0 for the most urgent class."""
+        return PRIORITIES.index(self)
+
 
 PRIORITIES: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
@@ -70,13 +75,25 @@ class Topics:
     def render(self, pool: str, priority: Priority | str) -> str:
         return f"{self.prefix}.render.{pool}.{Priority(priority).suffix}"
 
-    @property
-    def frames(self) -> str:
-        return f"{self.prefix}.frames"
+    def frames(self, priority: Priority | str) -> str:
+        return f"{self.prefix}.frames.{Priority(priority).suffix}"
 
-    @property
-    def decisions(self) -> str:
-        return f"{self.prefix}.decisions"
+    def decisions(self, priority: Priority | str) -> str:
+        return f"{self.prefix}.decisions.{Priority(priority).suffix}"
+
+    def all_frames(self) -> list[str]:
+        return [self.frames(p) for p in PRIORITIES]
+
+    def all_decisions(self) -> list[str]:
+        return [self.decisions(p) for p in PRIORITIES]
+
+    def sink_inputs(self) -> list[str]:
+        """What the sink consumes, most urgent class first: each class's decisions and frames."""
+        return [topic for p in PRIORITIES for topic in (self.decisions(p), self.frames(p))]
+
+    def class_of(self, topic: str) -> Priority:
+        """The priority class of a per-class topic (requests, render, frames, decisions): its last part."""
+        return Priority(topic.rsplit(".", 1)[-1].upper())
 
     @property
     def status(self) -> str:
@@ -135,23 +152,27 @@ class Topics:
                         f"{p.value} priority render tasks for pool {pool}",
                     )
                 )
+        for p in PRIORITIES:
+            specs += [
+                TopicSpec(
+                    self.frames(p),
+                    "FramesRendered",
+                    "request_id",
+                    k.partitions,
+                    {"retention.ms": str(DAY_MS)},
+                    f"rendered frame ranges of {p.value} priority requests, for the assembler",
+                ),
+                TopicSpec(
+                    self.decisions(p),
+                    "Completion",
+                    "request_id",
+                    k.partitions,
+                    {"retention.ms": str(7 * DAY_MS)},
+                    f"terminal decisions made before rendering (rejections) of {p.value} priority requests, "
+                    "for the sink to record and publish",
+                ),
+            ]
         specs += [
-            TopicSpec(
-                self.frames,
-                "FramesRendered",
-                "request_id",
-                k.partitions,
-                {"retention.ms": str(DAY_MS)},
-                "rendered frame ranges for the assembler",
-            ),
-            TopicSpec(
-                self.decisions,
-                "Completion",
-                "request_id",
-                k.partitions,
-                {"retention.ms": str(7 * DAY_MS)},
-                "terminal decisions made before rendering (rejections), for the sink to record and publish",
-            ),
             TopicSpec(
                 self.status,
                 "StatusEvent",

@@ -18,7 +18,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     assemble = verbs.add_parser(
         "assemble",
         help="run the assembler sink: frames in, stored results, Cassandra rows and completions out",
-        description="Consumes aigc.frames and aigc.decisions; settings under AIGC_ASSEMBLER__*.",
+        description="Consumes aigc.frames.<class> and aigc.decisions.<class>, most urgent class first; "
+        "settings under AIGC_ASSEMBLER__*.",
     )
     assemble.set_defaults(handler=_assemble)
     relay = verbs.add_parser(

@@ -1,8 +1,10 @@
 """The assembler sink: FramesRendered and early decisions in; stored results, Cassandra rows, Completions out.
 
-Consumes ``aigc.frames`` (what renderers did with each task) and ``aigc.decisions`` (Completion records
-the gatekeeper decided before any rendering) with ``read_committed``. Produces ``aigc.completions``
-(and the request's reply topic), ASSEMBLING status events and dead letters.
+Consumes ``aigc.frames.<class>`` (what renderers did with each task) and ``aigc.decisions.<class>``
+(Completion records the gatekeeper decided before any rendering) with ``read_committed``, most urgent
+class first (`inbox.Inbox`: a flood of LOW rejections never delays a HIGH request's terminal work by
+more than one bounded batch). Produces ``aigc.completions`` (and the request's reply topic), ASSEMBLING
+status events and dead letters.
 
 Delivery: each batch of consumed messages is handled inside one Kafka transaction that also commits
 the batch's consumer offsets, so outputs and progress are committed together or not at all; a crash
@@ -51,11 +53,12 @@ from plumbing.kafka_clients import consume_available, header_map, make_consumer,
 from plumbing.metadata import connect, register_types
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
-from plumbing.topics import Stage, Topics
+from plumbing.topics import PRIORITIES, Stage, Topics
 from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
+from stream_processors.assembler.inbox import Inbox
 from stream_processors.assembler.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
 from stream_processors.assembler.store import (
     AssemblyStore,
@@ -115,6 +118,9 @@ class Sink:
             else None
         )
         self.cancellations = CancellationWatcher(settings)
+        self.inbox: Inbox[Message] = Inbox(lambda topic: self.topics.class_of(topic).rank, conf.batch_size)
+        self.frames_topics = {self.topics.frames(p) for p in PRIORITIES}
+        self.paused: set[tuple[str, int]] = set()
         self._topics_seen: set[str] = set()
         self._topics_checked_at = 0.0
         self.watchdog = Watchdog(conf.stall_timeout_s)
@@ -126,13 +132,16 @@ class Sink:
         self.cancellations.start()
         with self.watchdog.limit(TXN_CALL_S + TXN_CALL_MARGIN_S):
             self.producer.init_transactions(TXN_CALL_S)
-        self.consumer.subscribe([self.topics.frames, self.topics.decisions])
-        log.info("assembler consuming %s and %s", self.topics.frames, self.topics.decisions)
+        inputs = self.topics.sink_inputs()
+        self.consumer.subscribe(inputs, on_revoke=self._lose, on_lost=self._lose)
+        log.info("assembler consuming %s", ", ".join(inputs))
         try:
             while not stop.is_set():
                 self.watchdog.beat()
-                fetched = consume_available(self.consumer, conf.batch_size, conf.poll_s)
-                batch = [m for m in fetched if self._ok(m)]
+                fetched = consume_available(self.consumer, conf.batch_size, 0 if self.inbox else conf.poll_s)
+                self.inbox.add(m for m in fetched if self._ok(m))
+                self._flow()
+                batch = self.inbox.take(self._limit)
                 if batch:
                     self._transact(batch, stop)
         finally:
@@ -142,6 +151,29 @@ class Sink:
             self.pool.shutdown(wait=True)
             self.cluster.shutdown()
             self.watchdog.stop()
+
+    def _limit(self, rank: int) -> int:
+        """How many messages one batch of a class takes: a class below HIGH takes a smaller batch, since
+        whatever arrives for a more urgent class meanwhile waits for that batch's transaction."""
+        conf = self.settings.assembler
+        return conf.batch_size if rank == 0 else min(conf.batch_size, conf.background_batch_size)
+
+    def _flow(self) -> None:
+        """Pause partitions with more waiting in the inbox than a batch; resume them once drained."""
+        crowded = self.inbox.crowded() - self.paused
+        drained = self.inbox.drained(self.paused)
+        if crowded:
+            self.consumer.pause([TopicPartition(t, p) for t, p in crowded])
+            self.paused |= crowded
+        if drained:
+            self.consumer.resume([TopicPartition(t, p) for t, p in drained])
+            self.paused -= drained
+
+    def _lose(self, _consumer: object, partitions: list[TopicPartition]) -> None:
+        """Partitions revoked or lost in a rebalance: what waits for them is the next owner's."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self.inbox.drop(keys)
+        self.paused -= keys
 
     def _ok(self, msg: Message) -> bool:
         if msg.error():
@@ -194,7 +226,13 @@ class Sink:
         offset); one it still owns but cannot seek would go on past the batch, so the process ends and
         the whole assignment restarts from the committed offsets."""
         owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        for (topic, partition), (offset, _) in _offset_ranges(batch).items():
+        ranges = _offset_ranges(batch)
+        self.inbox.drop(ranges)  # what waited behind the batch is fetched again after it
+        resumed = self.paused & set(ranges)
+        if resumed:
+            self.consumer.resume([TopicPartition(t, p) for t, p in resumed])
+            self.paused -= resumed
+        for (topic, partition), (offset, _) in ranges.items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException:
@@ -243,7 +281,7 @@ class Sink:
             record: dict[str, Any] | None = None
             try:
                 name, record = self.codec.decode_any(msg.value(), None)
-                expected = "Completion" if original.topic == self.topics.decisions else "FramesRendered"
+                expected = "FramesRendered" if original.topic in self.frames_topics else "Completion"
                 if name != expected:
                     raise DecodeError(
                         f"expected {expected} on {original.topic}, got {name}", code="WRONG_SCHEMA"

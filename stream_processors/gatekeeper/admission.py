@@ -17,7 +17,7 @@ table entries to store; the faust agent only carries them out. In order:
 7. per-tenant token buckets for requests and render cost -> REJECTED / RATE_LIMITED with a retry-after;
 8. fan out into render tasks on ``aigc.render.<pool>.<priority>`` and announce ACCEPTED and QUEUED.
 
-Terminal decisions (steps 3-7) are Completion records sent to ``aigc.decisions``, not straight to the
+Terminal decisions (steps 3-7) are Completion records sent to ``aigc.decisions.<priority>``, not to the
 completions topic: the sink writes every terminal state once (a Cassandra lightweight transaction) and
 publishes the Completion in a Kafka transaction, so a gatekeeper that crashes after sending a rejection
 and before committing its offset cannot cause a second completion.
@@ -238,7 +238,10 @@ class Gate:
         if decision["validated"] and request.get("reply_topic"):
             headers.append((REPLY_TOPIC, request["reply_topic"].encode()))
         out = Output(
-            self.topics.decisions, request_id.encode(), self.codec.encode("Completion", completion), headers
+            self.topics.decisions(request.get("priority") or "NORMAL"),
+            request_id.encode(),
+            self.codec.encode("Completion", completion),
+            headers,
         )
         store = (
             {"o": origin, "t": first_seen, "d": "R", "x": decision}

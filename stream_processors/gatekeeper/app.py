@@ -87,6 +87,7 @@ def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None)
         producer_acks=-1,
         producer_max_request_size=MAX_ENVELOPE_BYTES,  # a dead letter carries a whole request
         consumer_max_fetch_size=MAX_ENVELOPE_BYTES,
+        broker_max_poll_records=min(conf.max_poll_records, max(1, conf.stream_buffer_maxsize // 5)),
         producer_linger=0.002,
         stream_buffer_maxsize=conf.stream_buffer_maxsize,
         broker_commit_interval=conf.commit_interval_s,

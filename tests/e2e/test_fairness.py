@@ -58,7 +58,7 @@ def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, t
             # The gatekeeper has decided the whole burst before the newcomer arrives.
             decided = collect(
                 settings,
-                [Topics(settings).status, Topics(settings).decisions],
+                [Topics(settings).status, *Topics(settings).all_decisions()],
                 lambda r: r["request_id"] in flood and r.get("state", "x") in ("ACCEPTED", "x"),
                 lambda found: len(found) >= len(flood),
                 timeout_s=60,
@@ -77,7 +77,7 @@ def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, t
     # The newcomer's tasks waited behind at most the flooder's CAP tasks (one renderer, one at a time).
     tasks = collect(
         settings,
-        [Topics(settings).frames],
+        Topics(settings).all_frames(),
         lambda r: r["request_id"] in newcomer,
         lambda found: len(found) >= 2,
     )

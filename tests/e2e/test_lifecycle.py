@@ -98,7 +98,7 @@ def test_a_render_longer_than_the_poll_interval_finishes_once(slow):
     assert completion["status"] == "SUCCEEDED"
     assert completion["timings"]["render_ms"] >= SERVICE_MS * 0.9
     frames = collect(
-        settings, [Topics(settings).frames], lambda r: r["request_id"] == request_id, lambda _: True
+        settings, Topics(settings).all_frames(), lambda r: r["request_id"] == request_id, lambda _: True
     )
     assert len(frames) == 1  # rendered once: no rebalance handed the task to a second render
 
@@ -124,7 +124,7 @@ def test_a_deadline_that_passes_in_the_queue_expires_without_rendering(slow):
         [completion] = completions_of(settings, {late})
         client.cancel(blocker, "life")
     assert (completion["status"], completion["reason_code"]) == ("EXPIRED", "DEADLINE_EXCEEDED")
-    frames = collect(settings, [Topics(settings).frames], lambda r: r["request_id"] == late, lambda _: True)
+    frames = collect(settings, Topics(settings).all_frames(), lambda r: r["request_id"] == late, lambda _: True)
     assert [f["outcome"] for f in frames] == ["EXPIRED"]  # answered by the renderer, never rendered
 
 
@@ -165,7 +165,7 @@ def test_a_low_priority_flood_is_shed_while_high_priority_preempts_it(slow):
         urgent = client.submit(**image(priority="HIGH"))
         [high] = completions_of(settings, {urgent})
         [task] = collect(
-            settings, [Topics(settings).frames], lambda r: r["request_id"] == urgent, lambda _: True
+            settings, Topics(settings).all_frames(), lambda r: r["request_id"] == urgent, lambda _: True
         )
         rejected = completions_of(settings, set(shed))
         for request_id in flood:

@@ -130,7 +130,7 @@ def test_rejections_carry_the_reason_and_render_nothing(pipeline: Settings):
     assert throttled["retry_after_ms"] > 0
     rejected = {moderated, invalid, throttled["request_id"]}
     frames = collect(
-        pipeline, [Topics(pipeline).frames], lambda r: r["request_id"] in rejected, lambda _: True
+        pipeline, Topics(pipeline).all_frames(), lambda r: r["request_id"] in rejected, lambda _: True
     )
     assert frames == []  # nothing was rendered for a rejected request
     assert row_of(pipeline, moderated).status == "REJECTED"

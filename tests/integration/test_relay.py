@@ -34,7 +34,7 @@ def relay(isolated: Settings):
 
 def retry_of(settings: Settings, value: bytes, offset: int, failed_at: int) -> bytes:
     """The RetryEnvelope a stage makes on its first failure (due one delay after ``failed_at``)."""
-    original = Original(Topics(settings).frames, 0, offset, 0, b"req", value, [("traceparent", b"t")])
+    original = Original(Topics(settings).frames("NORMAL"), 0, offset, 0, b"req", value, [("traceparent", b"t")])
     routed = route_failure(
         default_codec(),
         Topics(settings),
@@ -57,7 +57,7 @@ def test_envelopes_go_back_when_due_with_attempts_and_origin(isolated: Settings,
         producer, retry_topic, retry_of(isolated, b"payload-1", 7, now_ms()), key=b"req", partition=0
     )
     consumer = make_consumer(isolated, unique("g"), "test")
-    consumer.subscribe([topics.frames])
+    consumer.subscribe([topics.frames("NORMAL")])
     got = None
     deadline = time.monotonic() + WAIT_S
     while got is None and time.monotonic() < deadline:
@@ -70,7 +70,7 @@ def test_envelopes_go_back_when_due_with_attempts_and_origin(isolated: Settings,
     assert got.value() == b"payload-1" and got.key() == b"req"
     headers = header_map(got)
     assert headers[ATTEMPTS] == b"1" and int(headers[FIRST_FAILED_AT]) > 0
-    assert headers[ORIGIN] == f"{topics.frames}:0:7".encode()
+    assert headers[ORIGIN] == f"{topics.frames('NORMAL')}:0:7".encode()
     assert headers["traceparent"] == b"t"
 
 
@@ -84,7 +84,7 @@ def test_a_waiting_envelope_holds_only_its_own_partition(isolated: Settings, rel
     )  # due in 10 s
     produce_sync(producer, retry_topic, retry_of(isolated, b"sooner", 2, now - 1_000), partition=1)  # due now
     consumer = make_consumer(isolated, unique("g"), "test")
-    consumer.subscribe([topics.frames])
+    consumer.subscribe([topics.frames("NORMAL")])
     arrivals: dict[bytes, float] = {}
     start = time.monotonic()
     while len(arrivals) < 2 and time.monotonic() - start < WAIT_S:
@@ -126,7 +126,7 @@ def test_a_waiting_envelope_is_relayed_after_its_partition_moves_away_and_back(
     assert moved, "no partition moved to the other member"
 
     consumer = make_consumer(isolated, unique("g"), "test")
-    consumer.subscribe([topics.frames])
+    consumer.subscribe([topics.frames("NORMAL")])
     arrived: set[bytes] = set()
     deadline = time.monotonic() + 60
     while len(arrived) < partitions and time.monotonic() < deadline:

@@ -124,7 +124,7 @@ def frames_reader() -> Iterator[Callable[[Settings], Reader]]:
 
     def make(settings: Settings) -> Reader:
         t = Topics(settings)
-        made.append(Reader(settings, [t.frames, t.dlq(Stage.RENDERER), t.status]))
+        made.append(Reader(settings, [*t.all_frames(), t.dlq(Stage.RENDERER), t.status]))
         return made[-1]
 
     yield make

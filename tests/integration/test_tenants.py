@@ -35,7 +35,7 @@ def outcomes(settings: Settings, request_ids: set[str]) -> dict[str, str]:
     """request_id -> QUEUED (admitted) or the decision's reason code, read until all are known and idle."""
     topics = Topics(settings)
     consumer = make_consumer(settings, f"tenants-test-{uuid.uuid4().hex}", "test")
-    names = [topics.status, topics.decisions]
+    names = [topics.status, *topics.all_decisions()]
     meta = consumer.list_topics(timeout=10).topics
     consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in names for p in meta[t].partitions])
     codec, found = default_codec(), {}
@@ -51,7 +51,7 @@ def outcomes(settings: Settings, request_ids: set[str]) -> dict[str, str]:
             rid = record["request_id"]
             if rid not in request_ids:
                 continue
-            if msg.topic() == topics.decisions:
+            if msg.topic() in topics.all_decisions():
                 found[rid] = record["reason_code"]
             elif record["state"] == "QUEUED":
                 found.setdefault(rid, "QUEUED")

@@ -130,7 +130,7 @@ def only_decision(admission: Admission) -> tuple[Output, dict[str, Any]]:
     """The single Completion on the decisions topic, decoded."""
     assert len(admission.outputs) == 1
     out = admission.outputs[0]
-    assert out.topic == TOPICS.decisions
+    assert out.topic in TOPICS.all_decisions()
     return out, codec.decode(out.value, "Completion")
 
 
@@ -575,7 +575,7 @@ def test_accepted_outputs_carry_no_reply_topic_header() -> None:
 
 def decided(admission: Admission) -> dict[str, Any]:
     [out] = admission.outputs
-    assert out.topic == TOPICS.decisions
+    assert out.topic in TOPICS.all_decisions()
     return codec.decode(out.value, "Completion")
 
 
@@ -641,3 +641,12 @@ def test_a_tenant_at_its_in_flight_cap_is_told_to_come_back_and_is_not_charged()
     assert only_decision(busy)[1]["retry_after_ms"] > 0
     assert tables.buckets == {}
     assert tables.admit(gate, original(request(request_id="free-1"), offset=2)).verdict == "ACCEPTED"
+
+
+@pytest.mark.parametrize("priority", ["HIGH", "NORMAL", "LOW"])
+def test_a_decision_goes_to_its_class_s_decisions_topic(priority: str) -> None:
+    """The sink takes terminal work most urgent class first, so a rejection travels in its request's class."""
+    admission = Tables().admit(make_gate(), original(request(priority=priority, steps=0)))
+    out, completion = only_decision(admission)
+    assert completion["status"] == "REJECTED"
+    assert out.topic == TOPICS.decisions(priority)

@@ -564,7 +564,7 @@ def assert_admission_is_sound(value: bytes) -> None:
         check_valid_request_is_safe(decoded, TOPICS.reply_prefix)
     elif admission.verdict in {"REJECTED", "EXPIRED", "CANCELLED"}:
         [out] = admission.outputs
-        assert out.topic == TOPICS.decisions
+        assert out.topic in TOPICS.all_decisions()
         # The gatekeeper's producer refuses messages over 1,000,000 bytes (faust's default), and a send
         # it refuses crashes the worker: whatever a request carries, its answer must stay well below.
         size = len(out.value) + len(out.key or b"") + sum(len(k) + len(v or b"") for k, v in out.headers)
