@@ -113,7 +113,7 @@ class ShareIntake:
                     # (The broker hands out whole record batches: tasks produced together in one batch
                     # go to one member whatever this says.)
                     "max.poll.records": 1 if cls == "HIGH" else batch_tasks,
-                    "fetch.wait.max.ms": conf.share_fetch_wait_ms,
+                    "fetch.wait.max.ms": conf.share_fetch_wait_ms.get(cls, 10),
                     # A consumer holding a batch is not polled until the batch is acknowledged: let
                     # the lock, not the poll interval, bound how long a render may hold its tasks.
                     "max.poll.interval.ms": max(conf.max_poll_interval_ms, 2 * conf.share_lock_ms),

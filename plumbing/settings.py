@@ -255,10 +255,10 @@ class RendererSettings(_Section):
         description="share mode: deliveries of a task before it is dead-lettered (the group's "
         "share.delivery.count.limit); the last delivery is dead-lettered, not rendered",
     )
-    share_fetch_wait_ms: int = Field(
-        10,
-        ge=1,
-        description="share mode: fetch.wait.max.ms of the share consumers (latency of an idle queue)",
+    share_fetch_wait_ms: dict[str, int] = Field(
+        default_factory=lambda: {"HIGH": 10, "NORMAL": 50, "LOW": 250},
+        description="share mode: class -> fetch.wait.max.ms of its share consumer, the latency of an idle "
+        "queue; an idle consumer sends a fetch this often, so a short wait costs broker CPU all day",
     )
     synthetic_ms_per_frame: float = Field(200.0, ge=0, description="synthetic backend: device time per frame")
     synthetic_steps: int | None = Field(

@@ -129,7 +129,8 @@ def test_a_redelivered_frames_message_publishes_nothing_more(moderated: Settings
     [first] = completions_of(settings, {blocked})
     assert first["reason_code"] == "OUTPUT_MODERATED"
     value, record = frames_record(settings, blocked)
-    produce_sync(make_producer(settings, "e2e-replay"), Topics(settings).frames, value, key=blocked.encode())
+    frames_topic = Topics(settings).frames(record["priority"])
+    produce_sync(make_producer(settings, "e2e-replay"), frames_topic, value, key=blocked.encode())
     # The copy is a new input for a request another input decided: the row stands, no second Completion.
     again = collect(
         settings,
@@ -139,4 +140,4 @@ def test_a_redelivered_frames_message_publishes_nothing_more(moderated: Settings
     )
     assert len(again) == 1 and again[0]["finished_at"] == first["finished_at"]
     assert record["outcome"] == "RENDERED"
-    assert row_of(settings, blocked).decided_by.startswith(Topics(settings).frames)
+    assert row_of(settings, blocked).decided_by.startswith(frames_topic)
