@@ -135,7 +135,7 @@ class CallCounts:
             self.add("kafka requests (aiokafka)", type(request).__name__.split("Request", 1)[0])
             return original(conn, request, expect_response)
 
-        AIOKafkaConnection.send = send  # type: ignore[method-assign]
+        AIOKafkaConnection.send = send
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
