@@ -364,6 +364,11 @@ class Settings(BaseSettings):
         description="tenant -> allowed reply topic prefix (default <prefix>.reply.<tenant>)",
     )
     log_level: str = "INFO"
+    call_counts_dir: Path | None = Field(
+        None,
+        description="benchmark ledger: each process writes its Kafka requests (librdkafka statistics), CQL "
+        "statements and S3 calls to <dir>/<pid>.json (plumbing/call_counts.py); unset, nothing is counted",
+    )
 
     @field_validator("models")
     @classmethod
