@@ -152,7 +152,7 @@ class Target:
 
 def read_targets(settings: Settings, pipeline: str) -> list[Target]:
     """The file-SD entries of ``pipeline`` under ``<home>/prometheus/targets``."""
-    targets = []
+    targets: list[Target] = []
     for path in sorted(targets_dir(settings).glob("*.json")):
         try:
             groups = json.loads(path.read_text(encoding="utf-8"))

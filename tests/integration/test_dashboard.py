@@ -9,11 +9,13 @@ check runs against a real pipeline with `infra.promql.check_dashboard` (see its 
 
 from __future__ import annotations
 
+import re
 import time
 
 from infra.prometheus_server import prometheus_url
 from infra.promql import PromClient, check_dashboard, load_dashboard, panel_queries, wait_for_dashboard
 from plumbing.settings import Settings
+from producers.metrics_summary import read_summary
 from tests.conftest import unique
 from tests.contract_exporter import contract_exporter
 
@@ -68,3 +70,18 @@ def test_recording_rules_and_a_live_alert(prometheus: Settings):
             f'priority:aigc_renderer_queue_wait_seconds:p99_1m{{pipeline="{pipeline}", priority="HIGH"}}'
         )
         assert 0.025 < high.value <= 0.05
+
+
+def test_stage_counts_read_back_for_a_period(prometheus: Settings):
+    pipeline = unique("sum")
+    start = time.time() - 1
+    with contract_exporter(prometheus, pipeline):
+        time.sleep(3)
+        lines = read_summary(prometheus, start, pipeline=pipeline)
+    by_stage = {line.split()[0]: line for line in lines}
+    assert set(by_stage) == {"gatekeeper", "renderer", "assembler", "dead"}
+    assert re.search(r"requests \d+ accepted, \d+ rejected", by_stage["gatekeeper"]), lines
+    assert re.search(r"render tasks \d+ ok; batches \d+ \(mean size 4\.0\)", by_stage["renderer"]), lines
+    assert re.search(r"completions \d+ SUCCEEDED", by_stage["assembler"]), lines
+    # Born inside the period at 2 and 1: counted from zero, not lost as rate() would lose them.
+    assert by_stage["dead"].endswith("1 assembler, 2 gatekeeper"), lines
