@@ -11,9 +11,14 @@ UV_VERSION := 0.13.9
 M2 ?= $(HOME)/.m2/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup demo run status down test test-unit lint typecheck bench chaos lock infra-up infra-down clean
+.PHONY: setup tools demo run status down test test-unit lint typecheck bench chaos lock infra-up infra-down clean
 
-setup: $(VENV)/.installed infra/lib/.resolved
+setup: $(VENV)/.installed infra/lib/.resolved tools
+
+# Debian's prometheus (with promtool) and tmux: `aigc infra up` runs Prometheus, the rule tests run promtool
+# and the `aigc top` test runs tmux. Returns at once when they are installed.
+tools:
+	bash infra/install-tools.sh
 
 # uv installs from its cache under ~/.cache/uv by hard links, so a warm machine sets up in seconds.
 $(VENV)/.installed: requirements.lock pyproject.toml

@@ -247,6 +247,18 @@ class Load:
         self.client.flush()
         return ids
 
+    def steady(self, rate_per_s: float, count: int, fields: dict[str, Any]) -> list[str]:
+        """``count`` requests, one every ``1 / rate_per_s`` seconds (a fixed workload, unlike `poisson`)."""
+        ids = []
+        start = time.monotonic()
+        for i in range(count):
+            wait = start + i / rate_per_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            ids.append(self._submit(fields))
+        self.client.flush()
+        return ids
+
     def close(self) -> None:
         self.client.close()
 

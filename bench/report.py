@@ -110,8 +110,65 @@ def markdown(document: dict[str, Any]) -> str:
     if comparison:
         lines += ["## Ours against Celery + Redis (the same synthetic workload)", "", *comparison, ""]
     for name, result in document["results"].items():
+        if name == "LEDGER" and isinstance(result, dict) and "image" in result:
+            lines += [
+                "## LEDGER: what one image request and one video frame cost",
+                "",
+                *ledger_table(result),
+                "",
+            ]
+            continue
         lines += [f"## {name}", "", "| figure | value |", "|---|---|", *_lines("", result), ""]
     return "\n".join(lines)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, float] = {}
+    for key, inner in value.items():
+        out.update(_flat(inner, f"{prefix} / {key}" if prefix else key))
+    return out
+
+
+def ledger_table(result: dict[str, Any]) -> list[str]:
+    """The ledger as one table (a row per counter; per image request, per video frame) and the idle rates."""
+    image = _flat(result["image"].get("per_unit", {}))
+    frame = _flat(result.get("video_frame", {}).get("per_unit", {}))
+    above = {
+        f"cpu ms above idle / {k}": (
+            result["image"].get("cpu_ms_above_idle", {}).get(k),
+            result.get("video_frame", {}).get("cpu_ms_above_idle", {}).get(k),
+        )
+        for k in result["image"].get("cpu_ms_above_idle", {})
+    }
+    video = result.get("video_frame", {})
+    rows = [
+        f"Completed: {result['image'].get('units')} of {result['image'].get('sent')} image requests in "
+        f"{result['image'].get('window_s', 0):.0f} s; {video.get('completed_videos')} of {video.get('sent')} "
+        f"videos, {video.get('units')} frames, in {video.get('window_s', 0):.0f} s. Records are end-offset "
+        "deltas (transaction markers included); bytes are the partition logs on the broker's disk; topics "
+        "marked broker-wide and system.paxos count every client of the shared services.",
+        "",
+        "| counter (family / kind) | per image request | per video frame |",
+        "|---|---|---|",
+    ]
+    for key in sorted(set(image) | set(frame), key=lambda k: (k.split(" / ")[0], k)):
+        rows.append(f"| {key} | {_fmt(image.get(key, '-'))} | {_fmt(frame.get(key, '-'))} |")
+    for key, (a, b) in above.items():
+        rows.append(f"| {key} | {_fmt(a if a is not None else '-')} | {_fmt(b if b is not None else '-')} |")
+    idle = result.get("idle", {})
+    rows += [
+        "",
+        f"Idle, pipeline up and no load ({idle.get('window_s', 0):.0f} s; the broker holds "
+        f"{idle.get('broker_partitions')} partition directories), per second:",
+        "",
+        "| counter | per second |",
+        "|---|---|",
+        *(f"| {k} | {_fmt(v)} |" for k, v in _flat(idle.get("per_second", {})).items()),
+    ]
+    rows += ["", "| figure | value |", "|---|---|", *_lines("workload", result.get("workload", {}))]
+    return rows
 
 
 SIDE_BY_SIDE = (

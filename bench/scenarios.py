@@ -11,6 +11,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from plumbing.settings import GatekeeperSettings, ModelSpec, RendererSettings, S
 UNLIMITED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
 SYNTH = "synth"
 BACKLOG_TASKS = 1000  # B3: a standing LOW backlog, 50 s of work for its 4 renderers
+LEDGER_SETTLE_S = 3.0  # LEDGER: > librdkafka's statistics interval + a counts file's flush interval
 
 
 def configure(
@@ -395,6 +397,94 @@ def b7_scaling(settings: Settings, quick: bool) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class LedgerWorkload:
+    """LEDGER's load: image requests at a steady rate, then 16-frame videos, after an idle window."""
+
+    image_rate: float
+    images: int
+    video_rate: float
+    videos: int
+    idle_s: float
+
+
+LEDGER_QUICK = LedgerWorkload(image_rate=5.0, images=60, video_rate=0.5, videos=5, idle_s=5.0)
+LEDGER_FULL = LedgerWorkload(image_rate=10.0, images=300, video_rate=0.5, videos=15, idle_s=10.0)
+
+
+def ledger(settings: Settings, quick: bool) -> dict[str, Any]:
+    """What one image request and one video frame cost: Kafka, Cassandra, S3 and CPU, every process."""
+    return run_ledger(settings, LEDGER_QUICK if quick else LEDGER_FULL)
+
+
+def run_ledger(settings: Settings, work: LedgerWorkload) -> dict[str, Any]:
+    from bench import ledger as book
+
+    service_ms, renderers, frames = 10.0, 2, 16
+    conf = configure(settings, synthetic=True, batch_wait_ms=0)
+    conf = conf.model_copy(
+        update={
+            "assembler": conf.assembler.model_copy(update={"output_check": False}),
+            "call_counts_dir": conf.home / "call-counts" / f"ledger-{time.strftime('%Y%m%d-%H%M%S')}",
+        }
+    )
+    out: dict[str, Any] = {
+        "workload": {
+            "renderers": renderers,
+            "service_ms_per_frame": service_ms,
+            "steps": 10,
+            "images": f"{work.images} at {work.image_rate}/s",
+            "videos": f"{frames} frames ({conf.gatekeeper.frames_per_task} per task), "
+            f"{work.videos} at {work.video_rate}/s",
+            "idle_window_s": work.idle_s,
+            "output_check": "off (nudenet: ~28 ms CPU per frame, measured apart by bench.output_check)",
+        },
+    }
+    with _run(conf, renderers, service_ms, "ledger") as pipeline:
+        # The bench's own clients are left uncounted: the ledger is the pipeline's.
+        driver = pipeline.settings.model_copy(update={"call_counts_dir": None})
+        collector = Collector(driver).start()
+        load = Load(driver, collector)
+        stages = {name: int(info["pid"]) for name, info in pipeline.supervisor.snapshot().items()}  # type: ignore[call-overload]
+        probe = book.Probe(pipeline.settings, stages)
+        try:
+            time.sleep(LEDGER_SETTLE_S)  # every process has written its counts once
+            idle_from = probe.read()
+            time.sleep(work.idle_s)
+            image_from = probe.read()
+            out["idle"] = {
+                "broker_partitions": probe.broker_partitions(),
+                **book.idle_rates(idle_from, image_from),
+            }
+            ids = load.steady(work.image_rate, work.images, image(SYNTH))
+            collector.wait(len(ids), 120)
+            time.sleep(LEDGER_SETTLE_S)  # the last statistics reach their files
+            video_from = probe.read()
+            images = _finished([collector.requests[r] for r in ids])
+            out["image"] = book.ledger(image_from, video_from, len(images), probe)
+            out["image"]["sent"] = len(ids)
+            video = image(SYNTH, video={"num_frames": frames, "fps": 8})
+            video_ids = load.steady(work.video_rate, work.videos, video)
+            collector.wait(len(ids) + len(video_ids), 180)
+            time.sleep(LEDGER_SETTLE_S)
+            video_to = probe.read()
+            videos = _finished([collector.requests[r] for r in video_ids])
+            out["video_frame"] = book.ledger(video_from, video_to, sum(t.frames for t in videos), probe)
+            out["video_frame"].update(sent=len(video_ids), completed_videos=len(videos))
+            for window in ("image", "video_frame"):
+                out[window]["cpu_ms_above_idle"] = book.above_idle(out[window], out["idle"])
+            out["restarts"] = {
+                name: info["restarts"]
+                for name, info in pipeline.supervisor.snapshot().items()
+                if info["restarts"]
+            }
+        finally:
+            probe.close()
+            load.close()
+            collector.close()
+    return out
+
+
 def peer_celery(settings: Settings, quick: bool) -> dict[str, Any]:
     """B1, B2 and B3's workload on Celery 5 + Redis (the peer), printed beside ours in the report."""
     from bench.peer import peer
@@ -411,5 +501,6 @@ SCENARIOS = {
     "B5": b5_batching,
     "B6": b6_video_sink,
     "B7": b7_scaling,
+    "LEDGER": ledger,
     "PEER": peer_celery,
 }

@@ -42,6 +42,7 @@ from gpu_consumers.publisher import Publisher, now_ms
 from gpu_consumers.scheduler import CLASSES, Pick, Scheduler
 from gpu_consumers.tasks import Task
 from plumbing.blobs import BlobStore
+from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Failure, Original
 from plumbing.errors import DecodeError, PermanentError, UnknownModelError
@@ -159,7 +160,11 @@ class Renderer:
         self.cancellations = CancellationWatcher(settings)
         checks = Checks(self.cancellations)
         self.producer = make_producer(settings, f"renderer.{pool}")
-        blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)
+        blobs = BlobStore(
+            settings.s3,
+            max_connections=conf.upload_workers * 2,
+            counts=CallCounts.when_on(settings.call_counts_dir),
+        )
         publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, self.worker_id)
         self.outbox = Outbox(
             settings,

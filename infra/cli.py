@@ -10,10 +10,11 @@ from plumbing.settings import Settings
 def register(verbs: argparse._SubParsersAction) -> None:
     infra = verbs.add_parser(
         "infra",
-        help="run the local Kafka, Cassandra and S3Proxy",
+        help="run the local Kafka, Cassandra, S3Proxy and Prometheus",
         description="Local services from the jars in infra/lib (make setup resolves them). Ports come from "
-        "AIGC_KAFKA__BOOTSTRAP_SERVERS, AIGC_CASSANDRA__PORT and AIGC_S3__ENDPOINT_URL; data and logs live "
-        "under AIGC_INFRA__RUN_DIR.",
+        "AIGC_KAFKA__BOOTSTRAP_SERVERS, AIGC_CASSANDRA__PORT, AIGC_S3__ENDPOINT_URL and "
+        "AIGC_INFRA__PROMETHEUS_PORT; data and logs live under AIGC_INFRA__RUN_DIR. Prometheus (Debian's "
+        "package, which make setup installs) scrapes the stages listed in <AIGC_HOME>/prometheus/targets.",
     )
     sub = infra.add_subparsers(dest="infra_verb", metavar="ACTION", required=True)
     up = sub.add_parser("up", help="start what is not running, wait until ready, bootstrap")

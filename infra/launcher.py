@@ -6,7 +6,8 @@ harmless to run twice: a service whose recorded process is alive is left alone. 
 process that is not ours is reported instead of fought over.
 
 `down` signals only processes it can prove it started: the pid recorded in ``<run>/<svc>/pid`` must
-still be a java process whose command line carries ``-Daigc.run=<this run dir>``.
+still be a process whose command line names this run directory (``-Daigc.run=<run dir>`` for a JVM,
+the config file in it for Prometheus).
 
 ``attached=True`` (the test suite) asks the kernel to SIGTERM the services if the starting process
 dies, so a killed test run leaves nothing behind.
@@ -72,10 +73,7 @@ def owned_pid(service: Service) -> int | None:
         pid = int(service.pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    args = cmdline(pid)
-    if f"-Daigc.run={service.run_dir}" in args and f"-Daigc.service={service.name}" in args:
-        return pid
-    return None
+    return pid if service.owns(cmdline(pid)) else None
 
 
 def _die_with_parent() -> None:

@@ -1,9 +1,10 @@
-"""The three local services: Apache Kafka (KRaft), Apache Cassandra and S3Proxy, as JVM command lines.
+"""The local services: Apache Kafka (KRaft), Apache Cassandra and S3Proxy as JVM command lines, and
+Prometheus (infra/prometheus_server.py).
 
 Each `Service` knows its folder under the run directory, the config files it writes there, the java
 command that runs it from the jars Maven put in ``infra/lib/<name>/``, and how to tell it is ready for
 clients (not merely started). Every JVM carries ``-Daigc.run=<run dir>`` so the launcher can prove a
-process is one it started before it signals it. Everything binds to 127.0.0.1.
+process is one it started before it signals it (`Service.owns`). Everything binds to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class Service(ABC):
             self.main_class,
             *self.program_args(),
         ]
+
+    def owns(self, args: list[str]) -> bool:
+        """True when a process with command line ``args`` is this run directory's instance of the service."""
+        return f"-Daigc.run={self.run_dir}" in args and f"-Daigc.service={self.name}" in args
 
     @abstractmethod
     def ready(self) -> bool:
@@ -400,4 +405,6 @@ jclouds.filesystem.basedir={self.dir / "data"}
 
 
 def all_services(settings: Settings) -> list[Service]:
-    return [Kafka(settings), Cassandra(settings), S3Proxy(settings)]
+    from infra.prometheus_server import Prometheus
+
+    return [Kafka(settings), Cassandra(settings), S3Proxy(settings), Prometheus(settings)]

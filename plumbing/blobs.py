@@ -9,12 +9,16 @@ import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from plumbing.settings import S3Settings
+
+if TYPE_CHECKING:
+    from plumbing.call_counts import CallCounts
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,12 @@ def result_prefix(tenant_id: str, request_id: str, created_at_ms: int) -> str:
 
 
 class BlobStore:
-    def __init__(self, settings: S3Settings, max_connections: int = 32) -> None:
+    def __init__(
+        self, settings: S3Settings, max_connections: int = 32, counts: CallCounts | None = None
+    ) -> None:
+        """``counts``: where to count this store's S3 calls for the benchmark ledger (None: not counted)."""
         self.settings = settings
+        self.counts = counts
         self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.endpoint_url,
@@ -60,6 +68,8 @@ class BlobStore:
                 response_checksum_validation="when_required",
             ),
         )
+        if counts is not None:
+            counts.count_s3(self.client)
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> StoredBlob:
         digest = hashlib.sha256(data).hexdigest()
@@ -94,6 +104,8 @@ class BlobStore:
     def presign(self, bucket: str, key: str, ttl_s: int | None = None) -> tuple[str, int]:
         """A GET URL for the object and the epoch ms when it expires."""
         ttl = ttl_s or self.settings.presign_ttl_s
+        if self.counts is not None:
+            self.counts.add("s3 calls", "presign (signed locally, nothing sent)")
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl
         )

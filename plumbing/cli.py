@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     for module in (infra_cli, producers_cli):
         module.register(verbs)
-    for name in ("stream_processors.cli", "gpu_consumers.cli", "producers.ops_cli", "bench.cli"):
+    for name in (
+        "stream_processors.cli",
+        "gpu_consumers.cli",
+        "producers.ops_cli",
+        "producers.top_cli",
+        "bench.cli",
+    ):
         try:
             module = __import__(name, fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -37,11 +37,21 @@ def client_id(settings: Settings, role: str) -> str:
     return f"{settings.kafka.client_id}.{role}.{socket.gethostname()}.{os.getpid()}"
 
 
+def _counted(settings: Settings) -> dict[str, Any]:
+    """librdkafka statistics for the benchmark ledger when ``call_counts_dir`` is set; else nothing."""
+    if settings.call_counts_dir is None:
+        return {}
+    from plumbing.call_counts import CallCounts
+
+    return CallCounts.of(settings.call_counts_dir).kafka_config()
+
+
 def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
         "logger": LIBRDKAFKA_LOGGER,
+        **_counted(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
@@ -59,6 +69,7 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
         "logger": LIBRDKAFKA_LOGGER,
+        **_counted(settings),
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -99,6 +110,7 @@ def make_share_consumer(settings: Settings, group_id: str, role: str, **override
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
         "logger": LIBRDKAFKA_LOGGER,
+        **_counted(settings),
         "group.id": group_id,
         "share.acknowledgement.mode": "explicit",
     }
@@ -131,6 +143,7 @@ def make_admin(settings: Settings) -> AdminClient:
         **settings.kafka.client_config(),
         "client.id": client_id(settings, "admin"),
         "logger": LIBRDKAFKA_LOGGER,
+        **_counted(settings),
     }
     return AdminClient(conf)
 

@@ -95,6 +95,11 @@ class InfraSettings(_Section):
     kafka_heap_mb: int = 512
     cassandra_heap_mb: int = 768
     s3_heap_mb: int = 256
+    prometheus_port: int = Field(19090, description="Prometheus's web UI and HTTP API on 127.0.0.1")
+    prometheus_scrape_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often Prometheus scrapes every stage (and evaluates the rules)"
+    )
+    prometheus_retention: str = Field("7d", pattern=r"^[0-9]+[smhdwy]$", description="how long samples stay")
     ready_timeout_s: float = 180.0
 
 
@@ -364,6 +369,11 @@ class Settings(BaseSettings):
         description="tenant -> allowed reply topic prefix (default <prefix>.reply.<tenant>)",
     )
     log_level: str = "INFO"
+    call_counts_dir: Path | None = Field(
+        None,
+        description="benchmark ledger: each process writes its Kafka requests (librdkafka statistics), CQL "
+        "statements and S3 calls to <dir>/<pid>.json (plumbing/call_counts.py); unset, nothing is counted",
+    )
 
     @field_validator("models")
     @classmethod

@@ -1,11 +1,13 @@
 """Test tiers and the real infrastructure they share.
 
 `tests/unit` needs nothing. `tests/integration` and `tests/e2e` need Kafka, Cassandra and S3: the
-``infra`` fixture starts them once per test session on test ports (29092, 29042, 29000) in a temporary
-run directory and stops them at the end; the processes are tied to this pytest process, so even a
-killed test run leaves none behind. To use an already running set instead, export
-``AIGC_TEST_EXTERNAL=1`` together with the usual ``AIGC_KAFKA__BOOTSTRAP_SERVERS``,
-``AIGC_CASSANDRA__PORT`` and ``AIGC_S3__ENDPOINT_URL``.
+``infra`` fixture starts them once per test session on test ports (29092, 29042, 29000), with
+Prometheus on 29090, in a temporary run directory and stops them at the end; the processes are tied to
+this pytest process, so even a killed test run leaves none behind. Tests that need only Prometheus use
+the ``prometheus`` fixture, which starts only it (the ``infra`` fixture then finds it running). To use an
+already running set instead, export ``AIGC_TEST_EXTERNAL=1`` together with the usual
+``AIGC_KAFKA__BOOTSTRAP_SERVERS``, ``AIGC_CASSANDRA__PORT``, ``AIGC_S3__ENDPOINT_URL`` and
+``AIGC_INFRA__PROMETHEUS_PORT``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import pytest
 from plumbing.settings import CassandraSettings, InfraSettings, KafkaSettings, S3Settings, Settings
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_PORTS = {"kafka": 29092, "controller": 29093, "cql": 29042, "storage": 27000, "s3": 29000}
+TEST_PORTS = {
+    "kafka": 29092,
+    "controller": 29093,
+    "cql": 29042,
+    "storage": 27000,
+    "s3": 29000,
+    "prometheus": 29090,
+}
 
 
 _INFRA_REPORT: list[str] = []
@@ -51,18 +60,12 @@ def unique(prefix: str = "t") -> str:
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Settings pointing at running Kafka, Cassandra and S3Proxy (started here unless external)."""
-    from infra.bootstrap import bootstrap
-    from infra.launcher import down, rss_mb, up
-
+def test_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The session's settings: test ports and a temporary home and run directory (or the environment's)."""
     if os.environ.get("AIGC_TEST_EXTERNAL") == "1":
-        settings = Settings.load()
-        bootstrap(settings, echo=lambda _: None)
-        yield settings
-        return
+        return Settings.load()
     run_dir = tmp_path_factory.mktemp("infra")
-    settings = Settings.load(
+    return Settings.load(
         home=run_dir / "home",
         kafka=KafkaSettings(
             bootstrap_servers=f"127.0.0.1:{TEST_PORTS['kafka']}",
@@ -77,8 +80,39 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
             lib_dir=REPO / "infra" / "lib",
             kafka_controller_port=TEST_PORTS["controller"],
             cassandra_storage_port=TEST_PORTS["storage"],
+            prometheus_port=TEST_PORTS["prometheus"],
         ),
     )
+
+
+@pytest.fixture(scope="session")
+def prometheus(test_settings: Settings) -> Iterator[Settings]:
+    """Settings whose Prometheus runs (started here, alone, unless external); it scrapes the file-SD
+    targets in ``<home>/prometheus/targets``."""
+    from infra.launcher import down, status, up
+
+    if os.environ.get("AIGC_TEST_EXTERNAL") == "1":
+        assert next(s for s in status(test_settings) if s.name == "prometheus").ready, "no Prometheus"
+        yield test_settings
+        return
+    try:
+        up(test_settings, attached=True, only=["prometheus"], echo=lambda line: print(f"[infra] {line}"))
+        yield test_settings
+    finally:
+        down(test_settings, only=["prometheus"], echo=lambda line: print(f"[infra] {line}"))
+
+
+@pytest.fixture(scope="session")
+def infra(test_settings: Settings) -> Iterator[Settings]:
+    """Settings pointing at running Kafka, Cassandra, S3Proxy and Prometheus (started unless external)."""
+    from infra.bootstrap import bootstrap
+    from infra.launcher import down, rss_mb, up
+
+    settings = test_settings
+    if os.environ.get("AIGC_TEST_EXTERNAL") == "1":
+        bootstrap(settings, echo=lambda _: None)
+        yield settings
+        return
     started = time.monotonic()
     try:
         up(settings, attached=True, echo=lambda line: print(f"[infra] {line}"))

@@ -45,6 +45,7 @@ from cassandra.cluster import ResponseFuture
 from confluent_kafka import KafkaException, Message, TopicPartition
 
 from plumbing.blobs import BlobStore
+from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
 from plumbing.errors import DecodeError, classify
@@ -101,10 +102,13 @@ class Sink:
                 "transaction.timeout.ms": conf.transaction_timeout_ms,
             },
         )
+        counts = CallCounts.when_on(settings.call_counts_dir)
         self.cluster, session = connect(settings.cassandra)
+        if counts is not None:
+            counts.count_cql(session)
         register_types(self.cluster, settings.cassandra.keyspace)
         self.store = AssemblyStore(session, settings.cassandra.keyspace)
-        self.blobs = BlobStore(settings.s3, max_connections=conf.workers * 2)
+        self.blobs = BlobStore(settings.s3, max_connections=conf.workers * 2, counts=counts)
         self.pool = ThreadPoolExecutor(
             conf.workers, thread_name_prefix="assemble"
         )  # object copies, downloads

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import faust
 
+from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
 from plumbing.retries import route_failure
@@ -244,6 +245,8 @@ class BoundedWorker(faust.Worker):
 
 def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
+    if (counts := CallCounts.when_on(settings.call_counts_dir)) is not None:
+        counts.count_aiokafka()  # faust's clients are aiokafka's: librdkafka statistics miss them
     cancellations = CancellationWatcher(settings).start()
     backlog = BacklogMonitor(settings).start()
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)

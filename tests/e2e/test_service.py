@@ -39,7 +39,7 @@ def free_ports(n: int) -> list[int]:
 
 @pytest.mark.slow
 def test_up_status_submit_down(tmp_path: Path) -> None:
-    kafka, controller, cql, storage, s3 = free_ports(5)
+    kafka, controller, cql, storage, s3, prometheus = free_ports(6)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AIGC_")},
         "AIGC_HOME": str(tmp_path / "home"),
@@ -50,6 +50,7 @@ def test_up_status_submit_down(tmp_path: Path) -> None:
         "AIGC_CASSANDRA__PORT": str(cql),
         "AIGC_INFRA__CASSANDRA_STORAGE_PORT": str(storage),
         "AIGC_S3__ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+        "AIGC_INFRA__PROMETHEUS_PORT": str(prometheus),
         "AIGC_KAFKA__REQUEST_PARTITIONS": "1",
         "AIGC_KAFKA__RENDER_PARTITIONS": "1",
         "AIGC_KAFKA__PARTITIONS": "1",
@@ -74,6 +75,7 @@ def test_up_status_submit_down(tmp_path: Path) -> None:
             "kafka",
             "cassandra",
             "s3proxy",
+            "prometheus",
             "gatekeeper",
             "renderer-default-0",
             "assembler",
@@ -115,6 +117,7 @@ def _settings_from(env: dict[str, str]) -> dict[str, object]:
             "lib_dir": env["AIGC_INFRA__LIB_DIR"],
             "kafka_controller_port": int(env["AIGC_INFRA__KAFKA_CONTROLLER_PORT"]),
             "cassandra_storage_port": int(env["AIGC_INFRA__CASSANDRA_STORAGE_PORT"]),
+            "prometheus_port": int(env["AIGC_INFRA__PROMETHEUS_PORT"]),
         },
         "kafka": {"bootstrap_servers": env["AIGC_KAFKA__BOOTSTRAP_SERVERS"]},
         "cassandra": {"port": int(env["AIGC_CASSANDRA__PORT"])},
