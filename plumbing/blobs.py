@@ -14,6 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from plumbing.metrics import instrument_s3
 from plumbing.settings import S3Settings
 
 
@@ -60,6 +61,7 @@ class BlobStore:
                 response_checksum_validation="when_required",
             ),
         )
+        instrument_s3(self.client)
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> StoredBlob:
         digest = hashlib.sha256(data).hexdigest()
