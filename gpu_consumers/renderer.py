@@ -46,6 +46,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Failure, Original
 from plumbing.errors import DecodeError, PermanentError, UnknownModelError
 from plumbing.kafka_clients import header_map, make_producer
+from plumbing.observability import Readiness, serve
 from plumbing.settings import ModelSpec, Settings
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
@@ -159,7 +160,8 @@ class Renderer:
         self.cancellations = CancellationWatcher(settings)
         checks = Checks(self.cancellations)
         self.producer = make_producer(settings, f"renderer.{pool}")
-        blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)
+        self.blobs = blobs = BlobStore(settings.s3, max_connections=conf.upload_workers * 2)
+        self.readiness = Readiness()  # `run` replaces it with the process's (served on /readyz)
         publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, topics.frames, self.worker_id)
         self.outbox = Outbox(
             settings,
@@ -183,7 +185,11 @@ class Renderer:
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         """Render until ``stop``; then finish (or abandon) the batch in hand and hand the rest back."""
         self.cancellations.start()
+        staging = self.settings.s3.staging_bucket
+        self.readiness.check_until_met("storage", lambda: self.blobs.client.head_bucket(Bucket=staging))
+        self.readiness.require("model", "assigned")
         self.models.warm_up()
+        self.readiness.mark("model")
         device = threading.Thread(target=self.device.run, args=(stop,), name="device", daemon=True)
         device.start()
         self.intake.start()
@@ -199,10 +205,14 @@ class Renderer:
         )
         if ready is not None:
             ready.set()
+        assigned = False
         try:
             while not stop.is_set():
                 if self.device.crashed is not None:
                     raise RuntimeError("the device loop crashed; see the log above") from self.device.crashed
+                if not assigned and self.intake.assigned():
+                    self.readiness.mark("assigned")
+                    assigned = True
                 self._turn()
         finally:
             # Graceful stop: take no new batch, let the one in hand finish within the grace period, else
@@ -272,4 +282,7 @@ def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Renderer(settings, pool, backend_overrides).run(stop)
+    obs = serve(settings, Stage.RENDERER.value)
+    renderer = Renderer(settings, pool, backend_overrides)
+    renderer.readiness = obs.readiness
+    renderer.run(stop)
