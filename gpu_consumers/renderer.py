@@ -54,6 +54,7 @@ from schemas.codec import default_codec
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05
 BUSY_POLL_S = 0.01
+READINESS = ("model", "assigned", "storage")  # what /readyz waits for
 ASSIGNMENT_TIMEOUT_S = 30.0  # "serving" is announced once the group assigned partitions, or after this
 
 
@@ -186,8 +187,8 @@ class Renderer:
         """Render until ``stop``; then finish (or abandon) the batch in hand and hand the rest back."""
         self.cancellations.start()
         staging = self.settings.s3.staging_bucket
+        self.readiness.require(*READINESS)
         self.readiness.check_until_met("storage", lambda: self.blobs.client.head_bucket(Bucket=staging))
-        self.readiness.require("model", "assigned")
         self.models.warm_up()
         self.readiness.mark("model")
         device = threading.Thread(target=self.device.run, args=(stop,), name="device", daemon=True)
@@ -282,7 +283,7 @@ def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    obs = serve(settings, Stage.RENDERER.value)
+    obs = serve(settings, Stage.RENDERER.value, *READINESS)
     renderer = Renderer(settings, pool, backend_overrides)
     renderer.readiness = obs.readiness
     renderer.run(stop)

@@ -201,7 +201,7 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    obs = serve(settings, "lag_exporter")
+    obs = serve(settings, "lag_exporter", "kafka")
     exporter = LagExporter(settings)
     REGISTRY.register(exporter)
     log.info("lag exporter reading the groups of pipeline %s", settings.kafka.topic_prefix)

@@ -173,7 +173,7 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    obs = serve(settings, "relay")
+    obs = serve(settings, "relay", "assigned")
     relay = Relay(settings)
     relay.readiness = obs.readiness
     relay.run(stop)

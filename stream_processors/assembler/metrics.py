@@ -45,6 +45,7 @@ E2E = Histogram(
     ["priority"],
     buckets=LATENCY_BUCKETS,
 )
+READINESS = ("kafka", "cassandra", "model", "storage")  # what /readyz waits for
 STATUSES = ("SUCCEEDED", "REJECTED", "FAILED", "CANCELLED", "EXPIRED")
 
 T = TypeVar("T")
@@ -97,7 +98,7 @@ def timed(histogram: Histogram, call: Callable[[], T], *labels: str) -> T:
 
 def observe(readiness: Readiness, sink: Any) -> None:
     """Mark what a built sink has (Cassandra, the detector) and probe the results bucket."""
-    readiness.require("kafka")
+    readiness.require(*READINESS)
     readiness.mark("cassandra")
     readiness.mark("model")
     bucket = sink.settings.s3.results_bucket

@@ -58,7 +58,7 @@ from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
-from stream_processors.assembler.metrics import SinkMetrics, observe
+from stream_processors.assembler.metrics import READINESS, SinkMetrics, observe
 from stream_processors.assembler.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
 from stream_processors.assembler.store import (
     AssemblyStore,
@@ -542,7 +542,7 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    obs = serve(settings, Stage.ASSEMBLER.value)
+    obs = serve(settings, Stage.ASSEMBLER.value, *READINESS)
     sink = Sink(settings)
     sink.readiness = obs.readiness
     observe(obs.readiness, sink)

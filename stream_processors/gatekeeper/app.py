@@ -251,7 +251,7 @@ class BoundedWorker(faust.Worker):
 
 def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
-    obs = serve(settings, Stage.GATEKEEPER.value, "moderation")
+    obs = serve(settings, Stage.GATEKEEPER.value, "moderation", "assigned")
     cancellations = CancellationWatcher(settings).start()
     backlog = BacklogMonitor(settings).start()
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)

@@ -45,7 +45,7 @@ def test_lag_of_a_stopped_consumer_then_none_after_it_consumed(isolated: Setting
             if msg is not None and not msg.error():
                 taken += 1
         assert taken == 5
-        consumer.commit(asynchronous=False)
+        consumer.commit(offsets=[TopicPartition(topics.frames, 0, 5)], asynchronous=False)
         assert lag_of(exporter, group, topics.frames) == 0
 
         registry = CollectorRegistry()
