@@ -73,8 +73,8 @@ class _Child:
 
 
 def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
-    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and
-    one lag exporter."""
+    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
+    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter."""
     stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
@@ -83,7 +83,8 @@ def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | No
         stages += [StageSpec(f"renderer-{pool}-{i}", verb, "renderer") for i in range(renderers)]
     stages.append(StageSpec("assembler", ["assemble"], "assembler"))
     stages.append(StageSpec("relay", ["relay"], "relay"))
-    stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
+    if settings.observability.metrics:
+        stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
 
