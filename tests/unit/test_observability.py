@@ -172,3 +172,17 @@ def test_dead_letters_are_counted_by_stage_topic_and_reason() -> None:
     assert REGISTRY.get_sample_value("aigc_dead_letters_total", labels) == before + 1
     routed = {"stage": "gatekeeper", "topic": "t.dlq.gatekeeper", "reason": "UNDECODABLE"}
     assert (REGISTRY.get_sample_value("aigc_messages_routed_total", routed) or 0) >= 1
+
+
+def test_metrics_off_records_nothing_but_readiness_still_answers() -> None:
+    from plumbing import metrics
+
+    labels = {"backend": "s3", "operation": "UnitOff"}
+    obs = serve(Settings(metrics_port=0, observability={"metrics": False}), "relay", "assigned")
+    try:
+        metrics.storage_call("s3", "UnitOff", 0.1, failed=True)
+        assert REGISTRY.get_sample_value("aigc_storage_errors_total", labels) is None
+        assert get(f"http://127.0.0.1:{obs.port}/readyz")[0] == 503
+    finally:
+        obs.close()
+        serve(Settings(), "relay")  # metrics back on for the other tests
