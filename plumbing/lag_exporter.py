@@ -36,7 +36,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from plumbing.kafka_clients import make_admin, renderer_group
 from plumbing.observability import Readiness, serve
 from plumbing.settings import Settings
-from plumbing.topics import PRIORITIES, Stage, Topics
+from plumbing.topics import PRIORITIES, Topics
 
 log = logging.getLogger(__name__)
 MAX_GROUPS = 50
@@ -44,11 +44,14 @@ TIMEOUT_S = 10.0
 _CLASS_OF_SUFFIX = {p.suffix: p.value for p in PRIORITIES}
 
 
+CLASSED_FAMILIES = ("requests", "render", "frames", "decisions")  # topic families with one topic per class
+
+
 def topic_priority(topic: str) -> str:
     """HIGH, NORMAL or LOW for a topic of one class (``<prefix>.requests.high``, ``...render.<pool>.low``),
     else ""."""
     family = topic.split(".")
-    if len(family) >= 3 and family[1] in ("requests", "render"):
+    if len(family) >= 3 and family[1] in CLASSED_FAMILIES:
         return _CLASS_OF_SUFFIX.get(family[-1], "")
     return ""
 
@@ -78,17 +81,19 @@ class LagExporter(Collector):
         self.snapshot = Snapshot()
 
     def known_groups(self) -> dict[str, list[str]]:
-        """The pipeline's groups and the topics each consumes."""
-        topics = self.topics
-        groups = {
-            self.settings.gatekeeper.app_id: [topics.requests(p) for p in PRIORITIES],
-            f"{self.prefix}.assembler": [topics.frames, topics.decisions],
-            f"{self.prefix}.relay": [topics.retry(s, d) for s in Stage for d in self.settings.retry.delays_s],
-        }
-        for pool in self.settings.pools:
-            groups[renderer_group(self.settings, pool, share=False)] = [
-                topics.render(pool, p) for p in PRIORITIES
-            ]
+        """The pipeline's groups and the topics each consumes, read off the topic registry by family."""
+        gatekeeper, assembler = self.settings.gatekeeper.app_id, f"{self.prefix}.assembler"
+        groups: dict[str, list[str]] = {gatekeeper: [], assembler: [], f"{self.prefix}.relay": []}
+        for spec in self.topics.all():
+            family = spec.name.removeprefix(f"{self.prefix}.").split(".")
+            if family[0] == "requests":
+                groups[gatekeeper].append(spec.name)
+            elif family[0] == "render" and len(family) > 2:
+                groups.setdefault(renderer_group(self.settings, family[1], share=False), []).append(spec.name)
+            elif family[0] in ("frames", "decisions"):
+                groups[assembler].append(spec.name)
+            elif family[0] == "retry":
+                groups[f"{self.prefix}.relay"].append(spec.name)
         return groups
 
     def discovered_groups(self) -> list[str]:

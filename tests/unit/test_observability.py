@@ -103,6 +103,7 @@ def test_class_of_a_topic() -> None:
     assert topic_priority("aigc.requests.high") == "HIGH"
     assert topic_priority("aigc.render.default.low") == "LOW"
     assert topic_priority("aigc.frames") == ""
+    assert topic_priority("aigc.frames.high") == "HIGH"  # per-class sink inputs
     assert topic_priority("aigc.retry.gatekeeper.1s") == ""
     assert request_topic_priority("e2eabc.requests.normal") == "NORMAL"
 
