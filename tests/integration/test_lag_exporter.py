@@ -31,13 +31,13 @@ def test_lag_of_a_stopped_consumer_then_none_after_it_consumed(isolated: Setting
     group = f"{isolated.kafka.topic_prefix}.lagtest"
     consumer = make_consumer(isolated, group, "lag-test")
     try:
-        # The group starts at offset 0 of the frames topic, then stops consuming while work arrives.
-        consumer.commit(offsets=[TopicPartition(topics.frames, 0, 0)], asynchronous=False)
-        produce(isolated, topics.frames, 5)
+        # The group starts at offset 0 of the status topic, then stops consuming while work arrives.
+        consumer.commit(offsets=[TopicPartition(topics.status, 0, 0)], asynchronous=False)
+        produce(isolated, topics.status, 5)
         exporter = LagExporter(isolated)
-        assert lag_of(exporter, group, topics.frames) == 5
+        assert lag_of(exporter, group, topics.status) == 5
 
-        consumer.assign([TopicPartition(topics.frames, 0, 0)])
+        consumer.assign([TopicPartition(topics.status, 0, 0)])
         taken = 0
         deadline = time.monotonic() + 30
         while taken < 5 and time.monotonic() < deadline:
@@ -45,12 +45,12 @@ def test_lag_of_a_stopped_consumer_then_none_after_it_consumed(isolated: Setting
             if msg is not None and not msg.error():
                 taken += 1
         assert taken == 5
-        consumer.commit(offsets=[TopicPartition(topics.frames, 0, 5)], asynchronous=False)
-        assert lag_of(exporter, group, topics.frames) == 0
+        consumer.commit(offsets=[TopicPartition(topics.status, 0, 5)], asynchronous=False)
+        assert lag_of(exporter, group, topics.status) == 0
 
         registry = CollectorRegistry()
         registry.register(exporter)
-        labels = {"group": group, "topic": topics.frames, "partition": "0", "priority": ""}
+        labels = {"group": group, "topic": topics.status, "partition": "0", "priority": ""}
         assert registry.get_sample_value("aigc_consumer_lag_messages", labels) == 0
     finally:
         consumer.close()
