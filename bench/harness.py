@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from infra.bootstrap import bootstrap
 from plumbing.kafka_clients import consume_available, make_consumer
 from plumbing.settings import Settings
-from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from plumbing.topics import Topics
 from producers.client import Client, now_ms
 from schemas.codec import default_codec
@@ -77,6 +77,8 @@ class Pipeline:
             self.settings.to_env(),
             self.settings.home / "logs" / f"bench-{tag}",
             echo=lambda _: None,
+            targets=targets_path(self.settings),
+            pipeline=self.settings.kafka.topic_prefix,
         )
 
     def __enter__(self) -> Pipeline:

@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from gpu_consumers.backends.base import Backend, RenderBatch, RenderOOM, StepHook
+from gpu_consumers.metrics import renderer_metrics
 from gpu_consumers.scheduler import Pick, Scheduler
 from gpu_consumers.tasks import Task
 from plumbing.errors import PermanentError, RetryableError
@@ -123,6 +124,7 @@ class DeviceLoop:
         self.max_depth_seen = 0
         self.crashed: BaseException | None = None
         self.abandon = threading.Event()  # set at shutdown once the grace period is over
+        self.metrics = renderer_metrics()
 
     def run(self, stop: threading.Event) -> None:
         """Render until ``stop``; an unexpected error stops the loop loudly (``crashed``), never silently."""
@@ -172,6 +174,7 @@ class DeviceLoop:
         started_at_ms = time.time_ns() // 1_000_000
         self.depth += 1
         self.max_depth_seen = max(self.max_depth_seen, self.depth)
+        self.metrics.batch_started(pick.tasks, pick.frames)
         try:
             frames = self._render_split(pick, run)
         except BatchCancelled:
@@ -191,6 +194,7 @@ class DeviceLoop:
             return
         finally:
             self.depth -= 1
+            self.metrics.batch_ended()
             elapsed = time.monotonic() - run.started - run.suspended_s
             self.busy_s += elapsed
         self.outcomes.rendered(Rendered(pick, frames, started_at_ms, elapsed, pick.frames))
@@ -217,6 +221,7 @@ class DeviceLoop:
                         "out of device memory even for one frame", code="DEVICE_OOM"
                     ) from exc
                 chunk = max(1, chunk // 2)
+                self.metrics.oom_split()
                 log.warning("out of device memory: splitting the batch into chunks of %d", chunk)
                 continue
             except (BatchCancelled, BatchAbandoned):
@@ -231,9 +236,11 @@ class DeviceLoop:
     def _hook(self, run: _Run, done_before: int, chunk_units: int, batch_units: int) -> StepHook:
         """The step hook of one backend call; progress counts frame-steps of the whole batch (the
         backend's own step count may differ from the task's, e.g. a synthetic backend's)."""
+        last_step = [time.monotonic()]  # when the previous step ended (or the call began)
 
         def on_step(done: int, total: int) -> None:
             now = time.monotonic()
+            self.metrics.step(now - last_step[0])
             # A render shorter than the interval reports nothing: its FramesRendered follows at once.
             if now - run.last_progress >= self.progress_interval_s:
                 run.last_progress = now
@@ -244,6 +251,7 @@ class DeviceLoop:
                 raise BatchCancelled
             if done < total:
                 self._preempt(run)
+            last_step[0] = time.monotonic()
 
         return on_step
 
@@ -257,6 +265,7 @@ class DeviceLoop:
             if urgent is None:
                 return
             suspended = time.monotonic()
+            self.metrics.preempted()
             self._render(urgent)
             run.suspended_s += time.monotonic() - suspended
 

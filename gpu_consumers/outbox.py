@@ -23,12 +23,14 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from gpu_consumers.executor import Rendered, task_slices
 from gpu_consumers.intake import Ack, Coords
+from gpu_consumers.metrics import renderer_metrics
 from gpu_consumers.publisher import Publisher, now_ms
 from gpu_consumers.scheduler import Pick
 from gpu_consumers.tasks import Task
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import ErrorKind, classify
 from plumbing.headers import Headers, continue_headers
+from plumbing.log_format import bind_message
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
@@ -63,6 +65,7 @@ class Outbox:
         self.requeue = requeue
         self.uploads = ThreadPoolExecutor(settings.renderer.upload_workers, thread_name_prefix="upload")
         self.delivered = 0
+        self.metrics = renderer_metrics()
 
     # -- the device loop's outcomes (executor.Outcomes), called on the device thread ----------------
     def rendered(self, rendered: Rendered) -> None:
@@ -92,6 +95,7 @@ class Outbox:
         )
         topic = self.topics.frames(task.priority)
         self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+        self.metrics.task_done(task, outcome.lower())
 
     def failed(self, pick: Pick, exc: BaseException) -> None:
         """Route the tasks of a failed batch: retry topic, dead letter, or (back-pressure) later again.
@@ -123,6 +127,7 @@ class Outbox:
             log.warning("%s task %s: %s", "dead-lettered" if routed.dead else "retrying", task.task_id, exc)
             ack = Ack.REJECT if routed.dead else Ack.ACCEPT
             self._produce(routed.topic, routed.value, routed.key, routed.headers, task.coords, ack)
+            self.metrics.task_done(task, "dead_lettered" if routed.dead else "retried")
 
     def progress(self, pick: Pick, done: int, total: int) -> None:
         """RUNNING events for the tasks of a batch (dropped, never waited for, when the queue is full)."""
@@ -140,9 +145,10 @@ class Outbox:
     # -- from the main thread ---------------------------------------------------------------------
     def dead_letter(self, original: Original, failure: Failure) -> None:
         """Dead-letter a consumed message with its bytes intact; REJECT it once acknowledged."""
-        value, headers = dead_letter(self.codec, original, failure)
+        dlq = self.topics.dlq(Stage.RENDERER)
+        value, headers = dead_letter(self.codec, original, failure, topic=dlq)
         coords = (original.topic, original.partition, original.offset)
-        self._produce(self.topics.dlq(Stage.RENDERER), value, original.key, headers, coords, Ack.REJECT)
+        self._produce(dlq, value, original.key, headers, coords, Ack.REJECT)
 
     def close(self) -> None:
         """Finish the uploads in hand and wait for every outcome's acknowledgement."""
@@ -153,6 +159,7 @@ class Outbox:
     def _upload(
         self, task: Task, frames: list[Any], started_at: int, render_ms: int, batch_size: int
     ) -> None:
+        bind_message(task.headers)
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 blobs = self.publisher.upload(task, frames)
@@ -167,6 +174,7 @@ class Outbox:
         )
         topic = self.topics.frames(task.priority)
         self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+        self.metrics.task_done(task, "rendered", started_at)
 
     def _produce(
         self, topic: str, value: bytes, key: bytes | None, headers: Headers, coords: Coords, ack: Ack

@@ -47,6 +47,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Failure, Original
 from plumbing.errors import DecodeError, PermanentError, UnknownModelError
 from plumbing.kafka_clients import header_map, make_producer
+from plumbing.observability import Readiness, serve
 from plumbing.settings import ModelSpec, Settings
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
@@ -54,6 +55,7 @@ from schemas.codec import default_codec
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05
 BUSY_POLL_S = 0.01
+READINESS = ("model", "assigned", "storage")  # what /readyz waits for
 ASSIGNMENT_TIMEOUT_S = 30.0  # "serving" is announced once the group assigned partitions, or after this
 
 
@@ -160,11 +162,12 @@ class Renderer:
         self.cancellations = CancellationWatcher(settings)
         checks = Checks(self.cancellations)
         self.producer = make_producer(settings, f"renderer.{pool}")
-        blobs = BlobStore(
+        self.blobs = blobs = BlobStore(
             settings.s3,
             max_connections=conf.upload_workers * 2,
             counts=CallCounts.when_on(settings.call_counts_dir),
         )
+        self.readiness = Readiness()  # `run` replaces it with the process's (served on /readyz)
         publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, self.worker_id)
         self.outbox = Outbox(
             settings,
@@ -188,7 +191,11 @@ class Renderer:
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         """Render until ``stop``; then finish (or abandon) the batch in hand and hand the rest back."""
         self.cancellations.start()
+        staging = self.settings.s3.staging_bucket
+        self.readiness.require(*READINESS)
+        self.readiness.check_until_met("storage", lambda: self.blobs.client.head_bucket(Bucket=staging))
         self.models.warm_up()
+        self.readiness.mark("model")
         device = threading.Thread(target=self.device.run, args=(stop,), name="device", daemon=True)
         device.start()
         self.intake.start()
@@ -204,10 +211,14 @@ class Renderer:
         )
         if ready is not None:
             ready.set()
+        assigned = False
         try:
             while not stop.is_set():
                 if self.device.crashed is not None:
                     raise RuntimeError("the device loop crashed; see the log above") from self.device.crashed
+                if not assigned and self.intake.assigned():
+                    self.readiness.mark("assigned")
+                    assigned = True
                 self._turn()
         finally:
             # Graceful stop: take no new batch, let the one in hand finish within the grace period, else
@@ -277,4 +288,7 @@ def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Renderer(settings, pool, backend_overrides).run(stop)
+    obs = serve(settings, Stage.RENDERER.value, *READINESS)
+    renderer = Renderer(settings, pool, backend_overrides)
+    renderer.readiness = obs.readiness
+    renderer.run(stop)

@@ -15,6 +15,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from plumbing.metrics import instrument_s3
 from plumbing.settings import S3Settings
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class BlobStore:
         )
         if counts is not None:
             counts.count_s3(self.client)
+        instrument_s3(self.client)
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> StoredBlob:
         digest = hashlib.sha256(data).hexdigest()

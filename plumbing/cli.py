@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plumbing.errors import PipelineError
+from plumbing.log_format import configure_logging
 from plumbing.settings import ENV_PREFIX, Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int | None]
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-file", type=Path, help="keep each stage's pid and readiness here as JSON (for `aigc status`)"
     )
     run.set_defaults(handler=_run)
+    lag = verbs.add_parser(
+        "lag-exporter",
+        help="export the consumer lag of the pipeline's groups on /metrics (a stage `aigc run` starts)",
+        description="Every AIGC_OBSERVABILITY__LAG_INTERVAL_S, reads each group's committed offsets and the "
+        "log-end offsets and serves them on AIGC_METRICS_PORT as aigc_consumer_lag_messages and "
+        "aigc_share_group_backlog_messages.",
+    )
+    lag.set_defaults(handler=_lag_exporter)
     for module in (infra_cli, producers_cli):
         module.register(verbs)
     for name in (
@@ -93,6 +102,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _lag_exporter(args: argparse.Namespace, settings: Settings) -> int:
+    from plumbing.lag_exporter import run
+
+    run(settings)
+    return 0
+
+
 LIBRDKAFKA = "librdkafka"  # the logger plumbing.kafka_clients gives librdkafka
 
 
@@ -115,9 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.load()
     faulthandler.enable()  # a crash in a C extension (SIGSEGV, SIGABRT, ...) logs every thread's stack
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # and so does `kill -USR1 <pid>`
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        logging.DEBUG if args.verbose else settings.log_level,
+        settings.log_format,
+        settings.instance or args.verb,
     )
     handler: Handler = args.handler
     needs = getattr(args, "needs", ())

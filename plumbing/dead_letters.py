@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Message
 
+from plumbing import metrics
 from plumbing.errors import PipelineError
 from plumbing.headers import ORIGIN, Headers
 from plumbing.kafka_clients import header_list
@@ -102,8 +103,10 @@ def dead_letter(
     failure: Failure,
     request_id: str | None = None,
     tenant_id: str | None = None,
+    topic: str = "",
 ) -> tuple[bytes, Headers]:
-    """The DeadLetter value and headers for ``original``; produce it keyed by the original key."""
+    """The DeadLetter value and headers for ``original``; produce it keyed by the original key to
+    ``topic`` (the stage's dead-letter topic, counted in the routing metrics under that name)."""
     record = {
         "original_topic": original.topic,
         "original_partition": original.partition,
@@ -122,4 +125,6 @@ def dead_letter(
         "request_id": request_id,
         "tenant_id": tenant_id,
     }
-    return codec.encode("DeadLetter", record), failure_headers(original, failure)
+    value = codec.encode("DeadLetter", record)
+    metrics.dead_lettered(failure.stage, topic, failure.code)
+    return value, failure_headers(original, failure)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from plumbing import metrics
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import ErrorKind, PipelineError, classify
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, Headers
@@ -79,8 +80,9 @@ def route_failure(
                 first_failed_at,
                 now_ms,
             )
-        value, headers = dead_letter(codec, original, failure, request_id, tenant_id)
-        return Routed(topics.dlq(stage), original.key, value, headers, dead=True)
+        topic = topics.dlq(stage)
+        value, headers = dead_letter(codec, original, failure, request_id, tenant_id, topic)
+        return Routed(topic, original.key, value, headers, dead=True)
     delay_s = retry.delays_s[min(attempts, len(retry.delays_s)) - 1]
     envelope = {
         "original_topic": original.topic,
@@ -101,6 +103,7 @@ def route_failure(
         "due_at": now_ms + int(delay_s * 1000),
     }
     retry_headers: Headers = [("dlq.stage", stage.value.encode()), ("dlq.attempts", str(attempts).encode())]
+    metrics.routed(stage.value, topics.retry(stage, delay_s), _code(exc))
     return Routed(
         topics.retry(stage, delay_s),
         original.key,

@@ -335,6 +335,22 @@ class RetrySettings(_Section):
     max_attempts: int = Field(4, ge=1, description="attempts in all, the first included")
 
 
+class ObservabilitySettings(_Section):
+    """Metrics, health endpoints and the lag exporter (see plumbing/observability.py)."""
+
+    metrics: bool = Field(
+        True, description="record stage metrics; false makes every metric call a no-op (to measure the cost)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the /metrics, /healthz and /readyz server binds (0.0.0.0 in containers)",
+    )
+    lag_interval_s: float = Field(5.0, gt=0, description="lag exporter: how often it asks the broker")
+    bucket_top_n: int = Field(
+        20, ge=0, description="gatekeeper: tenants with the emptiest token buckets exported as gauges"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -368,11 +384,22 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="tenant -> allowed reply topic prefix (default <prefix>.reply.<tenant>)",
     )
+    observability: ObservabilitySettings = ObservabilitySettings()
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of this process's /metrics, /healthz and /readyz (the supervisor sets one per "
+        "process; unset: no server)",
+    )
     log_level: str = "INFO"
     call_counts_dir: Path | None = Field(
         None,
         description="benchmark ledger: each process writes its Kafka requests (librdkafka statistics), CQL "
         "statements and S3 calls to <dir>/<pid>.json (plumbing/call_counts.py); unset, nothing is counted",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line"
     )
 
     @field_validator("models")

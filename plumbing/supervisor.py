@@ -1,9 +1,16 @@
 """`aigc run`: the pipeline's stages as separate processes under one supervisor.
 
-Each stage is a child process running an ``aigc`` verb (gatekeeper, render, assemble), with its output
-in ``<home>/logs/<stage>.log`` and its settings passed through the environment. The supervisor reports
-each stage ready (by a line its log prints when it starts consuming), reports a stage that crashes with
-its exit code and the tail of its log, and restarts it after a growing back-off. Stopping (Ctrl-C or
+Each stage is a child process running an ``aigc`` verb (gatekeeper, render, assemble, relay,
+lag-exporter), with its output in ``<home>/logs/<stage>.log`` and its settings passed through the
+environment. Each gets a free loopback port of its own (``AIGC_METRICS_PORT``, kept across restarts) for
+``/metrics``, ``/healthz`` and ``/readyz`` (plumbing/observability.py). The supervisor reports each stage
+ready once its ``/readyz`` answers 200 (and asks again every few seconds, for `aigc status`), reports a
+stage that crashes with its exit code and the tail of its log, and restarts it after a growing back-off.
+
+With a targets file, the supervisor keeps Prometheus's file-based service discovery current: one entry
+per running stage process (``{"targets": ["127.0.0.1:PORT"], "labels": {"stage", "instance_name",
+"pipeline"}}``), written atomically whenever a process starts or stops, and the file removed when the
+pipeline stops. Stopping (Ctrl-C or
 SIGTERM) asks every stage to finish its work in hand (SIGTERM), then kills what is left after a grace
 period. Children die with the supervisor even when it is killed outright (PR_SET_PDEATHSIG).
 
@@ -19,9 +26,12 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +41,18 @@ from plumbing.settings import Settings
 STOP_GRACE_S = 30.0
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a stage up this long before it died starts its back-off afresh
+READY_RECHECK_S = 2.0  # how often a ready stage's /readyz is asked again
+PROBE_TIMEOUT_S = 0.5
 _PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage process: its ``aigc`` verb, how to tell it is ready, and settings of its own."""
+    """One stage process: its ``aigc`` verb, its kind of stage, and settings of its own."""
 
     name: str
     verb: list[str]  # arguments after `aigc`
-    ready_marker: str  # text the stage logs once it consumes
+    stage: str  # gatekeeper, renderer, assembler, relay, lag_exporter: the `stage` label of its metrics
     env: dict[str, str] = field(default_factory=dict)  # this process's own settings on top of the shared ones
 
 
@@ -50,28 +62,69 @@ class _Child:
     proc: subprocess.Popen[bytes]
     log: Path
     started: float
+    port: int
     ready_at: float | None = None
+    ready: bool = False  # what /readyz said last
+    checked_at: float = 0.0
+    unmet: list[str] = field(default_factory=list)
     restarts: int = 0
     next_start: float = 0.0
     log_offset: int = field(default=0)
 
 
 def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
-    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay."""
-    stages = [StageSpec("gatekeeper", ["gatekeeper"], "Worker ready")]
+    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
+    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter."""
+    stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
         if synthetic_ms is not None:
             verb += ["--synthetic-ms", str(synthetic_ms)]
-        stages += [StageSpec(f"renderer-{pool}-{i}", verb, "serving pool") for i in range(renderers)]
-    stages.append(StageSpec("assembler", ["assemble"], "assembler consuming"))
-    stages.append(StageSpec("relay", ["relay"], "relay consuming"))
+        stages += [StageSpec(f"renderer-{pool}-{i}", verb, "renderer") for i in range(renderers)]
+    stages.append(StageSpec("assembler", ["assemble"], "assembler"))
+    stages.append(StageSpec("relay", ["relay"], "relay"))
+    if settings.observability.metrics:
+        stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
 
 
 def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` if it can be bound on loopback now, else a port the kernel picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the stage's server binds (http.server sets SO_REUSEADDR): a port whose last connections
+            # linger in TIME_WAIT after a crash is free for it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free loopback port")
+
+
+def probe_ready(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, list[str]]:
+    """Ask a stage's ``/readyz``: (ready, the conditions it says are unmet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=timeout_s) as response:
+            return response.status == 200, []
+    except urllib.error.HTTPError as exc:
+        try:
+            return False, list(json.loads(exc.read()).get("unmet", []))
+        except ValueError:
+            return False, [f"HTTP {exc.code}"]
+    except (OSError, ValueError):
+        return False, ["not answering"]
+
+
+def targets_path(settings: Settings) -> Path:
+    """The file-SD file of a pipeline: ``<home>/prometheus/targets/<topic_prefix>.json``."""
+    return settings.home.resolve() / "prometheus" / "targets" / f"{settings.kafka.topic_prefix}.json"
 
 
 class Supervisor:
@@ -83,6 +136,8 @@ class Supervisor:
         restart: bool = True,
         echo: Callable[[str], None] = print,
         max_backoff_s: float = MAX_BACKOFF_S,
+        targets: Path | None = None,
+        pipeline: str = "",
     ) -> None:
         self.stages = stages
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -90,11 +145,15 @@ class Supervisor:
         self.restart = restart
         self.echo = echo
         self.max_backoff_s = max_backoff_s
+        self.targets = targets  # Prometheus file-SD file kept current, when given
+        self.pipeline = pipeline
         self.children: dict[str, _Child] = {}
+        self._targets_written: list[dict[str, object]] | None = None
 
-    def _spawn(self, spec: StageSpec, restarts: int = 0) -> _Child:
+    def _spawn(self, spec: StageSpec, restarts: int = 0, port: int | None = None) -> _Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{spec.name}.log"
+        port = free_port(port)
         with log.open("ab") as out:
             offset = out.tell()
             proc = subprocess.Popen(
@@ -102,19 +161,37 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**self.env, **spec.env},
+                env={**self.env, **spec.env, "AIGC_METRICS_PORT": str(port)},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks
             )
-        return _Child(spec, proc, log, time.monotonic(), restarts=restarts, log_offset=offset)
+        return _Child(spec, proc, log, time.monotonic(), port, restarts=restarts, log_offset=offset)
 
     def start(self) -> None:
         for spec in self.stages:
-            self.children[spec.name] = self._spawn(spec)
+            child = self.children[spec.name] = self._spawn(spec)
             self.echo(
-                f"{spec.name}: started (pid {self.children[spec.name].proc.pid}, "
-                f"log {self.log_dir / spec.name}.log)"
+                f"{spec.name}: started (pid {child.proc.pid}, log {self.log_dir / spec.name}.log, "
+                f"metrics http://127.0.0.1:{child.port}/metrics)"
             )
+        self._write_targets()
+
+    def _write_targets(self) -> None:
+        """The file-SD entries of the running stage processes, written when they changed."""
+        if self.targets is None:
+            return
+        entries: list[dict[str, object]] = [
+            {
+                "targets": [f"127.0.0.1:{c.port}"],
+                "labels": {"stage": c.spec.stage, "instance_name": name, "pipeline": self.pipeline},
+            }
+            for name, c in self.children.items()
+            if c.proc.poll() is None
+        ]
+        if entries != self._targets_written:
+            self.targets.parent.mkdir(parents=True, exist_ok=True)
+            write_state(self.targets, entries)
+            self._targets_written = entries
 
     def _log_since_start(self, child: _Child) -> str:
         with child.log.open("rb") as fh:
@@ -127,7 +204,10 @@ class Supervisor:
         for name, child in list(self.children.items()):
             code = child.proc.poll()
             if code is None:
-                if child.ready_at is None and child.spec.ready_marker in self._log_since_start(child):
+                if not child.ready or now - child.checked_at >= READY_RECHECK_S:
+                    child.ready, child.unmet = probe_ready(child.port)
+                    child.checked_at = time.monotonic()
+                if child.ready and child.ready_at is None:
                     child.ready_at = now
                     self.echo(f"{name}: ready after {now - child.started:.1f} s")
                 continue
@@ -141,8 +221,9 @@ class Supervisor:
                     child.restarts = 0
                 child.next_start = now + min(self.max_backoff_s, 0.5 * 2.0**child.restarts)
             if now >= child.next_start:
-                self.children[name] = self._spawn(child.spec, child.restarts + 1)
+                self.children[name] = self._spawn(child.spec, child.restarts + 1, child.port)
                 self.echo(f"{name}: restarted (restart {child.restarts + 1})")
+        self._write_targets()
 
     def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -173,6 +254,9 @@ class Supervisor:
                 self.echo(f"{name}: did not stop in {grace_s:.0f} s; killing it")
                 child.proc.kill()
                 codes[name] = child.proc.wait()
+        if self.targets is not None:
+            self.targets.unlink(missing_ok=True)
+            self._targets_written = None
         return codes
 
     def snapshot(self) -> dict[str, dict[str, object]]:
@@ -181,9 +265,11 @@ class Supervisor:
             name: {
                 "pid": c.proc.pid,
                 "alive": c.proc.poll() is None,
-                "ready": c.ready_at is not None and c.proc.poll() is None,
+                "ready": c.ready and c.proc.poll() is None,
+                "unmet": c.unmet,
                 "restarts": c.restarts,
                 "log": str(c.log),
+                "metrics": f"http://127.0.0.1:{c.port}/metrics",
             }
             for name, c in self.children.items()
         }
@@ -198,7 +284,7 @@ class Supervisor:
             time.sleep(0.2)
 
 
-def write_state(path: Path, state: dict[str, object]) -> None:
+def write_state(path: Path, state: object) -> None:
     """Replace ``path`` with ``state`` as JSON in one rename, so a reader never sees half a file."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -218,7 +304,8 @@ def run_pipeline(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
     supervisor = Supervisor(pipeline_stages(settings, renderers, synthetic_ms), settings.to_env(),
-                            log_dir or settings.home / "logs", restart=restart)  # fmt: skip
+                            log_dir or settings.home / "logs", restart=restart,
+                            targets=targets_path(settings), pipeline=settings.kafka.topic_prefix)  # fmt: skip
     supervisor.start()
     try:
         supervisor.run_until(lambda: bool(stopping), state_file)

@@ -27,7 +27,7 @@ from infra.bootstrap import bootstrap
 from infra.launcher import down, status, up
 from plumbing.errors import DeliveryError
 from plumbing.settings import Settings, Tier
-from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from producers.checker import DeliveryReport, check_delivery
 from producers.client import Client, now_ms
 
@@ -156,7 +156,8 @@ def run_chaos(
     bootstrap(run, echo=lambda _: None)
     stages = pipeline_stages(run, plan.renderers, plan.synthetic_ms)
     supervisor = Supervisor(stages, run.to_env(), run.home / "logs" / run.kafka.topic_prefix,
-                            echo=lambda line: echo(f"  {line}"), max_backoff_s=1.0)  # fmt: skip
+                            echo=lambda line: echo(f"  {line}"), max_backoff_s=1.0, targets=targets_path(run),
+                            pipeline=run.kafka.topic_prefix)  # fmt: skip
     faults = schedule(plan, [s.name for s in stages])
     echo("faults: " + ", ".join(f"{f.target}@{f.at_s:.0f}s" for f in faults))
     report = ChaosReport(plan, [], dict.fromkeys([s.name for s in stages], 0), 0, None)

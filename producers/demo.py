@@ -19,7 +19,7 @@ from infra.bootstrap import bootstrap
 from infra.launcher import down, status, up
 from plumbing.blobs import BlobStore
 from plumbing.settings import Settings
-from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from producers.cli import format_completion
 from producers.client import Client, now_ms
 from producers.progress import progress_view
@@ -108,7 +108,8 @@ def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, time
     _say("models")
     ensure_models(settings)
     _say("pipeline: gatekeeper, renderer, assembler")
-    supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs")
+    supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs",
+                            targets=targets_path(settings), pipeline=settings.kafka.topic_prefix)  # fmt: skip
     supervisor.start()
     try:
         if not supervisor.wait_ready(READY_TIMEOUT_S):

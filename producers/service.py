@@ -137,6 +137,8 @@ def stage_status(settings: Settings) -> list[StageState]:
     for name, stage in state.get("stages", {}).items():
         alive = stage["alive"] and Path(f"/proc/{stage['pid']}").exists()
         note = "ready" if stage["ready"] and alive else ("starting" if alive else "exited, restarting")
+        if alive and not stage["ready"] and stage.get("unmet"):
+            note += f" (waiting for {', '.join(stage['unmet'])})"
         if stage["restarts"]:
             note += f" ({stage['restarts']} restart(s))"
         stages.append(StageState(name, stage["pid"] if alive else None, bool(stage["ready"] and alive), note))

@@ -23,10 +23,12 @@ from typing import Any
 
 from confluent_kafka import Message, TopicPartition
 
+from plumbing import metrics
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, Headers
 from plumbing.kafka_clients import consume_available, make_consumer, make_producer
+from plumbing.observability import Readiness, serve
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
@@ -53,9 +55,16 @@ class Relay:
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> due_at of its head
         self.sent = 0
         self.failed = 0  # deliveries of the current batch that failed
+        self.readiness = Readiness()  # `run` gives it the process's (served on /readyz)
 
     def run(self, stop: threading.Event) -> None:
-        self.consumer.subscribe(list(self.stage_of), on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.readiness.require("assigned")
+        self.consumer.subscribe(
+            list(self.stage_of),
+            on_assign=lambda *_: self.readiness.mark("assigned"),
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
         log.info("relay consuming %d retry topics", len(self.stage_of))
         try:
             while not stop.is_set():
@@ -83,10 +92,11 @@ class Relay:
                 envelope = self.codec.decode(msg.value(), "RetryEnvelope")
             except DecodeError as exc:
                 stage = self.stage_of[original.topic]
-                value, headers = dead_letter(self.codec, original, Failure.of(stage, exc, 1, now, now))
-                self.producer.produce(
-                    self.topics.dlq(stage), value, original.key, headers=headers, on_delivery=self._delivered
+                dlq = self.topics.dlq(stage)
+                value, headers = dead_letter(
+                    self.codec, original, Failure.of(stage, exc, 1, now, now), topic=dlq
                 )
+                self.producer.produce(dlq, value, original.key, headers=headers, on_delivery=self._delivered)
                 commit[tp] = original.offset + 1
                 continue
             if envelope["due_at"] > now:
@@ -135,6 +145,7 @@ class Relay:
             except BufferError:
                 self.producer.poll(0.05)
         self.sent += 1
+        metrics.routed("relay", envelope["original_topic"], envelope["error_code"])
 
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:
@@ -162,4 +173,7 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Relay(settings).run(stop)
+    obs = serve(settings, "relay", "assigned")
+    relay = Relay(settings)
+    relay.readiness = obs.readiness
+    relay.run(stop)

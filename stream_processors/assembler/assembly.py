@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from plumbing.blobs import BlobStore, StoredBlob, result_prefix
 from plumbing.errors import PermanentError
+from stream_processors.assembler.metrics import ASSEMBLY, ENCODE, timed
 from stream_processors.assembler.store import FrameRow, moderation_verdict, ms
 from stream_processors.assembler.video import decode_png, encode_image, encode_mp4
 
@@ -66,8 +67,12 @@ class Assembler:
         prefix = result_prefix(request["tenant_id"], request["request_id"], request["created_at"])
         fmt = request["output_format"]
         if request["kind"] == "VIDEO":
-            return [self._video(request, ordered, prefix, pixels)]
-        return list(self.pool.map(lambda f: self._image(request, f, prefix, fmt), ordered))
+            return timed(ASSEMBLY, lambda: [self._video(request, ordered, prefix, pixels)], "video")
+        return timed(
+            ASSEMBLY,
+            lambda: list(self.pool.map(lambda f: self._image(request, f, prefix, fmt), ordered)),
+            "image",
+        )
 
     def quarantine(self, request: dict[str, Any], frames: Sequence[FrameRow]) -> str:
         """Copy the staged frames of a blocked request to the quarantine bucket (server-side, same keys
@@ -89,7 +94,8 @@ class Assembler:
             stored = self.blobs.copy(staged, self.bucket, key, CONTENT_TYPES[fmt])
         else:
             pixels = decode_png(self.blobs.get(frame.bucket, frame.key))
-            stored = self.blobs.put(self.bucket, key, encode_image(pixels, fmt), CONTENT_TYPES[fmt])
+            data = timed(ENCODE, lambda: encode_image(pixels, fmt))
+            stored = self.blobs.put(self.bucket, key, data, CONTENT_TYPES[fmt])
         return {
             "kind": "IMAGE",
             "bucket": stored.bucket,
@@ -113,7 +119,7 @@ class Assembler:
     ) -> dict[str, Any]:
         pixels = list(pixels) if pixels is not None else self.pixels(frames)
         fps = int(request["fps"])
-        data = encode_mp4(pixels, fps)
+        data = timed(ENCODE, lambda: encode_mp4(pixels, fps))
         stored = self.blobs.put(self.bucket, f"{prefix}video.mp4", data, CONTENT_TYPES["MP4"])
         return {
             "kind": "VIDEO",

@@ -51,7 +51,9 @@ from plumbing.dead_letters import Original
 from plumbing.errors import DecodeError, classify
 from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
 from plumbing.kafka_clients import consume_available, header_map, make_consumer, make_producer
+from plumbing.log_format import bind_message
 from plumbing.metadata import connect, register_types
+from plumbing.observability import Readiness, serve
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
@@ -60,6 +62,7 @@ from schemas.codec import default_codec
 from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.inbox import Inbox
+from stream_processors.assembler.metrics import READINESS, SinkMetrics, observe
 from stream_processors.assembler.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
 from stream_processors.assembler.store import (
     AssemblyStore,
@@ -129,6 +132,7 @@ class Sink:
         self._topics_checked_at = 0.0
         self.watchdog = Watchdog(conf.stall_timeout_s)
         self.failures = 0  # batches failed in a row (the pause before fetching again grows with it)
+        self.readiness, self.metrics = Readiness(), SinkMetrics()  # `run` gives it the process's readiness
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -139,6 +143,7 @@ class Sink:
         inputs = self.topics.sink_inputs()
         self.consumer.subscribe(inputs, on_revoke=self._lose, on_lost=self._lose)
         log.info("assembler consuming %s", ", ".join(inputs))
+        self.readiness.mark("kafka")
         try:
             while not stop.is_set():
                 self.watchdog.beat()
@@ -203,6 +208,7 @@ class Sink:
             ends = [TopicPartition(t, p, end) for (t, p), (_, end) in _offset_ranges(batch).items()]
             self._call(partial(send_offsets, ends, group, TXN_CALL_S), stop)
             self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
+            self.metrics.committed()
             self.failures = 0
             return
         except Exception as exc:
@@ -210,6 +216,7 @@ class Sink:
             if kind is None:
                 raise
             self._call(partial(self.producer.abort_transaction, TXN_CALL_S), stop)
+            self.metrics.aborted()
             self.failures += 1
             delay = min(MAX_BACKOFF_S, 0.2 * 2**self.failures)
             log.warning(
@@ -282,6 +289,7 @@ class Sink:
         outputs: list[Out] = []
         for msg in messages:
             original = Original.of(msg)
+            bind_message(original.headers)
             record: dict[str, Any] | None = None
             try:
                 name, record = self.codec.decode_any(msg.value(), None)
@@ -359,6 +367,7 @@ class Sink:
             )
             for b in fr["blobs"]
         ]
+        self.metrics.frames(len(arrived))
         row = self.store.terminal(request_id)
         if row is not None:
             # Finished already. Its staged frames may be gone (deleted before an aborted commit), so
@@ -493,6 +502,7 @@ class Sink:
     def _publish(self, row: Any, msg: Message, reply_topic: str | None) -> list[Out]:
         """The Completion of a terminal row, for the completions topic and the request's reply topic."""
         completion = completion_from_row(row, self.blobs, self.settings.s3.presign_ttl_s)
+        self.metrics.published(row)
         value = self.codec.encode("Completion", completion)
         headers = continue_headers(header_map(msg), row.request_id, row.tenant_id)
         key = row.request_id.encode()
@@ -574,4 +584,8 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Sink(settings).run(stop)
+    obs = serve(settings, Stage.ASSEMBLER.value, *READINESS)
+    sink = Sink(settings)
+    sink.readiness = obs.readiness
+    observe(obs.readiness, sink)
+    sink.run(stop)

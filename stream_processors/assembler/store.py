@@ -26,6 +26,7 @@ from cassandra.cluster import ResponseFuture, Session
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
 from plumbing.metadata import OutputRow
+from plumbing.metrics import time_future, timed_storage
 
 REQUEST_COLUMNS = (
     "request_id",
@@ -125,6 +126,7 @@ class AssemblyStore:
             "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
 
+    @timed_storage("cassandra", "add_frames")
     def add_frames(self, request_id: str, frames: Sequence[FrameRow]) -> None:
         """Record frames that arrived (an upsert: a re-rendered frame overwrites itself)."""
         if not frames:
@@ -148,6 +150,7 @@ class AssemblyStore:
             )
         self.session.execute(batch)
 
+    @timed_storage("cassandra", "frames")
     def frames(self, request_id: str) -> list[FrameRow]:
         return [
             FrameRow(
@@ -164,10 +167,12 @@ class AssemblyStore:
             for r in self.session.execute(self._frames, (request_id,))
         ]
 
+    @timed_storage("cassandra", "terminal")
     def terminal(self, request_id: str) -> Any:
         """The terminal row of ``request_id``, or None while it is unfinished."""
         return _as_sent(self.session.execute(self._terminal, (request_id,)).one())
 
+    @timed_storage("cassandra", "write_terminal")
     def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
         """Write the terminal row once; tell whether this call won and which row holds the state.
 
@@ -189,17 +194,21 @@ class AssemblyStore:
 
     def index_by_tenant_async(self, values: Mapping[str, Any]) -> ResponseFuture:
         created: datetime = values["created_at"] or values["finished_at"]
-        return self.session.execute_async(
-            self._by_tenant,
-            (
-                values["tenant_id"],
-                f"{created:%Y-%m}",
-                created,
-                values["request_id"],
-                values["kind"],
-                values["model"],
-                values["status"],
-                values["finished_at"],
+        return time_future(
+            "cassandra",
+            "index_by_tenant",
+            self.session.execute_async(
+                self._by_tenant,
+                (
+                    values["tenant_id"],
+                    f"{created:%Y-%m}",
+                    created,
+                    values["request_id"],
+                    values["kind"],
+                    values["model"],
+                    values["status"],
+                    values["finished_at"],
+                ),
             ),
         )
 

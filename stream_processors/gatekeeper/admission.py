@@ -121,12 +121,13 @@ class Gate:
                     code="INVALID_REQUEST_ID",
                 )
         except (DecodeError, ValidationError) as exc:
+            dlq = self.topics.dlq(Stage.GATEKEEPER)
             value, headers = dead_letter(
-                self.codec, original, Failure.of(Stage.GATEKEEPER, exc, 1, now_ms, now_ms)
+                self.codec, original, Failure.of(Stage.GATEKEEPER, exc, 1, now_ms, now_ms), topic=dlq
             )
             return Admission(
                 "DEAD_LETTERED",
-                [Output(self.topics.dlq(Stage.GATEKEEPER), original.key, value, headers)],
+                [Output(dlq, original.key, value, headers)],
                 reason=exc.code,
             )
 

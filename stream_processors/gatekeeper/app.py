@@ -31,6 +31,8 @@ import faust
 from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
+from plumbing.log_format import bind_message
+from plumbing.observability import serve
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.shutdown import exit_after
@@ -40,6 +42,7 @@ from schemas.codec import default_codec
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
+from stream_processors.gatekeeper.metrics import GatekeeperMetrics, observe
 from stream_processors.gatekeeper.moderation import build_moderator
 from stream_processors.gatekeeper.stall import StallGuard
 
@@ -70,7 +73,9 @@ def make_gate(
     )
 
 
-def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None) -> faust.App:
+def create_app(
+    settings: Settings, gate: Gate, caps: InflightCaps | None = None, metrics: GatekeeperMetrics | None = None
+) -> faust.App:
     topics = Topics(settings)
     conf = settings.gatekeeper
     partitions = settings.kafka.request_partitions
@@ -135,6 +140,7 @@ def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None)
                 msg.value,
                 _header_list(msg.headers),
             )
+            bind_message(original.headers)
             clock = now_ms()
             expiry.purge(msg.partition, clock)
             admission = await admit_or_route(gate, original, seen, buckets, clock)
@@ -163,6 +169,8 @@ def create_app(settings: Settings, gate: Gate, caps: InflightCaps | None = None)
                     exc_info=True,
                 )
                 os._exit(70)
+            if metrics is not None:
+                metrics.decided(admission, msg.topic, msg.timestamp)
             if admission.verdict == "DEAD_LETTERED":
                 log.warning(
                     "dead-lettered %s:%s:%s (%s)", msg.topic, msg.partition, msg.offset, admission.reason
@@ -247,6 +255,7 @@ def run(settings: Settings) -> None:
     """Run the gatekeeper worker until SIGINT or SIGTERM."""
     if (counts := CallCounts.when_on(settings.call_counts_dir)) is not None:
         counts.count_aiokafka()  # faust's clients are aiokafka's: librdkafka statistics miss them
+    obs = serve(settings, Stage.GATEKEEPER.value, "moderation", "assigned")
     cancellations = CancellationWatcher(settings).start()
     backlog = BacklogMonitor(settings).start()
     caps = InflightCaps(settings.gatekeeper.tenant_inflight_cap)
@@ -254,8 +263,15 @@ def run(settings: Settings) -> None:
     guard = StallGuard(settings).start()
     quotas = TenantQuotas(settings).start()
     settings.home.mkdir(parents=True, exist_ok=True)  # faust's datadir lives there; a fresh clone has none
-    app = create_app(settings, make_gate(settings, cancellations, backlog, caps, quotas), caps)
-    worker = BoundedWorker(app, loglevel=settings.log_level.lower(), quiet=True)
+    gate = make_gate(settings, cancellations, backlog, caps, quotas)
+    obs.readiness.mark("moderation")
+    app = create_app(
+        settings, gate, caps, GatekeeperMetrics(settings.observability.bucket_top_n, gate.tier_of)
+    )
+    observe(app, obs.readiness)
+    worker = BoundedWorker(
+        app, loglevel=settings.log_level.lower(), quiet=True, override_logging=settings.log_format == "text"
+    )
     try:
         worker.execute_from_commandline()
     finally:

@@ -32,6 +32,11 @@ def _refill(state: dict[str, Any] | None, tier: Tier, now_ms: float) -> tuple[fl
     )
 
 
+def level(state: dict[str, Any] | None, tier: Tier, now_ms: float) -> tuple[float, float]:
+    """The request and cost tokens a bucket holds at ``now_ms`` (refilled since its last use)."""
+    return _refill(state, tier, max(float(now_ms), float(state["t"])) if state else float(now_ms))
+
+
 def take(state: dict[str, Any] | None, tier: Tier, cost: float, now_ms: int) -> Decision:
     """Try to take one request token and ``cost`` cost tokens at ``now_ms``."""
     # The bucket's clock never goes back (another gatekeeper's clock after a rebalance may be behind):

@@ -20,7 +20,7 @@ import pytest
 from infra.bootstrap import bootstrap
 from plumbing.kafka_clients import make_consumer
 from plumbing.settings import GatekeeperSettings, ModelSpec, Settings, Tier
-from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from plumbing.topics import Topics
 from schemas.codec import default_codec
 
@@ -58,7 +58,8 @@ def running_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: st
     )
     bootstrap(settings, echo=lambda _: None)
     supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs",
-                            echo=lambda line: print(f"[pipeline] {line}"))  # fmt: skip
+                            echo=lambda line: print(f"[pipeline] {line}"), targets=targets_path(settings),
+                            pipeline=settings.kafka.topic_prefix)  # fmt: skip
     supervisor.start()
     try:
         assert supervisor.wait_ready(READY_TIMEOUT_S), f"stages not ready; logs in {settings.home / 'logs'}"

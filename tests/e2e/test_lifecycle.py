@@ -124,7 +124,9 @@ def test_a_deadline_that_passes_in_the_queue_expires_without_rendering(slow):
         [completion] = completions_of(settings, {late})
         client.cancel(blocker, "life")
     assert (completion["status"], completion["reason_code"]) == ("EXPIRED", "DEADLINE_EXCEEDED")
-    frames = collect(settings, Topics(settings).all_frames(), lambda r: r["request_id"] == late, lambda _: True)
+    frames = collect(
+        settings, Topics(settings).all_frames(), lambda r: r["request_id"] == late, lambda _: True
+    )
     assert [f["outcome"] for f in frames] == ["EXPIRED"]  # answered by the renderer, never rendered
 
 

@@ -75,7 +75,10 @@ def request(**fields: Any) -> dict[str, Any]:
 def frames_record(settings: Settings, request_id: str) -> tuple[bytes, dict[str, Any]]:
     """The FramesRendered message of a one-task request, as the renderer produced it."""
     [found] = collect(
-        settings, Topics(settings).all_frames(), lambda r: r["request_id"] == request_id, lambda f: len(f) >= 1
+        settings,
+        Topics(settings).all_frames(),
+        lambda r: r["request_id"] == request_id,
+        lambda f: len(f) >= 1,
     )
     found.pop("_topic")
     return default_codec().encode("FramesRendered", found), found

@@ -34,7 +34,9 @@ def relay(isolated: Settings):
 
 def retry_of(settings: Settings, value: bytes, offset: int, failed_at: int) -> bytes:
     """The RetryEnvelope a stage makes on its first failure (due one delay after ``failed_at``)."""
-    original = Original(Topics(settings).frames("NORMAL"), 0, offset, 0, b"req", value, [("traceparent", b"t")])
+    original = Original(
+        Topics(settings).frames("NORMAL"), 0, offset, 0, b"req", value, [("traceparent", b"t")]
+    )
     routed = route_failure(
         default_codec(),
         Topics(settings),

@@ -35,6 +35,7 @@ from plumbing.kafka_clients import (
     renderer_group,
 )
 from plumbing.settings import ModelSpec, Settings
+from plumbing.supervisor import free_port, probe_ready
 from plumbing.topics import Stage, Topics
 from producers.client import new_request, now_ms
 from schemas.codec import default_codec
@@ -365,8 +366,13 @@ def test_render_longer_than_default_lock_keeps_it(
 
 
 # -- subprocess renderers ---------------------------------------------------------------------------
+PORTS: dict[str, int] = {}  # worker -> its /readyz port
+
+
 def spawn(settings: Settings, worker: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.to_env(), "AIGC_RENDERER__WORKER_ID": worker}
+    PORTS[worker] = free_port()
+    env = {**os.environ, **settings.to_env(), "AIGC_RENDERER__WORKER_ID": worker,
+           "AIGC_METRICS_PORT": str(PORTS[worker])}  # fmt: skip
     log = (settings.home / f"{worker}.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "plumbing.cli", "render", "--pool", POOL], cwd=REPO,
                             env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -374,7 +380,7 @@ def spawn(settings: Settings, worker: str) -> subprocess.Popen[bytes]:
 
 def wait_ready(proc: subprocess.Popen[bytes], settings: Settings, worker: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while "serving pool" not in (settings.home / f"{worker}.log").read_text(errors="replace"):
+    while not probe_ready(PORTS[worker])[0]:
         assert proc.poll() is None, "the renderer exited"
         assert time.monotonic() < deadline, "the renderer did not start"
         time.sleep(0.2)

@@ -82,7 +82,7 @@ def test_a_tenant_added_with_a_low_quota_is_rate_limited_and_another_is_not(infr
     assert listed[fast].tier.request_burst == 40 and listed[fast].reply_topics == [f"{tag}.reply.{fast}"]
     assert Topics(settings).reply_prefix(fast) in make_admin(settings).list_topics(timeout=10).topics
 
-    supervisor = Supervisor([StageSpec("gatekeeper", ["gatekeeper"], "Worker ready")], settings.to_env(),
+    supervisor = Supervisor([StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")], settings.to_env(),
                             tmp_path / "logs", echo=print)  # fmt: skip
     supervisor.start()
     try:

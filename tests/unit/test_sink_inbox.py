@@ -49,7 +49,9 @@ def test_a_class_s_frames_and_decisions_share_its_turn_and_partitions_alternate(
     b = [Msg(TOPICS.decisions("LOW"), 2, i) for i in range(3)]
     box.add(a + b)
     batch = box.take(lambda rank: 4)
-    assert sorted(batch, key=lambda m: (m.t, m.offset)) == sorted(a[:2] + b[:2], key=lambda m: (m.t, m.offset))
+    assert sorted(batch, key=lambda m: (m.t, m.offset)) == sorted(
+        a[:2] + b[:2], key=lambda m: (m.t, m.offset)
+    )
     for part in (a, b):  # each partition's share is a prefix of what it had waiting
         taken = [m for m in batch if m.t == part[0].t]
         assert taken == part[: len(taken)]

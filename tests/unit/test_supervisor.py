@@ -1,0 +1,64 @@
+"""The supervisor asks each stage's /readyz and keeps Prometheus's file-SD file current.
+
+The stage here is a real `aigc lag-exporter` pointed at a closed port: it serves its endpoints at once
+and stays not ready (Kafka unmet), which is all these tests need; no infrastructure runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from plumbing.supervisor import StageSpec, Supervisor, free_port, probe_ready
+
+
+def until(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_readiness_and_discovery_follow_the_processes(tmp_path: Path) -> None:
+    targets = tmp_path / "prometheus" / "targets" / "unit.json"
+    env = {"AIGC_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "AIGC_OBSERVABILITY__LAG_INTERVAL_S": "60"}
+    supervisor = Supervisor([StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter")], env,
+                            tmp_path / "logs", echo=lambda _: None, max_backoff_s=0.5, targets=targets,
+                            pipeline="unit")  # fmt: skip
+    supervisor.start()
+    try:
+        child = supervisor.children["lag-exporter"]
+        assert json.loads(targets.read_text()) == [
+            {
+                "targets": [f"127.0.0.1:{child.port}"],
+                "labels": {"stage": "lag_exporter", "instance_name": "lag-exporter", "pipeline": "unit"},
+            }
+        ]
+
+        def answered() -> bool:
+            supervisor.poll()
+            return child.unmet != ["not answering"] and child.checked_at > 0
+
+        until(answered)
+        state = supervisor.snapshot()["lag-exporter"]
+        assert (state["alive"], state["ready"], state["unmet"]) == (True, False, ["kafka"])
+        assert not supervisor.wait_ready(0.5)
+
+        # A stage that dies leaves the targets; restarted, it is back on the same port.
+        port = child.port
+        supervisor.signal("lag-exporter", signal.SIGKILL)
+        child.proc.wait(10)
+        supervisor.poll()
+        assert json.loads(targets.read_text()) == []
+        until(lambda: (supervisor.poll(), supervisor.children["lag-exporter"] is not child)[1])
+        assert supervisor.children["lag-exporter"].port == port
+        assert json.loads(targets.read_text())[0]["targets"] == [f"127.0.0.1:{port}"]
+    finally:
+        supervisor.stop(grace_s=10)
+    assert not targets.exists()
+
+
+def test_probe_of_a_closed_port_is_not_ready() -> None:
+    assert probe_ready(free_port()) == (False, ["not answering"])
