@@ -1,11 +1,12 @@
-"""The benchmark harness: a pipeline per scenario, open-loop load, and per-request timings.
+"""The benchmark harness: open-loop load and per-request timings (each scenario runs its own pipeline).
 
-`Pipeline` runs the real stage processes under the supervisor on a topic prefix and keyspace of its
-own (so each scenario starts with empty topics), with the scenario's settings. `Load` submits requests
-through the SDK on a Poisson schedule (open loop: arrivals do not wait for completions) or as a
-standing backlog. `Collector` reads the run's completions and FramesRendered records as they arrive
-and keeps, per request, the client-side submit and receive times and what the stages reported
-(acceptance, queue wait, render time, assembly), from which the scenarios compute their figures.
+Each scenario runs the real stage processes with `infra.pipeline.running_pipeline` on a topic prefix and
+keyspace of its own (so it starts with empty topics, dropped at its end), with the scenario's settings.
+`Load` submits requests through the SDK on a Poisson schedule (open loop: arrivals do not wait for
+completions) or as a standing backlog. `Collector` reads the run's completions and FramesRendered
+records as they arrive and keeps, per request, the client-side submit and receive times and what the
+stages reported (acceptance, queue wait, render time, assembly), from which the scenarios compute their
+figures.
 """
 
 from __future__ import annotations
@@ -20,15 +21,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from infra.bootstrap import bootstrap
 from plumbing.kafka_clients import consume_available, make_consumer
 from plumbing.settings import Settings
-from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from plumbing.topics import Topics
 from producers.client import Client, now_ms
 from schemas.codec import default_codec
-
-READY_TIMEOUT_S = 300.0
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -57,40 +54,6 @@ def summary(values: Sequence[float]) -> dict[str, float | int | None]:
         "p99": percentile(values, 99),
         "max": max(values) if values else None,
     }
-
-
-class Pipeline:
-    """The stages of one scenario, on their own topics and keyspace."""
-
-    def __init__(self, settings: Settings, renderers: int, synthetic_ms: float | None, name: str) -> None:
-        tag = f"{name.lower()}{uuid.uuid4().hex[:6]}"
-        self.settings = settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(update={"topic_prefix": f"bench{tag}"}),
-                "cassandra": settings.cassandra.model_copy(update={"keyspace": f"bench_{tag}"}),
-                "gatekeeper": settings.gatekeeper.model_copy(update={"app_id": f"bench-{tag}-gatekeeper"}),
-            }
-        )
-        self.stages = pipeline_stages(self.settings, renderers, synthetic_ms)
-        self.supervisor = Supervisor(
-            self.stages,
-            self.settings.to_env(),
-            self.settings.home / "logs" / f"bench-{tag}",
-            echo=lambda _: None,
-            targets=targets_path(self.settings),
-            pipeline=self.settings.kafka.topic_prefix,
-        )
-
-    def __enter__(self) -> Pipeline:
-        bootstrap(self.settings, echo=lambda _: None)
-        self.supervisor.start()
-        if not self.supervisor.wait_ready(READY_TIMEOUT_S):
-            self.supervisor.stop()
-            raise RuntimeError(f"the pipeline did not start; logs in {self.supervisor.log_dir}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.supervisor.stop()
 
 
 @dataclass

@@ -11,6 +11,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 from bench.harness import (
     Collector,
     Load,
-    Pipeline,
     RequestTiming,
     image,
     percentile,
@@ -26,6 +26,7 @@ from bench.harness import (
     steady_rate,
     summary,
 )
+from infra.pipeline import RunningPipeline, running_pipeline
 from plumbing.settings import GatekeeperSettings, ModelSpec, RendererSettings, Settings, Tier
 
 UNLIMITED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
@@ -71,8 +72,18 @@ def configure(
     )
 
 
-def _run(settings: Settings, renderers: int, synthetic_ms: float | None, name: str) -> Pipeline:
-    return Pipeline(settings, renderers, synthetic_ms, name)
+def _run(
+    settings: Settings, renderers: int, synthetic_ms: float | None, name: str
+) -> AbstractContextManager[RunningPipeline]:
+    """The scenario's own pipeline; its topics and keyspace are dropped at the end."""
+    return running_pipeline(
+        settings,
+        renderers=renderers,
+        synthetic_ms=synthetic_ms,
+        isolate=f"bench{name}",
+        drop=True,
+        echo=lambda _: None,
+    )
 
 
 def _finished(timings: list[RequestTiming]) -> list[RequestTiming]:

@@ -227,3 +227,28 @@ def bootstrap(settings: Settings, echo: Callable[[str], None] = print) -> list[s
         echo(change)
     echo(f"bootstrap: {len(changes)} change(s)" if changes else "bootstrap: everything already in place")
     return changes
+
+
+def teardown(settings: Settings, echo: Callable[[str], None] = print) -> list[str]:
+    """The reverse of `bootstrap` for a run of its own: delete every topic under its prefix (and the
+    gatekeeper's faust-made topics, named after its app id) and drop its keyspace. Buckets are shared
+    and stay. Never point it at settings other runs share: it deletes what it finds, data included."""
+    admin = make_admin(settings)
+    owned = (f"{settings.kafka.topic_prefix}.", f"{settings.gatekeeper.app_id}-")
+    names = [n for n in admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics if n.startswith(owned)]
+    changes = []
+    if names:
+        for name, future in admin.delete_topics(names, operation_timeout=ADMIN_TIMEOUT_S).items():
+            future.result()
+            changes.append(f"topic {name}: deleted")
+    cluster, session = connect(settings.cassandra)
+    try:
+        keyspace = settings.cassandra.keyspace
+        if _schema_objects(session, keyspace):
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+            changes.append(f"cassandra keyspace {keyspace}: dropped")
+    finally:
+        cluster.shutdown()
+    for change in changes:
+        echo(change)
+    return changes

@@ -15,7 +15,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,11 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from infra.bootstrap import bootstrap
 from infra.launcher import down, status, up
+from infra.pipeline import RunningPipeline, running_pipeline
 from plumbing.errors import DeliveryError
 from plumbing.settings import Settings, Tier
-from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
+from plumbing.supervisor import Supervisor
 from producers.checker import DeliveryReport, check_delivery
 from producers.client import Client, now_ms
 
@@ -123,15 +122,12 @@ def workload(plan: ChaosPlan, model: str) -> list[tuple[float, dict[str, Any]]]:
 
 
 def chaos_settings(settings: Settings, plan: ChaosPlan) -> Settings:
-    """The run's own topic prefix, keyspace and gatekeeper group: it shares the services, nothing else."""
-    tag = f"{plan.seed}{uuid.uuid4().hex[:4]}"
+    """The run's unthrottled tenants and a sink watchdog inside the drain window (the run's own topic
+    prefix, keyspace and gatekeeper group come from `running_pipeline`'s isolation)."""
     return settings.model_copy(
         update={
-            "kafka": settings.kafka.model_copy(update={"topic_prefix": f"chaos{tag}"}),
-            "cassandra": settings.cassandra.model_copy(update={"keyspace": f"chaos_{tag}"}),
             "gatekeeper": settings.gatekeeper.model_copy(
                 update={
-                    "app_id": f"chaos-{tag}-gatekeeper",
                     "tiers": {**settings.gatekeeper.tiers, "chaos": UNTHROTTLED},
                     "tenant_tiers": {
                         **settings.gatekeeper.tenant_tiers,
@@ -152,44 +148,55 @@ def run_chaos(
     echo(f"chaos seed {plan.seed} (replay with --seed {plan.seed})")
     was_running = all(s.ready for s in status(settings))
     up(settings, attached=attached, echo=lambda _: None)
-    run = chaos_settings(settings, plan)
-    bootstrap(run, echo=lambda _: None)
-    stages = pipeline_stages(run, plan.renderers, plan.synthetic_ms)
-    supervisor = Supervisor(stages, run.to_env(), run.home / "logs" / run.kafka.topic_prefix,
-                            echo=lambda line: echo(f"  {line}"), max_backoff_s=1.0, targets=targets_path(run),
-                            pipeline=run.kafka.topic_prefix)  # fmt: skip
-    faults = schedule(plan, [s.name for s in stages])
-    echo("faults: " + ", ".join(f"{f.target}@{f.at_s:.0f}s" for f in faults))
-    report = ChaosReport(plan, [], dict.fromkeys([s.name for s in stages], 0), 0, None)
-    supervisor.start()
     try:
-        if not supervisor.wait_ready(240):
-            raise RuntimeError(f"the pipeline did not start; logs in {supervisor.log_dir}")
-        started = now_ms()
-        submitter = threading.Thread(target=_submit_all, args=(run, plan, report, echo), daemon=True)
-        t0 = time.monotonic()
-        submitter.start()
-        last_fault = t0
-        for fault in faults:
-            while time.monotonic() - t0 < fault.at_s:
-                supervisor.poll()
-                time.sleep(0.1)
-            if fault.target == "broker":
-                _restart_broker(settings, supervisor, echo, attached, plan.broker_down_s)
-                report.broker_restarts += 1
-            else:
-                _kill(supervisor, fault.target, echo)
-                report.kills[fault.target] += 1
-            last_fault = time.monotonic()
-        while submitter.is_alive():
-            supervisor.poll()
-            time.sleep(0.1)
-        report.drain_s, report.delivery = _drain(run, report, supervisor, last_fault, started, echo)
-        return report
+        with running_pipeline(
+            chaos_settings(settings, plan),
+            renderers=plan.renderers,
+            synthetic_ms=plan.synthetic_ms,
+            isolate=f"chaos{plan.seed}",
+            echo=lambda line: echo(f"  {line}"),
+            max_backoff_s=1.0,
+        ) as pipeline:
+            return _run_faults(settings, pipeline, plan, echo, attached)
     finally:
-        supervisor.stop()
         if not was_running:
             down(settings, echo=lambda _: None)
+
+
+def _run_faults(
+    settings: Settings,
+    pipeline: RunningPipeline,
+    plan: ChaosPlan,
+    echo: Callable[[str], None],
+    attached: bool,
+) -> ChaosReport:
+    """Submit the workload, inject the faults on schedule, wait for the drain and check delivery."""
+    run, supervisor = pipeline.settings, pipeline.supervisor
+    names = [s.name for s in supervisor.stages]
+    faults = schedule(plan, names)
+    echo("faults: " + ", ".join(f"{f.target}@{f.at_s:.0f}s" for f in faults))
+    report = ChaosReport(plan, [], dict.fromkeys(names, 0), 0, None)
+    started = now_ms()
+    submitter = threading.Thread(target=_submit_all, args=(run, plan, report, echo), daemon=True)
+    t0 = time.monotonic()
+    submitter.start()
+    last_fault = t0
+    for fault in faults:
+        while time.monotonic() - t0 < fault.at_s:
+            supervisor.poll()
+            time.sleep(0.1)
+        if fault.target == "broker":
+            _restart_broker(settings, supervisor, echo, attached, plan.broker_down_s)
+            report.broker_restarts += 1
+        else:
+            _kill(supervisor, fault.target, echo)
+            report.kills[fault.target] += 1
+        last_fault = time.monotonic()
+    while submitter.is_alive():
+        supervisor.poll()
+        time.sleep(0.1)
+    report.drain_s, report.delivery = _drain(run, report, supervisor, last_fault, started, echo)
+    return report
 
 
 def _submit_all(run: Settings, plan: ChaosPlan, report: ChaosReport, echo: Callable[[str], None]) -> None:

@@ -68,7 +68,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="the main job: infrastructure, tiny model, pipeline, one image and one video, outputs on disk",
     )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="where to put the outputs")
-    demo.add_argument("--keep-running", action="store_true", help="leave the pipeline and infrastructure up")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the infrastructure up (the stages stop with the demo; `aigc up` keeps them running)",
+    )
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results")
     demo.set_defaults(handler=_demo)
 

@@ -15,16 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.bootstrap import bootstrap
 from infra.launcher import down, status, up
+from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
 from plumbing.blobs import BlobStore
 from plumbing.settings import Settings
-from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
+from plumbing.supervisor import Supervisor
 from producers.cli import format_completion
 from producers.client import Client, now_ms
 from producers.progress import progress_view
 
-READY_TIMEOUT_S = 300.0
 TENANT = "demo"
 
 
@@ -104,47 +103,44 @@ def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, time
     _say("infrastructure: Kafka (KRaft), Cassandra, S3Proxy on 127.0.0.1")
     was_running = all(s.ready for s in status(settings))
     up(settings)
-    bootstrap(settings)
-    _say("models")
-    ensure_models(settings)
-    _say("pipeline: gatekeeper, renderer, assembler")
-    supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs",
-                            targets=targets_path(settings), pipeline=settings.kafka.topic_prefix)  # fmt: skip
-    supervisor.start()
     try:
-        if not supervisor.wait_ready(READY_TIMEOUT_S):
-            print(
-                f"the pipeline did not come up in {READY_TIMEOUT_S:.0f} s; "
-                f"logs are in {settings.home / 'logs'}"
-            )
-            return 1
-        model = next(iter(settings.models))
-        _say("submitting one image request (2 images) and one 16-frame video request")
-        since = now_ms()
-        with Client(settings) as client:
-            requests = {client.submit(req): req for req in demo_requests(model)}
-            for request_id, req in requests.items():
-                print(f"{request_id}: {'video' if req.get('video') else 'image'} - {req['prompt']!r}")
-            completions = follow(client, requests, since - 1000, timeout_s, supervisor)
-        _say("completions")
-        for completion in completions.values():
-            print(format_completion(completion))
-        missing = set(requests) - set(completions)
-        if missing:
-            print(f"no completion within {timeout_s:.0f} s for {', '.join(sorted(missing))}")
-            return 1
-        _say(f"outputs downloaded to {out_dir.resolve()}")
-        for completion in completions.values():
-            for path in download(settings, completion, out_dir):
-                print(f"  {path}")
-        print(
-            "\n`aigc get <request_id>` shows a request's record in Cassandra; "
-            f"stage logs are in {settings.home / 'logs'}"
-        )
-        return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
+        _say("models")
+        ensure_models(settings)
+        _say("pipeline: gatekeeper, renderer, assembler")
+        with running_pipeline(settings) as pipeline:
+            return _submit_and_show(pipeline, out_dir, timeout_s)
+    except PipelineNotReady as exc:
+        print(exc)
+        return 1
     finally:
-        if not keep_running:
-            _say("stopping the pipeline" + ("" if was_running else " and the infrastructure"))
-            supervisor.stop()
-            if not was_running:
-                down(settings)
+        if not keep_running and not was_running:
+            _say("stopping the infrastructure")
+            down(settings)
+
+
+def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float) -> int:
+    settings = pipeline.settings
+    model = next(iter(settings.models))
+    _say("submitting one image request (2 images) and one 16-frame video request")
+    since = now_ms()
+    with Client(settings) as client:
+        requests = {client.submit(req): req for req in demo_requests(model)}
+        for request_id, req in requests.items():
+            print(f"{request_id}: {'video' if req.get('video') else 'image'} - {req['prompt']!r}")
+        completions = follow(client, requests, since - 1000, timeout_s, pipeline.supervisor)
+    _say("completions")
+    for completion in completions.values():
+        print(format_completion(completion))
+    missing = set(requests) - set(completions)
+    if missing:
+        print(f"no completion within {timeout_s:.0f} s for {', '.join(sorted(missing))}")
+        return 1
+    _say(f"outputs downloaded to {out_dir.resolve()}")
+    for completion in completions.values():
+        for path in download(settings, completion, out_dir):
+            print(f"  {path}")
+    print(
+        "\n`aigc get <request_id>` shows a request's record in Cassandra; "
+        f"stage logs are in {pipeline.log_dir}"
+    )
+    return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1

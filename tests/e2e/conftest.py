@@ -17,14 +17,12 @@ from typing import Any
 
 import pytest
 
-from infra.bootstrap import bootstrap
+from infra.pipeline import running_pipeline
 from plumbing.kafka_clients import make_consumer
 from plumbing.settings import GatekeeperSettings, ModelSpec, Settings, Tier
-from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from plumbing.topics import Topics
 from schemas.codec import default_codec
 
-READY_TIMEOUT_S = 240.0
 RESULT_TIMEOUT_S = 120.0
 IDLE_S = 4.0
 
@@ -38,17 +36,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: str) -> Iterator[Settings]:
+def e2e_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: str) -> Iterator[Settings]:
     """The stages on a fresh topic prefix and keyspace, renderers in ``consumer`` mode (share, classic)."""
-    tag = uuid.uuid4().hex[:8]
     settings = infra.model_copy(
         update={
             "home": home,
-            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"e2e{tag}"}),
-            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"e2e_{tag}"}),
             "models": {"tiny-sd": ModelSpec(path=tiny_model)},
             "gatekeeper": GatekeeperSettings(
-                app_id=f"e2e-{tag}-gatekeeper",
                 tiers={"standard": Tier(), "limited": Tier(requests_per_s=0.001, request_burst=1)},
                 tenant_tiers={"limited-tenant": "limited"},
                 dedupe_window_s=600,
@@ -56,16 +50,8 @@ def running_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: st
             "renderer": infra.renderer.model_copy(update={"consumer": consumer}),
         }
     )
-    bootstrap(settings, echo=lambda _: None)
-    supervisor = Supervisor(pipeline_stages(settings, renderers=1), settings.to_env(), settings.home / "logs",
-                            echo=lambda line: print(f"[pipeline] {line}"), targets=targets_path(settings),
-                            pipeline=settings.kafka.topic_prefix)  # fmt: skip
-    supervisor.start()
-    try:
-        assert supervisor.wait_ready(READY_TIMEOUT_S), f"stages not ready; logs in {settings.home / 'logs'}"
-        yield settings
-    finally:
-        supervisor.stop()
+    with running_pipeline(settings, isolate="e2e", echo=lambda line: print(f"[pipeline] {line}")) as pipe:
+        yield pipe.settings
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +59,7 @@ def share_pipeline(
     infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     """The pipeline with share-group renderers (the default), shared by the session's tests."""
-    with running_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "share") as settings:
+    with e2e_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "share") as settings:
         yield settings
 
 
@@ -88,7 +74,7 @@ def classic_pipeline(
     infra: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     """The pipeline with classic consumer-group renderers (``renderer.consumer=classic``)."""
-    with running_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "classic") as settings:
+    with e2e_pipeline(infra, tiny_model, tmp_path_factory.mktemp("home"), "classic") as settings:
         yield settings
 
 

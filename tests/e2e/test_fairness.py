@@ -7,12 +7,10 @@ A's 3 tasks, not behind A's whole burst.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
-from infra.bootstrap import bootstrap
+from infra.pipeline import running_pipeline
 from plumbing.settings import ModelSpec, Settings
-from plumbing.supervisor import Supervisor, pipeline_stages
 from plumbing.topics import Topics
 from producers.client import Client
 from tests.e2e.conftest import collect, completions_of
@@ -25,31 +23,15 @@ CAP = 3
 
 
 def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, tmp_path: Path):
-    tag = uuid.uuid4().hex[:8]
     settings = infra.model_copy(
         update={
             "home": tmp_path,
-            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"fair{tag}"}),
-            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"fair_{tag}"}),
             "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic", max_batch=1)},
-            "gatekeeper": infra.gatekeeper.model_copy(
-                update={
-                    "app_id": f"fair-{tag}-gatekeeper",
-                    "tenant_inflight_cap": {"NORMAL": CAP},
-                }
-            ),
+            "gatekeeper": infra.gatekeeper.model_copy(update={"tenant_inflight_cap": {"NORMAL": CAP}}),
         }
     )
-    bootstrap(settings, echo=lambda _: None)
-    supervisor = Supervisor(
-        pipeline_stages(settings, renderers=1, synthetic_ms=SERVICE_MS),
-        settings.to_env(),
-        settings.home / "logs",
-        echo=print,
-    )
-    supervisor.start()
-    try:
-        assert supervisor.wait_ready(240)
+    with running_pipeline(settings, synthetic_ms=SERVICE_MS, isolate="fair") as pipe:
+        settings = pipe.settings
         fields = dict(
             prompt="a fair lantern", model="synth", width=64, height=64, steps=4, guidance_scale=7.5
         )
@@ -67,8 +49,6 @@ def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, t
             assert len(decided) == len(flood)
             newcomer = {client.submit(**fields, tenant_id="newcomer") for _ in range(2)}
         outcomes = {c["request_id"]: c for c in completions_of(settings, flood | newcomer)}
-    finally:
-        supervisor.stop()
 
     busy = [outcomes[r] for r in flood if outcomes[r]["reason_code"] == "TENANT_BUSY"]
     assert len(busy) == len(flood) - CAP  # the rest of the burst waits outside the queue

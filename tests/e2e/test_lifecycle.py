@@ -15,30 +15,25 @@ from pathlib import Path
 
 import pytest
 
-from infra.bootstrap import bootstrap
+from infra.pipeline import READY_TIMEOUT_S, running_pipeline
 from plumbing.settings import ModelSpec, Settings, Tier
-from plumbing.supervisor import Supervisor, pipeline_stages
+from plumbing.supervisor import Supervisor
 from plumbing.topics import Topics
 from producers.client import Client, now_ms
 from tests.e2e.conftest import collect, completions_of
 
 SERVICE_MS = 12_000.0
 STEPS = 24
-READY_TIMEOUT_S = 240.0
 
 
 @pytest.fixture(scope="module")
 def slow(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Supervisor]]:
-    tag = uuid.uuid4().hex[:8]
     settings = infra.model_copy(
         update={
             "home": tmp_path_factory.mktemp("lifecycle"),
-            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"life{tag}"}),
-            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"life_{tag}"}),
             "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic", max_batch=1)},
             "gatekeeper": infra.gatekeeper.model_copy(
                 update={
-                    "app_id": f"life-{tag}-gatekeeper",
                     "tiers": {"standard": Tier(), "one": Tier(requests_per_s=0.001, request_burst=1)},
                     "tenant_tiers": {"one-at-a-time": "one"},
                     "shed_backlog": {"LOW": 3},
@@ -49,19 +44,8 @@ def slow(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             ),
         }
     )
-    bootstrap(settings, echo=lambda _: None)
-    supervisor = Supervisor(
-        pipeline_stages(settings, renderers=1, synthetic_ms=SERVICE_MS),
-        settings.to_env(),
-        settings.home / "logs",
-        echo=print,
-    )
-    supervisor.start()
-    try:
-        assert supervisor.wait_ready(READY_TIMEOUT_S), f"not ready; logs in {settings.home / 'logs'}"
-        yield settings, supervisor
-    finally:
-        supervisor.stop()
+    with running_pipeline(settings, synthetic_ms=SERVICE_MS, isolate="life") as pipe:
+        yield pipe.settings, pipe.supervisor
 
 
 def image(**extra):

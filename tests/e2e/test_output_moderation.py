@@ -16,16 +16,15 @@ from typing import Any
 
 import pytest
 
-from infra.bootstrap import bootstrap
+from infra.pipeline import running_pipeline
 from plumbing.blobs import BlobStore, result_prefix
 from plumbing.kafka_clients import make_producer, produce_sync
 from plumbing.settings import ModelSpec, Settings
-from plumbing.supervisor import Supervisor, pipeline_stages
 from plumbing.topics import Topics
 from producers.client import Client
 from schemas.codec import default_codec
 from stream_processors.assembler.store import moderation_verdict, ms
-from tests.e2e.conftest import READY_TIMEOUT_S, collect, completions_of
+from tests.e2e.conftest import collect, completions_of
 from tests.e2e.test_pipeline import row_of
 
 SERVICE_MS = 20.0
@@ -36,35 +35,22 @@ THRESHOLD = 0.3
 
 @pytest.fixture(scope="module")
 def moderated(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    tag = uuid.uuid4().hex[:8]
     settings = infra.model_copy(
         update={
             "home": tmp_path_factory.mktemp("outmod"),
-            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"outmod{tag}"}),
-            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"outmod_{tag}"}),
             "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic")},
-            "gatekeeper": infra.gatekeeper.model_copy(update={"app_id": f"outmod-{tag}-gatekeeper"}),
             "assembler": infra.assembler.model_copy(
                 update={
                     "output_unsafe_labels": {"BUTTOCKS_EXPOSED": THRESHOLD},
-                    "quarantine_bucket": f"quarantine-{tag}",
+                    "quarantine_bucket": f"quarantine-{uuid.uuid4().hex[:8]}",
                 }
             ),
         }
     )
-    bootstrap(settings, echo=lambda _: None)
-    supervisor = Supervisor(
-        pipeline_stages(settings, renderers=1, synthetic_ms=SERVICE_MS),
-        settings.to_env(),
-        settings.home / "logs",
-        echo=lambda line: print(f"[outmod] {line}"),
-    )
-    supervisor.start()
-    try:
-        assert supervisor.wait_ready(READY_TIMEOUT_S), f"stages not ready; logs in {settings.home / 'logs'}"
-        yield settings
-    finally:
-        supervisor.stop()
+    with running_pipeline(
+        settings, synthetic_ms=SERVICE_MS, isolate="outmod", echo=lambda line: print(f"[outmod] {line}")
+    ) as pipe:
+        yield pipe.settings
 
 
 def request(**fields: Any) -> dict[str, Any]:

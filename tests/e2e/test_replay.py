@@ -8,48 +8,24 @@ once, and a second replay creates nothing new.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from pathlib import Path
 
-from infra.bootstrap import bootstrap
+from infra.pipeline import running_pipeline
 from plumbing.settings import ModelSpec, Settings
-from plumbing.supervisor import Supervisor, pipeline_stages
 from plumbing.topics import Stage, Topics
 from producers.checker import check_delivery
 from producers.client import Client
 from producers.dlq import Filters, read_dead_letters, replay
 from tests.e2e.conftest import collect, completions_of
 
-READY_TIMEOUT_S = 240.0
 REQUESTS = 5
-
-
-def pipeline(settings: Settings, renderer_models: str) -> Supervisor:
-    stages = [
-        dataclasses.replace(s, env={**s.env, "AIGC_MODELS": renderer_models}) if s.verb[0] == "render" else s
-        for s in pipeline_stages(settings, renderers=1, synthetic_ms=5.0)
-    ]
-    supervisor = Supervisor(stages, settings.to_env(), settings.home / "logs", echo=print)
-    supervisor.start()
-    assert supervisor.wait_ready(READY_TIMEOUT_S), f"pipeline not ready; logs in {settings.home / 'logs'}"
-    return supervisor
+BROKEN = {"AIGC_MODELS": '{"synth-v2": {"path": "/synthetic", "backend": "synthetic"}}'}
 
 
 def test_dead_letters_of_a_broken_stage_are_replayed_exactly_once(infra: Settings, tmp_path: Path):
     tag = uuid.uuid4().hex[:8]
     synthetic = ModelSpec(path=Path("/synthetic"), backend="synthetic")
-    settings = infra.model_copy(
-        update={
-            "home": tmp_path,
-            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"replay{tag}"}),
-            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"replay_{tag}"}),
-            "gatekeeper": infra.gatekeeper.model_copy(update={"app_id": f"replay-{tag}-gatekeeper"}),
-            "models": {"synth": synthetic},
-        }
-    )
-    bootstrap(settings, echo=lambda _: None)
-    topics = Topics(settings)
     fields = dict(
         tenant_id="replayer",
         prompt="a replayed lantern",
@@ -61,8 +37,9 @@ def test_dead_letters_of_a_broken_stage_are_replayed_exactly_once(infra: Setting
     )
 
     # 1. The broken renderer knows the model under another name: every task is dead-lettered.
-    broken = pipeline(settings, '{"synth-v2": {"path": "/synthetic", "backend": "synthetic"}}')
-    try:
+    start = infra.model_copy(update={"home": tmp_path, "models": {"synth": synthetic}})
+    with running_pipeline(start, synthetic_ms=5.0, isolate="replay", renderer_env=BROKEN) as broken:
+        settings, topics = broken.settings, Topics(broken.settings)
         with Client(settings) as client:
             ids = {client.submit(**fields, request_id=f"rp-{tag}-{i}") for i in range(REQUESTS)}
         letters = collect(
@@ -73,12 +50,10 @@ def test_dead_letters_of_a_broken_stage_are_replayed_exactly_once(infra: Setting
         )
         assert {r["request_id"] for r in letters} == ids
         assert {r["error_code"] for r in letters} == {"UNKNOWN_MODEL"}
-    finally:
-        broken.stop()
 
-    # 2. Fixed: the renderer serves the model the gatekeeper routes. A dry run sends nothing.
-    fixed = pipeline(settings, settings.to_env()["AIGC_MODELS"])
-    try:
+    # 2. Fixed: the renderer serves the model the gatekeeper routes, on the same topics. A dry run sends
+    # nothing.
+    with running_pipeline(settings, synthetic_ms=5.0):
         filters = Filters(stages=["renderer"])
         dry = replay(settings, filters, execute=False)
         assert sorted(a.action for a in dry.actions) == ["would send"] * REQUESTS
@@ -98,5 +73,3 @@ def test_dead_letters_of_a_broken_stage_are_replayed_exactly_once(infra: Setting
         assert len(completions_of(settings, ids, expected=REQUESTS)) == REQUESTS
         report = check_delivery(settings, ids)
         assert not report.lost and not report.duplicates and not report.orphan_rows, report.summary()
-    finally:
-        fixed.stop()
