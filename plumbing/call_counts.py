@@ -99,6 +99,7 @@ class CallCounts:
         self.kafka: dict[str, dict[str, Any]] = {}  # client name -> kafka_summary of its latest statistics
         self.lock = threading.Lock()
         self.dirty = threading.Event()
+        self.writing = threading.Lock()  # the flush thread and an explicit flush share the temporary file
         threading.Thread(target=self._flush_loop, name="call-counts", daemon=True).start()
         atexit.register(self.flush)
 
@@ -146,10 +147,11 @@ class CallCounts:
             }
 
     def flush(self) -> None:
-        self.dirty.clear()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
-        tmp.replace(self.path)  # a reader never sees half a file
+        with self.writing:
+            self.dirty.clear()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
+            tmp.replace(self.path)  # a reader never sees half a file
 
     def _flush_loop(self) -> None:
         while self.dirty.wait():
