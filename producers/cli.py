@@ -69,9 +69,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="where to put the outputs")
     demo.add_argument(
+        "--keep",
         "--keep-running",
+        dest="keep",
         action="store_true",
-        help="leave the infrastructure up (the stages stop with the demo; `aigc up` keeps them running)",
+        help="after the results, keep the pipeline and Prometheus running for you to look at (aigc top, "
+        "the Prometheus UI, aigc trace) until Ctrl-C; the infrastructure stays up afterwards",
     )
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results")
     demo.set_defaults(handler=_demo)
@@ -229,7 +232,7 @@ def _get(args: argparse.Namespace, settings: Settings) -> int:
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from producers.demo import run_demo
 
-    return run_demo(settings, args.out, keep_running=args.keep_running, timeout_s=args.timeout)
+    return run_demo(settings, args.out, keep=args.keep, timeout_s=args.timeout)
 
 
 def _chaos(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,11 +17,13 @@ from typing import Any
 
 from infra.launcher import down, status, up
 from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
+from infra.prometheus_server import prometheus_url
 from plumbing.blobs import BlobStore
 from plumbing.settings import Settings
 from plumbing.supervisor import Supervisor
 from producers.cli import format_completion
 from producers.client import Client, now_ms
+from producers.metrics_summary import print_summary
 from producers.progress import progress_view
 
 TENANT = "demo"
@@ -99,7 +101,7 @@ def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> l
     return paths
 
 
-def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, timeout_s: float = 600.0) -> int:
+def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: float = 600.0) -> int:
     _say("infrastructure: Kafka (KRaft), Cassandra, S3Proxy on 127.0.0.1")
     was_running = all(s.ready for s in status(settings))
     up(settings)
@@ -108,12 +110,15 @@ def run_demo(settings: Settings, out_dir: Path, keep_running: bool = False, time
         ensure_models(settings)
         _say("pipeline: gatekeeper, renderer, assembler")
         with running_pipeline(settings) as pipeline:
-            return _submit_and_show(pipeline, out_dir, timeout_s)
+            code = _submit_and_show(pipeline, out_dir, timeout_s)
+            if keep:
+                _keep(pipeline)
+            return code
     except PipelineNotReady as exc:
         print(exc)
         return 1
     finally:
-        if not keep_running and not was_running:
+        if not keep and not was_running:
             _say("stopping the infrastructure")
             down(settings)
 
@@ -123,6 +128,7 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
     model = next(iter(settings.models))
     _say("submitting one image request (2 images) and one 16-frame video request")
     since = now_ms()
+    started_s = time.time()
     with Client(settings) as client:
         requests = {client.submit(req): req for req in demo_requests(model)}
         for request_id, req in requests.items():
@@ -139,8 +145,23 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
     for completion in completions.values():
         for path in download(settings, completion, out_dir):
             print(f"  {path}")
+    print_summary(settings, started_s - 1)
     print(
-        "\n`aigc get <request_id>` shows a request's record in Cassandra; "
-        f"stage logs are in {pipeline.log_dir}"
+        "\n`aigc get <request_id>` shows a request's record in Cassandra, `aigc trace <request_id>` its "
+        f"timeline; stage logs are in {pipeline.log_dir}"
     )
     return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
+
+
+def _keep(pipeline: RunningPipeline) -> None:
+    """Leave the pipeline running (restarting what dies) until Ctrl-C, for a person to look at it."""
+    settings = pipeline.settings
+    _say("the pipeline keeps running until Ctrl-C")
+    print(f"  Prometheus: {prometheus_url(settings)}   (alerts: {prometheus_url(settings)}/alerts)")
+    print("  live view:  aigc top        one request:  aigc trace <request_id>      submit: aigc submit ...")
+    try:
+        while True:
+            pipeline.supervisor.poll()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print()

@@ -18,10 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.bootstrap import bootstrap
+from infra.pipeline import READY_TIMEOUT_S
 from plumbing.settings import GatekeeperSettings, ModelSpec, Settings
 from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
 from producers.client import Client
-from tests.e2e.conftest import READY_TIMEOUT_S, completions_of
+from tests.e2e.conftest import completions_of
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
