@@ -19,8 +19,8 @@ import numpy as np
 
 from gpu_consumers.backends.base import FrameSpec, RenderBatch
 from gpu_consumers.backends.synthetic import draw_frame
-from plumbing.settings import AssemblerSettings
-from stream_processors.assembler.output_check import NudeNetDetector, OutputCheck
+from plumbing.output_check import NudeNetDetector, OutputCheck
+from plumbing.settings import OutputCheckSettings
 
 
 def percentiles(samples: Sequence[tuple[float, float]]) -> str:
@@ -58,9 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="tiny diffusers model folder (aigc models build-tiny)")
     parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=AssemblerSettings().output_check_threads)
+    parser.add_argument("--threads", type=int, default=OutputCheckSettings().threads)
     args = parser.parse_args()
-    check = OutputCheck(NudeNetDetector(args.threads), AssemblerSettings().output_unsafe_labels)
+    check = OutputCheck(NudeNetDetector(args.threads), OutputCheckSettings().unsafe_labels)
     print(f"{check.detector.model_version}, {args.threads} thread(s), policy {check.policy_version}")
     big = frames(None, 512, 1)
     print("512x512 image:", percentiles(timed(lambda: check.check(big), args.repeat)))

@@ -435,7 +435,7 @@ def run_ledger(settings: Settings, work: LedgerWorkload) -> dict[str, Any]:
     conf = configure(settings, synthetic=True, batch_wait_ms=0)
     conf = conf.model_copy(
         update={
-            "assembler": conf.assembler.model_copy(update={"output_check": False}),
+            "output_check": conf.output_check.model_copy(update={"enabled": False}),
             "call_counts_dir": conf.home / "call-counts" / f"ledger-{time.strftime('%Y%m%d-%H%M%S')}",
         }
     )

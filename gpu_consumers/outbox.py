@@ -160,6 +160,11 @@ class Outbox:
         self, task: Task, frames: list[Any], started_at: int, render_ms: int, batch_size: int
     ) -> None:
         bind_message(task.headers)
+        try:
+            checked = self.publisher.check(task, frames)
+        except Exception as exc:  # noqa: BLE001 - routed like any failure of the task
+            self.failed(Pick([task], task.priority, 0.0), exc)
+            return
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 blobs = self.publisher.upload(task, frames)
@@ -170,7 +175,13 @@ class Outbox:
                     return
                 time.sleep(0.2 * 2**attempt)
         value, headers = self.publisher.record(
-            task, "RENDERED", blobs, started_at=started_at, render_ms=render_ms, batch_size=batch_size
+            task,
+            "RENDERED",
+            blobs,
+            started_at=started_at,
+            render_ms=render_ms,
+            batch_size=batch_size,
+            output_check=checked,
         )
         topic = self.topics.frames(task.priority)
         self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)

@@ -1,4 +1,9 @@
-"""Rendered frames out: PNG-encode, upload to the staging bucket, then announce FramesRendered.
+"""Rendered frames out: check them (output moderation), PNG-encode, upload to the staging bucket, then
+announce FramesRendered.
+
+The output check (nudenet, `plumbing.output_check`) runs here, on the pixels the renderer already holds,
+so it scales with the renderers and costs no download or decode; its result travels in the record
+(``output_check``) and the sink quarantines a blocked task's frames instead of publishing them.
 
 Frames are uploaded under deterministic keys (``<tenant>/<request>/frames/<index>.png``) before the
 FramesRendered record that names them is produced, so the assembler never sees a frame that is not
@@ -17,6 +22,7 @@ import numpy as np
 from gpu_consumers.tasks import Task
 from plumbing.blobs import BlobStore, frame_key
 from plumbing.headers import Headers, continue_headers
+from plumbing.output_check import OutputCheck
 from plumbing.topics import Stage
 from schemas.codec import Codec
 
@@ -33,11 +39,39 @@ def now_ms() -> int:
 
 
 class Publisher:
-    def __init__(self, codec: Codec, blobs: BlobStore, staging_bucket: str, worker_id: str) -> None:
+    def __init__(
+        self,
+        codec: Codec,
+        blobs: BlobStore,
+        staging_bucket: str,
+        worker_id: str,
+        checker: OutputCheck | None = None,
+    ) -> None:
         self.codec = codec
         self.blobs = blobs
         self.bucket = staging_bucket
         self.worker_id = worker_id
+        self.checker = checker
+
+    def check(self, task: Task, frames: list[np.ndarray]) -> dict[str, Any] | None:
+        """The FramesRendered ``output_check`` of ``task``'s frames; None when the check is off."""
+        if self.checker is None:
+            return None
+        verdict = self.checker.check(frames)
+        blocked = None
+        if verdict is not None:
+            blocked = {
+                "reason": verdict.reason,
+                "score": verdict.score,
+                "threshold": verdict.threshold,
+                "frame_index": task.record["frame_start"] + verdict.frame_index,
+            }
+        return {
+            "policy_version": self.checker.policy_version,
+            "model_version": self.checker.detector.model_version,
+            "blocked": blocked,
+            "scores": dict(verdict.scores) if verdict is not None else {},
+        }
 
     def upload(self, task: Task, frames: list[np.ndarray]) -> list[dict[str, Any]]:
         r = task.record
@@ -68,6 +102,7 @@ class Publisher:
         batch_size: int,
         reason: str | None = None,
         message: str | None = None,
+        output_check: dict[str, Any] | None = None,
     ) -> tuple[bytes, Headers]:
         """The FramesRendered value and headers for ``task``."""
         r = task.record
@@ -107,6 +142,7 @@ class Publisher:
             "batch_size": batch_size,
             "worker_id": self.worker_id,
             "attempt": r.get("attempt", 0),
+            "output_check": output_check,
         }
         return self.codec.encode("FramesRendered", record), continue_headers(
             task.headers, task.request_id, task.tenant_id

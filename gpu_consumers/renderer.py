@@ -48,6 +48,7 @@ from plumbing.dead_letters import Failure, Original
 from plumbing.errors import DecodeError, PermanentError, UnknownModelError
 from plumbing.kafka_clients import header_map, make_producer
 from plumbing.observability import Readiness, serve
+from plumbing.output_check import NudeNetDetector, OutputCheck
 from plumbing.settings import ModelSpec, Settings
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
@@ -168,7 +169,9 @@ class Renderer:
             counts=CallCounts.when_on(settings.call_counts_dir),
         )
         self.readiness = Readiness()  # `run` replaces it with the process's (served on /readyz)
-        publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, self.worker_id)
+        check = settings.output_check
+        checker = OutputCheck(NudeNetDetector(check.threads), check.unsafe_labels) if check.enabled else None
+        publisher = Publisher(self.codec, blobs, settings.s3.staging_bucket, self.worker_id, checker)
         self.outbox = Outbox(
             settings,
             self.codec,

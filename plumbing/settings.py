@@ -298,10 +298,19 @@ class AssemblerSettings(_Section):
         ge=5,
         description="a batch without progress this long ends the process (stacks logged) for a restart",
     )
-    output_check: bool = Field(
-        True, description="moderate every rendered image and video frame (nudenet) before publishing it"
+    quarantine_bucket: str = Field(
+        "aigc-quarantine", description="bucket of blocked outputs; operators only, never presigned"
     )
-    output_unsafe_labels: dict[str, float] = Field(
+
+
+class OutputCheckSettings(_Section):
+    """Output moderation: nudenet on every rendered frame, in the renderer that made it (before upload);
+    the sink checks any frames that reach it unchecked, so nothing is published unchecked."""
+
+    enabled: bool = Field(
+        True, description="moderate every rendered image and video frame before publishing it"
+    )
+    unsafe_labels: dict[str, float] = Field(
         default_factory=lambda: dict.fromkeys(
             (
                 "FEMALE_GENITALIA_EXPOSED",
@@ -314,17 +323,14 @@ class AssemblerSettings(_Section):
         ),
         description="nudenet label -> score (0..1) from which a detection blocks the request's output",
     )
-    output_check_threads: int = Field(1, ge=1, description="CPU threads of the output detector")
-    quarantine_bucket: str = Field(
-        "aigc-quarantine", description="bucket of blocked outputs; operators only, never presigned"
-    )
+    threads: int = Field(1, ge=1, description="CPU threads of the detector in each process that runs it")
 
-    @field_validator("output_unsafe_labels")
+    @field_validator("unsafe_labels")
     @classmethod
     def _thresholds(cls, labels: dict[str, float]) -> dict[str, float]:
         wrong = sorted(label for label, score in labels.items() if not 0.0 <= score <= 1.0)
         if wrong:
-            raise ValueError(f"output_unsafe_labels thresholds must be in [0, 1]: {wrong}")
+            raise ValueError(f"output_check.unsafe_labels thresholds must be in [0, 1]: {wrong}")
         return labels
 
 
@@ -376,6 +382,7 @@ class Settings(BaseSettings):
     gatekeeper: GatekeeperSettings = GatekeeperSettings()
     renderer: RendererSettings = RendererSettings()
     assembler: AssemblerSettings = AssemblerSettings()
+    output_check: OutputCheckSettings = OutputCheckSettings()
     models: dict[str, ModelSpec] = Field(
         default_factory=lambda: {"tiny-sd": ModelSpec(path=Path(".aigc/models/tiny-sd"))},
         description="model name -> local folder and renderer pool",

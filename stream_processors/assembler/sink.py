@@ -20,18 +20,21 @@ Exactly one Completion per request_id, even when the sink dies between writing a
 4. every other input for a finished request (a re-rendered frame, a late rejection) finds a row decided
    by another input and publishes nothing.
 
-Output moderation (`output_check`, on by default): once all frames of a request are in, every image and
-video frame is checked before any result object is written. A block copies the staged frames to the
-quarantine bucket and writes a REJECTED / OUTPUT_MODERATED terminal row (verdict, scores and quarantine
-location in its ``moderation`` map) through the same write-once path, so its Completion has the verdict
-and no outputs. The check is deterministic on the same pixels, so a repeated batch decides the same way,
-and once the row exists it is the stored row that is published.
+Output moderation (`settings.output_check`, on by default): every task's frames are checked before any
+result object is written, by the renderer that made them (its verdict in FramesRendered
+``output_check``) or, for frames that arrive unchecked, by the sink itself. A block decides the request
+at once: the staged frames so far are copied to the quarantine bucket and a REJECTED / OUTPUT_MODERATED
+terminal row (verdict, scores and quarantine location in its ``moderation`` map) is written through the
+same write-once path, so its Completion has the verdict and no outputs; the other tasks' frames, when
+they come, are surplus. The check is deterministic on the same pixels, so a repeated batch decides the
+same way, and once the row exists it is the stored row that is published.
 The transactional.id is stable per sink instance, so a restarted sink fences its predecessor and
 aborts its open transaction at once instead of after the transaction timeout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -54,6 +57,8 @@ from plumbing.kafka_clients import consume_available, header_map, make_consumer,
 from plumbing.log_format import bind_message
 from plumbing.metadata import connect, register_types
 from plumbing.observability import Readiness, serve
+from plumbing.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
+from plumbing.output_check import from_record as output_check_from_record
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
@@ -63,7 +68,6 @@ from schemas.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.inbox import Inbox
 from stream_processors.assembler.metrics import READINESS, SinkMetrics, observe
-from stream_processors.assembler.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
 from stream_processors.assembler.store import (
     AssemblyStore,
     FrameRow,
@@ -119,11 +123,7 @@ class Sink:
             conf.concurrency, thread_name_prefix="request"
         )  # requests of a batch
         self.assembler = Assembler(self.blobs, settings.s3.results_bucket, conf.quarantine_bucket, self.pool)
-        self.output_check = (
-            OutputCheck(NudeNetDetector(conf.output_check_threads), conf.output_unsafe_labels)
-            if conf.output_check
-            else None
-        )
+        self._checker: OutputCheck | None = None  # built when frames first arrive unchecked
         self.cancellations = CancellationWatcher(settings)
         self.inbox: Inbox[Message] = Inbox(lambda topic: self.topics.class_of(topic).rank, conf.batch_size)
         self.frames_topics = {self.topics.frames(p) for p in PRIORITIES}
@@ -380,6 +380,10 @@ class Sink:
             return self._publish(row, msg, fr.get("reply_topic"))
         # One message carrying every frame (any one-task request) needs no bookkeeping in the frames table.
         whole = len({f.frame_index for f in arrived}) == fr["frame_count"]
+        blocked = self._output_check(fr, arrived)
+        if blocked is not None:  # no need to wait for the other tasks' frames: the request is decided
+            so_far = arrived if whole else [*self.store.frames(request_id), *arrived]
+            return [self._status(fr, msg), *self._blocked(fr, so_far, *blocked, msg, origin, chores)]
         if not whole:
             self.store.add_frames(request_id, arrived)
         frames = arrived if whole else self.store.frames(request_id)
@@ -390,32 +394,48 @@ class Sink:
             values = self._values(fr, origin, "CANCELLED", "CANCELLED", reason, [], frames)
             return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
         out = [self._status(fr, msg)]
-        pixels = self.assembler.pixels(frames) if self.output_check or fr["kind"] == "VIDEO" else None
-        verdict = self.output_check.check(pixels) if self.output_check and pixels is not None else None
-        if verdict is not None:
-            return out + self._blocked(fr, frames, verdict, msg, origin, chores)
-        outputs = self.assembler.assemble(fr, frames, pixels)
+        outputs = self.assembler.assemble(fr, frames)
         values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)
         return out + self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+
+    def _output_check(
+        self, fr: dict[str, Any], arrived: list[FrameRow]
+    ) -> tuple[OutputVerdict, dict[str, Any]] | None:
+        """Whether ``fr``'s frames may be published: the renderer's check when it made one, else (output
+        check on) the sink's own on the staged frames; None to publish, else the verdict (its
+        ``frame_index`` the frame's index in the request) and its ModerationVerdict record."""
+        if fr.get("output_check") is not None:
+            return output_check_from_record(fr["output_check"])
+        conf = self.settings.output_check
+        if not conf.enabled:
+            return None
+        if self._checker is None:
+            self._checker = OutputCheck(NudeNetDetector(conf.threads), conf.unsafe_labels)
+        ordered = sorted(arrived, key=lambda f: f.frame_index)
+        verdict = self._checker.check(self.assembler.pixels(ordered))
+        if verdict is None:
+            return None
+        verdict = dataclasses.replace(verdict, frame_index=ordered[verdict.frame_index].frame_index)
+        return verdict, self._checker.moderation(verdict)
 
     def _blocked(
         self,
         fr: dict[str, Any],
         frames: list[FrameRow],
         verdict: OutputVerdict,
+        moderation: dict[str, Any],
         msg: Message,
         origin: str,
         chores: Chores,
     ) -> list[Out]:
-        """Quarantine a request whose output moderation blocked, and end it REJECTED with the verdict."""
-        assert self.output_check is not None
+        """Quarantine the frames so far of a request whose output moderation blocked, and end it REJECTED
+        with the verdict."""
         where = self.assembler.quarantine(fr, frames)
-        frame_index = sorted(f.frame_index for f in frames)[verdict.frame_index]
         message = verdict.message(fr["kind"])
         values = self._values(fr, origin, "REJECTED", REASON_CODE, message, [], frames)
         values["moderation"] = moderation_row(
-            self.output_check.moderation(verdict),
-            frame_index=str(frame_index),
+            moderation,
+            frame_index=str(verdict.frame_index),
             threshold=repr(verdict.threshold),
             quarantine=where,
         )

@@ -61,7 +61,7 @@ def settings(infra: Settings, tmp_path: Path) -> Settings:
             "cassandra": infra.cassandra.model_copy(update={"keyspace": f"obs_{tag}"}),
             "models": {"tiny-sd": ModelSpec(path=tmp_path / "no-model", backend="synthetic", max_batch=4)},
             "gatekeeper": GatekeeperSettings(app_id=f"obs-{tag}-gatekeeper"),
-            "assembler": infra.assembler.model_copy(update={"output_check": False}),
+            "output_check": infra.output_check.model_copy(update={"enabled": False}),
         }
     )
     bootstrap(settings, echo=lambda _: None)

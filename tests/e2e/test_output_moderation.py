@@ -33,22 +33,41 @@ CLEAN = {"seed": 7, "prompt": "stripes 0"}
 THRESHOLD = 0.3
 
 
-@pytest.fixture(scope="module")
-def moderated(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = infra.model_copy(
+def moderated_settings(infra: Settings, home: Path) -> Settings:
+    return infra.model_copy(
         update={
-            "home": tmp_path_factory.mktemp("outmod"),
+            "home": home,
             "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic")},
+            "output_check": infra.output_check.model_copy(
+                update={"unsafe_labels": {"BUTTOCKS_EXPOSED": THRESHOLD}}
+            ),
             "assembler": infra.assembler.model_copy(
-                update={
-                    "output_unsafe_labels": {"BUTTOCKS_EXPOSED": THRESHOLD},
-                    "quarantine_bucket": f"quarantine-{uuid.uuid4().hex[:8]}",
-                }
+                update={"quarantine_bucket": f"quarantine-{uuid.uuid4().hex[:8]}"}
             ),
         }
     )
+
+
+@pytest.fixture(scope="module")
+def moderated(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Renderers check their frames (the default)."""
+    settings = moderated_settings(infra, tmp_path_factory.mktemp("outmod"))
     with running_pipeline(
         settings, synthetic_ms=SERVICE_MS, isolate="outmod", echo=lambda line: print(f"[outmod] {line}")
+    ) as pipe:
+        yield pipe.settings
+
+
+@pytest.fixture(scope="module")
+def unchecked_renderers(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Renderers with the check off: their frames reach the sink unchecked, and the sink checks them."""
+    settings = moderated_settings(infra, tmp_path_factory.mktemp("outmod-sink"))
+    with running_pipeline(
+        settings,
+        synthetic_ms=SERVICE_MS,
+        isolate="outmodsink",
+        renderer_env={"AIGC_OUTPUT_CHECK__ENABLED": "false"},
+        echo=lambda line: print(f"[outmod-sink] {line}"),
     ) as pipe:
         yield pipe.settings
 
@@ -81,6 +100,11 @@ def test_a_detector_verdict_quarantines_the_output_and_a_clean_image_is_publishe
 
     published = by_id[clean]
     assert (published["status"], published["moderation"]) == ("SUCCEEDED", None), published
+    # The renderers decided: their verdicts travel in FramesRendered, so the sink ran no detector.
+    assert frames_record(settings, clean)[1]["output_check"]["blocked"] is None
+    renderer_verdict = frames_record(settings, blocked)[1]["output_check"]
+    assert renderer_verdict["blocked"]["reason"] == "BUTTOCKS_EXPOSED"
+    assert renderer_verdict["blocked"]["frame_index"] == 0
     [output] = published["outputs"]
     assert output["uri"].startswith(f"s3://{settings.s3.results_bucket}/acme/")
     assert output["presigned_url"]
@@ -130,3 +154,21 @@ def test_a_redelivered_frames_message_publishes_nothing_more(moderated: Settings
     assert len(again) == 1 and again[0]["finished_at"] == first["finished_at"]
     assert record["outcome"] == "RENDERED"
     assert row_of(settings, blocked).decided_by.startswith(frames_topic)
+
+
+def test_frames_that_reach_the_sink_unchecked_are_checked_there(unchecked_renderers: Settings):
+    settings, blobs = unchecked_renderers, BlobStore(unchecked_renderers.s3)
+    with Client(settings) as client:
+        blocked = client.submit(**request(**FLAGGED))
+        clean = client.submit(**request(**CLEAN))
+    by_id = {c["request_id"]: c for c in completions_of(settings, {blocked, clean})}
+    assert frames_record(settings, blocked)[1]["output_check"] is None  # the renderer did not check
+    assert (by_id[clean]["status"], by_id[clean]["moderation"]) == ("SUCCEEDED", None)
+    completion = by_id[blocked]
+    assert (completion["status"], completion["reason_code"]) == ("REJECTED", "OUTPUT_MODERATED")
+    assert completion["moderation"]["reason"] == "BUTTOCKS_EXPOSED"
+    assert completion["outputs"] == []
+    row = row_of(settings, blocked)
+    prefix = result_prefix("acme", blocked, ms(row.created_at))
+    assert blobs.list_keys(settings.assembler.quarantine_bucket, prefix) == [f"{prefix}frame-00000.png"]
+    assert blobs.list_keys(settings.s3.results_bucket, prefix) == []

@@ -17,8 +17,8 @@ import sklearn
 
 from gpu_consumers.backends.base import FrameSpec
 from gpu_consumers.backends.synthetic import draw_frame
+from plumbing.output_check import NudeNetDetector, OutputCheck
 from plumbing.settings import AssemblerSettings
-from stream_processors.assembler.output_check import NudeNetDetector, OutputCheck
 
 FLAGGED = FrameSpec(seed_start=95, seed_end=95, position=0.0, prompt="stripes 5")
 CLEAN = FrameSpec(seed_start=7, seed_end=7, position=0.0, prompt="stripes 0")

@@ -14,10 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from plumbing.errors import ErrorKind, PermanentError, classify
-from plumbing.settings import AssemblerSettings
+from plumbing.output_check import Detection, OutputVerdict, decide, from_record, policy_version
+from plumbing.settings import OutputCheckSettings
 from schemas.codec import default_codec
 from stream_processors.assembler.assembly import Assembler, completion_from_row
-from stream_processors.assembler.output_check import Detection, OutputVerdict, decide, policy_version
 from stream_processors.assembler.store import FrameRow, moderation_row, moderation_verdict
 from stream_processors.assembler.video import encode_image
 
@@ -74,18 +74,18 @@ def test_policy_version_names_the_thresholds() -> None:
 
 
 def test_settings_default_on_with_the_exposed_labels_and_check_thresholds() -> None:
-    conf = AssemblerSettings()
-    assert conf.output_check is True
-    assert set(conf.output_unsafe_labels) == {
+    conf = OutputCheckSettings()
+    assert conf.enabled is True
+    assert set(conf.unsafe_labels) == {
         "FEMALE_GENITALIA_EXPOSED",
         "MALE_GENITALIA_EXPOSED",
         "FEMALE_BREAST_EXPOSED",
         "BUTTOCKS_EXPOSED",
         "ANUS_EXPOSED",
     }
-    assert set(conf.output_unsafe_labels.values()) == {0.5}
+    assert set(conf.unsafe_labels.values()) == {0.5}
     with pytest.raises(ValidationError, match="ANUS_EXPOSED"):
-        AssemblerSettings(output_unsafe_labels={"ANUS_EXPOSED": 1.5})
+        OutputCheckSettings(unsafe_labels={"ANUS_EXPOSED": 1.5})
 
 
 OUTPUT_VERDICT = {
@@ -172,3 +172,34 @@ def test_frames_are_checked_in_frame_order_and_an_undecodable_one_is_a_permanent
             assembler.pixels([staged(0), staged(2)])
     assert failed.value.code == "UNDECODABLE_FRAME"
     assert classify(failed.value) is ErrorKind.PERMANENT
+
+
+def test_a_renderer_s_check_record_becomes_the_verdict_and_its_moderation_record() -> None:
+    clean = {
+        "policy_version": "output-abc",
+        "model_version": "nudenet-3.4.2/320n",
+        "blocked": None,
+        "scores": {},
+    }
+    assert from_record(clean) is None
+    blocked = {
+        **clean,
+        "blocked": {"reason": "BUTTOCKS_EXPOSED", "score": 0.62, "threshold": 0.5, "frame_index": 9},
+        "scores": {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8},
+    }
+    found = from_record(blocked)
+    assert found is not None
+    verdict, moderation = found
+    assert verdict == OutputVerdict(
+        "BUTTOCKS_EXPOSED", 0.62, 9, 0.5, {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8}
+    )
+    assert moderation == {
+        "category": "sexual",
+        "policy_version": "output-abc",
+        "source": "nudenet",
+        "field": "output",
+        "reason": "BUTTOCKS_EXPOSED",
+        "model_version": "nudenet-3.4.2/320n",
+        "score": 0.62,
+        "scores": {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8},
+    }

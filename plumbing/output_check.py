@@ -136,13 +136,35 @@ class OutputCheck:
 
     def moderation(self, verdict: OutputVerdict) -> dict[str, Any]:
         """The Completion's ModerationVerdict record of ``verdict``."""
-        return {
-            "category": CATEGORY,
-            "policy_version": self.policy_version,
-            "source": SOURCE,
-            "field": "output",
-            "reason": verdict.reason,
-            "model_version": self.detector.model_version,
-            "score": verdict.score,
-            "scores": dict(verdict.scores),
-        }
+        return moderation_record(verdict, self.policy_version, self.detector.model_version)
+
+
+def moderation_record(verdict: OutputVerdict, policy_version: str, model_version: str) -> dict[str, Any]:
+    """The Completion's ModerationVerdict record of ``verdict``, made under ``policy_version`` by
+    ``model_version``."""
+    return {
+        "category": CATEGORY,
+        "policy_version": policy_version,
+        "source": SOURCE,
+        "field": "output",
+        "reason": verdict.reason,
+        "model_version": model_version,
+        "score": verdict.score,
+        "scores": dict(verdict.scores),
+    }
+
+
+def from_record(result: Mapping[str, Any]) -> tuple[OutputVerdict, dict[str, Any]] | None:
+    """A renderer's check (FramesRendered ``output_check``): None when its frames may be published, else
+    the verdict (``frame_index`` is the frame's index in the request) and its ModerationVerdict record."""
+    blocked = result.get("blocked")
+    if blocked is None:
+        return None
+    verdict = OutputVerdict(
+        blocked["reason"],
+        blocked["score"],
+        blocked["frame_index"],
+        blocked["threshold"],
+        dict(result["scores"]),
+    )
+    return verdict, moderation_record(verdict, result["policy_version"], result["model_version"])
