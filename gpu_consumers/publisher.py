@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from gpu_consumers.tasks import Task
+from plumbing import tracing
 from plumbing.blobs import BlobStore, frame_key
 from plumbing.headers import Headers, continue_headers
 from plumbing.topics import Stage
@@ -42,6 +43,7 @@ class Publisher:
         self.frames_topic = frames_topic
         self.worker_id = worker_id
 
+    @tracing.step("renderer.upload")
     def upload(self, task: Task, frames: list[np.ndarray]) -> list[dict[str, Any]]:
         r = task.record
         blobs = []
