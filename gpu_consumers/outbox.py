@@ -27,6 +27,7 @@ from gpu_consumers.metrics import renderer_metrics
 from gpu_consumers.publisher import Publisher, now_ms
 from gpu_consumers.scheduler import Pick
 from gpu_consumers.tasks import Task
+from plumbing import tracing
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import ErrorKind, classify
 from plumbing.headers import Headers, continue_headers
@@ -76,7 +77,7 @@ class Outbox:
                 continue
             share = rendered.render_s * 1000 * task.frame_count / max(1, rendered.batch_frames)
             self.uploads.submit(
-                self._upload,
+                self._traced_upload,
                 task,
                 rendered.frames[start:end],
                 rendered.started_at_ms,
@@ -90,11 +91,19 @@ class Outbox:
         message = (
             "cancelled by its owner" if outcome == "CANCELLED" else "the deadline passed before rendering"
         )
-        value, headers = self.publisher.record(
-            task, outcome, [], started_at=now_ms(), render_ms=0, batch_size=0, reason=reason, message=message
-        )
-        topic = self.topics.frames(task.priority)
-        self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
+        with tracing.consuming("renderer.task", task.headers, priority=task.priority, outcome=outcome):
+            value, headers = self.publisher.record(
+                task,
+                outcome,
+                [],
+                started_at=now_ms(),
+                render_ms=0,
+                batch_size=0,
+                reason=reason,
+                message=message,
+            )
+            topic = self.topics.frames(task.priority)
+            self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
         self.metrics.task_done(task, outcome.lower())
 
     def failed(self, pick: Pick, exc: BaseException) -> None:
@@ -156,6 +165,14 @@ class Outbox:
         self.producer.flush(30)
 
     # -- internals --------------------------------------------------------------------------------
+    def _traced_upload(
+        self, task: Task, frames: list[Any], started_at: int, render_ms: int, batch_size: int
+    ) -> None:
+        with tracing.render_task(
+            task.headers, task.record, started_at, batch_size=batch_size, outcome="RENDERED"
+        ):
+            self._upload(task, frames, started_at, render_ms, batch_size)
+
     def _upload(
         self, task: Task, frames: list[Any], started_at: int, render_ms: int, batch_size: int
     ) -> None:
@@ -187,6 +204,7 @@ class Outbox:
         self._produce(topic, value, task.request_id.encode(), headers, task.coords, Ack.ACCEPT)
         self.metrics.task_done(task, "rendered", started_at)
 
+    @tracing.step("renderer.announce")
     def _produce(
         self, topic: str, value: bytes, key: bytes | None, headers: Headers, coords: Coords, ack: Ack
     ) -> None:

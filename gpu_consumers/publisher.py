@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from gpu_consumers.tasks import Task
+from plumbing import tracing
 from plumbing.blobs import BlobStore, frame_key
 from plumbing.headers import Headers, continue_headers
 from plumbing.output_check import OutputCheck
@@ -73,6 +74,7 @@ class Publisher:
             "scores": dict(verdict.scores) if verdict is not None else {},
         }
 
+    @tracing.step("renderer.upload")
     def upload(self, task: Task, frames: list[np.ndarray]) -> list[dict[str, Any]]:
         r = task.record
         blobs = []

@@ -1,14 +1,14 @@
 """Headers every pipeline message carries: W3C ``traceparent``, ``request_id`` and ``tenant_id``.
 
-A stage continues the trace of the message it consumed (same trace id, a new span id), so one request
-can be followed across topics by its trace id.
+A stage continues the trace of the message it consumed (same trace id, a new span id: its own span's
+when it records spans), so one request can be followed across topics by its trace id.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 # Kafka headers as produced: confluent-kafka accepts str or bytes values.
 Headers = list[tuple[str, str | bytes | None]]
@@ -41,8 +41,19 @@ def new_traceparent() -> str:
     return f"00-{_hex(128)}-{_hex(64)}-01"
 
 
+# Set by `plumbing.tracing.setup` when spans are recorded: the current span's traceparent if it carries on
+# the parent's trace, so outputs name the span that produced them. None (the default): no tracing.
+span_traceparent: Callable[[bytes | str | None], str | None] | None = None
+
+
 def child_traceparent(parent: bytes | str | None) -> str:
-    """A new span in the parent's trace, or a new trace when the parent is missing or malformed."""
+    """The traceparent of an output made while handling a message with traceparent ``parent``: the
+    current span's when one is recorded (`plumbing.tracing`), else a new span id in the parent's trace,
+    or a new trace when the parent is missing or malformed."""
+    if span_traceparent is not None:
+        own = span_traceparent(parent)
+        if own is not None:
+            return own
     text = parent.decode("ascii", "replace") if isinstance(parent, bytes) else parent
     match = _TRACEPARENT.fullmatch(text or "")
     if not match or match.group(1) == "0" * 32:

@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client import REGISTRY, Gauge, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from plumbing import tracing
 from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,11 @@ def configure(settings: Settings) -> None:
 
 
 def serve(settings: Settings, stage: str, *conditions: str) -> Observability:
-    """Start this process's HTTP server (if ``metrics_port`` is set) with readiness ``conditions``."""
+    """Start this process's HTTP server (if ``metrics_port`` is set) with readiness ``conditions``, and its
+    span exporter if an OTLP endpoint is configured (`plumbing.tracing`)."""
     configure(settings)
     disable_created_metrics()  # no `_created` twin for every counter and histogram: half the series
+    tracing.setup(settings, stage)
     readiness = Readiness(*conditions)
     readiness.require()  # publishes aigc_stage_ready 0 (or 1 when nothing is required)
     server = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plumbing import metrics
+from plumbing import metrics, tracing
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import ErrorKind, PipelineError, classify
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, Headers
@@ -82,6 +82,7 @@ def route_failure(
             )
         topic = topics.dlq(stage)
         value, headers = dead_letter(codec, original, failure, request_id, tenant_id, topic)
+        tracing.failure(original.headers, stage.value, "DEAD_LETTERED", topic, failure.code, exc)
         return Routed(topic, original.key, value, headers, dead=True)
     delay_s = retry.delays_s[min(attempts, len(retry.delays_s)) - 1]
     envelope = {
@@ -104,6 +105,7 @@ def route_failure(
     }
     retry_headers: Headers = [("dlq.stage", stage.value.encode()), ("dlq.attempts", str(attempts).encode())]
     metrics.routed(stage.value, topics.retry(stage, delay_s), _code(exc))
+    tracing.failure(original.headers, stage.value, "RETRYING", topics.retry(stage, delay_s), _code(exc), exc)
     return Routed(
         topics.retry(stage, delay_s),
         original.key,

@@ -342,7 +342,7 @@ class RetrySettings(_Section):
 
 
 class ObservabilitySettings(_Section):
-    """Metrics, health endpoints and the lag exporter (see plumbing/observability.py)."""
+    """Metrics, health endpoints and lag (plumbing/observability.py); spans (plumbing/tracing.py)."""
 
     metrics: bool = Field(
         True, description="record stage metrics; false makes every metric call a no-op (to measure the cost)"
@@ -354,6 +354,12 @@ class ObservabilitySettings(_Section):
     lag_interval_s: float = Field(5.0, gt=0, description="lag exporter: how often it asks the broker")
     bucket_top_n: int = Field(
         20, ge=0, description="gatekeeper: tenants with the emptiest token buckets exported as gauges"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector (OTLP/HTTP base URL, e.g. http://127.0.0.1:4318) that every "
+        "stage sends its spans to; unset: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT; none of them: no spans are recorded",
     )
 
 

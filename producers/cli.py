@@ -96,6 +96,24 @@ def register(verbs: argparse._SubParsersAction) -> None:
     chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
     chaos.set_defaults(handler=_chaos)
 
+    trace = verbs.add_parser(
+        "trace",
+        help="print a request's timeline: each stage and render task, waits and work, retries, the end",
+        description="Reads what the pipeline recorded about REQUEST_ID (its Cassandra row; its records on "
+        "the request, status, frames, decisions, completions, retry and dead-letter topics, searched from a "
+        "little before it was created) and prints its timeline. No tracing backend needed; for spans in "
+        "one, set AIGC_OBSERVABILITY__OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_ENDPOINT) for the stages.",
+    )
+    trace.add_argument("request_id")
+    trace.add_argument(
+        "--since-s",
+        type=float,
+        default=3600.0,
+        help="when Cassandra has no row for it yet: search this many seconds back (default: %(default)s)",
+    )
+    trace.add_argument("--json", action="store_true", help="print the timeline as JSON")
+    trace.set_defaults(handler=_trace, needs=("kafka", "cassandra"))
+
     cancel = verbs.add_parser("cancel", help="cancel a request (it ends CANCELLED unless already finished)")
     cancel.add_argument("request_id")
     cancel.add_argument("--tenant", default="demo", help="owner of the request (default: %(default)s)")
@@ -227,6 +245,22 @@ def _get(args: argparse.Namespace, settings: Settings) -> int:
     state = lookup(settings, args.request_id)
     print(describe(state))
     return 0 if state.row is not None else 1
+
+
+def _trace(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+
+    from producers.client import now_ms
+    from producers.request_log import read_request
+    from producers.timeline import build, render
+
+    found = read_request(settings, args.request_id, now_ms() - int(args.since_s * 1000))
+    timeline = build(args.request_id, found.seen, found.row)
+    if args.json:
+        print(json.dumps(timeline.to_json(), indent=2))
+    else:
+        render(timeline, Console(width=None if sys.stdout.isatty() else 160))
+    return 0 if timeline.steps else 1
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 from confluent_kafka import Message, TopicPartition
 
-from plumbing import metrics
+from plumbing import metrics, tracing
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, Headers
@@ -132,6 +132,7 @@ class Relay:
             (FIRST_FAILED_AT, str(envelope["first_failed_at"]).encode()),
             (ORIGIN, origin),
         ]
+        headers = tracing.relayed(headers, attempt=envelope["attempts"], error_code=envelope["error_code"])
         while True:
             try:
                 self.producer.produce(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from plumbing import tracing
 from plumbing.blobs import BlobStore, StoredBlob, result_prefix
 from plumbing.errors import PermanentError
 from stream_processors.assembler.metrics import ASSEMBLY, ENCODE, timed
@@ -55,6 +56,7 @@ class Assembler:
                 code="UNDECODABLE_FRAME",
             ) from exc
 
+    @tracing.step("assembler.assemble")
     def assemble(
         self,
         request: dict[str, Any],

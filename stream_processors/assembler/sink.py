@@ -47,6 +47,7 @@ from typing import Any
 from cassandra.cluster import ResponseFuture
 from confluent_kafka import KafkaException, Message, TopicPartition
 
+from plumbing import tracing
 from plumbing.blobs import BlobStore
 from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
@@ -285,6 +286,9 @@ class Sink:
         chores.finish(self.blobs, self.settings.s3.staging_bucket)
         return outputs
 
+    @tracing.spanned(
+        "assembler.request", lambda _self, messages, _chores: messages[0].headers(), outcome="COLLECTED"
+    )
     def _handle_request(self, messages: list[Message], chores: Chores) -> list[Out]:
         outputs: list[Out] = []
         for msg in messages:
@@ -350,6 +354,7 @@ class Sink:
 
     def _frames(self, fr: dict[str, Any], msg: Message, origin: str, chores: Chores) -> list[Out]:
         request_id = fr["request_id"]
+        tracing.annotate(priority=fr["priority"], frames_outcome=fr["outcome"])
         if fr["outcome"] != "RENDERED":
             values = self._values(fr, origin, fr["outcome"], fr.get("reason_code"), fr.get("message"), [], [])
             return self._finish(values, msg, origin, fr.get("reply_topic"), chores)
@@ -519,8 +524,10 @@ class Sink:
         if ID_PATTERN.fullmatch(values["tenant_id"] or ""):
             chores.write(self.store.index_by_tenant_async(values))
 
+    @tracing.step("assembler.publish")
     def _publish(self, row: Any, msg: Message, reply_topic: str | None) -> list[Out]:
         """The Completion of a terminal row, for the completions topic and the request's reply topic."""
+        tracing.annotate(outcome=row.status)
         completion = completion_from_row(row, self.blobs, self.settings.s3.presign_ttl_s)
         self.metrics.published(row)
         value = self.codec.encode("Completion", completion)

@@ -25,6 +25,7 @@ from cassandra import ConsistencyLevel, WriteTimeout
 from cassandra.cluster import ResponseFuture, Session
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
+from plumbing import tracing
 from plumbing.metadata import OutputRow
 from plumbing.metrics import time_future, timed_storage
 
@@ -172,6 +173,7 @@ class AssemblyStore:
         """The terminal row of ``request_id``, or None while it is unfinished."""
         return _as_sent(self.session.execute(self._terminal, (request_id,)).one())
 
+    @tracing.step("assembler.store")
     @timed_storage("cassandra", "write_terminal")
     def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
         """Write the terminal row once; tell whether this call won and which row holds the state.

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import faust
 
+from plumbing import tracing
 from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
 from plumbing.dead_letters import Original
@@ -143,7 +144,12 @@ def create_app(
             bind_message(original.headers)
             clock = now_ms()
             expiry.purge(msg.partition, clock)
-            admission = await admit_or_route(gate, original, seen, buckets, clock)
+            with tracing.consuming("gatekeeper.admit", original.headers) as span:
+                admission = await admit_or_route(gate, original, seen, buckets, clock)
+                priority = msg.topic.rpartition(".")[2].upper()
+                tracing.annotate(
+                    span, request_id=admission.request_id, priority=priority, outcome=admission.verdict
+                )
             if admission.seen is not None and admission.request_id:
                 seen[admission.request_id] = {**admission.seen, "p": msg.partition}
                 expiry.track(msg.partition, admission.request_id, clock)
