@@ -11,6 +11,7 @@ figures.
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 import time
@@ -64,9 +65,18 @@ class RequestTiming:
     submitted_ms: int  # created_at, on the client
     received_ms: int | None = None  # when the Completion reached the client
     status: str | None = None
+    reason: str | None = None  # the Completion's reason_code
     timings: dict[str, int] = field(default_factory=dict)  # the Completion's
     finished_ms: int | None = None  # when the sink decided (the Completion's finished_at)
     tasks: list[dict[str, Any]] = field(default_factory=list)  # FramesRendered facts, one per task
+
+    @property
+    def outcome(self) -> str:
+        """What became of the request: SUCCEEDED, the status and reason of any other end, or NO ANSWER
+        (nothing reached the client within the scenario's wait)."""
+        if self.status is None:
+            return "NO ANSWER"
+        return self.status if self.status == "SUCCEEDED" else f"{self.status} {self.reason or ''}".strip()
 
     @property
     def e2e_ms(self) -> int | None:
@@ -143,6 +153,7 @@ class Collector:
                         if name == "Completion":
                             timing.received_ms = timing.received_ms or received
                             timing.status = record["status"]
+                            timing.reason = record.get("reason_code")
                             timing.timings = record["timings"]
                             timing.finished_ms = record["finished_at"]
                         else:
@@ -196,8 +207,10 @@ class Load:
         duration_s: float,
         fields: dict[str, Any],
         stop: threading.Event | None = None,
+        tenants: Sequence[str] = (),
     ) -> list[str]:
-        """Open-loop arrivals at ``rate_per_s`` for ``duration_s``; returns the request ids."""
+        """Open-loop arrivals at ``rate_per_s`` for ``duration_s``; returns the request ids. With
+        ``tenants``, each request comes from one of them at random (a crowd of users)."""
         ids = []
         start = time.monotonic()
         at = self.rng.expovariate(rate_per_s)
@@ -207,7 +220,7 @@ class Load:
                 time.sleep(wait)
             else:
                 self.late_ms.append(-wait * 1000)
-            ids.append(self._submit(fields))
+            ids.append(self._submit({**fields, "tenant_id": self.rng.choice(tenants)} if tenants else fields))
             at += self.rng.expovariate(rate_per_s)
         self.client.flush()
         return ids
@@ -239,6 +252,11 @@ def image(model: str, **extra: Any) -> dict[str, Any]:
         "guidance_scale": 7.5,
         **extra,
     }
+
+
+def outcomes(timings: Iterable[RequestTiming]) -> dict[str, int]:
+    """How many requests ended each way (`RequestTiming.outcome`): every request sent is counted."""
+    return dict(collections.Counter(t.outcome for t in timings).most_common())
 
 
 def stage_breakdown(timings: Iterable[RequestTiming]) -> dict[str, dict[str, float | int | None]]:

@@ -21,6 +21,7 @@ from bench.harness import (
     Load,
     RequestTiming,
     image,
+    outcomes,
     percentile,
     stage_breakdown,
     steady_rate,
@@ -31,6 +32,7 @@ from plumbing.settings import GatekeeperSettings, ModelSpec, RendererSettings, S
 
 UNLIMITED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
 SYNTH = "synth"
+CROWD = 200  # B3 crowd: LOW tenants, about 1 request/s each at 10x capacity (the default tier allows 20)
 BACKLOG_TASKS = 1000  # B3: a standing LOW backlog, 50 s of work for its 4 renderers
 LEDGER_SETTLE_S = 3.0  # LEDGER: > librdkafka's statistics interval + a counts file's flush interval
 
@@ -151,6 +153,7 @@ def b1_overhead(settings: Settings, quick: bool) -> dict[str, Any]:
                     "rate_per_s": capacity * share,
                     "requests": len(ids),
                     "completed": len(timings),
+                    "outcomes": outcomes(collector.requests.values()),
                     "overhead_ms": summary([t.e2e_ms - t.render_ms for t in timings]),  # type: ignore[operator]
                     "e2e_ms": summary([t.e2e_ms for t in timings]),  # type: ignore[misc]
                     "queue_wait_ms": summary([w for t in timings for w in t.queue_waits_ms]),
@@ -193,6 +196,7 @@ def b2_throughput(settings: Settings, quick: bool) -> dict[str, Any]:
     return {
         "requests": len(collector.requests),
         "completed": len(timings),
+        "outcomes": outcomes(collector.requests.values()),
         "renderers": renderers,
         "submitted_per_s": len(collector.requests) / submitted_s,
         "completed_per_s": rate,
@@ -213,45 +217,55 @@ def b3_priority(settings: Settings, quick: bool) -> dict[str, Any]:
         "high_rate_per_s": high_rate,
         "low_rate_per_s": 10 * capacity,
         "variants": f"baseline: no LOW work; backlog: {BACKLOG_TASKS} LOW tasks queued before HIGH arrives "
-        "(the renderers' priority isolation); flood: LOW arriving live at 10x capacity (adds the "
-        "gatekeeper's and sink's cost of answering every shed request)",
+        "(the renderers' priority isolation); flood: LOW arriving live at 10x capacity from one unthrottled "
+        "tenant (adds the gatekeeper's and sink's cost of answering every shed request); crowd: the same "
+        f"flood from {CROWD} tenants of the default tier, each within its own rate limit",
+        "outcomes": "every request sent, by how it ended (NO ANSWER: nothing within the scenario's wait); "
+        "the percentiles are over the SUCCEEDED ones",
         "max_batch": 1,
         "note": "a preempting task waits for the running batch's next step; the synthetic backend costs a "
         "batch n times a frame, so batching it would only lengthen steps (B5 measures batching)",
     }
     conf = configure(settings, synthetic=True, max_batch=1)
-    for variant in ("baseline", "backlog", "flood"):
+    crowd = [f"bench-crowd-{i}" for i in range(CROWD)]
+    for variant in ("baseline", "backlog", "flood", "crowd"):
         with _run(conf, renderers, service_ms, "b3") as pipeline:
             collector = Collector(pipeline.settings).start()
             high_load, low_load = Load(pipeline.settings, collector, 1), Load(pipeline.settings, collector, 2)
             low = image(SYNTH, tenant_id="bench-low", priority="LOW")
             stop = threading.Event()
             flooder = threading.Thread(
-                target=low_load.poisson, args=(10 * capacity, duration, low, stop), daemon=True
+                target=low_load.poisson,
+                args=(10 * capacity, duration, low, stop, crowd if variant == "crowd" else ()),
+                daemon=True,
             )
             try:
                 if variant == "backlog":
                     low_load.backlog(BACKLOG_TASKS, low)
                     time.sleep(15)  # admission of the backlog is over: only the renderers are busy
-                elif variant == "flood":
+                elif variant in ("flood", "crowd"):
                     flooder.start()
                     time.sleep(3)  # let the backlog build
                 high_ids = high_load.poisson(high_rate, duration, image(SYNTH, priority="HIGH"))
                 stop.set()
-                if variant == "flood":
+                if flooder.is_alive():
                     flooder.join(30)
                 collector.wait(len(high_ids), 60)
-                finished = _finished([collector.requests[r] for r in high_ids])
+                highs = [collector.requests[r] for r in high_ids]
+                finished = _finished(highs)
                 lows = [t for t in collector.requests.values() if t.priority == "LOW"]
                 out[variant] = {
                     "high_requests": len(high_ids),
                     "high_completed": len(finished),
+                    "high_outcomes": outcomes(highs),
+                    "high_wait_created_to_start_ms": summary(
+                        [task["started_at"] - t.submitted_ms for t in finished for task in t.tasks]
+                    ),
                     "high_queue_wait_ms": summary([w for t in finished for w in t.queue_waits_ms]),
                     "high_e2e_ms": summary([t.e2e_ms for t in finished]),  # type: ignore[misc]
                     "high_stages_ms": stage_breakdown(finished),
                     "low_offered": len(lows),
-                    "low_completed_during_run": sum(1 for t in lows if t.status == "SUCCEEDED"),
-                    "low_shed_during_run": sum(1 for t in lows if t.status == "REJECTED"),
+                    "low_outcomes_during_run": outcomes(lows),
                 }
             finally:
                 stop.set()
