@@ -7,6 +7,7 @@ load goes on, and `AigcLagGrowing` must fire for the LOW class of this pipeline.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -23,11 +24,15 @@ PANELS_TIMEOUT_S = 60.0
 
 
 def submit_steadily(settings: Settings, rate: float, stop: threading.Event) -> None:
+    """LOW images at ``rate``, every fifth a short video (so the encoder's panel has data too)."""
     with Client(settings) as client:
-        while not stop.is_set():
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            video = {"video": {"num_frames": 4, "fps": 4}} if n % 5 == 4 else {}
             client.submit(
                 tenant_id="alerts", prompt="a lantern", model="synth", width=64, height=64, steps=2,
-                guidance_scale=7.5, priority="LOW",
+                guidance_scale=7.5, priority="LOW", **video,
             )  # fmt: skip
             stop.wait(1 / rate)
 
