@@ -123,7 +123,7 @@ class OutputCheck:
         unknown = sorted(set(unsafe) - detector.labels)
         if unknown:
             raise ValueError(
-                f"assembler.output_unsafe_labels names unknown label(s) {unknown}; "
+                f"output_check.unsafe_labels names unknown label(s) {unknown}; "
                 f"known: {sorted(detector.labels)}"
             )
         self.detector = detector

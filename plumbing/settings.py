@@ -92,7 +92,7 @@ class InfraSettings(_Section):
     lib_dir: Path = Field(Path("infra/lib"), description="jars resolved by Maven")
     kafka_controller_port: int = 19093
     cassandra_storage_port: int = 17000
-    kafka_heap_mb: int = 512
+    kafka_heap_mb: int = 1024  # a broker that has run the suite holds thousands of partitions; 512 ran out
     cassandra_heap_mb: int = 768
     s3_heap_mb: int = 256
     prometheus_port: int = Field(19090, description="Prometheus's web UI and HTTP API on 127.0.0.1")

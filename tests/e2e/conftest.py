@@ -50,7 +50,9 @@ def e2e_pipeline(infra: Settings, tiny_model: Path, home: Path, consumer: str) -
             "renderer": infra.renderer.model_copy(update={"consumer": consumer}),
         }
     )
-    with running_pipeline(settings, isolate="e2e", echo=lambda line: print(f"[pipeline] {line}")) as pipe:
+    with running_pipeline(
+        settings, isolate="e2e", drop=True, echo=lambda line: print(f"[pipeline] {line}")
+    ) as pipe:
         yield pipe.settings
 
 

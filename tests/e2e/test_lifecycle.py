@@ -44,7 +44,7 @@ def slow(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             ),
         }
     )
-    with running_pipeline(settings, synthetic_ms=SERVICE_MS, isolate="life") as pipe:
+    with running_pipeline(settings, synthetic_ms=SERVICE_MS, isolate="life", drop=True) as pipe:
         yield pipe.settings, pipe.supervisor
 
 

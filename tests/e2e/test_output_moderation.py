@@ -53,7 +53,11 @@ def moderated(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """Renderers check their frames (the default)."""
     settings = moderated_settings(infra, tmp_path_factory.mktemp("outmod"))
     with running_pipeline(
-        settings, synthetic_ms=SERVICE_MS, isolate="outmod", echo=lambda line: print(f"[outmod] {line}")
+        settings,
+        synthetic_ms=SERVICE_MS,
+        isolate="outmod",
+        drop=True,
+        echo=lambda line: print(f"[outmod] {line}"),
     ) as pipe:
         yield pipe.settings
 
@@ -66,6 +70,7 @@ def unchecked_renderers(infra: Settings, tmp_path_factory: pytest.TempPathFactor
         settings,
         synthetic_ms=SERVICE_MS,
         isolate="outmodsink",
+        drop=True,
         renderer_env={"AIGC_OUTPUT_CHECK__ENABLED": "false"},
         echo=lambda line: print(f"[outmod-sink] {line}"),
     ) as pipe:

@@ -9,6 +9,7 @@ gatekeeper, the renderer and the assembler arrived, all in the trace of the requ
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,14 +23,13 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from infra.bootstrap import bootstrap
+from infra.pipeline import running_pipeline
 from plumbing.headers import trace_id
 from plumbing.kafka_clients import header_map, make_consumer
-from plumbing.settings import GatekeeperSettings, ModelSpec, ObservabilitySettings, Settings
-from plumbing.supervisor import Supervisor, pipeline_stages, targets_path
+from plumbing.settings import ModelSpec, ObservabilitySettings, Settings
 from plumbing.topics import Topics
 from producers.client import Client
-from tests.e2e.conftest import READY_TIMEOUT_S, completions_of
+from tests.e2e.conftest import completions_of
 
 SPANS_TIMEOUT_S = 30.0
 
@@ -92,21 +92,21 @@ def collector() -> Iterator[Collector]:
 
 
 @pytest.fixture
-def settings(infra: Settings, tmp_path: Path, collector: Collector) -> Settings:
-    tag = uuid.uuid4().hex[:8]
+def settings(
+    infra: Settings, tmp_path: Path, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """A pipeline of its own (synthetic renderer) exporting its spans to ``collector``."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # the stages export spans within 0.2 s
     settings = infra.model_copy(
         update={
             "home": tmp_path / "home",
-            "kafka": infra.kafka.model_copy(update={"topic_prefix": f"trc{tag}"}),
-            "cassandra": infra.cassandra.model_copy(update={"keyspace": f"trc_{tag}"}),
             "models": {"tiny-sd": ModelSpec(path=tmp_path / "no-model", backend="synthetic", max_batch=4)},
-            "gatekeeper": GatekeeperSettings(app_id=f"trc-{tag}-gatekeeper"),
-            "assembler": infra.assembler.model_copy(update={"output_check": False}),
+            "output_check": infra.output_check.model_copy(update={"enabled": False}),
             "observability": ObservabilitySettings(otlp_endpoint=collector.url),
         }
     )
-    bootstrap(settings, echo=lambda _: None)
-    return settings
+    with running_pipeline(settings, synthetic_ms=5.0, isolate="trc", drop=True) as pipe:
+        yield pipe.settings
 
 
 def request_traceparent(settings: Settings, request_id: str) -> str:
@@ -129,69 +129,61 @@ def request_traceparent(settings: Settings, request_id: str) -> str:
 
 
 def test_trace_timeline_and_otlp_spans_of_one_request(settings: Settings, collector: Collector) -> None:
-    env = {**settings.to_env(), "OTEL_BSP_SCHEDULE_DELAY": "200"}  # export spans within 0.2 s
-    stages = pipeline_stages(settings, renderers=1, synthetic_ms=5.0)
-    supervisor = Supervisor(stages, env, settings.home / "logs", echo=print, targets=targets_path(settings),
-                            pipeline=settings.kafka.topic_prefix)  # fmt: skip
-    supervisor.start()
-    try:
-        assert supervisor.wait_ready(READY_TIMEOUT_S), f"not ready; logs in {settings.home / 'logs'}"
-        with Client(settings) as client:
-            request_id = client.submit(
-                prompt="a lighthouse at dusk", tenant_id="trace-tenant", model="tiny-sd", width=64, height=64,
-                steps=2, guidance_scale=7.5, priority="HIGH",
-            )  # fmt: skip
-        [completion] = completions_of(settings, {request_id})
-        assert completion["status"] == "SUCCEEDED"
-        root = trace_id(request_traceparent(settings, request_id))
+    env = {**os.environ, **settings.to_env()}
+    with Client(settings) as client:
+        request_id = client.submit(
+            prompt="a lighthouse at dusk", tenant_id="trace-tenant", model="tiny-sd", width=64, height=64,
+            steps=2, guidance_scale=7.5, priority="HIGH",
+        )  # fmt: skip
+    [completion] = completions_of(settings, {request_id})
+    assert completion["status"] == "SUCCEEDED"
+    root = trace_id(request_traceparent(settings, request_id))
 
-        # (a) `aigc trace`: every stage and the terminal state, from the pipeline's records
-        command = [sys.executable, "-m", "plumbing.cli", "trace", request_id]
-        text = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
-        assert text.returncode == 0, text.stderr
-        for word in (
-            "SUCCEEDED",
-            "created",
-            "admitted",
-            f"task {request_id}",
-            "assembling",
-            "completed",
-            str(root),
-        ):
-            assert word in text.stdout, (word, text.stdout)
-        as_json = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True, timeout=120,
-                                 check=True)  # fmt: skip
-        timeline = json.loads(as_json.stdout)
-        assert timeline["status"] == "SUCCEEDED" and timeline["trace_id"] == root
-        assert timeline["stages"] == ["producer", "gatekeeper", "renderer", "assembler"]
-        [task] = timeline["tasks"]
-        assert task["outcome"] == "RENDERED" and task["worker_id"] and task["batch_size"] == 1
+    # (a) `aigc trace`: every stage and the terminal state, from the pipeline's records
+    command = [sys.executable, "-m", "plumbing.cli", "trace", request_id]
+    text = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert text.returncode == 0, text.stderr
+    for word in (
+        "SUCCEEDED",
+        "created",
+        "admitted",
+        f"task {request_id}",
+        "assembling",
+        "completed",
+        str(root),
+    ):
+        assert word in text.stdout, (word, text.stdout)
+    as_json = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True, timeout=120,
+                             check=True)  # fmt: skip
+    timeline = json.loads(as_json.stdout)
+    assert timeline["status"] == "SUCCEEDED" and timeline["trace_id"] == root
+    assert timeline["stages"] == ["producer", "gatekeeper", "renderer", "assembler"]
+    [task] = timeline["tasks"]
+    assert task["outcome"] == "RENDERED" and task["worker_id"] and task["batch_size"] == 1
 
-        # (b) spans over OTLP/HTTP: gatekeeper, renderer and assembler, one trace, parented stage to stage
-        wanted = {"gatekeeper.admit", "renderer.task", "assembler.request"}
-        deadline = time.monotonic() + SPANS_TIMEOUT_S
-        while True:
-            spans = [s for s in collector.snapshot() if s["attributes"].get("request_id") == request_id]
-            if wanted <= {s["name"] for s in spans} or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        names = {s["name"]: s for s in spans}
-        assert wanted <= set(names), sorted(names)
-        assert {s["trace_id"] for s in collector.snapshot() if s["trace_id"] == root}
-        assert {s["trace_id"] for s in spans} == {root}
-        services = {s["service"] for s in spans}
-        assert {"aigc-gatekeeper", "aigc-renderer", "aigc-assembler"} <= services, services
-        admit, task_span, assemble = (
-            names["gatekeeper.admit"],
-            names["renderer.task"],
-            names["assembler.request"],
-        )
-        assert task_span["parent"] == admit["span_id"]  # the render task's traceparent is the admission span
-        assert assemble["parent"] == task_span["span_id"]  # FramesRendered carries the render task span
-        assert admit["attributes"]["outcome"] == "ACCEPTED" and admit["attributes"]["priority"] == "HIGH"
-        assert assemble["attributes"]["outcome"] == "SUCCEEDED"
-        assert admit["attributes"]["tenant"] == "trace-tenant"
-        steps = {s["name"] for s in collector.snapshot() if s["trace_id"] == root}
-        assert {"renderer.render", "renderer.upload", "assembler.assemble", "assembler.store"} <= steps, steps
-    finally:
-        supervisor.stop()
+    # (b) spans over OTLP/HTTP: gatekeeper, renderer and assembler, one trace, parented stage to stage
+    wanted = {"gatekeeper.admit", "renderer.task", "assembler.request"}
+    deadline = time.monotonic() + SPANS_TIMEOUT_S
+    while True:
+        spans = [s for s in collector.snapshot() if s["attributes"].get("request_id") == request_id]
+        if wanted <= {s["name"] for s in spans} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    names = {s["name"]: s for s in spans}
+    assert wanted <= set(names), sorted(names)
+    assert {s["trace_id"] for s in collector.snapshot() if s["trace_id"] == root}
+    assert {s["trace_id"] for s in spans} == {root}
+    services = {s["service"] for s in spans}
+    assert {"aigc-gatekeeper", "aigc-renderer", "aigc-assembler"} <= services, services
+    admit, task_span, assemble = (
+        names["gatekeeper.admit"],
+        names["renderer.task"],
+        names["assembler.request"],
+    )
+    assert task_span["parent"] == admit["span_id"]  # the render task's traceparent is the admission span
+    assert assemble["parent"] == task_span["span_id"]  # FramesRendered carries the render task span
+    assert admit["attributes"]["outcome"] == "ACCEPTED" and admit["attributes"]["priority"] == "HIGH"
+    assert assemble["attributes"]["outcome"] == "SUCCEEDED"
+    assert admit["attributes"]["tenant"] == "trace-tenant"
+    steps = {s["name"] for s in collector.snapshot() if s["trace_id"] == root}
+    assert {"renderer.render", "renderer.upload", "assembler.assemble", "assembler.store"} <= steps, steps

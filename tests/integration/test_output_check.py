@@ -18,7 +18,7 @@ import sklearn
 from gpu_consumers.backends.base import FrameSpec
 from gpu_consumers.backends.synthetic import draw_frame
 from plumbing.output_check import NudeNetDetector, OutputCheck
-from plumbing.settings import AssemblerSettings
+from plumbing.settings import OutputCheckSettings
 
 FLAGGED = FrameSpec(seed_start=95, seed_end=95, position=0.0, prompt="stripes 5")
 CLEAN = FrameSpec(seed_start=7, seed_end=7, position=0.0, prompt="stripes 0")
@@ -35,7 +35,7 @@ def photo(name: str) -> np.ndarray:
 
 
 def test_clean_images_pass_the_default_check(detector: NudeNetDetector) -> None:
-    check = OutputCheck(detector, AssemblerSettings().output_unsafe_labels)
+    check = OutputCheck(detector, OutputCheckSettings().unsafe_labels)
     frames = [draw_frame(CLEAN, 512, 512), photo("china.jpg"), photo("flower.jpg")]
     assert check.check(frames) is None
     assert detector.detect(frames[0]) == []
@@ -47,7 +47,7 @@ def test_a_real_detection_is_blocked_only_from_the_threshold_a_setting_gives(
     flagged = draw_frame(FLAGGED, 512, 512)
     found = {d.label: d.score for d in detector.detect(flagged)}
     assert 0.3 < found["BUTTOCKS_EXPOSED"] < 0.5, found
-    assert OutputCheck(detector, AssemblerSettings().output_unsafe_labels).check([flagged]) is None
+    assert OutputCheck(detector, OutputCheckSettings().unsafe_labels).check([flagged]) is None
 
     check = OutputCheck(detector, {"BUTTOCKS_EXPOSED": 0.3})
     verdict = check.check([draw_frame(CLEAN, 512, 512), flagged])
