@@ -121,9 +121,22 @@ class Collector:
             return sum(1 for r in self.requests.values() if r.received_ms is not None)
 
     def wait(self, count: int, timeout_s: float) -> bool:
+        """Until ``count`` requests of any kind have their Completion (or ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.done() >= count:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def wait_for(self, request_ids: Iterable[str], timeout_s: float) -> bool:
+        """Until every one of ``request_ids`` has its Completion (or ``timeout_s``)."""
+        waiting = set(request_ids)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                waiting = {r for r in waiting if self.requests[r].received_ms is None}
+            if not waiting:
                 return True
             time.sleep(0.1)
         return False

@@ -250,7 +250,7 @@ def b3_priority(settings: Settings, quick: bool) -> dict[str, Any]:
                 stop.set()
                 if flooder.is_alive():
                     flooder.join(30)
-                collector.wait(len(high_ids), 60)
+                collector.wait_for(high_ids, 60)  # the HIGH ones: LOW completions must not end the wait
                 highs = [collector.requests[r] for r in high_ids]
                 finished = _finished(highs)
                 lows = [t for t in collector.requests.values() if t.priority == "LOW"]

@@ -13,6 +13,8 @@ already running set instead, export ``AIGC_TEST_EXTERNAL=1`` together with the u
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -125,3 +127,24 @@ def infra(test_settings: Settings) -> Iterator[Settings]:
         )
     finally:
         down(settings, echo=lambda line: print(f"[infra] {line}"))
+
+
+@pytest.fixture
+def tmux(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A private tmux server: ``start(command, env)`` runs a command in a 160x60 pane; ``screen()``
+    reads the pane."""
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is missing: `make setup` installs it")
+    socket = str(tmp_path / "tmux.sock")
+    session = unique("top")
+
+    def start(command: str, env: dict[str, str]) -> None:
+        subprocess.run(["tmux", "-S", socket, "new-session", "-d", "-s", session, "-x", "160", "-y", "60",
+                        command], env=env, check=True, cwd=REPO)  # fmt: skip
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "-S", socket, "capture-pane", "-p", "-t", session],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    yield start, screen
+    subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, check=False)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from plumbing.settings import Settings
-from tests.conftest import REPO, unique
+from tests.conftest import unique
 from tests.contract_exporter import BUSY, DEAD_LETTERS, LAG, contract_exporter
 
 SCREEN_TIMEOUT_S = 45.0
@@ -57,25 +55,6 @@ def on_screen(screen: str, row: tuple[str, ...]) -> bool:
 
 def class_row(screen: str, priority: str) -> list[str]:
     return next(cells for cells in table_rows(screen) if cells[0] == priority)
-
-
-@pytest.fixture
-def tmux(tmp_path: Path):
-    if shutil.which("tmux") is None:
-        pytest.fail("tmux is missing: `make setup` installs it")
-    socket = str(tmp_path / "tmux.sock")
-    session = unique("top")
-
-    def start(command: str, env: dict[str, str]) -> None:
-        subprocess.run(["tmux", "-S", socket, "new-session", "-d", "-s", session, "-x", "160", "-y", "60",
-                        command], env=env, check=True, cwd=REPO)  # fmt: skip
-
-    def screen() -> str:
-        return subprocess.run(["tmux", "-S", socket, "capture-pane", "-p", "-t", session],
-                              capture_output=True, text=True, check=True).stdout  # fmt: skip
-
-    yield start, screen
-    subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, check=False)
 
 
 def wait_for_screen(screen, rows: list[tuple[str, ...]], heading: str) -> str:  # type: ignore[no-untyped-def]
