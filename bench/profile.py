@@ -67,7 +67,12 @@ def services(settings: Settings) -> dict[int, str]:
 
 
 def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system clock ticks of ``pid`` so far; 0 once it has exited (a window that outlives a
+    process counts what the process used before it)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0
     return int(fields[11]) + int(fields[12])
 
 
@@ -157,7 +162,7 @@ def main() -> int:
         }
         start = time.monotonic()
         time.sleep(args.seconds)
-        used = {p: cpu_ticks(p) - before[p] for p in before}
+        used = {p: max(0, cpu_ticks(p) - before[p]) for p in before}
         window = time.monotonic() - start
         for spy in spies.values():
             spy.wait(60)
