@@ -505,6 +505,9 @@ def test_reads_end_at_transaction_markers_and_skip_aborted_completions(world: Wo
             "finished_at": now_ms(),
         }
         tx.produce(world.topics.completions, world.codec.encode("Completion", record), request_id.encode())
+        # Delivered before the transaction ends: an abort racing an in-flight produce is refused
+        # (INVALID_TXN_STATE, fatal to the producer) by Kafka 4's transactions (KIP-890).
+        tx.flush(30)
         if commit:
             tx.commit_transaction(30)
         else:
