@@ -34,6 +34,7 @@ aborts its open transaction at once instead of after the transaction timeout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -45,7 +46,7 @@ from functools import partial
 from typing import Any
 
 from cassandra.cluster import ResponseFuture
-from confluent_kafka import KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from plumbing import tracing
 from plumbing.blobs import BlobStore
@@ -179,10 +180,16 @@ class Sink:
             self.consumer.resume([TopicPartition(t, p) for t, p in drained])
             self.paused -= drained
 
-    def _lose(self, _consumer: object, partitions: list[TopicPartition]) -> None:
-        """Partitions revoked or lost in a rebalance: what waits for them is the next owner's."""
+    def _lose(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions revoked or lost in a rebalance: what waits for them is the next owner's. Paused ones
+        are resumed as they go: librdkafka keeps a partition paused across its revocation, so one assigned
+        back later would otherwise never be fetched again (as the relay's `_on_revoke` does)."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self.inbox.drop(keys)
+        paused = self.paused & keys
+        if paused:
+            with contextlib.suppress(KafkaException):  # already gone (lost): nothing left to resume
+                consumer.resume([TopicPartition(t, p) for t, p in paused])
         self.paused -= keys
 
     def _ok(self, msg: Message) -> bool:
