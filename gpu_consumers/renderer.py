@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -50,6 +49,7 @@ from plumbing.kafka_clients import header_map, make_producer
 from plumbing.observability import Readiness, serve
 from plumbing.output_check import NudeNetDetector, OutputCheck
 from plumbing.settings import ModelSpec, Settings
+from plumbing.shutdown import stop_on_signals
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
 
@@ -288,9 +288,7 @@ class Renderer:
 
 def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None) -> None:
     """Run one renderer process until SIGINT or SIGTERM; work in hand is finished and acknowledged first."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     obs = serve(settings, Stage.RENDERER.value, *READINESS)
     renderer = Renderer(settings, pool, backend_overrides)
     renderer.readiness = obs.readiness

@@ -23,7 +23,6 @@ group, topic and partition labels are bounded by the pipeline's own topics and g
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from plumbing.kafka_clients import make_admin, renderer_group
 from plumbing.observability import Readiness, serve
 from plumbing.settings import Settings
+from plumbing.shutdown import stop_on_signals
 from plumbing.topics import PRIORITIES, Topics
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,7 @@ class LagExporter(Collector):
 
 def run(settings: Settings) -> None:
     """Run the lag exporter until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     obs = serve(settings, "lag_exporter", "kafka")
     exporter = LagExporter(settings)
     REGISTRY.register(exporter)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 log = logging.getLogger(__name__)
@@ -31,3 +32,12 @@ def exit_after(grace_s: float, what: str) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM: a stage's loop runs until it is set, then finishes its work in
+    hand."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

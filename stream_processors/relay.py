@@ -16,7 +16,6 @@ per batch), so a crash sends some messages twice and loses none; stages are idem
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, Headers
 from plumbing.kafka_clients import consume_available, make_consumer, make_producer
 from plumbing.observability import Readiness, serve
 from plumbing.settings import Settings
+from plumbing.shutdown import stop_on_signals
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
 
@@ -171,9 +171,7 @@ class Relay:
 
 def run(settings: Settings) -> None:
     """Run the relay until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     obs = serve(settings, "relay", "assigned")
     relay = Relay(settings)
     relay.readiness = obs.readiness

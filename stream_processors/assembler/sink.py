@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -63,6 +62,7 @@ from plumbing.output_check import REASON_CODE, NudeNetDetector, OutputCheck, Out
 from plumbing.output_check import from_record as output_check_from_record
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
+from plumbing.shutdown import stop_on_signals
 from plumbing.topics import PRIORITIES, Stage, Topics
 from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
@@ -615,9 +615,7 @@ def _offset_ranges(batch: Iterable[Message]) -> dict[tuple[str, int], tuple[int,
 
 def run(settings: Settings) -> None:
     """Run the sink until SIGINT or SIGTERM; the batch in hand is finished first."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     obs = serve(settings, Stage.ASSEMBLER.value, *READINESS)
     sink = Sink(settings)
     sink.readiness = obs.readiness
