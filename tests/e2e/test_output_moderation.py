@@ -33,8 +33,12 @@ CLEAN = {"seed": 7, "prompt": "stripes 0"}
 THRESHOLD = 0.3
 
 
-def moderated_settings(infra: Settings, home: Path) -> Settings:
-    return infra.model_copy(
+def moderated_pipeline(
+    infra: Settings, home: Path, name: str, renderer_env: dict[str, str] | None = None
+) -> Iterator[Settings]:
+    """A pipeline of its own (synthetic renderers) whose output check counts BUTTOCKS_EXPOSED from
+    THRESHOLD as unsafe, quarantining to a bucket of its own."""
+    settings = infra.model_copy(
         update={
             "home": home,
             "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic")},
@@ -46,35 +50,28 @@ def moderated_settings(infra: Settings, home: Path) -> Settings:
             ),
         }
     )
+    with running_pipeline(
+        settings,
+        synthetic_ms=SERVICE_MS,
+        isolate=name,
+        drop=True,
+        renderer_env=renderer_env,
+        echo=lambda line: print(f"[{name}] {line}"),
+    ) as pipe:
+        yield pipe.settings
 
 
 @pytest.fixture(scope="module")
 def moderated(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Renderers check their frames (the default)."""
-    settings = moderated_settings(infra, tmp_path_factory.mktemp("outmod"))
-    with running_pipeline(
-        settings,
-        synthetic_ms=SERVICE_MS,
-        isolate="outmod",
-        drop=True,
-        echo=lambda line: print(f"[outmod] {line}"),
-    ) as pipe:
-        yield pipe.settings
+    yield from moderated_pipeline(infra, tmp_path_factory.mktemp("outmod"), "outmod")
 
 
 @pytest.fixture(scope="module")
 def unchecked_renderers(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Renderers with the check off: their frames reach the sink unchecked, and the sink checks them."""
-    settings = moderated_settings(infra, tmp_path_factory.mktemp("outmod-sink"))
-    with running_pipeline(
-        settings,
-        synthetic_ms=SERVICE_MS,
-        isolate="outmodsink",
-        drop=True,
-        renderer_env={"AIGC_OUTPUT_CHECK__ENABLED": "false"},
-        echo=lambda line: print(f"[outmod-sink] {line}"),
-    ) as pipe:
-        yield pipe.settings
+    home = tmp_path_factory.mktemp("outmod-sink")
+    yield from moderated_pipeline(infra, home, "outmodsink", {"AIGC_OUTPUT_CHECK__ENABLED": "false"})
 
 
 def request(**fields: Any) -> dict[str, Any]:
