@@ -11,7 +11,8 @@ UV_VERSION := 0.13.9
 M2 ?= $(HOME)/.m2/repository
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo run status down test test-unit lint typecheck bench chaos lock infra-up infra-down clean
+.PHONY: setup tools demo run status down test test-unit lint typecheck bench chaos lock infra-up infra-down clean \
+	train-demo-model eval-demo-model
 
 setup: $(VENV)/.installed infra/lib/.resolved tools
 
@@ -37,6 +38,14 @@ infra/lib/.resolved: infra/maven/pom.xml infra/maven/kafka/pom.xml infra/maven/c
 
 demo: setup
 	$(AIGC) demo
+
+# The demo's shapes model: trained on the CPU from fixed seeds into gpu_consumers/shapes/model (shipped in the
+# repository, so `make demo` never needs this), and its prompt agreement on 200 unseen attribute combinations.
+train-demo-model: setup
+	$(AIGC) models train-shapes
+
+eval-demo-model: setup
+	$(AIGC) models eval-shapes --prompts 200 --sheet docs/shapes-agreement.png
 
 # The pipeline as a background service for your own producers: `make run` starts the infrastructure and
 # the stages and returns once they are ready; `make status` says what runs; `make down` stops it all.
