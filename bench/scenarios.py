@@ -27,6 +27,7 @@ from bench.harness import (
     steady_rate,
     summary,
 )
+from bench.realsize import sd15
 from infra.pipeline import RunningPipeline, running_pipeline
 from plumbing.settings import GatekeeperSettings, ModelSpec, RendererSettings, Settings, Tier
 
@@ -527,5 +528,6 @@ SCENARIOS = {
     "B6": b6_video_sink,
     "B7": b7_scaling,
     "LEDGER": ledger,
+    "SD15": sd15,
     "PEER": peer_celery,
 }
