@@ -1,10 +1,12 @@
 """`aigc demo`: the main job, end to end, on this machine.
 
-Brings the local infrastructure up if it is not running, builds the tiny model if it is missing, starts
-the pipeline (gatekeeper, one renderer, assembler) under the supervisor, submits one image request and
-one 16-frame video request through the SDK, shows live progress from the status topic (bars on a
-terminal, one line per state change in a file or a pipe), prints each completion, downloads the
-outputs and says where they are. Whatever it started, it stops at the end.
+Brings the local infrastructure up if it is not running, installs the demo's trained shapes model (the
+weights shipped in gpu_consumers/shapes/model) unless AIGC_MODELS names other models, starts the pipeline
+(gatekeeper, one renderer, assembler) under the supervisor, submits two image requests (an English and a
+Chinese prompt) and one 16-frame video request that walks from one prompt to another through the SDK, shows
+live progress from the status topic (bars on a terminal, one line per state change in a file or a pipe),
+prints each completion, downloads the outputs, lays them out on one contact sheet and says where they are.
+Whatever it started, it stops at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from infra.launcher import down, status, up
 from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
 from infra.prometheus_server import prometheus_url
 from plumbing.blobs import BlobStore
-from plumbing.settings import Settings
+from plumbing.settings import ModelSpec, Settings
 from plumbing.supervisor import Supervisor
 from producers.cli import format_completion
 from producers.client import Client, now_ms
@@ -27,31 +29,53 @@ from producers.metrics_summary import print_summary
 from producers.progress import progress_view
 
 TENANT = "demo"
+IMAGE_PROMPT = "a big red circle on the left on a blue background"
+CHINESE_PROMPT = "黑色背景上的一个黄色三角形"
+VIDEO_PROMPTS = (
+    "a big red circle in the middle on a black background",
+    "a big blue circle in the middle on a black background",
+)
+DEMO_MODEL = "shapes-sd"
 
 
 def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's settings: the trained shapes model, unless the registry (AIGC_MODELS) was set to others."""
+    if settings.models != Settings.model_fields["models"].default_factory():  # type: ignore[misc]
+        return settings
+    spec = ModelSpec(path=settings.home / "models" / DEMO_MODEL, max_batch=4)
+    return settings.model_copy(update={"models": {DEMO_MODEL: spec}})
+
+
 def ensure_models(settings: Settings) -> None:
-    """Build the tiny model wherever the registry points at a missing diffusers folder."""
+    """Install the shapes model or build the tiny one wherever the registry points at a missing folder."""
     for name, spec in settings.models.items():
         if spec.backend != "diffusers" or (spec.path / "model_index.json").exists():
             continue
-        print(f"{name}: building the tiny random-weight model into {spec.path}", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "plumbing.cli", "models", "build-tiny", str(spec.path)], check=True
-        )
+        verb = "install-shapes" if name == DEMO_MODEL else "build-tiny"
+        what = "the trained shapes model" if name == DEMO_MODEL else "the tiny random-weight model"
+        print(f"{name}: putting {what} into {spec.path}", flush=True)
+        subprocess.run([sys.executable, "-m", "plumbing.cli", "models", verb, str(spec.path)], check=True)
 
 
 def demo_requests(model: str) -> list[dict[str, Any]]:
+    """Two pictures of one English prompt, one of a Chinese prompt, and a clip from one prompt to another.
+
+    The shapes model draws 64x64 scenes; the clip keeps one seed for its whole length, so what changes
+    from frame to frame is what the prompt says.
+    """
     return [
-        {"tenant_id": TENANT, "prompt": "a lighthouse on a cliff at dusk, oil painting", "model": model,
-         "width": 128, "height": 128, "steps": 20, "guidance_scale": 7.5, "num_images": 2, "priority": "HIGH",
+        {"tenant_id": TENANT, "prompt": IMAGE_PROMPT, "model": model, "width": 64, "height": 64,
+         "steps": 25, "guidance_scale": 7.5, "num_images": 2, "seed": 7, "priority": "HIGH",
          "labels": {"demo": "image"}},
-        {"tenant_id": TENANT, "prompt": "waves rolling onto a beach at sunrise", "model": model, "width": 128,
-         "height": 128, "steps": 10, "guidance_scale": 7.5, "priority": "NORMAL", "labels": {"demo": "video"},
-         "video": {"num_frames": 16, "fps": 8, "prompt_end": "waves rolling onto a beach at night"}},
+        {"tenant_id": TENANT, "prompt": CHINESE_PROMPT, "model": model, "width": 64, "height": 64,
+         "steps": 25, "guidance_scale": 7.5, "seed": 3, "priority": "HIGH", "labels": {"demo": "image-zh"}},
+        {"tenant_id": TENANT, "prompt": VIDEO_PROMPTS[0], "model": model, "width": 64, "height": 64,
+         "steps": 20, "guidance_scale": 7.5, "seed": 5, "priority": "NORMAL", "labels": {"demo": "video"},
+         "video": {"num_frames": 16, "fps": 8, "prompt_end": VIDEO_PROMPTS[1], "seed_end": 5}},
     ]  # fmt: skip
 
 
@@ -61,7 +85,7 @@ def follow(client: Client, requests: dict[str, dict[str, Any]], since_ms: int, t
     line per state change in a file or a pipe."""
     totals = {}
     for request_id, req in requests.items():
-        frames = req["video"]["num_frames"] if req.get("video") else req["num_images"]
+        frames = req["video"]["num_frames"] if req.get("video") else req.get("num_images", 1)
         label = f"{'video' if req.get('video') else 'image'} {request_id[:8]}"
         totals[request_id] = (label, frames * req["steps"])
     view = progress_view(totals)
@@ -102,6 +126,7 @@ def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> l
 
 
 def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: float = 600.0) -> int:
+    settings = demo_settings(settings)
     _say("infrastructure: Kafka (KRaft), Cassandra, S3Proxy on 127.0.0.1")
     was_running = all(s.ready for s in status(settings))
     up(settings)
@@ -126,7 +151,7 @@ def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: f
 def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float) -> int:
     settings = pipeline.settings
     model = next(iter(settings.models))
-    _say("submitting one image request (2 images) and one 16-frame video request")
+    _say("submitting two image requests (2 images, English; 1 image, Chinese) and one 16-frame video request")
     since = now_ms()
     started_s = time.time()
     with Client(settings) as client:
@@ -142,15 +167,52 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
         print(f"no completion within {timeout_s:.0f} s for {', '.join(sorted(missing))}")
         return 1
     _say(f"outputs downloaded to {out_dir.resolve()}")
+    downloaded: list[Path] = []
     for completion in completions.values():
         for path in download(settings, completion, out_dir):
             print(f"  {path}")
+            downloaded.append(path)
+    print(f"  all of them on one page: {contact_sheet(downloaded, out_dir / 'demo-output.jpg')}")
     print_summary(settings, started_s - 1)
     print(
         "\n`aigc get <request_id>` shows a request's record in Cassandra, `aigc trace <request_id>` its "
         f"timeline; stage logs are in {pipeline.log_dir}"
     )
     return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
+
+
+def contact_sheet(paths: list[Path], out: Path, cell: int = 128, columns: int = 8) -> Path:
+    """The images (first rows) and each video's frames (next rows) in one JPEG, each picture ``cell`` px."""
+    import cv2
+    import numpy as np
+
+    pictures: list[np.ndarray] = []
+    rows: list[list[np.ndarray]] = []
+    for path in paths:
+        if path.suffix == ".mp4":
+            capture = cv2.VideoCapture(str(path))
+            frames = []
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                frames.append(frame)
+            capture.release()
+            rows += [frames[i : i + columns] for i in range(0, len(frames), columns)]
+        else:
+            pictures.append(cv2.imread(str(path)))
+    rows = [pictures[i : i + columns] for i in range(0, len(pictures), columns)] + rows
+    gap = 4
+    width = columns * (cell + gap)
+    lines = []
+    for row in rows:
+        line = np.full((cell + gap, width, 3), 255, np.uint8)
+        for i, picture in enumerate(row):
+            x = i * (cell + gap)
+            line[:cell, x : x + cell] = cv2.resize(picture, (cell, cell), interpolation=cv2.INTER_NEAREST)
+        lines.append(line)
+    cv2.imwrite(str(out), np.vstack(lines), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return out
 
 
 def _keep(pipeline: RunningPipeline) -> None:
