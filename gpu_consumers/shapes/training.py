@@ -51,12 +51,14 @@ class TrainConfig:
     seed: int = 0
     images: int = 16_000  # training scenes drawn (each with its own jitter)
     vae_steps: int = 500
-    vae_batch: int = 32
+    vae_batch: int = 24
     unet_steps: int = 2_400
-    unet_batch: int = 48
+    unet_batch: int = 32
     lr: float = 6e-4
     ema_decay: float = 0.999
-    max_minutes: float | None = None  # optional stop: training ends early (and says so) past this wall time
+    # Optional wall-time limit: the VAE may take VAE_SHARE of it; each phase's schedule then runs by time or
+    # by steps, whichever is further along, so a slow or shared machine ends on time with decayed weights.
+    max_minutes: float | None = None
     threads: int = 2
 
 
@@ -126,10 +128,14 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text(merges, encoding="utf-8")
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+VAE_SHARE = 0.2  # of a time limit, the share the VAE phase may take
+
+
+def _cosine(progress: float, warmup: float) -> float:
+    """Learning-rate factor at ``progress`` in [0, 1] of a phase: linear warm-up, then cosine to 10%."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((progress - warmup) / (1 - warmup), 1.0)))
 
 
 class _Clock:
@@ -141,8 +147,32 @@ class _Clock:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def over(self) -> bool:
-        return self.elapsed() > self.limit
+    def phase(self, steps: int, share: float) -> _Phase:
+        """A phase of ``steps`` that may take ``share`` of the time left under the limit."""
+        now = time.monotonic()
+        return _Phase(steps, now, now + share * (self.start + self.limit - now))
+
+
+@dataclass
+class _Phase:
+    """How far a phase is: by steps, or by time when a limit is set and time runs out first.
+
+    Without a limit the schedule depends on the step alone (the same weights every run); with one, a slow
+    machine still gets a full warm-up and decay, over fewer steps.
+    """
+
+    steps: int
+    start: float
+    deadline: float
+
+    def progress(self, step: int) -> float:
+        by_time = (
+            (time.monotonic() - self.start) / (self.deadline - self.start) if self.deadline < math.inf else 0
+        )
+        return max(step / self.steps, by_time)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
 
 
 def _draw_pool(config: TrainConfig) -> tuple[list[sc.Scene], np.ndarray]:
@@ -158,14 +188,17 @@ def _to_tensor(images: np.ndarray) -> Any:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(vae: Any, images: np.ndarray, config: TrainConfig, clock: _Clock) -> None:
+def train_vae(vae: Any, images: np.ndarray, config: TrainConfig, clock: _Clock) -> int:
+    """Train the autoencoder; returns the steps taken."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _cosine(s, config.vae_steps, 20))
+    phase = clock.phase(config.vae_steps, VAE_SHARE)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _cosine(phase.progress(s), 0.04))
     vae.train()
-    for step in range(config.vae_steps):
+    step = 0
+    while not phase.done(step):
         index = torch.randint(0, len(images), (config.vae_batch,), generator=generator)
         x = _to_tensor(images[index.numpy()])
         posterior = vae.encode(x).latent_dist
@@ -176,12 +209,13 @@ def train_vae(vae: Any, images: np.ndarray, config: TrainConfig, clock: _Clock) 
         loss.backward()
         optimiser.step()
         schedule.step()
-        if step % 50 == 0 or step == config.vae_steps - 1:
-            clock.say(f"vae {step + 1}/{config.vae_steps} loss {loss.item():.4f} ({clock.elapsed():.0f} s)")
-        if clock.over():
-            clock.say(f"vae: stopped at step {step + 1}, past the {config.max_minutes:g} min limit")
-            break
+        step += 1
+        if step % 50 == 0 or phase.done(step):
+            clock.say(f"vae {step}/{config.vae_steps} loss {loss.item():.4f} ({clock.elapsed():.0f} s)")
+    if step < config.vae_steps:
+        clock.say(f"vae: {step} steps, the time limit's share ran out first")
     vae.eval()
+    return step
 
 
 def encode_latents(vae: Any, images: np.ndarray) -> Any:
@@ -208,8 +242,8 @@ def _reconstruction_agreement(vae: Any, pool: list[sc.Scene], latents: Any, n: i
 
 
 def train_denoiser(parts: dict[str, Any], pool: list[sc.Scene], latents: Any, config: TrainConfig,
-                   clock: _Clock) -> Any:  # fmt: skip
-    """Train the UNet and text encoder together; returns the UNet's moving average."""
+                   clock: _Clock) -> tuple[Any, int]:  # fmt: skip
+    """Train the UNet and text encoder together; returns the UNet's moving average and the steps taken."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -222,11 +256,13 @@ def train_denoiser(parts: dict[str, Any], pool: list[sc.Scene], latents: Any, co
     generator = torch.Generator().manual_seed(config.seed + 1)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _cosine(s, config.unet_steps, 100))
+    phase = clock.phase(config.unet_steps, 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _cosine(phase.progress(s), 0.04))
     ema = copy.deepcopy(unet).requires_grad_(False)
     unet.train()
     text_encoder.train()
-    for step in range(config.unet_steps):
+    step = 0
+    while not phase.done(step):
         index = torch.randint(0, len(pool), (config.unet_batch,), generator=generator)
         captions = [
             "" if rng.random() < CAPTION_DROPOUT else sc.caption(pool[i], rng.choice(("en", "zh")), rng)
@@ -246,17 +282,17 @@ def train_denoiser(parts: dict[str, Any], pool: list[sc.Scene], latents: Any, co
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        step += 1
+        decay = min(config.ema_decay, step / (9 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
-        if step % 100 == 0 or step == config.unet_steps - 1:
-            clock.say(f"unet {step + 1}/{config.unet_steps} loss {loss.item():.4f} ({clock.elapsed():.0f} s)")
-        if clock.over():
-            clock.say(f"unet: stopped at step {step + 1}, past the {config.max_minutes:g} min limit")
-            break
+        if step % 100 == 0 or phase.done(step):
+            clock.say(f"unet {step}/{config.unet_steps} loss {loss.item():.4f} ({clock.elapsed():.0f} s)")
+    if step < config.unet_steps:
+        clock.say(f"unet: {step} steps, the time limit ran out first")
     text_encoder.eval()
-    return ema.eval()
+    return ema.eval(), step
 
 
 def train(path: Path, config: TrainConfig | None = None, say: Callable[[str], None] = print) -> Path:
@@ -276,7 +312,7 @@ def train(path: Path, config: TrainConfig | None = None, say: Callable[[str], No
         parts = build_components(scratch / "tokenizer-source")
         say(f"drawing {config.images} training scenes")
         pool, images = _draw_pool(config)
-        train_vae(parts["vae"], images, config, clock)
+        vae_steps = train_vae(parts["vae"], images, config, clock)
         latents = encode_latents(parts["vae"], images)
         ceiling = _reconstruction_agreement(parts["vae"], pool, latents)
         say(f"vae reconstructions the checker agrees with: {100 * ceiling:.1f}%")
@@ -284,7 +320,7 @@ def train(path: Path, config: TrainConfig | None = None, say: Callable[[str], No
         parts["vae"].register_to_config(scaling_factor=scale)
         latents = latents * scale
         say(f"latents: scaling factor {scale:.4f} ({clock.elapsed():.0f} s)")
-        unet = train_denoiser(parts, pool, latents, config, clock)
+        unet, unet_steps = train_denoiser(parts, pool, latents, config, clock)
         pipe = StableDiffusionPipeline(
             vae=parts["vae"].half(),
             text_encoder=parts["text_encoder"].half(),
@@ -298,7 +334,8 @@ def train(path: Path, config: TrainConfig | None = None, say: Callable[[str], No
         staged = scratch / "model"
         pipe.save_pretrained(staged)
         write_tokenizer(staged / "tokenizer")
-        marker = {"name": NAME, "kind": "trained", "config": asdict(config),
+        marker = {"name": NAME, "kind": "trained", "config": asdict(config), "steps_taken":
+                  {"vae": vae_steps, "unet": unet_steps, "vae_reconstruction_agreement": round(ceiling, 3)},
                   "train_seconds": round(clock.elapsed())}  # fmt: skip
         (staged / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         if path.exists():
