@@ -42,7 +42,7 @@ demo: setup
 # The demo's shapes model: trained on the CPU from fixed seeds into gpu_consumers/shapes/model (shipped in the
 # repository, so `make demo` never needs this), and its prompt agreement on 200 unseen attribute combinations.
 train-demo-model: setup
-	$(AIGC) models train-shapes
+	$(AIGC) models train-shapes --max-minutes 30
 
 eval-demo-model: setup
 	$(AIGC) models eval-shapes --prompts 200 --sheet docs/shapes-agreement.png
