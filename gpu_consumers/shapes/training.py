@@ -54,7 +54,7 @@ class TrainConfig:
     vae_batch: int = 32
     unet_steps: int = 2_400
     unet_batch: int = 32
-    lr: float = 6e-4
+    lr: float = 1e-3
     ema_decay: float = 0.999
     # Optional wall-time limit: the VAE may take VAE_SHARE of it; each phase's schedule then runs by time or
     # by steps, whichever is further along, so a slow or shared machine ends on time with decayed weights.
@@ -129,7 +129,7 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text(merges, encoding="utf-8")
 
 
-VAE_SHARE = 0.2  # of a time limit, the share the VAE phase may take
+VAE_SHARE = 0.35  # of a time limit, the share the VAE phase may take
 VAE_CROP = 32  # the VAE trains on crops of this side
 
 
@@ -195,7 +195,7 @@ def train_vae(vae: Any, images: np.ndarray, config: TrainConfig, clock: _Clock) 
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
     phase = clock.phase(config.vae_steps, VAE_SHARE)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _cosine(phase.progress(s), 0.04))
     vae.train()
