@@ -192,6 +192,72 @@ def time_model(
     return out
 
 
+def time_components(batches: tuple[int, ...], steps: tuple[int, ...] = (4, 25)) -> dict[str, Any]:
+    """Per-call wall and CPU seconds of each component at each batch, and the per-image times they add up to.
+
+    A 512x512 picture with classifier-free guidance is one text-encoder call on 2b prompts, ``steps`` UNet
+    calls on 2b latents and one VAE decode of b latents (b = batch; the scheduler's arithmetic is noise).
+    Timing each call once, instead of whole renders, makes the figure affordable on a CPU: a whole 25-step
+    render would take minutes. CPU seconds (``time.process_time``: every thread of the process) are the
+    figure to trust on a shared machine, where wall time also counts the other processes' turns.
+    """
+    import torch
+
+    began = time.monotonic()
+    pipe = build()
+    out: dict[str, Any] = {
+        "device": f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": "float32",
+        "params_m": {
+            name: round(sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6, 1)
+            for name in ("unet", "vae", "text_encoder")
+        },
+        "size": "512x512",
+        "build_s": round(time.monotonic() - began, 1),
+        "rss_after_build_mb": round(_peak_rss_mb()),
+    }
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def timed(call: Any) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        call()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    calls: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        context = pipe.text_encoder(ids)[0]
+        pipe.unet(torch.randn(2, 4, 64, 64), 500, context.repeat(2, 1, 1))  # warm-up
+        for b in batches:
+            latents = torch.randn(2 * b, 4, 64, 64)
+            te = timed(lambda b=b: pipe.text_encoder(ids.repeat(2 * b, 1)))
+            unet = timed(lambda b=b, x=latents: pipe.unet(x, 500, context.repeat(2 * b, 1, 1)))
+            vae = timed(lambda b=b, x=latents: pipe.vae.decode(x[:b] / pipe.vae.config.scaling_factor))
+            calls[f"batch_{b}"] = {
+                "text_encoder_s": round(te[0], 2), "unet_call_s": round(unet[0], 2),
+                "vae_decode_s": round(vae[0], 2),
+                "text_encoder_cpu_s": round(te[1], 2), "unet_call_cpu_s": round(unet[1], 2),
+                "vae_decode_cpu_s": round(vae[1], 2),
+            }  # fmt: skip
+            print(f"SD15 batch {b}: {calls[f'batch_{b}']}", flush=True)
+    out["per_call"] = calls
+    for kind in ("s", "cpu_s"):
+        for n in steps:
+            out[f"{kind}_per_image_{n}_steps"] = {
+                key: round(
+                    (c[f"text_encoder_{kind}"] + n * c[f"unet_call_{kind}"] + c[f"vae_decode_{kind}"])
+                    / int(key.removeprefix("batch_")),
+                    2,
+                )
+                for key, c in calls.items()
+            }
+    first, last = f"batch_{batches[0]}", f"batch_{batches[-1]}"
+    for n in steps:
+        per = out[f"cpu_s_per_image_{n}_steps"]
+        out[f"batching_gain_{n}_steps_cpu"] = round(per[first] / per[last], 3)
+    out["peak_rss_mb"] = round(_peak_rss_mb())
+    return out
+
+
 def pipeline_under_backlog(settings: Any, folder: Path, count: int, steps: int) -> dict[str, Any]:
     """One renderer serving the real-size model under a standing backlog: busy fraction and overhead share."""
     import statistics
@@ -235,9 +301,7 @@ def sd15(settings: Any, quick: bool) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    steps = 4 if not cuda else 20
-    batches = (1, 2) if not cuda else (1, 2, 4, 8)
-    out: dict[str, Any] = {"model": time_model(steps, batches)}
+    out: dict[str, Any] = {"model": time_model(20, (1, 2, 4, 8)) if cuda else time_components((1, 2))}
     if cuda:
         with tempfile.TemporaryDirectory() as work:
             folder = Path(work) / "sd15-random"
@@ -255,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         "--batches", default="1,2", help="batch sizes, comma-separated (default: %(default)s)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    parser.add_argument(
+        "--whole", action="store_true", help="time whole renders, not component calls (the default on CUDA)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     import torch
@@ -262,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = tuple(int(b) for b in args.batches.split(","))
-    json.dump(time_model(args.steps, batches, args.compile), sys.stdout, indent=2)
+    whole = args.whole or torch.cuda.is_available()
+    figures = time_model(args.steps, batches, args.compile) if whole else time_components(batches)
+    json.dump(figures, sys.stdout, indent=2)
     print()
     return 0
 
