@@ -47,7 +47,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "dir", type=Path, nargs="?", help="where to write the model (default: the shipped folder)"
     )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--vae-steps", type=int, help="VAE training steps (default 500)")
+    train.add_argument("--vae-steps", type=int, help="VAE training steps (default 1500)")
     train.add_argument("--unet-steps", type=int, help="UNet and text encoder training steps (default 2400)")
     train.add_argument(
         "--max-minutes",
