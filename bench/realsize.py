@@ -281,11 +281,7 @@ def pipeline_under_backlog(settings: Any, folder: Path, count: int, steps: int) 
             load.close()
             collector.close()
     fractions = _busy(timings)
-    overhead = [
-        (t.e2e_ms - t.render_ms) / t.render_ms  # type: ignore[operator]
-        for t in timings
-        if t.e2e_ms and t.render_ms
-    ]
+    overhead = [(t.e2e_ms - t.render_ms) / t.render_ms for t in timings if t.e2e_ms and t.render_ms]
     return {
         "backlog": count,
         "steps": steps,

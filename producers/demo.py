@@ -44,7 +44,7 @@ def _say(text: str) -> None:
 
 def demo_settings(settings: Settings) -> Settings:
     """The demo's settings: the trained shapes model, unless the registry (AIGC_MODELS) was set to others."""
-    if settings.models != Settings.model_fields["models"].default_factory():  # type: ignore[misc]
+    if settings.models != Settings.model_fields["models"].default_factory():  # type: ignore[call-arg,misc]
         return settings
     spec = ModelSpec(path=settings.home / "models" / DEMO_MODEL, max_batch=4)
     return settings.model_copy(update={"models": {DEMO_MODEL: spec}})
@@ -200,7 +200,9 @@ def contact_sheet(paths: list[Path], out: Path, cell: int = 128, columns: int = 
             capture.release()
             rows += [frames[i : i + columns] for i in range(0, len(frames), columns)]
         else:
-            pictures.append(cv2.imread(str(path)))
+            picture = cv2.imread(str(path))
+            if picture is not None:
+                pictures.append(picture)
     rows = [pictures[i : i + columns] for i in range(0, len(pictures), columns)] + rows
     gap = 4
     width = columns * (cell + gap)

@@ -126,10 +126,10 @@ def random_scene(rng: random.Random, kind: str | None = None) -> Scene:
         pair = tuple(Shape(c, s, "big", p) for c, s, p in zip(colours, kinds, slots, strict=True))
         return Scene("pair", background, pair, relation)
     (colour,), background = _two_colours(rng, 1)
-    shape = rng.choice(SHAPES)
+    kind_of_shape = rng.choice(SHAPES)
     n = rng.choice(list(COUNTS))
-    slots = ("left", "right") if n == 2 else ("left", "middle", "right")
-    return Scene("count", background, tuple(Shape(colour, shape, "small", p) for p in slots))
+    row: tuple[str, ...] = ("left", "right") if n == 2 else ("left", "middle", "right")
+    return Scene("count", background, tuple(Shape(colour, kind_of_shape, "small", p) for p in row))
 
 
 def scenes(rng: random.Random, n: int, *, held_out: bool) -> list[Scene]:

@@ -259,7 +259,7 @@ def train_denoiser(parts: dict[str, Any], pool: list[sc.Scene], latents: Any, co
     noise_scheduler = DDPMScheduler(
         **{k: v for k, v in _scheduler_config().items() if k != "set_alpha_to_one"}
     )
-    alphas = noise_scheduler.alphas_cumprod
+    alphas = noise_scheduler.alphas_cumprod  # type: ignore[attr-defined]
     rng = random.Random(config.seed + 1)
     generator = torch.Generator().manual_seed(config.seed + 1)
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -340,7 +340,7 @@ def train(path: Path, config: TrainConfig | None = None, say: Callable[[str], No
             requires_safety_checker=False,
         )
         staged = scratch / "model"
-        pipe.save_pretrained(staged)
+        pipe.save_pretrained(staged)  # type: ignore[attr-defined]
         write_tokenizer(staged / "tokenizer")
         marker = {"name": NAME, "kind": "trained", "config": asdict(config), "steps_taken":
                   {"vae": vae_steps, "unet": unet_steps, "vae_reconstruction_agreement": round(ceiling, 3)},
