@@ -40,6 +40,7 @@ from plumbing.shutdown import exit_after
 from plumbing.tenants import TenantQuotas
 from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
+from stream_processors.gatekeeper import faust_fixes
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
@@ -104,6 +105,7 @@ def create_app(
         web_enabled=conf.web_port is not None,
         web_port=conf.web_port or 6066,
     )
+    faust_fixes.install(app)
 
     sources = {p: app.topic(topics.requests(p)) for p in PRIORITIES}
     outputs: dict[str, faust.types.TopicT] = {}
