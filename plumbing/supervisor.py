@@ -72,9 +72,12 @@ class _Child:
     log_offset: int = field(default=0)
 
 
-def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
-    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
-    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter."""
+def pipeline_stages(
+    settings: Settings, renderers: int, synthetic_ms: float | None = None, gateway: bool = False
+) -> list[StageSpec]:
+    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay,
+    unless metrics are off (``observability.metrics=false``, to measure their cost) one lag exporter and,
+    with ``gateway`` (and ``gateway.enabled``), the HTTP gateway."""
     stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
@@ -85,6 +88,8 @@ def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | No
     stages.append(StageSpec("relay", ["relay"], "relay"))
     if settings.observability.metrics:
         stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
+    if gateway and settings.gateway.enabled:
+        stages.append(StageSpec("gateway", ["gateway"], "gateway"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
 
@@ -303,7 +308,8 @@ def run_pipeline(
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    supervisor = Supervisor(pipeline_stages(settings, renderers, synthetic_ms), settings.to_env(),
+    stages = pipeline_stages(settings, renderers, synthetic_ms, gateway=True)
+    supervisor = Supervisor(stages, settings.to_env(),
                             log_dir or settings.home / "logs", restart=restart,
                             targets=targets_path(settings), pipeline=settings.kafka.topic_prefix)  # fmt: skip
     supervisor.start()
