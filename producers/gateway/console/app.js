@@ -191,6 +191,11 @@ $("submit-form").addEventListener("submit", submit);
 $("more").addEventListener("click", () => loadGallery(false));
 $("ops-refresh").addEventListener("click", loadOps);
 $("ops-replay").addEventListener("click", replayDryRun);
+if (location.hash.startsWith("#key=")) {
+  // `aigc demo` prints the console's URL with a key in the fragment: keep it, then take it off the URL.
+  apiKey = decodeURIComponent(location.hash.slice(5));
+  history.replaceState(null, "", location.pathname);
+}
 if (apiKey) {
   $("api-key").value = apiKey;
   useKey();
