@@ -364,6 +364,7 @@ class GatewaySettings(_Section):
         "(a revoked key stops working within this)",
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="comment line sent on an idle event stream")
+    max_streams: int = Field(64, ge=1, description="event streams open at once; more are answered 503")
     page_size: int = Field(20, ge=1, le=200, description="default page of GET /v1/generations")
 
 

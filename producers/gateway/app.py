@@ -6,6 +6,7 @@ so ids cannot be probed. Errors are RFC 9457 problem details (``application/prob
 field at fault where there is one.
 """
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from producers.gateway.backend import Backend
 from producers.gateway.keys import ApiKey, KeyError_
+from producers.gateway.middleware import LimitAndMeasure
 from producers.gateway.problems import Problem, install_problem_handlers
 from producers.gateway.requests import (
     Position,
@@ -84,16 +86,9 @@ def create_app(backend: Backend) -> FastAPI:
     )
     install_problem_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > gw.max_body_bytes:
-            return Problem(
-                413, "Request body too large", f"the body is {length} bytes, more than {gw.max_body_bytes}"
-            ).response()
-        return await call_next(request)
+    app.add_middleware(LimitAndMeasure, max_body_bytes=gw.max_body_bytes)
 
-    def tenant_key(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+    async def tenant_key(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise Problem(
@@ -102,8 +97,11 @@ def create_app(backend: Backend) -> FastAPI:
                 "send Authorization: Bearer <key>",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        try:
-            return backend.keys.authenticate(key.strip())
+        try:  # a key seen within key_cache_s costs no thread hop and no query
+            cached = backend.keys.cached(key.strip())
+            if cached is not None:
+                return cached
+            return await asyncio.to_thread(backend.keys.authenticate, key.strip())
         except KeyError_ as exc:
             raise Problem(401, "Invalid API key", str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
 
@@ -130,11 +128,24 @@ def create_app(backend: Backend) -> FastAPI:
         status_code=202,
         response_model=Accepted,
         responses={400: {}, 401: {}, 413: {}, 429: {}},
+        # The body is checked by the pipeline's own rules (schemas/validation.py), as the gatekeeper and
+        # the SDK check it; the model only documents it.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": GenerationBody.model_json_schema(
+                            ref_template="#/components/schemas/{model}"
+                        )
+                    }
+                },
+            }
+        },
     )
     async def submit(
         request: Request,
         key: Key,
-        body: GenerationBody | None = None,
         idempotency_key: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
         """Validate and queue a generation; 202 with its id and a Location to poll."""
@@ -146,7 +157,10 @@ def create_app(backend: Backend) -> FastAPI:
                 f"this key may submit {gw.rate_per_s:g} a second",
                 headers={"Retry-After": str(max(1, round(wait_s + 0.5)))},
             )
-        raw = json.loads(await request.body() or b"null")
+        data = await request.body()
+        if len(data) > gw.max_body_bytes:  # a chunked body, which had no Content-Length to refuse it by
+            raise Problem(413, "Request body too large", f"the body is more than {gw.max_body_bytes} bytes")
+        raw = json.loads(data or b"null")
         now = time.time_ns() // 1_000_000
         record = record_from_body(
             raw,
@@ -159,9 +173,12 @@ def create_app(backend: Backend) -> FastAPI:
         validate_request(record, settings.limits, models, None, now)
         value = backend.codec.encode("GenerationRequest", record)
         rid = record["request_id"]
-        await backend.record_submission(record)  # first, so the id is this tenant's before any stage sees it
-        await backend.produce(
-            backend.topics.requests(record["priority"]), value, key.tenant_id, rid, key.tenant_id
+        # Both before the 202: once the client has the id, it is this tenant's and on the broker.
+        await asyncio.gather(
+            backend.record_submission(record),
+            backend.produce(
+                backend.topics.requests(record["priority"]), value, key.tenant_id, rid, key.tenant_id
+            ),
         )
         base = base_url(request)
         return JSONResponse(
@@ -240,7 +257,22 @@ def create_app(backend: Backend) -> FastAPI:
             int(created.replace(tzinfo=UTC).timestamp() * 1000) if created else int(time.time() * 1000)
         )
 
+        if not backend.streams.acquire(blocking=False):
+            raise Problem(
+                503,
+                "Too many event streams",
+                f"{gw.max_streams} are open; poll GET instead",
+                headers={"Retry-After": "5"},
+            )
+
         async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in frames():
+                    yield chunk
+            finally:
+                backend.streams.release()
+
+        async def frames() -> AsyncIterator[bytes]:
             yield b"retry: 1000\n\n"
             async for item in backend.events(request_id, created_ms, resume, gw.sse_keepalive_s):
                 if item is None:

@@ -13,10 +13,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
@@ -32,6 +33,7 @@ from producers.gateway.requests import Position, partition_of
 from schemas.codec import default_codec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 TRACKED = 100_000  # requests whose live state the gateway remembers
 DRAIN_S = 2.0  # after a completion, how long its stream waits at most for its unread status events
 LOOKBACK_MS = (
@@ -98,12 +100,18 @@ class Backend:
             f"SELECT request_id, created_at, kind, model, status, finished_at FROM {ks}.requests_by_tenant "
             "WHERE tenant_id = ? AND month = ? AND created_at <= ? LIMIT ?"
         )
-        self.producer = make_producer(settings, "gateway")
+        # No linger: a submission answers on its acknowledgement, and under load librdkafka batches anyway
+        # (messages queue while earlier ones are in flight).
+        self.producer = make_producer(settings, "gateway", **{"linger.ms": 0})
         self.partitions = 0
         self.live: OrderedDict[str, Live] = OrderedDict()
         self._live_lock = threading.Lock()
         self._stop = threading.Event()
         self.following = threading.Event()
+        self.streams = threading.BoundedSemaphore(settings.gateway.max_streams)
+        self._stream_threads = ThreadPoolExecutor(
+            settings.gateway.max_streams, thread_name_prefix="gateway-sse"
+        )
         self._threads = [
             threading.Thread(target=self._poll_producer, name="gateway-producer", daemon=True),
             threading.Thread(target=self._follow_status, name="gateway-status", daemon=True),
@@ -116,6 +124,7 @@ class Backend:
         self.producer.flush(10)
         for thread in self._threads:
             thread.join(5)
+        self._stream_threads.shutdown(wait=False, cancel_futures=True)
         self.cluster.shutdown()
 
     # -- Kafka --------------------------------------------------------------------------------------------
@@ -201,7 +210,7 @@ class Backend:
                 TopicPartition(t, p, created_at_ms - 5000)
                 for t in (self.topics.status, self.topics.completions)
             ]
-            start = await asyncio.to_thread(consumer.offsets_for_times, since, 10)
+            start = await self._in_stream_thread(consumer.offsets_for_times, since, 10)
             consumer.assign(
                 [tp if tp.offset >= 0 else TopicPartition(tp.topic, p, OFFSET_END) for tp in start]
             )
@@ -213,13 +222,13 @@ class Backend:
             idle_since = time.monotonic()
             while True:
                 if held is not None and drain is not None:
-                    (at,) = await asyncio.to_thread(consumer.position, [status_tp])
+                    (at,) = await self._in_stream_thread(consumer.position, [status_tp])
                     if at.offset >= drain[0] or time.monotonic() > drain[1]:
                         final = Position(position.status, held[0].completion)
                         if resume is None or final.completion > resume.completion:
                             yield "completion", final, held[1]
                         return
-                msg = await asyncio.to_thread(consumer.poll, 0.1 if held else 0.25)
+                msg = await self._in_stream_thread(consumer.poll, 0.1 if held else 0.25)
                 if msg is None or msg.error():
                     if time.monotonic() - idle_since > keepalive_s:
                         idle_since = time.monotonic()
@@ -236,7 +245,9 @@ class Backend:
                     # Its status events may still be unread on the other topic: read that partition up to
                     # its present end first, so the completion is always the stream's last event.
                     held = (Position(position.status, offset + 1), record)
-                    _, end = await asyncio.to_thread(consumer.get_watermark_offsets, status_tp, 5.0, False)
+                    _, end = await self._in_stream_thread(
+                        consumer.get_watermark_offsets, status_tp, 5.0, False
+                    )
                     drain = (end, time.monotonic() + DRAIN_S)
                     continue
                 position = Position(offset + 1, 0)
@@ -249,7 +260,12 @@ class Backend:
                         {**record, "done": live.done, "request_total": live.request_total},
                     )
         finally:
-            await asyncio.to_thread(consumer.close)
+            await self._in_stream_thread(consumer.close)
+
+    async def _in_stream_thread(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on the streams' own threads (one per open stream at most), so blocking polls
+        never wait behind one another or behind the loop's default executor."""
+        return await asyncio.get_running_loop().run_in_executor(self._stream_threads, call, *args)
 
     def _count_partitions(self, consumer: Any) -> int:
         return len(consumer.list_topics(self.topics.status, timeout=10).topics[self.topics.status].partitions)

@@ -103,13 +103,17 @@ class KeyStore:
             self._cache.clear()
         return bool(applied[0])
 
-    def authenticate(self, key: str) -> ApiKey:
-        """The active key record ``key`` belongs to; raises `KeyError_` otherwise."""
-        now = time.monotonic()
+    def cached(self, key: str) -> ApiKey | None:
+        """The record of ``key`` if it was authenticated within ``cache_s`` (no query), else None."""
         with self._lock:
-            cached = self._cache.get(key)
-        if cached is not None and now - cached[0] < self.cache_s:
+            cached = self._cache.get(digest(key))
+        if cached is not None and time.monotonic() - cached[0] < self.cache_s:
             return cached[1]
+        return None
+
+    def authenticate(self, key: str) -> ApiKey:
+        """The active key record ``key`` belongs to; raises `KeyError_` otherwise (asks Cassandra)."""
+        now = time.monotonic()
         match = KEY_PATTERN.fullmatch(key)
         if match is None:
             raise KeyError_("the API key is malformed")
@@ -122,5 +126,5 @@ class KeyStore:
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[key] = (now, record)
+            self._cache[digest(key)] = (now, record)
         return record

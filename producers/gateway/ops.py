@@ -11,7 +11,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
@@ -78,7 +78,7 @@ def overview(backend: Backend) -> dict[str, Any]:
     }
 
 
-def add_ops_routes(app: FastAPI, backend: Backend, tenant_key: Callable[..., ApiKey]) -> None:
+def add_ops_routes(app: FastAPI, backend: Backend, tenant_key: Callable[..., Awaitable[ApiKey]]) -> None:
     def operator(key: Annotated[ApiKey, Depends(tenant_key)]) -> ApiKey:
         if not key.operator:
             raise Problem(
