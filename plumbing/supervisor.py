@@ -121,7 +121,7 @@ def probe_ready(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, li
     except urllib.error.HTTPError as exc:
         try:
             return False, list(json.loads(exc.read()).get("unmet", []))
-        except ValueError:
+        except (ValueError, OSError):  # OSError: the body did not come in time (a loaded machine)
             return False, [f"HTTP {exc.code}"]
     except (OSError, ValueError):
         return False, ["not answering"]
