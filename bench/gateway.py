@@ -5,7 +5,9 @@ how long a status event takes from the status topic to an SSE client.
   returns on the broker's acknowledgement) and over HTTP (POST /v1/generations on a kept-alive connection,
   which also answers after the acknowledgement); p50 and p99 of each and their difference.
 - Throughput: POSTs from ``CONNECTIONS`` kept-alive connections for ``window_s`` against one gateway
-  process (a small asyncio HTTP/1.1 client, so the load generator costs less than the server).
+  process (a small asyncio HTTP/1.1 client, so the load generator costs less than the server), and the
+  gateway's CPU time per accepted submission (from /proc), which does not depend on what else the machine
+  runs: 1000 / it is what one process accepts a second with a core of its own.
 - SSE: a request owned by the bench tenant with no renderer work behind it; the bench appends StatusEvents
   for it to the status topic at a steady pace and times each from just before its produce call to its
   arrival on an open event stream (so the figure includes the produce itself: an upper bound).
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -68,12 +72,30 @@ async def _post_loop(port: int, key: str, stop_at: float, counts: list[int]) -> 
         writer.close()
 
 
-async def _throughput(port: int, key: str, window_s: float) -> dict[str, Any]:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _throughput(port: int, key: str, window_s: float, pid: int | None = None) -> dict[str, Any]:
     counts = [0, 0]
+    cpu0 = cpu_s(pid) if pid else 0.0
     began = time.monotonic()
     await asyncio.gather(*(_post_loop(port, key, began + window_s, counts) for _ in range(CONNECTIONS)))
     elapsed = time.monotonic() - began
+    if pid and counts[0]:
+        # What one submission costs the gateway in CPU, whatever else the machine runs: the rate one
+        # process could accept with a core of its own is 1000 / this.
+        cpu_ms = (cpu_s(pid) - cpu0) * 1000 / counts[0]
+        counts_extra = {
+            "gateway_cpu_ms_per_submission": round(cpu_ms, 3),
+            "per_core_capacity_per_s": round(1000 / cpu_ms),
+        }
+    else:
+        counts_extra = {}
     return {
+        **counts_extra,
         "accepted_per_s": round(counts[0] / elapsed, 1),
         "accepted": counts[0],
         "other": counts[1],
@@ -183,7 +205,8 @@ def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
                 assert r.status_code == 202, r.text
         sdk_ms, http_ms = _ms(sdk), _ms(http)
         added = {q: round((http_ms[q] or 0) - (sdk_ms[q] or 0), 3) for q in ("p50", "p99")}
-        rate = asyncio.run(_throughput(port, key, 5.0 if quick else 10.0))
+        gateway_pid = pipe.supervisor.children["gateway"].proc.pid
+        rate = asyncio.run(_throughput(port, key, 5.0 if quick else 10.0, gateway_pid))
         sse = _sse_latency(s, url, key, 100 if quick else 300)
     return {
         "sdk_submit_ms": sdk_ms,

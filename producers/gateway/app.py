@@ -7,6 +7,7 @@ field at fault where there is one.
 """
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -112,6 +113,8 @@ def create_app(backend: Backend) -> FastAPI:
 
     async def owned(request_id: str, key: ApiKey) -> tuple[Any, Any]:
         """(gateway row, terminal row) of a request ``key``'s tenant owns; 404 otherwise."""
+        with contextlib.suppress(Exception):  # logged by the writer; the terminal row may still say
+            await backend.written(request_id)
         mine = await backend.gateway_row(request_id)
         terminal = await backend.terminal_row(request_id)
         owner = mine.tenant_id if mine is not None else terminal.tenant_id if terminal is not None else None
@@ -173,13 +176,9 @@ def create_app(backend: Backend) -> FastAPI:
         validate_request(record, settings.limits, models, None, now)
         value = backend.codec.encode("GenerationRequest", record)
         rid = record["request_id"]
-        # Both before the 202: once the client has the id, it is this tenant's and on the broker.
-        await asyncio.gather(
-            backend.record_submission(record),
-            backend.produce(
-                backend.topics.requests(record["priority"]), value, key.tenant_id, rid, key.tenant_id
-            ),
-        )
+        backend.record_submission(record)  # a lookup in this process waits for the row (Backend.written)
+        topic = backend.topics.requests(record["priority"])
+        await backend.produce(topic, value, key.tenant_id, rid, key.tenant_id)  # the 202 follows the ack
         base = base_url(request)
         return JSONResponse(
             {

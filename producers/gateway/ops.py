@@ -1,7 +1,8 @@
 """The operator's view behind the console's operator page, for keys created with ``--operator``.
 
-``GET /v1/ops/overview``: backlog (lag) and queue wait p99 per class from Prometheus's recorded rules
-(empty, with the reason, when Prometheus is not running), each stage of this pipeline and what its
+``GET /v1/ops/overview``: consumer lag, share-group backlog and queue wait p99 per class, read as
+`aigc top` reads them (`producers.metrics_view.Source`: Prometheus, or the stages' own /metrics when
+Prometheus is not running or does not scrape this pipeline), each stage of this pipeline and what its
 ``/readyz`` answers (from the Prometheus file-SD targets the supervisor keeps), and dead letters counted
 by stage and reason (`producers.dlq`). ``POST /v1/ops/dlq/replay-dry-run``: what `aigc dlq replay`
 would do, nothing sent.
@@ -16,19 +17,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
 
-from infra.prometheus_server import prometheus_url
-from infra.promql import PromClient, PromError
+from infra.promql import PromError
 from producers.dlq import Filters, count, read_dead_letters, replay
 from producers.gateway.backend import Backend
 from producers.gateway.keys import ApiKey
 from producers.gateway.problems import Problem
-from producers.metrics_view import read_targets
+from producers.metrics_view import Source, gauge_by, quantile_by, read_targets, scrape_snapshot
 
-QUERIES = {
-    "backlog_messages": "sum by (priority) (priority:aigc_backlog_messages:sum{{pipeline={p!r}}})",
-    "queue_wait_p99_s": "max by (priority) "
-    "(priority:aigc_renderer_queue_wait_seconds:p99_1m{{pipeline={p!r}}})",
-}
+WINDOW_S = 60.0  # queue wait p99 over about the last minute
 
 
 def _probe(address: str) -> dict[str, Any]:
@@ -41,18 +37,31 @@ def _probe(address: str) -> dict[str, Any]:
         return {"ready": False, "error": str(exc)[:200]}
 
 
+_sources: dict[int, Source] = {}  # one per gateway: it keeps the earlier scrapes a window needs
+
+
 def overview(backend: Backend) -> dict[str, Any]:
     settings = backend.settings
     pipeline = settings.kafka.topic_prefix
+    source = _sources.setdefault(id(backend), Source(settings, pipeline))
     classes: dict[str, dict[str, float]] = {}
-    prometheus: dict[str, Any] = {"url": prometheus_url(settings), "error": None}
     try:
-        client = PromClient(prometheus_url(settings), timeout_s=2.0)
-        for name, expr in QUERIES.items():
-            for sample in client.query(expr.format(p=pipeline).replace("'", '"')):
-                classes.setdefault(sample.labels.get("priority", "?"), {})[name] = sample.value
+        old, new = source.pair(WINDOW_S)
+        if not new.values("aigc_stage_ready"):  # a Prometheus that does not scrape this run: ask the stages
+            old, new = None, scrape_snapshot(read_targets(settings, pipeline))
+        figures = {
+            "lag_messages": gauge_by(new, "aigc_consumer_lag_messages", ("priority",)),
+            "backlog_messages": gauge_by(new, "aigc_share_group_backlog_messages", ("priority",)),
+            "queue_wait_p99_s": quantile_by(
+                old, new, "aigc_renderer_queue_wait_seconds", 0.99, ("priority",)
+            ),
+        }
+        for name, by_class in figures.items():
+            for (priority,), value in by_class.items():
+                classes.setdefault(priority, {})[name] = value
+        metrics = {"source": source.describe(), "error": None}
     except PromError as exc:
-        prometheus["error"] = str(exc)
+        metrics = {"source": source.describe(), "error": str(exc)}
     stages = []
     for target in read_targets(settings, pipeline):
         stages.append(
@@ -65,7 +74,7 @@ def overview(backend: Backend) -> dict[str, Any]:
     counts = count(read_dead_letters(settings, Filters(), timeout_s=5.0))
     return {
         "pipeline": pipeline,
-        "prometheus": prometheus,
+        "metrics": metrics,
         "classes": classes,
         "stages": sorted(stages, key=lambda s: s["stage"]),
         "dead_letters": {

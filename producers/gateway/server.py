@@ -17,6 +17,7 @@ from plumbing.observability import serve
 from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
+LOOP = "uvloop"
 
 
 def run(settings: Settings) -> None:
@@ -38,7 +39,13 @@ def run(settings: Settings) -> None:
 
     gw = settings.gateway
     config = uvicorn.Config(
-        app, host=gw.host, port=gw.port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        app,
+        host=gw.host,
+        port=gw.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        loop=LOOP,
     )
     log.info("gateway: the API and the console on http://%s:%d (/docs, /console/)", gw.host, gw.port)
     try:

@@ -10,10 +10,8 @@ console: submit in the page, watch the progress move and the image appear in the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,9 +22,10 @@ import httpx
 import pytest
 
 from infra.pipeline import running_pipeline
+from plumbing.cli import main
 from plumbing.metadata import connect
 from plumbing.settings import ModelSpec, Settings
-from plumbing.supervisor import free_port
+from plumbing.supervisor import Supervisor, free_port
 from producers.gateway.keys import KeyStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +40,7 @@ class Gateway:
     url: str
     settings: Settings
     keys: dict[str, str]  # tenant -> key; "ops" is an operator key
+    supervisor: Supervisor
 
     def client(self, tenant: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
@@ -75,15 +75,17 @@ def gw(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
             keys["ops"] = store.create("operators", operator=True)[1]
         finally:
             cluster.shutdown()
-        yield Gateway(f"http://127.0.0.1:{port}", pipe.settings, keys)
+        yield Gateway(f"http://127.0.0.1:{port}", pipe.settings, keys, pipe.supervisor)
 
 
 def image(**extra: object) -> dict[str, object]:
     return {"prompt": "a lantern in fog", "width": 64, "height": 64, "steps": STEPS, **extra}
 
 
-def sse(client: httpx.Client, request_id: str, last_event_id: str | None = None) -> list[dict[str, object]]:
-    """Every event of the request's stream until it ends (after the completion)."""
+def sse(
+    client: httpx.Client, request_id: str, last_event_id: str | None = None, most: int | None = None
+) -> list[dict[str, object]]:
+    """Every event of the request's stream until it ends (after the completion), or its first ``most``."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     events, current = [], {}
     with client.stream(
@@ -95,6 +97,8 @@ def sse(client: httpx.Client, request_id: str, last_event_id: str | None = None)
             if not line:
                 if "data" in current:
                     events.append({**current, "data": json.loads(current["data"])})
+                    if most is not None and len(events) >= most:
+                        break
                 current = {}
             elif not line.startswith((":", "retry:")):
                 name, _, value = line.partition(": ")
@@ -162,6 +166,23 @@ def test_submit_stream_resume_get_and_history(gw: Gateway) -> None:
         assert [i["id"] for i in seen[:4]] == [*reversed(more), rid]
         assert len({i["id"] for i in seen}) == len(seen)
         assert all(i["outputs"] and i["outputs"][0]["url"].startswith("http") for i in seen)
+
+
+def test_a_stream_resumes_across_a_gateway_restart(gw: Gateway) -> None:
+    with gw.client("alpha") as client:
+        rid = client.post("/v1/generations", json=image()).json()["id"]
+        first = sse(client, rid, most=1)
+        gw.supervisor.signal("gateway", signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT_S
+        while "gateway" not in gw.supervisor.alive() or gw.supervisor.children["gateway"].restarts == 0:
+            gw.supervisor.poll()
+            assert time.monotonic() < deadline, "the gateway did not come back"
+            time.sleep(0.2)
+        assert gw.supervisor.wait_ready(TIMEOUT_S)
+        rest = sse(client, rid, last_event_id=str(first[-1]["id"]))
+        whole = sse(client, rid)
+    assert [e["id"] for e in first + rest] == [e["id"] for e in whole]
+    assert [e["event"] for e in whole][-1] == "completion"
 
 
 def test_bad_requests_are_problem_documents(gw: Gateway) -> None:
@@ -248,29 +269,29 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(gw: Gateway) -> None:
     assert limited.headers["content-type"] == "application/problem+json"
 
 
-def test_keys_cli_creates_lists_and_revokes(gw: Gateway) -> None:
-    env = {**os.environ, **gw.settings.to_env()}
+def test_keys_cli_creates_lists_and_revokes(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The `aigc` entry point itself, in this process (an interpreter start per verb costs seconds here).
+    for name, value in gw.settings.to_env().items():
+        monkeypatch.setenv(name, value)
 
-    def aigc(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "plumbing.cli", "keys", *args],
-            check=False,
-            env=env,
-            text=True,
-            capture_output=True,
-            timeout=60,
-        )
+    def aigc(*args: str) -> tuple[int, str]:
+        code = main(["keys", *args])
+        return code, capsys.readouterr().out
 
-    created = aigc("create", "delta", "--label", "ci", "--json")
-    assert created.returncode == 0, created.stderr
-    made = json.loads(created.stdout)
-    listed = aigc("ls", "--tenant", "delta")
-    assert made["key_id"] in listed.stdout and "active" in listed.stdout and made["key"] not in listed.stdout
+    code, out = aigc("create", "delta", "--label", "ci", "--json")
+    assert code == 0, out
+    made = json.loads(out)
+    code, listed = aigc("ls", "--tenant", "delta")
+    assert made["key_id"] in listed and "active" in listed and made["key"] not in listed
     with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {made['key']}"}) as client:
         assert client.get("/v1/whoami").json()["tenant_id"] == "delta"
-        revoked = aigc("revoke", made["key_id"])
-        assert revoked.returncode == 0 and "revoked" in revoked.stdout
+        code, out = aigc("revoke", made["key_id"])
+        assert code == 0 and "revoked" in out
         assert client.get("/v1/whoami").status_code == 401
+    assert aigc("revoke", "000000000000")[0] == 1
+    assert aigc("create", "no spaces allowed")[0] == 2
 
 
 def test_operator_overview_and_replay_dry_run(gw: Gateway) -> None:
@@ -339,6 +360,18 @@ def test_console_in_headless_chromium(gw: Gateway) -> None:
         WebDriverWait(driver, 10).until(lambda _: driver.execute_script(natural, img) == size)
         assert driver.find_element(By.ID, "state").text == "SUCCEEDED"
         shot("3-gallery")
+
+        key = driver.find_element(By.ID, "api-key")
+        key.clear()
+        key.send_keys(gw.keys["ops"])
+        driver.find_element(By.ID, "use-key").click()
+        stages = "#ops-stages tbody tr"
+        WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, stages)) >= 5)
+        rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, stages)]
+        assert any(r.startswith("gateway ready") for r in rows), rows
+        driver.find_element(By.ID, "ops-replay").click()
+        WebDriverWait(driver, 20).until(lambda d: "dry run" in d.find_element(By.ID, "ops-replay-out").text)
+        shot("4-operator")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

@@ -169,9 +169,11 @@ function rows(tbody, cells) {
 
 async function loadOps() {
   const o = await api("/v1/ops/overview");
-  rows($("ops-classes").tBodies[0], Object.entries(o.classes).map(([cls, v]) =>
-    [cls, v.backlog_messages ?? "-", v.queue_wait_p99_s === undefined ? "-" : v.queue_wait_p99_s.toFixed(3)]));
-  $("ops-prom").textContent = o.prometheus.error ? "Prometheus: " + o.prometheus.error : "from " + o.prometheus.url;
+  const n = (v) => (v === undefined || v === null ? "-" : String(Math.round(v)));
+  rows($("ops-classes").tBodies[0], Object.entries(o.classes).sort().map(([cls, v]) =>
+    [cls, n(v.lag_messages), n(v.backlog_messages),
+     v.queue_wait_p99_s === undefined || Number.isNaN(v.queue_wait_p99_s) ? "-" : v.queue_wait_p99_s.toFixed(3)]));
+  $("ops-prom").textContent = (o.metrics.error ? o.metrics.error + "; " : "") + "from " + o.metrics.source;
   rows($("ops-stages").tBodies[0], o.stages.map((s) => [s.stage, s.ready ? "ready" : "NOT READY", (s.unmet || []).join(", ")]));
   $("ops-dlq-total").textContent = "(" + o.dead_letters.total + ")";
   rows($("ops-dlq").tBodies[0], o.dead_letters.by_stage_reason.map((d) => [d.stage, d.kind, d.code, d.count]));
