@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI
 
 from infra.promql import PromError
+from plumbing.observability import PRIORITY_LABELS
 from producers.dlq import Filters, count, read_dead_letters, replay
 from producers.gateway.backend import Backend
 from producers.gateway.keys import ApiKey
@@ -58,7 +59,8 @@ def overview(backend: Backend) -> dict[str, Any]:
         }
         for name, by_class in figures.items():
             for (priority,), value in by_class.items():
-                classes.setdefault(priority, {})[name] = value
+                if priority in PRIORITY_LABELS:  # lag of the groups that serve no one class has none
+                    classes.setdefault(priority, {})[name] = value
         metrics = {"source": source.describe(), "error": None}
     except PromError as exc:
         metrics = {"source": source.describe(), "error": str(exc)}

@@ -379,6 +379,7 @@ def test_console_in_headless_chromium(gw: Gateway) -> None:
         assert any(r.startswith("gateway ready") for r in rows), rows
         driver.find_element(By.ID, "ops-replay").click()
         WebDriverWait(driver, 20).until(lambda d: "dry run" in d.find_element(By.ID, "ops-replay-out").text)
+        driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
         shot("4-operator")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
