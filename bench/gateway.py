@@ -124,22 +124,37 @@ def _sse_latency(settings: Settings, url: str, key: str, events: int) -> dict[st
     def listen() -> None:
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.stream("GET", f"{url}/v1/generations/{rid}/events", headers=headers, timeout=60) as r:
-            ready.set()
             for line in r.iter_lines():
-                if line.startswith("data: "):
+                if line.startswith(":"):  # the first comment comes once the stream's consumer is assigned
+                    ready.set()
+                elif line.startswith("data: "):
                     got = time.perf_counter()
                     done = json.loads(line[6:])["progress"]["done"]
                     latencies.append((got - sent[done]) * 1000)
                     if done == events:
                         return
 
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    ready.wait(30)
-    time.sleep(1.0)  # the stream's consumer is assigned and at the end of the partition
     codec = default_codec()
     producer = make_producer(settings, "bench-sse")
     topic = Topics(settings).status
+    # Connected and its producer id granted (half a second here) before anything is timed.
+    producer.list_topics(topic, timeout=10)
+    warm = {
+        "request_id": f"{rid}w",
+        "tenant_id": "bench",
+        "stage": "renderer",
+        "state": "QUEUED",
+        "progress": None,
+        "task_id": None,
+        "worker_id": None,
+        "message": None,
+        "at": time.time_ns() // 1_000_000,
+    }
+    producer.produce(topic, codec.encode("StatusEvent", warm), key=f"{rid}w")
+    producer.flush(10)
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    ready.wait(30)
     for i in range(1, events + 1):
         record = {
             "request_id": rid,

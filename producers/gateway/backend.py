@@ -36,6 +36,7 @@ from schemas.codec import default_codec
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TRACKED = 100_000  # requests whose live state the gateway remembers
+SSE_CONSUMER = {"fetch.wait.max.ms": 20}  # an idle stream's fetch returns this often at least
 OWNERSHIP_BATCH = 200  # ownership rows in one UNLOGGED BATCH at most
 DRAIN_S = 2.0  # after a completion, how long its stream waits at most for its unread status events
 LOOKBACK_MS = (
@@ -205,10 +206,10 @@ class Backend:
         and have as many partitions) from just before it was created. A status event's position is
         ``<its offset + 1>.0``; the completion's ``<last status offset + 1>.<its offset + 1>``, and it is
         always the last. With ``resume``, only the events after that position are yielded (the earlier
-        ones are still read, to sum the progress), so a reconnect neither misses nor repeats one. None now
-        and then while nothing comes (the caller sends a keep-alive)."""
+        ones are still read, to sum the progress), so a reconnect neither misses nor repeats one. None once
+        the partitions are assigned, then now and then while nothing comes (the caller sends a comment)."""
         consumer = make_consumer(
-            self.settings, f"gateway-sse-{uuid.uuid4().hex}", "gateway.sse", **{"fetch.wait.max.ms": 20}
+            self.settings, f"gateway-sse-{uuid.uuid4().hex}", "gateway.sse", **SSE_CONSUMER
         )
         try:
             p = partition_of(request_id, self.partitions or self._count_partitions(consumer))
@@ -216,11 +217,21 @@ class Backend:
                 TopicPartition(t, p, created_at_ms - 5000)
                 for t in (self.topics.status, self.topics.completions)
             ]
+            # The log end first: where nothing is as late as the request, the stream starts at this
+            # concrete offset (OFFSET_END would be resolved later, skipping what came in between).
+            ends = [
+                (await self._in_stream_thread(consumer.get_watermark_offsets, tp, 10, False))[1]
+                for tp in since
+            ]
             start = await self._in_stream_thread(consumer.offsets_for_times, since, 10)
             consumer.assign(
-                [tp if tp.offset >= 0 else TopicPartition(tp.topic, p, OFFSET_END) for tp in start]
+                [
+                    tp if tp.offset >= 0 else TopicPartition(tp.topic, p, end)
+                    for tp, end in zip(start, ends, strict=True)
+                ]
             )
             status_tp = TopicPartition(self.topics.status, p)
+            yield None  # assigned: what is appended from now on is read as it comes
             position = Position(0, 0)
             live: Live | None = None
             held: tuple[Position, dict[str, Any]] | None = None  # the completion, once read
