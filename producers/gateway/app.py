@@ -115,8 +115,9 @@ def create_app(backend: Backend) -> FastAPI:
         """(gateway row, terminal row) of a request ``key``'s tenant owns; 404 otherwise."""
         with contextlib.suppress(Exception):  # logged by the writer; the terminal row may still say
             await backend.written(request_id)
-        mine = await backend.gateway_row(request_id)
-        terminal = await backend.terminal_row(request_id)
+        mine, terminal = await asyncio.gather(
+            backend.gateway_row(request_id), backend.terminal_row(request_id)
+        )
         owner = mine.tenant_id if mine is not None else terminal.tenant_id if terminal is not None else None
         if owner != key.tenant_id:
             raise Problem(404, "No such generation", f"no generation {request_id[:64]!r} for this key")
