@@ -30,6 +30,7 @@ from plumbing.metadata import connect
 from plumbing.settings import ModelSpec, RetrySettings, Settings, WebhookSettings
 from plumbing.topics import Stage, Topics
 from producers.client import Client
+from producers.dlq import Filters, replay
 from stream_processors.webhooks.store import WebhookStore
 from tests.e2e.conftest import collect
 
@@ -48,6 +49,7 @@ class Receiver:
     answered_500: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    recovered: bool = False  # /down answers 200 from now on
 
     def verified(self, headers: Any, body: bytes) -> dict[str, Any] | None:
         """The delivery if its signature verifies with its tenant's secret (an HMAC computed here,
@@ -66,14 +68,16 @@ class Receiver:
         with self.lock:
             return Counter(d["request_id"] for d in self.deliveries if d["request_id"] in request_ids)
 
-    def wait_for(self, request_ids: set[str], timeout_s: float = DELIVERY_TIMEOUT_S) -> Counter[str]:
-        """Deliveries of ``request_ids`` once each has one and ``QUIET_S`` passed with nothing new."""
+    def wait_for(
+        self, request_ids: set[str], timeout_s: float = DELIVERY_TIMEOUT_S, quiet_s: float = QUIET_S
+    ) -> Counter[str]:
+        """Deliveries of ``request_ids`` once each has one and ``quiet_s`` passed with nothing new."""
         deadline, last, quiet_since = time.monotonic() + timeout_s, None, time.monotonic()
         while time.monotonic() < deadline:
             seen = self.count(request_ids)
             if seen != last:
                 last, quiet_since = seen, time.monotonic()
-            elif set(seen) == request_ids and time.monotonic() - quiet_since >= QUIET_S:
+            elif set(seen) == request_ids and time.monotonic() - quiet_since >= quiet_s:
                 break
             time.sleep(0.1)
         return self.count(request_ids)
@@ -91,7 +95,9 @@ def receiver() -> Iterator[Receiver]:
                 if delivery is None:
                     rec.bad_signatures.append(self.headers.get("webhook-id", "?"))
                     code = 400
-                elif self.path == "/down" or (self.path == "/flaky" and not rec.answered_500[delivery["id"]]):
+                elif (self.path == "/down" and not rec.recovered) or (
+                    self.path == "/flaky" and not rec.answered_500[delivery["id"]]
+                ):
                     rec.answered_500[delivery["id"]] += 1
                     code = 500
                 else:
@@ -188,7 +194,7 @@ def test_every_completion_is_delivered_once_signed_also_across_a_kill_of_the_sta
     pipe: RunningPipeline, receiver: Receiver, submit: Submit, sent: dict[str, set[str]]
 ):
     first = sent["ok"] | sent["default"]
-    assert receiver.wait_for(first) == dict.fromkeys(first, 1)
+    assert set(receiver.wait_for(first, quiet_s=0)) == first  # counted again, after the restart
 
     # SIGKILL the stage and let the supervisor restart it: what it delivered is not POSTed again, and
     # what completes meanwhile is delivered once after the restart.
@@ -223,6 +229,14 @@ def test_a_receiver_that_always_fails_ends_in_the_dead_letters_with_its_answer(
     # The dead letter points back at the stage's own topic: a replay retries the webhook, not the completion.
     assert letter["original_topic"] == Topics(pipe.settings).webhook_redeliveries
     assert receiver.count(ids) == {}
+
+    # The receiver is fixed: a replay of the dead letter delivers it once; a second replay sends nothing.
+    receiver.recovered = True
+    first = replay(pipe.settings, Filters(stages=["webhooks"], request_ids=ids), execute=True)
+    assert [a.action for a in first.actions] == ["sent"]
+    assert receiver.wait_for(ids) == dict.fromkeys(ids, 1)
+    second = replay(pipe.settings, Filters(stages=["webhooks"], request_ids=ids), execute=True)
+    assert [(a.action, a.why) for a in second.actions] == [("skip", "already finished (webhook delivered)")]
 
 
 def test_refused_addresses_and_missing_secrets_get_a_typed_reason(
