@@ -27,7 +27,7 @@ import pytest
 
 from infra.pipeline import RunningPipeline, running_pipeline
 from plumbing.metadata import connect
-from plumbing.settings import ModelSpec, RetrySettings, Settings, WebhookSettings
+from plumbing.settings import ModelSpec, OutputCheckSettings, RetrySettings, Settings, WebhookSettings
 from plumbing.topics import Stage, Topics
 from producers.client import Client
 from producers.dlq import Filters, replay
@@ -129,6 +129,8 @@ def pipe(
             "models": {"synth": ModelSpec(path=Path("/synthetic"), backend="synthetic")},
             "retry": RETRY,
             "webhooks": WebhookSettings(allow_hosts=("127.0.0.1",), timeout_s=5.0),
+            # Output moderation has its own tests; off here, no renderer or sink loads the detector.
+            "output_check": OutputCheckSettings(enabled=False),
         }
     )
     with running_pipeline(settings, synthetic_ms=5.0, isolate="hooks", drop=True, webhooks=True) as pipe:
