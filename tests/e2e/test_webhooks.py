@@ -280,3 +280,24 @@ def _complete(request: dict[str, Any]) -> dict[str, Any]:
     from producers.client import new_request
 
     return new_request(**request)
+
+
+def test_the_stage_serves_readiness_and_its_delivery_metrics(
+    pipe: RunningPipeline, receiver: Receiver, sent: dict[str, set[str]]
+):
+    import urllib.request
+
+    assert set(receiver.wait_for(sent["ok"], quiet_s=0)) == sent["ok"]
+    port = pipe.supervisor.children["webhooks"].port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+        assert response.status == 200 and json.loads(response.read())["stage"] == "webhooks"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    # Counted by this process (after the first test's restart: the completions delivered since).
+    delivered = [
+        line
+        for line in text.splitlines()
+        if line.startswith('aigc_webhook_deliveries_total{outcome="delivered"}')
+    ]
+    assert delivered and float(delivered[0].split()[-1]) >= 1, text
+    assert "aigc_webhook_post_seconds_count" in text
