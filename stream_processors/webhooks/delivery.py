@@ -17,7 +17,8 @@ dead-lettered at once.
 
 Delivery: messages are handled one at a time and each offset is committed (synchronously) right after
 its outcome is settled: the delivered row written, or the retry or dead letter acknowledged by the
-broker. A crash before that commit handles the message again, and the delivered row stops a second POST;
+broker (Cassandra trouble while writing the delivered row is waited out in place, never by a second
+POST). A crash before that commit handles the message again, and the delivered row stops a second POST;
 only a crash between a 2xx answer and that row's write (milliseconds) POSTs the same webhook-id twice,
 which receivers drop by webhook-id as the Standard Webhooks spec asks.
 """
@@ -105,8 +106,10 @@ class Delivery:
         self.consumer = make_consumer(settings, f"{settings.kafka.topic_prefix}.webhooks", "webhooks")
         self.producer = make_producer(settings, "webhooks")
         self.readiness = Readiness()  # `run` gives it the process's (served on /readyz)
+        self.stop = threading.Event()  # `run` gives it the process's
 
     def run(self, stop: threading.Event) -> None:
+        self.stop = stop
         self.readiness.require("assigned")
         self.consumer.subscribe(
             [self.topics.completions, self.topics.webhook_redeliveries],
@@ -173,7 +176,12 @@ class Delivery:
         target = self.filter.check(url)
         timestamp = int(time.time())
         body = payload(completion, timestamp)
-        headers = signature.headers(endpoint.secret, webhook_id(request_id), timestamp, body)
+        try:
+            headers = signature.headers(endpoint.secret, webhook_id(request_id), timestamp, body)
+        except signature.SignatureError as exc:  # a secret not made by `aigc webhooks`
+            raise NoSecret(
+                f"tenant {tenant_id!r}: unusable webhook secret ({exc})", code="WEBHOOK_BAD_SECRET"
+            ) from None
         started = time.perf_counter()
         try:
             answer = post(target, body, headers, self.settings.webhooks.timeout_s)
@@ -187,9 +195,22 @@ class Delivery:
                 f"HTTP {answer.status} from {target.host}; body: {answer.excerpt}",
                 code=f"WEBHOOK_HTTP_{answer.status}",
             )
-        self.store.mark_delivered(request_id, tenant_id, url, answer.status, attempt)
+        self._record(request_id, tenant_id, url, answer.status, attempt)
         log.info("delivered %s to %s (attempt %d)", request_id, target.host, attempt)
         return "delivered"
+
+    def _record(self, request_id: str, tenant_id: str, url: str, status: int, attempt: int) -> None:
+        """Write the delivered row, waiting out Cassandra trouble in place: going round again through
+        `handle` (or a retry topic) would POST the delivered completion a second time."""
+        while True:
+            try:
+                self.store.mark_delivered(request_id, tenant_id, url, status, attempt)
+                return
+            except Exception as exc:
+                if classify(exc) not in (ErrorKind.BACKPRESSURE, ErrorKind.RETRYABLE) or self.stop.is_set():
+                    raise
+                log.warning("delivered %s, but its row is not written yet: %s", request_id, exc)
+                self.stop.wait(BACKPRESSURE_WAIT_S)
 
 
 def run(settings: Settings) -> None:
