@@ -29,8 +29,9 @@ class Answer:
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, target: Target, timeout_s: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout_s, context=ssl.create_default_context())
+    def __init__(self, target: Target, timeout_s: float, context: ssl.SSLContext | None) -> None:
+        context = context or ssl.create_default_context()
+        super().__init__(target.host, target.port, timeout=timeout_s, context=context)
         self._address = target.address
 
     def connect(self) -> None:
@@ -38,11 +39,18 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
-def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float) -> Answer:
-    """POST ``body`` as JSON; OSError (refused, reset, timed out) when no answer came."""
+def post(
+    target: Target,
+    body: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+    context: ssl.SSLContext | None = None,
+) -> Answer:
+    """POST ``body`` as JSON; OSError (refused, reset, timed out, a certificate that does not verify) when
+    no answer came. ``context``: TLS settings (default: the system's trusted CAs, hostname checked)."""
     conn: http.client.HTTPConnection
     if target.scheme == "https":
-        conn = _PinnedHTTPS(target, timeout_s)
+        conn = _PinnedHTTPS(target, timeout_s, context)
     else:
         conn = http.client.HTTPConnection(target.address, target.port, timeout=timeout_s)
     try:
