@@ -36,6 +36,7 @@ from typing import Any
 from confluent_kafka import Message
 from prometheus_client import Counter, Histogram
 
+from plumbing import tracing
 from plumbing.dead_letters import Original
 from plumbing.errors import BackPressure, ErrorKind, PermanentError, RetryableError, classify
 from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
@@ -135,6 +136,7 @@ class Delivery:
             self.consumer.close()
             self.cluster.shutdown()
 
+    @tracing.spanned("webhooks.deliver", lambda _self, msg: msg.headers() or [])
     def handle(self, msg: Message) -> str:
         """Deliver, retry or dead-letter one message; returns the outcome (one of `OUTCOMES`)."""
         original = Original.of(msg)
@@ -157,6 +159,7 @@ class Delivery:
             produce_sync(self.producer, routed.topic, routed.value, routed.key, routed.headers)
             outcome = "dead_lettered" if routed.dead else "retrying"
             log.warning("%s %s: %s", outcome, request_id or original.coordinates, exc)
+        tracing.annotate(outcome=outcome)
         if enabled():
             DELIVERIES.labels(outcome).inc()
         return outcome
