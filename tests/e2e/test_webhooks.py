@@ -196,7 +196,15 @@ def test_every_completion_is_delivered_once_signed_also_across_a_kill_of_the_sta
     pipe: RunningPipeline, receiver: Receiver, submit: Submit, sent: dict[str, set[str]]
 ):
     first = sent["ok"] | sent["default"]
-    assert set(receiver.wait_for(first, quiet_s=0)) == first  # counted again, after the restart
+    settled = first | sent["flaky"]
+    assert set(receiver.wait_for(settled, quiet_s=0)) == settled  # each counted exactly below
+    # The other scenarios settle before the kill: a kill between a dead letter (or retry) and its offset's
+    # commit repeats it after the restart (at-least-once, as in every stage), which their tests do not expect.
+    (down,) = sent["down"]
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    while receiver.answered_500[f"msg_{down}"] < RETRY.max_attempts and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # its dead letter and commit follow the last answer at once
 
     # SIGKILL the stage and let the supervisor restart it: what it delivered is not POSTed again, and
     # what completes meanwhile is delivered once after the restart.
