@@ -83,7 +83,8 @@ def running_pipeline(
     ``renderer_env`` is settings (``AIGC_...`` variables) for the renderers only, on top of the shared
     ones. ``echo`` gets the supervisor's lines (started, ready, crashed, restarted) and one line for
     bootstrap. ``webhooks`` adds the webhook delivery stage (the demo and the webhook tests; other runs
-    leave it out, whatever ``webhooks.enabled`` says). Raises `PipelineNotReady` when a stage is not ready within `READY_TIMEOUT_S`.
+    leave it out, whatever ``webhooks.enabled`` says). Raises `PipelineNotReady` when a stage is not
+    ready within `READY_TIMEOUT_S`.
     """
     if drop and isolate is None:
         raise ValueError("drop deletes a run's own topics and keyspace: it needs isolate")
