@@ -72,9 +72,12 @@ class _Child:
     log_offset: int = field(default=0)
 
 
-def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
+def pipeline_stages(
+    settings: Settings, renderers: int, synthetic_ms: float | None = None, webhooks: bool | None = None
+) -> list[StageSpec]:
     """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
-    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter."""
+    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter; and
+    the webhook delivery stage when ``webhooks`` says so (None: ``webhooks.enabled``)."""
     stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
@@ -85,6 +88,8 @@ def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | No
     stages.append(StageSpec("relay", ["relay"], "relay"))
     if settings.observability.metrics:
         stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
+    if settings.webhooks.enabled if webhooks is None else webhooks:
+        stages.append(StageSpec("webhooks", ["webhooks", "deliver"], "webhooks"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
 

@@ -109,7 +109,7 @@ def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: f
         _say("models")
         ensure_models(settings)
         _say("pipeline: gatekeeper, renderer, assembler")
-        with running_pipeline(settings) as pipeline:
+        with running_pipeline(settings, webhooks=settings.webhooks.enabled) as pipeline:
             code = _submit_and_show(pipeline, out_dir, timeout_s)
             if keep:
                 _keep(pipeline)
