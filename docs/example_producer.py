@@ -118,6 +118,7 @@ def main() -> int:
         "deadline_ms": now + int(args.timeout * 1000),  # no use to us later: it ends EXPIRED instead
         "labels": {"sent-by": "docs/example_producer.py"},
         "created_at": now,
+        "webhook_url": None,  # or an https URL that receives the Completion, signed (README: Webhooks)
     }
     value = encode(schemas, "GenerationRequest", request)
     results = args.reply_topic or f"{args.topic_prefix}.completions"

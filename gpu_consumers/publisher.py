@@ -134,6 +134,7 @@ class Publisher:
             "fps": r.get("fps"),
             "output_format": r["output_format"],
             "reply_topic": r.get("reply_topic"),
+            "webhook_url": r.get("webhook_url"),
             "labels": r.get("labels") or {},
             "created_at": r["created_at"],
             "accepted_at": r["accepted_at"],

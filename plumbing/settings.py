@@ -341,6 +341,24 @@ class RetrySettings(_Section):
     max_attempts: int = Field(4, ge=1, description="attempts in all, the first included")
 
 
+class WebhookSettings(_Section):
+    """Webhook delivery (stream_processors/webhooks): Completions POSTed, signed, to each request's or
+    tenant's URL; retries follow ``retry`` (the shared retry topics and relay)."""
+
+    enabled: bool = Field(
+        True,
+        description="run the webhook delivery stage under `aigc run` / `aigc up` / `aigc demo` "
+        "(running_pipeline starts it only when asked: webhooks=True)",
+    )
+    allow_hosts: tuple[str, ...] = Field(
+        (),
+        description="hosts, addresses or networks (CIDR) a webhook may reach although they are loopback, "
+        "private, link-local or otherwise not global, e.g. '[\"127.0.0.1\"]'; everything else non-global "
+        "is refused (SSRF protection)",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=60, description="connect and response timeout of one POST")
+
+
 class GatewaySettings(_Section):
     """The HTTP gateway (producers/gateway): the front door for HTTP clients and the web console."""
 
@@ -416,6 +434,7 @@ class Settings(BaseSettings):
     renderer: RendererSettings = RendererSettings()
     assembler: AssemblerSettings = AssemblerSettings()
     output_check: OutputCheckSettings = OutputCheckSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     gateway: GatewaySettings = GatewaySettings()
     models: dict[str, ModelSpec] = Field(
         default_factory=lambda: {"tiny-sd": ModelSpec(path=Path(".aigc/models/tiny-sd"))},

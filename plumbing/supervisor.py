@@ -73,11 +73,16 @@ class _Child:
 
 
 def pipeline_stages(
-    settings: Settings, renderers: int, synthetic_ms: float | None = None, gateway: bool = False
+    settings: Settings,
+    renderers: int,
+    synthetic_ms: float | None = None,
+    webhooks: bool | None = None,
+    gateway: bool = False,
 ) -> list[StageSpec]:
-    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay,
-    unless metrics are off (``observability.metrics=false``, to measure their cost) one lag exporter and,
-    with ``gateway`` (and ``gateway.enabled``), the HTTP gateway."""
+    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
+    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter; the
+    webhook delivery stage when ``webhooks`` says so (None: ``webhooks.enabled``); and, with ``gateway``
+    (and ``gateway.enabled``), the HTTP gateway."""
     stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
@@ -88,6 +93,8 @@ def pipeline_stages(
     stages.append(StageSpec("relay", ["relay"], "relay"))
     if settings.observability.metrics:
         stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
+    if settings.webhooks.enabled if webhooks is None else webhooks:
+        stages.append(StageSpec("webhooks", ["webhooks", "deliver"], "webhooks"))
     if gateway and settings.gateway.enabled:
         stages.append(StageSpec("gateway", ["gateway"], "gateway"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).

@@ -46,6 +46,7 @@ class Stage(StrEnum):
     GATEKEEPER = "gatekeeper"
     RENDERER = "renderer"
     ASSEMBLER = "assembler"
+    WEBHOOKS = "webhooks"
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class Topics:
     def gatekeeper_changelog(self, table: str) -> str:
         """Compacted changelog of one of the gatekeeper's faust tables (faust creates and owns it)."""
         return f"{self.prefix}.gatekeeper.{table}.changelog"
+
+    @property
+    def webhook_redeliveries(self) -> str:
+        """Completions whose webhook delivery failed, sent back by the retry relay when due (retrying a
+        delivery must not publish a Completion on aigc.completions a second time)."""
+        return f"{self.prefix}.webhooks.redeliveries"
 
     @property
     def tenants(self) -> str:
@@ -211,6 +218,17 @@ class Topics:
                 "each tenant's quotas (aigc tenants add), compacted by tenant_id, read whole by gatekeepers",
             ),
         ]
+        specs.append(
+            TopicSpec(
+                self.webhook_redeliveries,
+                "Completion",
+                "request_id",
+                k.partitions,
+                {"retention.ms": str(7 * DAY_MS)},
+                "completions whose webhook POST is tried again (retry relay, `aigc dlq replay`), for the "
+                "webhook stage only",
+            )
+        )
         for stage in Stage:
             for delay in self._settings.retry.delays_s:
                 specs.append(

@@ -16,7 +16,8 @@ checked: one that could never be a Cassandra key is simply not looked up. Produc
 - mismatched: ids whose row and completion disagree on the status.
 
 Used by ``aigc check`` and by the chaos, poison and replay tests. The bounded reader (`BoundedRead`) and
-the dead letter's request id (`dead_letter_ids`) are shared with ``producers.dlq``.
+the dead letter's request id (`dead_letter_ids`) are shared with ``producers.dlq``; ``aigc trace``
+(``producers.request_log``) reads its time window with `BoundedRead` too.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ IN_CHUNK = 100  # ids per Cassandra IN query: small partitions fan out fine at t
 
 class BoundedRead:
     """Iterate over the messages of ``topics`` from ``since_ms`` (or the beginning) up to the high
-    watermarks captured at the start, so the read ends even while producers keep writing.
+    watermarks captured at the start, so the read ends even while producers keep writing. With
+    ``until_ms``, a partition also ends at its first message stamped later than that.
 
     Partitions are assigned by hand (no group membership, nothing committed). The consumer reads
     committed data only; a partition ends at its captured watermark or at the end-of-partition event,
@@ -65,10 +67,12 @@ class BoundedRead:
         since_ms: int | None = None,
         timeout_s: float = 30.0,
         role: str = "checker",
+        until_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.topics = list(dict.fromkeys(topics))
         self.since_ms = since_ms
+        self.until_ms = until_ms
         self.timeout_s = timeout_s
         self.role = role
         self.unfinished: list[str] = []
@@ -97,6 +101,9 @@ class BoundedRead:
                 offset = msg.offset() or 0
                 if end is None or offset >= end:
                     continue  # written after the read started
+                if self.until_ms is not None and msg.timestamp()[1] > self.until_ms:
+                    self._done(consumer, ends, tp)
+                    continue
                 yield msg
                 if offset >= end - 1:
                     self._done(consumer, ends, tp)

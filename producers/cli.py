@@ -41,6 +41,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--reply-topic", help="also send the completion here (must match the tenant's prefix)"
     )
+    submit.add_argument(
+        "--webhook-url",
+        help="POST the completion here, signed with the tenant's webhook secret (aigc webhooks)",
+    )
     submit.add_argument("--deadline-s", type=float, help="give up if not done this many seconds from now")
     submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     submit.add_argument("--wait", action="store_true", help="wait for the completion and print it")
@@ -145,6 +149,7 @@ def request_from_args(args: argparse.Namespace, settings: Settings) -> dict[str,
         "num_images": args.images,
         "output_format": args.format,
         "reply_topic": args.reply_topic,
+        "webhook_url": args.webhook_url,
         "labels": labels,
     }
     if args.request_id:

@@ -48,6 +48,7 @@ _OPTIONAL_FIELDS = (
     "scheduler",
     "reply_topic",
     "deadline_ms",
+    "webhook_url",
 )
 
 
@@ -132,6 +133,8 @@ class Client:
     ) -> str:
         """Validate, produce and wait for the broker's acknowledgement; returns the request_id.
 
+        Any GenerationRequest field may be given, e.g. ``webhook_url="https://hooks.example.com/aigc"``
+        to have the Completion POSTed there, signed with the tenant's webhook secret (README, Webhooks).
         Raises ValidationError (naming the field) before anything is sent, DeliveryError if the broker
         does not acknowledge in time.
         """

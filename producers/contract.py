@@ -29,7 +29,14 @@ from plumbing.settings import RequestLimits, Settings
 from plumbing.topics import MAX_REQUEST_BYTES, Topics
 from schemas import validation
 from schemas.codec import SCHEMA_DIR
-from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, IMAGE_FORMATS, SCHEDULERS, TOPIC_PATTERN
+from schemas.validation import (
+    FUTURE_SKEW_MS,
+    ID_PATTERN,
+    IMAGE_FORMATS,
+    MAX_WEBHOOK_URL_CHARS,
+    SCHEDULERS,
+    TOPIC_PATTERN,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # The gatekeeper's source, read (never imported: stages do not import each other) for its reason codes.
@@ -119,6 +126,8 @@ def _limit_texts(settings: Settings) -> dict[str, str]:
         f"{lim.max_label_chars} characters",
         "created_at": f"epoch ms > 0, at most {FUTURE_SKEW_MS // 60_000} minutes ahead of the "
         "gatekeeper's clock",
+        "webhook_url": f"an absolute http or https URL with a host, no user:password@, at most "
+        f"{_n(MAX_WEBHOOK_URL_CHARS)} characters; the webhook stage refuses private addresses",
         "priority": "produce it to the request topic of the same class",
         "seed": "any long",
         "video.seed_end": "any long",
@@ -228,6 +237,7 @@ def _rule_cases(lim: RequestLimits) -> list[tuple[str, Change]]:
         ("deadline_ms too far", lambda r: r.update(deadline_ms=r["created_at"] + lim.max_deadline_ms + 1)),
         ("reply_topic not a topic name", lambda r: r.update(reply_topic="replies for acme")),
         ("reply_topic of another tenant", lambda r: r.update(reply_topic="aigc.reply.globex")),
+        ("webhook_url not http(s)", lambda r: r.update(webhook_url="ftp://hooks.example.com/aigc")),
     ]
 
 
@@ -241,7 +251,7 @@ def valid_request() -> dict[str, Any]:
         "prompt": "a lighthouse at dusk", "negative_prompt": None, "model": "tiny-sd", "width": 256,
         "height": 256, "steps": 20, "guidance_scale": 7.5, "seed": None, "num_images": 1, "video": None,
         "output_format": "PNG", "scheduler": None, "reply_topic": None, "deadline_ms": None, "labels": {},
-        "created_at": NOW_MS,
+        "created_at": NOW_MS, "webhook_url": None,
     }  # fmt: skip
 
 

@@ -111,7 +111,9 @@ def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: f
         _say("models")
         ensure_models(settings)
         _say("pipeline: gatekeeper, renderer, assembler, gateway")
-        with running_pipeline(settings, gateway=settings.gateway.enabled) as pipeline:
+        with running_pipeline(
+            settings, webhooks=settings.webhooks.enabled, gateway=settings.gateway.enabled
+        ) as pipeline:
             code = _submit_and_show(pipeline, out_dir, timeout_s)
             console = console_url(pipeline.settings)
             if console:

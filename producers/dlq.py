@@ -16,7 +16,9 @@ Idempotency: replaying the same dead letters again never makes a second result. 
 skipped when
 1. its request already has a terminal row in ``<ks>.requests`` ("already finished"): the pipeline
    finished it (after an earlier replay or otherwise), and the sink would not publish a second result
-   anyway; or
+   anyway (a webhook dead letter: its completion is already in ``<ks>.webhook_deliveries``, "already
+   finished (webhook delivered)"; it goes back to ``aigc.webhooks.redeliveries``, never to the
+   completions topic); or
 2. its coordinate already appears as ``aigc.replayed_from`` on a message of its original topic written
    since its last failure ("already replayed"): an earlier replay is still in flight. If that copy fails
    again it becomes a new dead letter, which is the one to replay next.
@@ -342,8 +344,17 @@ def replay(
     entries = read_dead_letters(settings, filters, codec, timeout_s)
     problems = {e.coordinate: revalidate(e, settings, codec, now) for e in entries}
     live = [e for e in entries if problems[e.coordinate] is None]
-    finished = _terminal_rows(settings, {e.request_id for e in live if e.request_id})
-    replayed = _replayed(settings, [e for e in live if e.request_id not in finished], timeout_s)
+    hooks = Stage.WEBHOOKS.value
+    finished = _terminal_rows(settings, {e.request_id for e in live if e.request_id and e.stage != hooks})
+    delivered = _delivered_webhooks(
+        settings, {e.request_id for e in live if e.request_id and e.stage == hooks}
+    )
+
+    def done(entry: DeadLetterEntry) -> Mapping[str, str]:
+        """A webhook dead letter is done once delivered; any other once its request is finished."""
+        return delivered if entry.stage == hooks else finished
+
+    replayed = _replayed(settings, [e for e in live if e.request_id not in done(e)], timeout_s)
     existing = set(make_admin(settings).list_topics(timeout=10).topics) if live else set()
     producer = make_producer(settings, "dlq-replay") if execute and live else None
     pacer = Pacer(rate)
@@ -351,7 +362,7 @@ def replay(
     actions: list[ReplayAction] = []
     stopped: str | None = None
     for entry in entries:
-        action = _decide(entry, problems, finished, replayed, existing, sent_originals, stopped)
+        action = _decide(entry, problems, done(entry), replayed, existing, sent_originals, stopped)
         if action is None:
             record = entry.record
             assert record is not None  # revalidate passed
@@ -443,6 +454,20 @@ def _terminal_rows(settings: Settings, request_ids: set[str]) -> dict[str, str]:
         return {
             r.request_id: r.status for r in select_rows(session, settings.cassandra.keyspace, request_ids)
         }
+    finally:
+        cluster.shutdown()
+
+
+def _delivered_webhooks(settings: Settings, request_ids: set[str]) -> dict[str, str]:
+    """request_id -> "webhook delivered" for those in ``webhook_deliveries`` (infra/cql/003_webhooks.cql)."""
+    if not request_ids:
+        return {}
+    cluster, session = connect(settings.cassandra)
+    try:
+        query = session.prepare(
+            f"SELECT request_id FROM {settings.cassandra.keyspace}.webhook_deliveries WHERE request_id = ?"
+        )
+        return {i: "webhook delivered" for i in request_ids if session.execute(query, (i,)).one() is not None}
     finally:
         cluster.shutdown()
 

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from plumbing.errors import UnknownModelError, ValidationError
 from plumbing.settings import RequestLimits
@@ -22,6 +23,7 @@ TOPIC_PATTERN = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 SCHEDULERS = frozenset({"ddim", "euler", "dpm", "pndm"})
 IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
 VIDEO_FORMATS = frozenset({"MP4"})
+MAX_WEBHOOK_URL_CHARS = 2048
 FUTURE_SKEW_MS = 3600 * 1000  # Kafka 4 rejects timestamps more than an hour ahead; so do we
 # C0 controls other than tab, newline and carriage return, plus DEL: never meaningful in a prompt.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -128,6 +130,34 @@ def validate_request(
             prefix = reply_prefix(request["tenant_id"])
             if not (reply_topic == prefix or reply_topic.startswith(prefix + ".")):
                 raise ValidationError("reply_topic", f"must be {prefix} or start with {prefix}.")
+    webhook_url = request.get("webhook_url")
+    if webhook_url is not None:
+        check_webhook_url(webhook_url)
+
+
+def check_webhook_url(url: Any, field: str = "webhook_url") -> None:
+    """An absolute http(s) URL with a host, at most `MAX_WEBHOOK_URL_CHARS`, no credentials, no spaces or
+    control characters (``INVALID_WEBHOOK_URL``). Where it may point (no private addresses) is the
+    delivery stage's check, made when it resolves the host."""
+    if not isinstance(url, str) or not url:
+        raise ValidationError(field, "must be a non-empty http or https URL")
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise ValidationError(field, f"is {len(url)} characters, more than {MAX_WEBHOOK_URL_CHARS}")
+    if _CONTROL.search(url) or any(c.isspace() for c in url):
+        raise ValidationError(field, "contains spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValidationError(field, f"is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError(field, f"must use http or https, not {parts.scheme or 'no scheme'!r}")
+    if not parts.hostname:
+        raise ValidationError(field, "has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValidationError(field, "must not carry credentials (user:password@)")
+    if port == 0:
+        raise ValidationError(field, "has port 0")
 
 
 def render_cost(request: Mapping[str, Any]) -> int:

@@ -28,6 +28,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Consumes every aigc.retry.<stage>.<delay> topic; delays come from AIGC_RETRY__DELAYS_S.",
     )
     relay.set_defaults(handler=_relay)
+    __import__("stream_processors.webhooks.cli", fromlist=["register"]).register(verbs)
 
 
 def _gatekeeper(args: argparse.Namespace, settings: Settings) -> int:

@@ -357,14 +357,23 @@ class Sink:
             "model": None,
         }
         reply = header_map(msg).get(REPLY_TOPIC)
-        return self._finish(values, msg, origin, reply.decode() if reply else None, chores)
+        return self._finish(
+            values,
+            msg,
+            origin,
+            reply.decode() if reply else None,
+            chores,
+            webhook_url=completion.get("webhook_url"),
+        )
 
     def _frames(self, fr: dict[str, Any], msg: Message, origin: str, chores: Chores) -> list[Out]:
         request_id = fr["request_id"]
         tracing.annotate(priority=fr["priority"], frames_outcome=fr["outcome"])
         if fr["outcome"] != "RENDERED":
             values = self._values(fr, origin, fr["outcome"], fr.get("reason_code"), fr.get("message"), [], [])
-            return self._finish(values, msg, origin, fr.get("reply_topic"), chores)
+            return self._finish(
+                values, msg, origin, fr.get("reply_topic"), chores, webhook_url=fr.get("webhook_url")
+            )
         arrived = [
             FrameRow(
                 b["frame_index"],
@@ -389,7 +398,7 @@ class Sink:
             if row.decided_by != origin:
                 return []
             self._index(as_values(row), chores)
-            return self._publish(row, msg, fr.get("reply_topic"))
+            return self._publish(row, msg, fr.get("reply_topic"), fr.get("webhook_url"))
         # One message carrying every frame (any one-task request) needs no bookkeeping in the frames table.
         whole = len({f.frame_index for f in arrived}) == fr["frame_count"]
         blocked = self._output_check(fr, arrived)
@@ -404,11 +413,27 @@ class Sink:
         if self.cancellations.is_cancelled(request_id, fr["tenant_id"]):
             reason = self.cancellations.reason(request_id) or "cancelled by its owner"
             values = self._values(fr, origin, "CANCELLED", "CANCELLED", reason, [], frames)
-            return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+            return self._finish(
+                values,
+                msg,
+                origin,
+                fr.get("reply_topic"),
+                chores,
+                staged=frames,
+                webhook_url=fr.get("webhook_url"),
+            )
         out = [self._status(fr, msg)]
         outputs = self.assembler.assemble(fr, frames)
         values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)
-        return out + self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+        return out + self._finish(
+            values,
+            msg,
+            origin,
+            fr.get("reply_topic"),
+            chores,
+            staged=frames,
+            webhook_url=fr.get("webhook_url"),
+        )
 
     def _output_check(
         self, fr: dict[str, Any], arrived: list[FrameRow]
@@ -452,7 +477,15 @@ class Sink:
             quarantine=where,
         )
         log.warning("%s: %s; frames quarantined in %s", fr["request_id"], message, where)
-        return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+        return self._finish(
+            values,
+            msg,
+            origin,
+            fr.get("reply_topic"),
+            chores,
+            staged=frames,
+            webhook_url=fr.get("webhook_url"),
+        )
 
     def _values(
         self,
@@ -510,6 +543,7 @@ class Sink:
         reply_topic: str | None,
         chores: Chores,
         staged: list[FrameRow] | None = None,
+        webhook_url: str | None = None,
     ) -> list[Out]:
         written = self.store.write_terminal(values)
         # Whoever decided, the request is finished now: its staged frames have served their purpose.
@@ -523,7 +557,7 @@ class Sink:
             return []
         # Written now, or by this input before its transaction aborted (then the index row may be missing).
         self._index(values, chores)
-        return self._publish(written.row, msg, reply_topic)
+        return self._publish(written.row, msg, reply_topic, webhook_url)
 
     def _index(self, values: Mapping[str, Any], chores: Chores) -> None:
         """The tenant's history row (an idempotent insert); a rejected request's tenant may be any string,
@@ -532,10 +566,14 @@ class Sink:
             chores.write(self.store.index_by_tenant_async(values))
 
     @tracing.step("assembler.publish")
-    def _publish(self, row: Any, msg: Message, reply_topic: str | None) -> list[Out]:
-        """The Completion of a terminal row, for the completions topic and the request's reply topic."""
+    def _publish(
+        self, row: Any, msg: Message, reply_topic: str | None, webhook_url: str | None = None
+    ) -> list[Out]:
+        """The Completion of a terminal row, for the completions topic and the request's reply topic; it
+        carries the request's webhook_url (from the input that decided it) for webhook delivery."""
         tracing.annotate(outcome=row.status)
         completion = completion_from_row(row, self.blobs, self.settings.s3.presign_ttl_s)
+        completion["webhook_url"] = webhook_url
         self.metrics.published(row)
         value = self.codec.encode("Completion", completion)
         headers = continue_headers(header_map(msg), row.request_id, row.tenant_id)

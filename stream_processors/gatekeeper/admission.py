@@ -234,6 +234,7 @@ class Gate:
             "labels": _echoed_labels(request.get("labels"), self.settings.limits),
             "created_at": created_at,
             "finished_at": now_ms,
+            "webhook_url": request.get("webhook_url") if decision["validated"] else None,
         }
         headers = continue_headers(incoming, request_id, tenant_id)
         if decision["validated"] and request.get("reply_topic"):

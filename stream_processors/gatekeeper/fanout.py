@@ -62,6 +62,7 @@ def plan_tasks(
         "fps": video["fps"] if video else None,
         "output_format": output_format(request),
         "reply_topic": request.get("reply_topic"),
+        "webhook_url": request.get("webhook_url"),
         "labels": dict(request.get("labels") or {}),
         "created_at": request["created_at"],
         "accepted_at": accepted_at,

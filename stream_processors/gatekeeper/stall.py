@@ -3,12 +3,12 @@
 faust can leave a partition unread after a restart that overlaps a broker restart (aigc chaos caught
 one: the last request of a partition stayed uncommitted for five minutes while the worker looked idle
 and healthy), and with `faust_fixes` a record faust failed to hand to the agent stops the partition's
-commits instead of being committed over. A thread asks the broker every few seconds for the log-end offset of each request
-partition and the offset the gatekeeper group committed there. A partition whose committed offset
-trails its end and has not moved for ``gatekeeper.stall_timeout_s`` is stuck: the guard logs it and
-ends the process, and the restarted worker reads the partition from its committed offset (nothing is
-lost; `Gate.admit` makes a repeat harmless). With several gatekeepers each may restart for a stuck
-partition of another; the restarts are cheap and the partition gets read.
+commits instead of being committed over. A thread asks the broker every few seconds for the log-end
+offset of each request partition and the offset the gatekeeper group committed there. A partition whose
+committed offset trails its end and has not moved for ``gatekeeper.stall_timeout_s`` is stuck: the guard
+logs it and ends the process, and the restarted worker reads the partition from its committed offset
+(nothing is lost; `Gate.admit` makes a repeat harmless). With several gatekeepers each may restart for a
+stuck partition of another; the restarts are cheap and the partition gets read.
 """
 
 from __future__ import annotations

@@ -208,6 +208,9 @@ def test_bad_requests_are_problem_documents(gw: Gateway) -> None:
         frames = client.post("/v1/generations", json=image(video={"num_frames": 1})).json()
         assert frames["field"] == "video.num_frames"
 
+        hook = client.post("/v1/generations", json=image(webhook_url="https://user:pw@example.com/h")).json()
+        assert (hook["field"], hook["code"]) == ("webhook_url", "INVALID_WEBHOOK_URL")  # the pipeline's rule
+
         model = client.post("/v1/generations", json=image(model="nope")).json()
         assert model["code"] == "UNKNOWN_MODEL"
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from infra.bootstrap import ensure_schema
 from plumbing.blobs import BlobStore, frame_key, result_prefix
@@ -160,13 +160,25 @@ def watermarks(settings: Settings) -> dict[tuple[str, int], int]:
     try:
         names = [spec.name for spec in Topics(settings).all()]
         metadata = consumer.list_topics(timeout=10).topics
-        return {
-            (t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10, cached=False)[1]
-            for t in names
-            for p in metadata[t].partitions
-        }
+        return {(t, p): _high(consumer, TopicPartition(t, p)) for t in names for p in metadata[t].partitions}
     finally:
         consumer.close()
+
+
+NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
+
+
+def _high(consumer: Any, tp: TopicPartition) -> int:
+    """The high watermark, asked again while the broker says it does not lead the partition yet (a CI
+    run got NOT_LEADER_FOR_PARTITION for a topic the fixture had just created)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+        except KafkaException as exc:
+            if exc.args[0].code() not in NOT_READY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def messages(settings: Settings, topic: str) -> list:

@@ -260,6 +260,30 @@ def test_labels_are_echoed_on_a_decision() -> None:
     assert only_decision(admission)[1]["labels"] == {"user": "u7"}
 
 
+def test_the_webhook_url_of_a_valid_request_travels_with_its_tasks_not_that_of_an_invalid_one() -> None:
+    hook = "https://hooks.example.com/aigc"
+    valid_but_rejected = Tables().admit(make_gate(), original(request(prompt="", webhook_url=hook)))
+    assert only_decision(valid_but_rejected)[1]["webhook_url"] is None  # invalid (prompt): not carried
+    tables, gate = Tables(), make_gate()
+    tasks = tables.admit(gate, original(request(webhook_url=hook)))
+    assert {
+        codec.decode(o.value, "RenderTask")["webhook_url"] for o in tasks.outputs if "render" in o.topic
+    } == {hook}
+
+
+def test_a_rejection_of_a_valid_request_carries_its_webhook_url() -> None:
+    hook = "https://hooks.example.com/aigc"
+    tables, gate = Tables(), make_gate()
+    for offset in range(60):  # over the tier's burst: RATE_LIMITED, a rejection of a valid request
+        admission = tables.admit(
+            gate, original(request(request_id=f"r-{offset}", webhook_url=hook), offset=offset)
+        )
+        if admission.reason == "RATE_LIMITED":
+            break
+    assert admission.reason == "RATE_LIMITED"
+    assert only_decision(admission)[1]["webhook_url"] == hook
+
+
 # -- cancellation and deadlines ---------------------------------------------------------------------
 
 

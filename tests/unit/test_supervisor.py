@@ -11,7 +11,8 @@ import signal
 import time
 from pathlib import Path
 
-from plumbing.supervisor import StageSpec, Supervisor, free_port, probe_ready
+from plumbing.settings import Settings, WebhookSettings
+from plumbing.supervisor import StageSpec, Supervisor, free_port, pipeline_stages, probe_ready
 
 
 def until(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -62,3 +63,14 @@ def test_readiness_and_discovery_follow_the_processes(tmp_path: Path) -> None:
 
 def test_probe_of_a_closed_port_is_not_ready() -> None:
     assert probe_ready(free_port()) == (False, ["not answering"])
+
+
+def test_the_webhook_stage_follows_its_setting_unless_the_caller_decides():
+    def names(settings: Settings, **kwargs: bool) -> list[str]:
+        return [s.name for s in pipeline_stages(settings, renderers=1, **kwargs)]
+
+    on, off = Settings(), Settings(webhooks=WebhookSettings(enabled=False))
+    assert "webhooks" in names(on) and "webhooks" not in names(off)
+    assert "webhooks" not in names(on, webhooks=False) and "webhooks" in names(off, webhooks=True)
+    (spec,) = [s for s in pipeline_stages(on, renderers=1) if s.name == "webhooks"]
+    assert spec.verb == ["webhooks", "deliver"] and spec.stage == "webhooks"

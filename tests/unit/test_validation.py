@@ -110,3 +110,31 @@ def test_model_check_can_be_skipped_by_clients_without_the_registry():
 def test_render_cost_counts_frames_steps_and_pixels():
     assert render_cost(request(num_images=2)) == 2 * 4 * 64 * 64
     assert render_cost(video()) == 16 * 4 * 64 * 64
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hooks.example.com/aigc?x=1", "http://127.0.0.1:8080/hook", "https://[2001:db8::1]/h"]
+)
+def test_a_webhook_url_that_is_an_http_url_passes(url):
+    check(request(webhook_url=url))
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("ftp://hooks.example.com/aigc", "http or https"),
+        ("hooks.example.com/aigc", "http or https"),
+        ("https:///path-only", "no host"),
+        ("https://user:pw@hooks.example.com/", "credentials"),
+        ("https://hooks.example.com:99999/", "not a URL"),
+        ("https://hooks.example.com/a b", "spaces"),
+        ("https://hooks.example.com/\x00", "control"),
+        ("https://hooks.example.com/" + "a" * 2100, "more than 2048"),
+        ("", "non-empty"),
+    ],
+)
+def test_a_bad_webhook_url_is_rejected_naming_the_field(url, says):
+    with pytest.raises(ValidationError) as err:
+        check(request(webhook_url=url))
+    assert err.value.field == "webhook_url" and err.value.code == "INVALID_WEBHOOK_URL"
+    assert says in str(err.value)
