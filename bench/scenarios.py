@@ -1,8 +1,8 @@
 """The benchmark scenarios. Each runs its own pipeline and returns figures (and notes) for the report.
 
 T1 is the tiny diffusers model end to end (issue: pipeline latency); B1-B7 are the scheduling and
-throughput suite. Synthetic renderers sleep for their service time, so their figures measure the
-pipeline, not a model.
+throughput suite; GW is the HTTP gateway (bench/gateway.py). Synthetic renderers sleep for their service
+time, so their figures measure the pipeline, not a model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.gateway import gw_gateway
 from bench.harness import (
     Collector,
     Load,
@@ -528,4 +529,5 @@ SCENARIOS = {
     "B7": b7_scaling,
     "LEDGER": ledger,
     "PEER": peer_celery,
+    "GW": gw_gateway,
 }

@@ -74,6 +74,7 @@ def running_pipeline(
     echo: Callable[[str], None] = print,
     max_backoff_s: float = MAX_BACKOFF_S,
     webhooks: bool = False,
+    gateway: bool = False,
 ) -> Iterator[RunningPipeline]:
     """The pipeline's stages, started and ready; stopped when the block ends, however it ends.
 
@@ -83,14 +84,15 @@ def running_pipeline(
     ``renderer_env`` is settings (``AIGC_...`` variables) for the renderers only, on top of the shared
     ones. ``echo`` gets the supervisor's lines (started, ready, crashed, restarted) and one line for
     bootstrap. ``webhooks`` adds the webhook delivery stage (the demo and the webhook tests; other runs
-    leave it out, whatever ``webhooks.enabled`` says). Raises `PipelineNotReady` when a stage is not
-    ready within `READY_TIMEOUT_S`.
+    leave it out, whatever ``webhooks.enabled`` says). ``gateway`` adds the HTTP gateway stage (on
+    ``gateway.port``; off unless asked, so a run that does not need it starts no extra process). Raises
+    `PipelineNotReady` when a stage is not ready within `READY_TIMEOUT_S`.
     """
     if drop and isolate is None:
         raise ValueError("drop deletes a run's own topics and keyspace: it needs isolate")
     if isolate is not None:
         settings = isolated(settings, isolate)
-    stages = pipeline_stages(settings, renderers, synthetic_ms, webhooks=webhooks)
+    stages = pipeline_stages(settings, renderers, synthetic_ms, webhooks=webhooks, gateway=gateway)
     if renderer_env:
         stages = [
             dataclasses.replace(s, env={**s.env, **renderer_env}) if s.verb[0] == "render" else s

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gpu_consumers.cli",
         "producers.ops_cli",
         "producers.top_cli",
+        "producers.gateway.cli",
         "bench.cli",
     ):
         try:

@@ -359,6 +359,33 @@ class WebhookSettings(_Section):
     timeout_s: float = Field(10.0, gt=0, le=60, description="connect and response timeout of one POST")
 
 
+class GatewaySettings(_Section):
+    """The HTTP gateway (producers/gateway): the front door for HTTP clients and the web console."""
+
+    enabled: bool = Field(
+        True,
+        description="`aigc run`, `aigc up` and `aigc demo` start the gateway stage; `running_pipeline` "
+        "starts it only when its caller asks (gateway=True)",
+    )
+    host: str = Field("127.0.0.1", description="address the HTTP API and console listen on")
+    port: int = Field(19080, ge=0, le=65535, description="port of the HTTP API and the console")
+    public_url: str | None = Field(
+        None, description="base URL clients reach the gateway at (Location headers); default http://host:port"
+    )
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body; more is 413")
+    rate_per_s: float = Field(50.0, gt=0, description="submissions per second per API key (token bucket)")
+    rate_burst: float = Field(100.0, ge=1, description="burst of submissions per API key")
+    key_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="how long a looked-up API key is trusted before Cassandra is asked again "
+        "(a revoked key stops working within this)",
+    )
+    sse_keepalive_s: float = Field(15.0, gt=0, description="comment line sent on an idle event stream")
+    max_streams: int = Field(64, ge=1, description="event streams open at once; more are answered 503")
+    page_size: int = Field(20, ge=1, le=200, description="default page of GET /v1/generations")
+
+
 class ObservabilitySettings(_Section):
     """Metrics, health endpoints and lag (plumbing/observability.py); spans (plumbing/tracing.py)."""
 
@@ -408,6 +435,7 @@ class Settings(BaseSettings):
     assembler: AssemblerSettings = AssemblerSettings()
     output_check: OutputCheckSettings = OutputCheckSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    gateway: GatewaySettings = GatewaySettings()
     models: dict[str, ModelSpec] = Field(
         default_factory=lambda: {"tiny-sd": ModelSpec(path=Path(".aigc/models/tiny-sd"))},
         description="model name -> local folder and renderer pool",

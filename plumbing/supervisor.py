@@ -73,11 +73,16 @@ class _Child:
 
 
 def pipeline_stages(
-    settings: Settings, renderers: int, synthetic_ms: float | None = None, webhooks: bool | None = None
+    settings: Settings,
+    renderers: int,
+    synthetic_ms: float | None = None,
+    webhooks: bool | None = None,
+    gateway: bool = False,
 ) -> list[StageSpec]:
     """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
-    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter; and
-    the webhook delivery stage when ``webhooks`` says so (None: ``webhooks.enabled``)."""
+    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter; the
+    webhook delivery stage when ``webhooks`` says so (None: ``webhooks.enabled``); and, with ``gateway``
+    (and ``gateway.enabled``), the HTTP gateway."""
     stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
@@ -90,6 +95,8 @@ def pipeline_stages(
         stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
     if settings.webhooks.enabled if webhooks is None else webhooks:
         stages.append(StageSpec("webhooks", ["webhooks", "deliver"], "webhooks"))
+    if gateway and settings.gateway.enabled:
+        stages.append(StageSpec("gateway", ["gateway"], "gateway"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
 
@@ -121,7 +128,7 @@ def probe_ready(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, li
     except urllib.error.HTTPError as exc:
         try:
             return False, list(json.loads(exc.read()).get("unmet", []))
-        except ValueError:
+        except (ValueError, OSError):  # OSError: the body did not come in time (a loaded machine)
             return False, [f"HTTP {exc.code}"]
     except (OSError, ValueError):
         return False, ["not answering"]
@@ -308,7 +315,8 @@ def run_pipeline(
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    supervisor = Supervisor(pipeline_stages(settings, renderers, synthetic_ms), settings.to_env(),
+    stages = pipeline_stages(settings, renderers, synthetic_ms, gateway=True)
+    supervisor = Supervisor(stages, settings.to_env(),
                             log_dir or settings.home / "logs", restart=restart,
                             targets=targets_path(settings), pipeline=settings.kafka.topic_prefix)  # fmt: skip
     supervisor.start()

@@ -1,10 +1,12 @@
 """`aigc demo`: the main job, end to end, on this machine.
 
 Brings the local infrastructure up if it is not running, builds the tiny model if it is missing, starts
-the pipeline (gatekeeper, one renderer, assembler) under the supervisor, submits one image request and
-one 16-frame video request through the SDK, shows live progress from the status topic (bars on a
-terminal, one line per state change in a file or a pipe), prints each completion, downloads the
-outputs and says where they are. Whatever it started, it stops at the end.
+the pipeline (gatekeeper, one renderer, assembler, the HTTP gateway) under the supervisor, submits one
+image request and one 16-frame video request through the SDK, shows live progress from the status
+topic (bars on a terminal, one line per state change in a file or a pipe), prints each completion,
+downloads the outputs, says where they are and prints the web console's URL (with an API key of the
+demo tenant). Whatever it started, it stops at the end; with ``--keep`` the pipeline and the console
+keep running.
 """
 
 from __future__ import annotations
@@ -108,9 +110,14 @@ def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: f
     try:
         _say("models")
         ensure_models(settings)
-        _say("pipeline: gatekeeper, renderer, assembler")
-        with running_pipeline(settings, webhooks=settings.webhooks.enabled) as pipeline:
+        _say("pipeline: gatekeeper, renderer, assembler, gateway")
+        with running_pipeline(
+            settings, webhooks=settings.webhooks.enabled, gateway=settings.gateway.enabled
+        ) as pipeline:
             code = _submit_and_show(pipeline, out_dir, timeout_s)
+            console = console_url(pipeline.settings)
+            if console:
+                print(f"\n  web console: {console}")
             if keep:
                 _keep(pipeline)
             return code
@@ -153,12 +160,32 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
     return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
 
 
+def console_url(settings: Settings) -> str | None:
+    """The gateway's console, with a fresh API key of the demo tenant in its fragment (the browser keeps
+    it; a fragment never reaches a server or its logs); None when the gateway is switched off."""
+    if not settings.gateway.enabled:
+        return None
+    from plumbing.metadata import connect
+    from producers.gateway.keys import KeyStore
+
+    cluster, session = connect(settings.cassandra)
+    try:
+        _, key = KeyStore(session, settings.cassandra.keyspace).create(TENANT, label="aigc demo")
+    finally:
+        cluster.shutdown()
+    gw = settings.gateway
+    return f"{gw.public_url or f'http://{gw.host}:{gw.port}'}/console/#key={key}"
+
+
 def _keep(pipeline: RunningPipeline) -> None:
     """Leave the pipeline running (restarting what dies) until Ctrl-C, for a person to look at it."""
     settings = pipeline.settings
     _say("the pipeline keeps running until Ctrl-C")
     print(f"  Prometheus: {prometheus_url(settings)}   (alerts: {prometheus_url(settings)}/alerts)")
     print("  live view:  aigc top        one request:  aigc trace <request_id>      submit: aigc submit ...")
+    if settings.gateway.enabled:
+        gw = settings.gateway
+        print(f"  console:    http://{gw.host}:{gw.port}/console/ (the demo's key is in the URL above)")
     try:
         while True:
             pipeline.supervisor.poll()

@@ -175,6 +175,12 @@ def up(settings: Settings, renderers: int = 1, synthetic_ms: float | None = None
         "\nsubmit with `.venv/bin/aigc submit 'a prompt' --wait`; `.venv/bin/aigc status` says what "
         "runs; `.venv/bin/aigc down` stops it all"
     )
+    if settings.gateway.enabled:
+        gw = settings.gateway
+        print(
+            f"HTTP API and console: http://{gw.host}:{gw.port}/console/ (API docs at /docs; "
+            "`.venv/bin/aigc keys create TENANT` makes a key)"
+        )
     return 0
 
 

@@ -1,0 +1,233 @@
+"""GW: what the HTTP gateway adds to a submission, how many one gateway process accepts a second, and
+how long a status event takes from the status topic to an SSE client.
+
+- Added latency: the same image request submitted one at a time through the SDK (`Client.submit`, which
+  returns on the broker's acknowledgement) and over HTTP (POST /v1/generations on a kept-alive connection,
+  which also answers after the acknowledgement); p50 and p99 of each and their difference.
+- Throughput: POSTs from ``CONNECTIONS`` kept-alive connections for ``window_s`` against one gateway
+  process (a small asyncio HTTP/1.1 client, so the load generator costs less than the server), and the
+  gateway's CPU time per accepted submission (from /proc), which does not depend on what else the machine
+  runs: 1000 / it is what one process accepts a second with a core of its own.
+- SSE: a request owned by the bench tenant with no renderer work behind it; the bench appends StatusEvents
+  for it to the status topic at a steady pace and times each from just before its produce call to its
+  arrival on an open event stream (so the figure includes the produce itself: an upper bound).
+
+Targets (issue 12): <= 3 ms p50 / 10 ms p99 added, >= 1,000 submissions/s, SSE <= 50 ms p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.harness import percentile
+from infra.pipeline import running_pipeline
+from plumbing.kafka_clients import make_producer
+from plumbing.metadata import connect
+from plumbing.settings import Settings
+from plumbing.supervisor import free_port
+from plumbing.topics import Topics
+from producers.client import Client
+from producers.gateway.keys import KeyStore
+from schemas.codec import default_codec
+
+CONNECTIONS = 32
+BODY = {"prompt": "a bench lantern", "width": 64, "height": 64, "steps": 1}
+
+
+def _ms(values: list[float]) -> dict[str, float | None]:
+    return {
+        "p50": round(percentile(values, 50) or 0, 3),
+        "p99": round(percentile(values, 99) or 0, 3),
+        "n": len(values),
+    }
+
+
+async def _post_loop(port: int, key: str, stop_at: float, counts: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps(BODY).encode()
+    head = (
+        f"POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    try:
+        while time.monotonic() < stop_at:
+            writer.write(head + body)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            counts[0 if b" 202 " in status else 1] += 1
+    finally:
+        writer.close()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _throughput(port: int, key: str, window_s: float, pid: int | None = None) -> dict[str, Any]:
+    counts = [0, 0]
+    cpu0 = cpu_s(pid) if pid else 0.0
+    began = time.monotonic()
+    await asyncio.gather(*(_post_loop(port, key, began + window_s, counts) for _ in range(CONNECTIONS)))
+    elapsed = time.monotonic() - began
+    if pid and counts[0]:
+        # What one submission costs the gateway in CPU, whatever else the machine runs: the rate one
+        # process could accept with a core of its own is 1000 / this.
+        cpu_ms = (cpu_s(pid) - cpu0) * 1000 / counts[0]
+        counts_extra = {
+            "gateway_cpu_ms_per_submission": round(cpu_ms, 3),
+            "per_core_capacity_per_s": round(1000 / cpu_ms),
+        }
+    else:
+        counts_extra = {}
+    return {
+        **counts_extra,
+        "accepted_per_s": round(counts[0] / elapsed, 1),
+        "accepted": counts[0],
+        "other": counts[1],
+        "connections": CONNECTIONS,
+        "window_s": round(elapsed, 1),
+    }
+
+
+def _sse_latency(settings: Settings, url: str, key: str, events: int) -> dict[str, Any]:
+    """Status events produced for a request with no work behind it, timed to their SSE arrival."""
+    rid = f"gwbench{uuid.uuid4().hex[:16]}"
+    cluster, session = connect(settings.cassandra)
+    try:
+        session.execute(
+            f"INSERT INTO {settings.cassandra.keyspace}.gateway_requests (request_id, tenant_id, kind, "
+            "prompt, width, height, steps, frames, created_at) VALUES (%s, 'bench', 'IMAGE', 'sse', 64, 64, "
+            "%s, 1, toTimestamp(now()))",
+            (rid, events),
+        )
+    finally:
+        cluster.shutdown()
+    sent: dict[int, float] = {}
+    latencies: list[float] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.stream("GET", f"{url}/v1/generations/{rid}/events", headers=headers, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith(":"):  # the first comment comes once the stream's consumer is assigned
+                    ready.set()
+                elif line.startswith("data: "):
+                    got = time.perf_counter()
+                    done = json.loads(line[6:])["progress"]["done"]
+                    latencies.append((got - sent[done]) * 1000)
+                    if done == events:
+                        return
+
+    codec = default_codec()
+    producer = make_producer(settings, "bench-sse")
+    topic = Topics(settings).status
+    # Connected and its producer id granted (half a second here) before anything is timed.
+    producer.list_topics(topic, timeout=10)
+    warm = {
+        "request_id": f"{rid}w",
+        "tenant_id": "bench",
+        "stage": "renderer",
+        "state": "QUEUED",
+        "progress": None,
+        "task_id": None,
+        "worker_id": None,
+        "message": None,
+        "at": time.time_ns() // 1_000_000,
+    }
+    producer.produce(topic, codec.encode("StatusEvent", warm), key=f"{rid}w")
+    producer.flush(10)
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    ready.wait(30)
+    for i in range(1, events + 1):
+        record = {
+            "request_id": rid,
+            "tenant_id": "bench",
+            "stage": "renderer",
+            "state": "RUNNING",
+            "progress": {"done": i, "total": events, "request_total": events},
+            "task_id": f"{rid}-t0",
+            "worker_id": "bench",
+            "message": None,
+            "at": time.time_ns() // 1_000_000,
+        }
+        sent[i] = time.perf_counter()
+        producer.produce(topic, codec.encode("StatusEvent", record), key=rid)
+        producer.poll(0)
+        time.sleep(0.02)
+    producer.flush(10)
+    listener.join(30)
+    return {"latency_ms": _ms(latencies), "produced": events, "received": len(latencies)}
+
+
+def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
+    """The HTTP gateway: latency it adds to a submission, submissions/s, SSE delivery latency."""
+    from bench.scenarios import SYNTH, configure
+
+    port = free_port()
+    base = configure(settings, synthetic=True, max_batch=8)
+    base = base.model_copy(
+        update={
+            "gateway": base.gateway.model_copy(
+                update={"port": port, "rate_per_s": 1e6, "rate_burst": 1e6, "key_cache_s": 600.0}
+            )
+        }
+    )
+    n = 200 if quick else 1000
+    with running_pipeline(
+        base, synthetic_ms=0, isolate="benchgw", drop=True, gateway=True, echo=lambda _: None
+    ) as pipe:
+        s = pipe.settings
+        cluster, session = connect(s.cassandra)
+        try:
+            key = KeyStore(session, s.cassandra.keyspace).create("bench")[1]
+        finally:
+            cluster.shutdown()
+        url = f"http://127.0.0.1:{port}"
+        request = {**BODY, "tenant_id": "bench", "model": SYNTH, "guidance_scale": 7.5}
+        sdk: list[float] = []
+        with Client(s) as client:
+            for _ in range(50):
+                client.submit(request)  # warm: connections, metadata
+            for _ in range(n):
+                t = time.perf_counter()
+                client.submit(request)
+                sdk.append((time.perf_counter() - t) * 1000)
+        http: list[float] = []
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+            for _ in range(50):
+                h.post("/v1/generations", json={**BODY, "model": SYNTH})
+            for _ in range(n):
+                t = time.perf_counter()
+                r = h.post("/v1/generations", json={**BODY, "model": SYNTH})
+                http.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 202, r.text
+        sdk_ms, http_ms = _ms(sdk), _ms(http)
+        added = {q: round((http_ms[q] or 0) - (sdk_ms[q] or 0), 3) for q in ("p50", "p99")}
+        gateway_pid = pipe.supervisor.children["gateway"].proc.pid
+        rate = asyncio.run(_throughput(port, key, 5.0 if quick else 10.0, gateway_pid))
+        sse = _sse_latency(s, url, key, 100 if quick else 300)
+    return {
+        "sdk_submit_ms": sdk_ms,
+        "http_submit_ms": http_ms,
+        "added_ms": added,
+        "throughput": rate,
+        "sse": sse,
+        "targets": {"added_p50_ms": 3, "added_p99_ms": 10, "accepted_per_s": 1000, "sse_p99_ms": 50},
+    }

@@ -1,0 +1,102 @@
+"""Errors as RFC 9457 problem details: one JSON shape (``application/problem+json``) for every failure.
+
+``type`` is a stable URN per kind of problem, ``title`` a short summary, ``detail`` this occurrence, and
+``field`` / ``code`` the request field at fault and the pipeline's reason code where there is one (the
+same codes the gatekeeper puts on a REJECTED completion).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plumbing.errors import DeliveryError, ValidationError
+
+log = logging.getLogger(__name__)
+MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """An HTTP failure to answer with a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+        self.field, self.code, self.headers = field, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        slug = self.code.lower().replace("_", "-") if self.code else self.title.lower().replace(" ", "-")
+        doc: dict[str, Any] = {
+            "type": f"urn:aigc:problem:{slug}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.field is not None:
+            doc["field"] = self.field
+        if self.code is not None:
+            doc["code"] = self.code
+        return doc
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, media_type=MEDIA_TYPE, headers=self.headers)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(ValidationError)
+    async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
+        return Problem(400, "Invalid generation request", str(exc), field=exc.field, code=exc.code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _unparsed(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path")]
+        field = ".".join(loc) or "body"
+        detail = f"{field}: {first.get('msg', 'is not valid')}"
+        return Problem(
+            400,
+            "Invalid generation request",
+            detail,
+            field=field,
+            code=f"INVALID_{field.upper().replace('.', '_')}",
+        ).response()
+
+    @app.exception_handler(ValueError)
+    async def _not_json(_: Request, exc: ValueError) -> JSONResponse:  # json.loads of a broken body
+        return Problem(
+            400, "Malformed body", f"the body is not JSON: {str(exc)[:200]}", field="body"
+        ).response()
+
+    @app.exception_handler(DeliveryError)
+    async def _undelivered(_: Request, exc: DeliveryError) -> JSONResponse:
+        log.warning("gateway: %s", exc)
+        return Problem(503, "Kafka did not acknowledge", str(exc), headers={"Retry-After": "1"}).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("gateway: unexpected error", exc_info=exc)
+        return Problem(
+            500, "Internal error", f"{type(exc).__name__}: the gateway's log has the trace"
+        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return Problem(exc.status_code, str(exc.detail), str(exc.detail)).response()
