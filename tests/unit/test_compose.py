@@ -432,3 +432,21 @@ def test_docker_compose_accepts_the_file(profiles: list[str]):
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_prometheus_scrapes_every_stage_service_on_its_metrics_port(
+    services: dict[str, dict[str, Any]],
+):
+    config = yaml.safe_load(
+        (REPO / "infra" / "prometheus" / "prometheus.compose.yml").read_text(encoding="utf-8")
+    )
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "aigc"]
+    (discovery,) = job["dns_sd_configs"]
+    stages = {
+        name
+        for name, service in pipeline_services(services).items()
+        if "healthcheck" in service and aigc_invocations(name, service) != [[]]
+    }
+    assert stages and stages <= set(discovery["names"]), stages - set(discovery["names"])
+    ports = {environment(services[name]).get("AIGC_METRICS_PORT") for name in stages}
+    assert ports == {str(discovery["port"])}
