@@ -23,14 +23,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from infra.pipeline import RunningPipeline, running_pipeline
 from plumbing.metadata import connect
 from plumbing.settings import ModelSpec, OutputCheckSettings, RetrySettings, Settings, WebhookSettings
+from plumbing.supervisor import Supervisor, free_port
 from plumbing.topics import Stage, Topics
 from producers.client import Client
 from producers.dlq import Filters, replay
+from producers.gateway.keys import KeyStore
 from stream_processors.webhooks.store import WebhookStore
 from tests.e2e.conftest import collect
 
@@ -131,9 +134,13 @@ def pipe(
             "webhooks": WebhookSettings(allow_hosts=("127.0.0.1",), timeout_s=5.0),
             # Output moderation has its own tests; off here, no renderer or sink loads the detector.
             "output_check": OutputCheckSettings(enabled=False),
+            # The HTTP door too, for the request a client submits over HTTP (the last test).
+            "gateway": infra.gateway.model_copy(update={"port": free_port(), "key_cache_s": 0.0}),
         }
     )
-    with running_pipeline(settings, synthetic_ms=5.0, isolate="hooks", drop=True, webhooks=True) as pipe:
+    with running_pipeline(
+        settings, synthetic_ms=5.0, isolate="hooks", drop=True, webhooks=True, gateway=True
+    ) as pipe:
         cluster, session = connect(pipe.settings.cassandra)
         store = WebhookStore(session, pipe.settings.cassandra.keyspace)
         for tenant in ("hooked", "hooked-default"):
@@ -309,3 +316,46 @@ def test_the_stage_serves_readiness_and_its_delivery_metrics(
     ]
     assert delivered and float(delivered[0].split()[-1]) >= 1, text
     assert "aigc_webhook_post_seconds_count" in text
+
+
+def restarted(supervisor: Supervisor, stage: str, restarts: int) -> None:
+    """Wait until the supervisor has started ``stage`` again after a kill, and it is ready."""
+    deadline = time.monotonic() + 30
+    while supervisor.children[stage].restarts == restarts and time.monotonic() < deadline:
+        supervisor.poll()
+        time.sleep(0.1)
+    assert supervisor.children[stage].restarts > restarts, f"{stage} was not restarted"
+    assert supervisor.wait_ready(60)
+
+
+def test_a_request_submitted_over_http_is_delivered_once_across_a_gateway_and_a_stage_restart(
+    pipe: RunningPipeline, receiver: Receiver
+):
+    """The client's POST is answered, then the gateway and the delivery stage both die; the client, not
+    sure its request got in, POSTs it again with the same Idempotency-Key: one request, one delivery.
+    Last in the module: the other scenarios are over, so the kills repeat nothing of theirs."""
+    cluster, session = connect(pipe.settings.cassandra)
+    try:
+        _, key = KeyStore(session, pipe.settings.cassandra.keyspace).create("hooked")
+    finally:
+        cluster.shutdown()
+    body = dict(prompt="a lantern over http", model="synth", width=64, height=64, steps=2,
+                webhook_url=f"{receiver.url}/ok")  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": uuid.uuid4().hex}
+    supervisor = pipe.supervisor
+    url = f"http://127.0.0.1:{pipe.settings.gateway.port}"
+    with httpx.Client(base_url=url, headers=headers, timeout=30.0) as http:
+        first = http.post("/v1/generations", json=body)
+        assert first.status_code == 202, first.text
+        request_id = first.json()["id"]
+        gateway_restarts = supervisor.children["gateway"].restarts
+        webhooks_restarts = supervisor.children["webhooks"].restarts
+        supervisor.signal("gateway", signal.SIGKILL)
+        supervisor.signal("webhooks", signal.SIGKILL)
+        restarted(supervisor, "gateway", gateway_restarts)
+        restarted(supervisor, "webhooks", webhooks_restarts)
+        again = http.post("/v1/generations", json=body)
+        assert again.status_code == 202, again.text
+        assert again.json()["id"] == request_id
+    assert receiver.wait_for({request_id}) == {request_id: 1}
+    assert receiver.bad_signatures == []
