@@ -85,10 +85,12 @@ class KeyStore:
         """A new key for ``tenant_id``: the record and the key itself (shown once, never stored)."""
         if not TENANT_PATTERN.fullmatch(tenant_id):
             raise ValueError(f"tenant {tenant_id!r} must match ^[A-Za-z0-9_-]{{1,64}}$")
-        key_id, key = new_key()
-        now = datetime.now(UTC)
-        self.session.execute(self._insert, (key_id, tenant_id, digest(key), label, operator, now))
-        return ApiKey(key_id, tenant_id, label, operator, now, None), key
+        while True:  # a key_id already taken (48 random bits: practically never) draws another
+            key_id, key = new_key()
+            now = datetime.now(UTC)
+            row = (key_id, tenant_id, digest(key), label, operator, now)
+            if self.session.execute(self._insert, row).one()[0]:
+                return ApiKey(key_id, tenant_id, label, operator, now, None), key
 
     def list(self, tenant_id: str | None = None) -> list[ApiKey]:
         keys = [_row(r) for r in self.session.execute(self._all)]
