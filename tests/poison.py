@@ -253,8 +253,8 @@ def huge_array(ctx: _Context) -> Made:
     """The labels map's block count absurdly large (or negative with a bogus byte size)."""
     record = ctx.request(labels={})
     data = ctx.encode(record)
-    at = len(data) - len(_varint(record["created_at"])) - 1
-    assert data[at] == 0, "the empty labels map is the byte before created_at"
+    at = _field_at(ctx, record, "labels")
+    assert data[at] == 0, "an empty map is a single zero byte (its end-of-blocks count)"
     count = ctx.rng.choice([2**62, 2**31 - 1, 10**9, -(2**62), -(10**9), 2**63 - 1])
     tail = ctx.rng.choice([b"", _varint(2) + b"kk" + _varint(2) + b"vv", _varint(2**40)])
     value = data[:at] + _varint(count) + tail + data[at + 1 :]

@@ -18,10 +18,11 @@ from tests.conftest import unique
 @pytest.fixture
 def settings(infra: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     keyspace = unique("ks")
-    monkeypatch.setenv("AIGC_CASSANDRA__KEYSPACE", keyspace)  # what `aigc` reads at its entry point
     settings = infra.model_copy(
         update={"cassandra": infra.cassandra.model_copy(update={"keyspace": keyspace})}
     )
+    for name, value in settings.to_env().items():  # what `aigc` reads at its entry point
+        monkeypatch.setenv(name, value)
     cluster, session = connect(settings.cassandra)
     for statement in cql_statements(settings):  # the keyspace and the webhook tables: all this test needs
         if "KEYSPACE" in statement or "webhook_" in statement:
