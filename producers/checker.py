@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cassandra.cluster import Session
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from plumbing.blobs import BlobStore
 from plumbing.errors import DecodeError
@@ -46,6 +46,7 @@ from schemas.validation import ID_PATTERN
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 METADATA_TIMEOUT_S = 10.0
+NOT_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
 IN_CHUNK = 100  # ids per Cassandra IN query: small partitions fan out fine at this size
 
 
@@ -128,7 +129,7 @@ class BoundedRead:
         ends: dict[tuple[str, int], int] = {}
         assignment = []
         for tp in partitions:
-            low, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S, cached=False)
+            low, high = watermarks(consumer, tp)
             start = starts.get((tp.topic, tp.partition), low)
             start = high if start < 0 else max(start, low)
             if start < high:
@@ -142,6 +143,20 @@ class BoundedRead:
     def _done(consumer: Any, ends: dict[tuple[str, int], int], tp: tuple[str, int]) -> None:
         ends.pop(tp, None)
         consumer.pause([TopicPartition(*tp)])
+
+
+def watermarks(consumer: Any, tp: TopicPartition, timeout_s: float = METADATA_TIMEOUT_S) -> tuple[int, int]:
+    """A partition's (low, high) watermarks, asked again for as long as the broker says it does not lead
+    the partition yet: a topic created a moment earlier answers NOT_LEADER_FOR_PARTITION for a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            return int(low), int(high)
+        except KafkaException as exc:
+            if exc.args[0].code() not in NOT_LEADER_YET or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def dead_letter_ids(record: Mapping[str, Any], codec: Codec) -> tuple[str | None, str | None]:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 
 from infra.bootstrap import ensure_schema
 from plumbing.blobs import BlobStore, frame_key, result_prefix
@@ -28,7 +28,7 @@ from plumbing.metadata import connect
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
-from producers.checker import BoundedRead, check_delivery
+from producers.checker import BoundedRead, check_delivery, watermarks
 from producers.client import new_request, now_ms
 from producers.dlq import Filters, count, format_entry, read_dead_letters, replay
 from schemas.codec import default_codec
@@ -155,30 +155,18 @@ def world(env: Settings) -> Iterator[World]:
     w.close()
 
 
-def watermarks(settings: Settings) -> dict[tuple[str, int], int]:
+def high_watermarks(settings: Settings) -> dict[tuple[str, int], int]:
     consumer = make_consumer(settings, unique("g"), "test")
     try:
         names = [spec.name for spec in Topics(settings).all()]
         metadata = consumer.list_topics(timeout=10).topics
-        return {(t, p): _high(consumer, TopicPartition(t, p)) for t in names for p in metadata[t].partitions}
+        return {
+            (t, p): watermarks(consumer, TopicPartition(t, p))[1]
+            for t in names
+            for p in metadata[t].partitions
+        }
     finally:
         consumer.close()
-
-
-NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
-
-
-def _high(consumer: Any, tp: TopicPartition) -> int:
-    """The high watermark, asked again while the broker says it does not lead the partition yet (a CI
-    run got NOT_LEADER_FOR_PARTITION for a topic the fixture had just created)."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
-        except KafkaException as exc:
-            if exc.args[0].code() not in NOT_READY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def messages(settings: Settings, topic: str) -> list:
@@ -273,9 +261,9 @@ def test_show_decodes_a_decodable_original_and_previews_an_undecodable_one(world
 # -- dlq replay -----------------------------------------------------------------------------------------
 def test_dry_run_sends_nothing_and_says_what_would_happen(world: World):
     p = poison(world)
-    before = watermarks(world.settings)
+    before = high_watermarks(world.settings)
     report = replay(world.settings, Filters(), execute=False)
-    assert watermarks(world.settings) == before
+    assert high_watermarks(world.settings) == before
     assert report.dry_run
     actions = {a.coordinate: (a.action, a.reason) for a in report.actions}
     c = p["coords"]
@@ -312,9 +300,9 @@ def test_execute_sends_the_original_back_and_a_second_run_sends_nothing(world: W
     assert dict(header_list(task_copy))[REPLAYED_FROM] == c["render"].encode()
 
     # Again, while the copies are still in flight: nothing new.
-    before = watermarks(world.settings)
+    before = high_watermarks(world.settings)
     again = replay(world.settings, Filters(), execute=True, rate=1000)
-    assert watermarks(world.settings) == before
+    assert high_watermarks(world.settings) == before
     assert not again.of("sent")
     reasons = {a.coordinate: a.reason for a in again.actions}
     copy_at = f"{copy.topic()}:{copy.partition()}:{copy.offset()}"
@@ -324,7 +312,7 @@ def test_execute_sends_the_original_back_and_a_second_run_sends_nothing(world: W
     # Once the request is finished, that is the reason.
     world.row(ids["exhausted"], "SUCCEEDED")
     third = replay(world.settings, Filters(), execute=True, rate=1000)
-    assert watermarks(world.settings) == before
+    assert high_watermarks(world.settings) == before
     assert {a.coordinate: a.reason for a in third.actions}[c["exhausted"]] == "already finished (SUCCEEDED)"
 
 
