@@ -49,7 +49,8 @@ status: setup
 down: setup
 	$(AIGC) down
 
-test: setup
+# Lint and type checks first (seconds): a docstring, complexity, import-layer or typing slip fails the suite.
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

@@ -9,9 +9,21 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 # Kafka headers as produced: confluent-kafka accepts str or bytes values.
 Headers = list[tuple[str, str | bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message a stage will produce: what every stage hands its transactional producer."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    partition: int | None = None  # None: the key's partition
 TRACEPARENT = "traceparent"
 # On a decision (aigc.decisions) whose request named a reply topic that passed validation: where the
 # sink also sends the Completion.

@@ -41,7 +41,7 @@ from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
 from schemas.codec import Codec, default_codec
-from schemas.validation import ID_PATTERN
+from plumbing.validation import ID_PATTERN
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2

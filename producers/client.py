@@ -23,7 +23,7 @@ from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from schemas.codec import Codec, default_codec
-from schemas.validation import validate_request
+from plumbing.validation import validate_request
 
 POLL_S = 0.2
 T = TypeVar("T")

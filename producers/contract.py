@@ -27,9 +27,9 @@ from typing import Any
 from plumbing.errors import ValidationError
 from plumbing.settings import RequestLimits, Settings
 from plumbing.topics import MAX_REQUEST_BYTES, Topics
-from schemas import validation
+from plumbing import validation
 from schemas.codec import SCHEMA_DIR
-from schemas.validation import (
+from plumbing.validation import (
     FUTURE_SKEW_MS,
     ID_PATTERN,
     IMAGE_FORMATS,
@@ -273,7 +273,7 @@ def rule_violations(settings: Settings) -> list[tuple[str, ValidationError]]:
 
 
 def validated_fields() -> set[str]:
-    """Field names that schemas/validation.py checks by name (its ValidationError and _check_* calls)."""
+    """Field names that plumbing/validation.py checks by name (its ValidationError and _check_* calls)."""
     tree = ast.parse(Path(validation.__file__).read_text(encoding="utf-8"))
     names = set()
     for node in ast.walk(tree):

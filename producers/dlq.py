@@ -45,7 +45,7 @@ from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from producers.checker import BoundedRead, dead_letter_ids, select_rows
 from schemas.codec import Codec, default_codec
-from schemas.validation import validate_request
+from plumbing.validation import validate_request
 
 # Dead letters and replays are written after the failure they record, by clocks that may differ a little.
 CLOCK_SLACK_MS = 60_000

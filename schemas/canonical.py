@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from plumbing.errors import DecodeError
+from schemas.errors import DecodeError
 
 # ``check(data, pos) -> pos after the value``; raises DecodeError.
 Check = Callable[[bytes, int], int]

@@ -36,7 +36,7 @@ from plumbing.headers import pipeline_headers
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 from schemas.codec import HEADER_LEN, MARKER, Codec, default_codec
-from schemas.validation import ID_PATTERN, validate_request
+from plumbing.validation import ID_PATTERN, validate_request
 
 MiB = 1024 * 1024
 MAX_MESSAGE = 7 * MiB  # the largest value in the corpus stays below this

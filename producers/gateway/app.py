@@ -34,7 +34,7 @@ from producers.gateway.requests import (
     record_from_body,
     request_id_for,
 )
-from schemas.validation import validate_request
+from plumbing.validation import validate_request
 
 CONSOLE = Path(__file__).resolve().parent / "console"
 HISTORY_MONTHS = 12  # how far back GET /v1/generations looks
@@ -132,7 +132,7 @@ def create_app(backend: Backend) -> FastAPI:
         status_code=202,
         response_model=Accepted,
         responses={400: {}, 401: {}, 413: {}, 429: {}},
-        # The body is checked by the pipeline's own rules (schemas/validation.py), as the gatekeeper and
+        # The body is checked by the pipeline's own rules (plumbing/validation.py), as the gatekeeper and
         # the SDK check it; the model only documents it.
         openapi_extra={
             "requestBody": {

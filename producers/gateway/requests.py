@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plumbing.errors import ValidationError
-from schemas.validation import ID_PATTERN
+from plumbing.validation import ID_PATTERN
 
 # Body fields a client may send, with the record field each fills; the tenant, the request id and the
 # creation time are the gateway's to set.

@@ -66,7 +66,7 @@ from plumbing.shutdown import stop_on_signals
 from plumbing.topics import PRIORITIES, Stage, Topics
 from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
-from schemas.validation import ID_PATTERN
+from plumbing.validation import ID_PATTERN
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.inbox import Inbox
 from stream_processors.assembler.metrics import READINESS, SinkMetrics, observe

@@ -36,7 +36,7 @@ from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
 from plumbing.settings import RequestLimits, Settings, Tier
 from plumbing.topics import Stage, Topics
 from schemas.codec import Codec
-from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
+from plumbing.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
 from stream_processors.gatekeeper import ratelimit
 from stream_processors.gatekeeper.fanout import plan_tasks, task_count
 from stream_processors.gatekeeper.inflight import BUSY_RETRY_AFTER_MS

@@ -51,7 +51,7 @@ def _open(settings: Settings) -> tuple[Any, Any]:
 
 
 def _tenant(tenant: str) -> str:
-    from schemas.validation import ID_PATTERN
+    from plumbing.validation import ID_PATTERN
 
     if not ID_PATTERN.fullmatch(tenant):
         raise SystemExit(f"aigc webhooks: tenant {tenant!r} must match ^[A-Za-z0-9_-]{{1,64}}$")
@@ -60,7 +60,7 @@ def _tenant(tenant: str) -> str:
 
 def _set(args: argparse.Namespace, settings: Settings) -> int:
     from plumbing.errors import ValidationError
-    from schemas.validation import check_webhook_url
+    from plumbing.validation import check_webhook_url
 
     tenant = _tenant(args.tenant)
     if args.url:

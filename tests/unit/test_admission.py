@@ -26,7 +26,7 @@ from plumbing.settings import (
 from plumbing.topics import Stage, Topics
 from producers.client import new_request
 from schemas.codec import default_codec
-from schemas.validation import render_cost
+from plumbing.validation import render_cost
 from stream_processors.gatekeeper.admission import Admission, Gate, Output
 from stream_processors.gatekeeper.fanout import plan_tasks
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, build_moderator

@@ -27,7 +27,7 @@ from plumbing.headers import pipeline_headers
 from plumbing.settings import GatekeeperSettings, ModelSpec, RequestLimits, Settings, Tier
 from plumbing.topics import Stage, Topics
 from schemas.codec import DECODE_CODES, HEADER_LEN, MARKER, Codec
-from schemas.validation import validate_request
+from plumbing.validation import validate_request
 from stream_processors.gatekeeper.admission import Gate
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy
 

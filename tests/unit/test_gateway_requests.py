@@ -20,7 +20,7 @@ from producers.gateway.requests import (
     request_id_for,
 )
 from schemas.codec import default_codec
-from schemas.validation import validate_request
+from plumbing.validation import validate_request
 
 FIELDS = {"request_id", "tenant_id", "prompt"}
 

@@ -7,7 +7,7 @@ import pytest
 from plumbing.errors import ValidationError
 from plumbing.settings import RequestLimits
 from producers.client import new_request
-from schemas.validation import render_cost, validate_request
+from plumbing.validation import render_cost, validate_request
 
 LIMITS = RequestLimits()
 MODELS = {"tiny-sd"}
