@@ -10,6 +10,8 @@ from enum import StrEnum
 
 
 class ErrorKind(StrEnum):
+    """What to do next about a failure: retry later, dead-letter now, or pause and wait."""
+
     RETRYABLE = "retryable"
     PERMANENT = "permanent"
     BACKPRESSURE = "backpressure"
@@ -29,6 +31,7 @@ class PipelineError(Exception):
 
     @property
     def retriable(self) -> bool:
+        """True when the same work may succeed later."""
         return self.kind is ErrorKind.RETRYABLE
 
 
@@ -77,6 +80,8 @@ class ValidationError(PermanentError):
 
 
 class UnknownModelError(ValidationError):
+    """A request naming a model the deployment's registry does not have (``UNKNOWN_MODEL``)."""
+
     def __init__(self, model: str) -> None:
         super().__init__("model", f"unknown model {model!r}", code="UNKNOWN_MODEL")
 
