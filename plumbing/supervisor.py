@@ -169,7 +169,7 @@ class Supervisor:
         with log.open("ab") as out:
             offset = out.tell()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "plumbing.cli", *spec.verb],
+                [sys.executable, "-m", "aigc", *spec.verb],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
