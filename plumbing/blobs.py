@@ -6,7 +6,6 @@ Keys are built by callers from validated ids only (see `frame_key`, `result_key`
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from plumbing.clock import now_ms
 from plumbing.metrics import instrument_s3
 from plumbing.settings import S3Settings
 
@@ -111,7 +111,7 @@ class BlobStore:
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl
         )
-        return url, int(time.time() * 1000) + ttl * 1000
+        return url, now_ms() + ttl * 1000
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
         keys: list[str] = []

@@ -24,6 +24,8 @@ class Outgoing:
     value: bytes | None
     headers: Headers
     partition: int | None = None  # None: the key's partition
+
+
 TRACEPARENT = "traceparent"
 # On a decision (aigc.decisions) whose request named a reply topic that passed validation: where the
 # sink also sends the Completion.

@@ -36,9 +36,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plumbing.backoff import Backoff
 from plumbing.settings import Settings
 
 STOP_GRACE_S = 30.0
+RESTART_FIRST_S = 0.5  # the wait before a crashed stage's first restart; it doubles with each restart after
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a stage up this long before it died starts its back-off afresh
 READY_RECHECK_S = 2.0  # how often a ready stage's /readyz is asked again
@@ -156,7 +158,7 @@ class Supervisor:
         self.log_dir = log_dir
         self.restart = restart
         self.echo = echo
-        self.max_backoff_s = max_backoff_s
+        self.backoff = Backoff(first_s=RESTART_FIRST_S, max_s=max_backoff_s)
         self.targets = targets  # Prometheus file-SD file kept current, when given
         self.pipeline = pipeline
         self.children: dict[str, _Child] = {}
@@ -231,7 +233,7 @@ class Supervisor:
                     continue
                 if now - child.started >= STABLE_S:
                     child.restarts = 0
-                child.next_start = now + min(self.max_backoff_s, 0.5 * 2.0**child.restarts)
+                child.next_start = now + self.backoff.delay_s(child.restarts + 1)
             if now >= child.next_start:
                 self.children[name] = self._spawn(child.spec, child.restarts + 1, child.port)
                 self.echo(f"{name}: restarted (restart {child.restarts + 1})")
