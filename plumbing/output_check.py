@@ -56,6 +56,8 @@ class OutputVerdict:
     scores: dict[str, float] = field(default_factory=dict)
 
     def message(self, kind: str) -> str:
+        """The rejection's text for a request of ``kind`` (IMAGE or VIDEO): which frame shows what, and the
+        score against its threshold."""
         what = "video frame" if kind == "VIDEO" else "image"
         return (
             f"output moderated: {what} {self.frame_index} shows {self.reason} "

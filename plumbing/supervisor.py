@@ -142,6 +142,10 @@ def targets_path(settings: Settings) -> Path:
 
 
 class Supervisor:
+    """The stage processes of one pipeline: starts them, reports and restarts the ones that die (after a
+    growing back-off, unless ``restart`` is off), keeps the Prometheus targets file current, stops them.
+    """
+
     def __init__(
         self,
         stages: list[StageSpec],
@@ -182,6 +186,7 @@ class Supervisor:
         return _Child(spec, proc, log, time.monotonic(), port, restarts=restarts, log_offset=offset)
 
     def start(self) -> None:
+        """Start every stage; each gets a port of its own for ``/metrics`` and ``/readyz``."""
         for spec in self.stages:
             child = self.children[spec.name] = self._spawn(spec)
             self.echo(
@@ -240,6 +245,7 @@ class Supervisor:
         self._write_targets()
 
     def wait_ready(self, timeout_s: float) -> bool:
+        """Poll until every stage is ready; False when ``timeout_s`` passed first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.poll()
@@ -249,9 +255,11 @@ class Supervisor:
         return False
 
     def alive(self) -> list[str]:
+        """The names of the stages whose process runs now."""
         return [name for name, c in self.children.items() if c.proc.poll() is None]
 
     def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to stage ``name``'s process."""
         self.children[name].proc.send_signal(sig)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int]:
@@ -289,6 +297,7 @@ class Supervisor:
         }
 
     def run_until(self, stop: Callable[[], bool], state_file: Path | None = None) -> None:
+        """Supervise until ``stop()`` says so, writing the stages' state to ``state_file`` when it changes."""
         written = None
         while not stop():
             self.poll()

@@ -104,6 +104,7 @@ def install(tracer: Tracer | None) -> None:
 
 
 def enabled() -> bool:
+    """Whether this process records spans (`setup` made a tracer)."""
     return _Process.tracer is not None
 
 
