@@ -54,9 +54,9 @@ def stage_of(pid: int) -> str | None:
     except OSError:
         return None
     words = [a.decode() for a in argv]
-    if "plumbing.cli" not in words:
+    if "aigc" not in words:
         return None
-    verb = words[words.index("plumbing.cli") + 1]
+    verb = words[words.index("aigc") + 1]
     return verb if verb in STAGES else None
 
 

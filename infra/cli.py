@@ -8,6 +8,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``infra`` verb (up, down, status, bootstrap) and the ``kafka`` tool verbs."""
     infra = verbs.add_parser(
         "infra",
         help="run the local Kafka, Cassandra, S3Proxy and Prometheus",
@@ -31,6 +32,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def register_kafka(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``kafka`` verb: Kafka's own command-line tools, run from the jars against our broker."""
     from infra.kafka_tools import TOOLS
 
     kafka = verbs.add_parser(

@@ -40,6 +40,8 @@ class InfraError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceState:
+    """What `status` found for one service: its process, whether it runs and answers, its ports."""
+
     name: str
     pid: int | None
     running: bool
@@ -49,6 +51,7 @@ class ServiceState:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of the log at ``path`` (of its last 64 KiB), or a note that it has none."""
     if not path.exists():
         return "(no log)"
     with path.open("rb") as fh:

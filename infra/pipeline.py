@@ -44,6 +44,7 @@ class RunningPipeline:
 
     @property
     def log_dir(self) -> Path:
+        """The folder of the stages' logs."""
         return self.supervisor.log_dir
 
 

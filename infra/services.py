@@ -17,6 +17,8 @@ import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from typing_extensions import override
+
 from plumbing.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -52,12 +54,17 @@ _CASSANDRA_JAVA17 = [
 
 
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         return sock.connect_ex((host, port)) == 0
 
 
 class Service(ABC):
+    """A local service run as a JVM (or a native program) from the run directory: its files, its command line,
+    and how to tell it is ready.
+    """
+
     name: str
     main_class: str
 
@@ -69,10 +76,12 @@ class Service(ABC):
 
     @property
     def log_file(self) -> Path:
+        """The service's own output (stdout and stderr of its process)."""
         return self.dir / "service.log"
 
     @property
     def pid_file(self) -> Path:
+        """The file the launcher keeps the service's process id in."""
         return self.dir / "pid"
 
     @property
@@ -89,9 +98,11 @@ class Service(ABC):
         """JVM options before the main class (heap, GC, system properties)."""
 
     def program_args(self) -> list[str]:
+        """Arguments after the main class (none by default)."""
         return []
 
     def command(self) -> list[str]:
+        """The full command line that starts the service: java, its options, the classpath and main class."""
         return [
             "java",
             f"-Daigc.service={self.name}",
@@ -112,6 +123,7 @@ class Service(ABC):
         """True when a client can use the service now."""
 
     def check_jars(self) -> None:
+        """Raise FileNotFoundError, naming the fix, when Maven has not put the service's jars in place."""
         if not self.lib.is_dir() or not any(self.lib.glob("*.jar")):
             raise FileNotFoundError(
                 f"no jars in {self.lib}: run `make setup` (mvn -f infra/maven/pom.xml package) first"
@@ -119,17 +131,22 @@ class Service(ABC):
 
 
 class Kafka(Service):
+    """Apache Kafka in KRaft mode: one broker that is also its own controller."""
+
     name = "kafka"
     main_class = "kafka.Kafka"
 
     @property
+    @override
     def ports(self) -> tuple[int, ...]:
         return (self.settings.kafka_port, self.settings.infra.kafka_controller_port)
 
     @property
     def properties_file(self) -> Path:
+        """The broker's ``server.properties``, written by `prepare`."""
         return self.dir / "server.properties"
 
+    @override
     def prepare(self) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -185,6 +202,7 @@ logger.start.level = INFO
         ]
 
     def needs_format(self) -> bool:
+        """True until the storage folder has been formatted (KRaft needs it once, before the first start)."""
         return not (self.dir / "data" / "meta.properties").exists()
 
     def format_command(self) -> list[str]:
@@ -207,6 +225,7 @@ logger.start.level = INFO
             "--ignore-formatted",
         ]
 
+    @override
     def java_args(self) -> list[str]:
         heap = self.settings.infra.kafka_heap_mb
         return [
@@ -220,9 +239,11 @@ logger.start.level = INFO
             *self._log_opts(),
         ]
 
+    @override
     def program_args(self) -> list[str]:
         return [str(self.properties_file)]
 
+    @override
     def ready(self) -> bool:
         from confluent_kafka.admin import AdminClient
 
@@ -234,13 +255,17 @@ logger.start.level = INFO
 
 
 class Cassandra(Service):
+    """Apache Cassandra: one node, with its configuration written under the run directory."""
+
     name = "cassandra"
     main_class = "org.apache.cassandra.service.CassandraDaemon"
 
     @property
+    @override
     def ports(self) -> tuple[int, ...]:
         return (self.settings.cassandra.port, self.settings.infra.cassandra_storage_port)
 
+    @override
     def prepare(self) -> None:
         for sub in ("data", "logs", "tmp", "triggers"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -289,6 +314,7 @@ paxos_variant: v2
             encoding="utf-8",
         )
 
+    @override
     def java_args(self) -> list[str]:
         heap = self.settings.infra.cassandra_heap_mb
         jamm = sorted(self.lib.glob("jamm-*.jar"))
@@ -331,6 +357,7 @@ paxos_variant: v2
             f"-Djava.io.tmpdir={d / 'tmp'}",
         ]
 
+    @override
     def ready(self) -> bool:
         if not port_open(self.ports[0]):
             return False  # the CQL port opens only at the end of startup
@@ -352,13 +379,17 @@ paxos_variant: v2
 
 
 class S3Proxy(Service):
+    """S3Proxy: an S3 API over a local folder (the filesystem blob store)."""
+
     name = "s3proxy"
     main_class = "org.gaul.s3proxy.Main"
 
     @property
+    @override
     def ports(self) -> tuple[int, ...]:
         return (self.settings.s3_port,)
 
+    @override
     def prepare(self) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         (self.dir / "s3proxy.properties").write_text(
@@ -383,6 +414,7 @@ jclouds.filesystem.basedir={self.dir / "data"}
             encoding="utf-8",
         )
 
+    @override
     def java_args(self) -> list[str]:
         return [
             "-Xms64m",
@@ -391,9 +423,11 @@ jclouds.filesystem.basedir={self.dir / "data"}
             f"-Dlogback.configurationFile={self.dir / 'logback.xml'}",
         ]
 
+    @override
     def program_args(self) -> list[str]:
         return ["--properties", str(self.dir / "s3proxy.properties")]
 
+    @override
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/", timeout=2) as resp:
@@ -405,6 +439,7 @@ jclouds.filesystem.basedir={self.dir / "data"}
 
 
 def all_services(settings: Settings) -> list[Service]:
+    """Every local service, in the order they start: Kafka, Cassandra, S3Proxy, Prometheus."""
     from infra.prometheus_server import Prometheus
 
     return [Kafka(settings), Cassandra(settings), S3Proxy(settings), Prometheus(settings)]

@@ -51,23 +51,39 @@ def classify(exc: BaseException) -> ErrorKind | None:
     name = type(exc).__name__
     module = type(exc).__module__ or ""
     if isinstance(exc, KafkaException):  # defined in the C module ``cimpl``: match the class, not the module
-        error = exc.args[0] if exc.args else None
-        if getattr(error, "fatal", lambda: False)():
-            return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
-        return ErrorKind.RETRYABLE
+        return _kafka_kind(exc)
     if module.startswith("cassandra"):
-        if name in _CASSANDRA_DOWN:
-            return ErrorKind.BACKPRESSURE  # the store is unreachable: wait for it, never dead-letter work
-        if name in {"InvalidRequest", "SyntaxException", "Unauthorized", "AuthenticationFailed"}:
-            return ErrorKind.PERMANENT
-        return ErrorKind.RETRYABLE  # Unavailable, Read/WriteTimeout, OperationTimedOut: this operation failed
+        return _cassandra_kind(name)
     if module.startswith(("botocore", "boto3", "urllib3")):
-        if name in _S3_DOWN:
-            return ErrorKind.BACKPRESSURE
-        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if status and 400 <= status < 500 and status not in (408, 429):
-            return ErrorKind.PERMANENT
-        return ErrorKind.RETRYABLE
+        return _s3_kind(exc, name)
+    return _other_kind(exc, name, module)
+
+
+def _kafka_kind(exc: BaseException) -> ErrorKind | None:
+    error = exc.args[0] if exc.args else None
+    if getattr(error, "fatal", lambda: False)():
+        return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
+    return ErrorKind.RETRYABLE
+
+
+def _cassandra_kind(name: str) -> ErrorKind:
+    if name in _CASSANDRA_DOWN:
+        return ErrorKind.BACKPRESSURE  # the store is unreachable: wait for it, never dead-letter work
+    if name in {"InvalidRequest", "SyntaxException", "Unauthorized", "AuthenticationFailed"}:
+        return ErrorKind.PERMANENT
+    return ErrorKind.RETRYABLE  # Unavailable, Read/WriteTimeout, OperationTimedOut: this operation failed
+
+
+def _s3_kind(exc: BaseException, name: str) -> ErrorKind:
+    if name in _S3_DOWN:
+        return ErrorKind.BACKPRESSURE
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if status and 400 <= status < 500 and status not in (408, 429):
+        return ErrorKind.PERMANENT
+    return ErrorKind.RETRYABLE
+
+
+def _other_kind(exc: BaseException, name: str, module: str) -> ErrorKind | None:
     if name == "OutOfMemoryError" and module.startswith("torch"):
         return ErrorKind.RETRYABLE
     if isinstance(exc, ConnectionRefusedError):

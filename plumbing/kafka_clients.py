@@ -34,6 +34,7 @@ LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
 
 
 def client_id(settings: Settings, role: str) -> str:
+    """The Kafka ``client.id`` of a client of ``role``: settings' client id, role, host and pid."""
     return f"{settings.kafka.client_id}.{role}.{socket.gethostname()}.{os.getpid()}"
 
 
@@ -47,6 +48,9 @@ def _counted(settings: Settings) -> dict[str, Any]:
 
 
 def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
+    """An idempotent producer (acks=all, lz4, the Java clients' partitioner) for ``role``; ``overrides`` are
+    librdkafka settings on top.
+    """
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
@@ -65,6 +69,9 @@ def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
 
 
 def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any) -> Consumer:
+    """A consumer in ``group_id`` that commits only what it is told to and reads committed transactions only
+    (cooperative-sticky, static membership when the settings name an instance); ``overrides`` on top.
+    """
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
@@ -139,6 +146,7 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
 
 
 def make_admin(settings: Settings) -> AdminClient:
+    """An admin client of the settings' cluster."""
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, "admin"),

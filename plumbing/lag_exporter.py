@@ -58,6 +58,8 @@ def topic_priority(topic: str) -> str:
 
 @dataclass(frozen=True)
 class Lag:
+    """How far one group is behind on one partition: messages between its committed offset and the log end."""
+
     group: str
     topic: str
     partition: int
@@ -66,6 +68,8 @@ class Lag:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One reading of the broker: every lag, and every share group's backlog."""
+
     lags: tuple[Lag, ...] = ()
     backlogs: tuple[tuple[str, str, int], ...] = ()  # (share group, topic, tasks not taken)
 
@@ -107,6 +111,9 @@ class LagExporter(Collector):
         return ids[:MAX_GROUPS]
 
     def refresh(self) -> Snapshot:
+        """Read the pipeline's groups' committed offsets and their partitions' start and end offsets from
+        the broker; returns (and keeps, for `collect`) the lags and backlogs they give.
+        """
         known = self.known_groups()
         committed: dict[str, dict[tuple[str, int], int]] = {}
         for group in dict.fromkeys([*known, *self.discovered_groups()]):
@@ -169,6 +176,8 @@ class LagExporter(Collector):
         return out
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        """The last reading, as the ``aigc_consumer_lag_messages`` and ``aigc_share_group_backlog_messages``
+        gauges."""
         snapshot = self.snapshot
         lag = GaugeMetricFamily(
             "aigc_consumer_lag_messages",
@@ -190,6 +199,8 @@ class LagExporter(Collector):
         yield backlog
 
     def run(self, stop: threading.Event, readiness: Readiness) -> None:
+        """Refresh every ``observability.lag_interval_s`` until ``stop`` is set; ``kafka`` is met while the
+        broker answers."""
         readiness.require("kafka")
         while not stop.is_set():
             try:

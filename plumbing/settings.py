@@ -26,6 +26,8 @@ class _Section(BaseModel):
 
 
 class KafkaSettings(_Section):
+    """How to reach Kafka and how the pipeline's topics are named and sized (``AIGC_KAFKA__*``)."""
+
     bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers, comma separated")
     topic_prefix: str = Field("aigc", description="first dotted segment of every topic name")
     request_partitions: int = Field(6, ge=1, description="partitions of each request topic")
@@ -57,6 +59,8 @@ class KafkaSettings(_Section):
 
 
 class CassandraSettings(_Section):
+    """How to reach Cassandra, the metadata store, and which keyspace to use (``AIGC_CASSANDRA__*``)."""
+
     hosts: tuple[str, ...] = ("127.0.0.1",)
     port: int = 19042
     keyspace: str = Field("aigc", pattern=r"^[a-z][a-z0-9_]{0,47}$")
@@ -68,6 +72,8 @@ class CassandraSettings(_Section):
 
 
 class S3Settings(_Section):
+    """How to reach the S3 object store and which buckets hold what (``AIGC_S3__*``)."""
+
     endpoint_url: str = "http://127.0.0.1:19000"
     region: str = "us-east-1"
     access_key_id: str = "aigc"
@@ -104,6 +110,8 @@ class InfraSettings(_Section):
 
 
 class ModelSpec(_Section):
+    """One model the renderers serve: where its weights are, which pool renders it and with which backend."""
+
     path: Path = Field(description="folder saved with save_pretrained (a diffusers pipeline)")
     pool: str = Field("default", pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", description="renderer pool serving it")
     backend: Literal["diffusers", "synthetic"] = "diffusers"
@@ -150,6 +158,9 @@ MODERATION_CATEGORIES = (
 
 
 class GatekeeperSettings(_Section):
+    """The gatekeeper's admission rules: dedupe, fan-out, moderation, tiers, rate limits
+    (``AIGC_GATEKEEPER__*``)."""
+
     app_id: str = "aigc-gatekeeper"
     dedupe_window_s: float = Field(600.0, gt=0, description="a request_id seen within this window is dropped")
     frames_per_task: int = Field(4, ge=1, description="video frames per render task")
@@ -215,10 +226,13 @@ class GatekeeperSettings(_Section):
         return self
 
     def tier_of(self, tenant_id: str) -> Tier:
+        """The tier of ``tenant_id``: its entry in ``tenant_tiers``, else ``default_tier``."""
         return self.tiers[self.tenant_tiers.get(tenant_id, self.default_tier)]
 
 
 class RendererSettings(_Section):
+    """How renderers take, batch and render tasks (``AIGC_RENDERER__*``)."""
+
     weights: dict[str, float] = Field(
         default_factory=lambda: {"HIGH": 16.0, "NORMAL": 4.0, "LOW": 1.0},
         description="fair-share weights between classes (a busy LOW class keeps ~1/21 of frames)",
@@ -279,6 +293,8 @@ class RendererSettings(_Section):
 
 
 class AssemblerSettings(_Section):
+    """The assembler sink's identity, limits and storage of results (``AIGC_ASSEMBLER__*``)."""
+
     instance: str = Field(
         "0", pattern=r"^[a-z0-9-]{1,32}$", description="stable id of this sink (transactional.id)"
     )
@@ -409,6 +425,10 @@ class ObservabilitySettings(_Section):
 
 
 class Settings(BaseSettings):
+    """Every setting of the pipeline, read once at the entry point from ``AIGC_*`` variables (nested sections
+    with ``__``) over the defaults, then passed down; frozen.
+    """
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=ENV_NESTED_DELIMITER,
@@ -477,14 +497,17 @@ class Settings(BaseSettings):
 
     @property
     def pools(self) -> tuple[str, ...]:
+        """The renderer pools the models name, sorted."""
         return tuple(sorted({spec.pool for spec in self.models.values()}))
 
     @property
     def kafka_port(self) -> int:
+        """The port of the first bootstrap server, which must be on loopback (for the local launcher)."""
         return _loopback_port(self.kafka.bootstrap_servers.split(",")[0])
 
     @property
     def s3_port(self) -> int:
+        """The port of the S3 endpoint, which must be on loopback (for the local launcher)."""
         return _loopback_port(self.s3.endpoint_url)
 
     def to_env(self) -> dict[str, str]:

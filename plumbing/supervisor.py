@@ -36,9 +36,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plumbing.backoff import Backoff
 from plumbing.settings import Settings
 
 STOP_GRACE_S = 30.0
+RESTART_FIRST_S = 0.5  # the wait before a crashed stage's first restart; it doubles with each restart after
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a stage up this long before it died starts its back-off afresh
 READY_RECHECK_S = 2.0  # how often a ready stage's /readyz is asked again
@@ -140,6 +142,10 @@ def targets_path(settings: Settings) -> Path:
 
 
 class Supervisor:
+    """The stage processes of one pipeline: starts them, reports and restarts the ones that die (after a
+    growing back-off, unless ``restart`` is off), keeps the Prometheus targets file current, stops them.
+    """
+
     def __init__(
         self,
         stages: list[StageSpec],
@@ -156,7 +162,7 @@ class Supervisor:
         self.log_dir = log_dir
         self.restart = restart
         self.echo = echo
-        self.max_backoff_s = max_backoff_s
+        self.backoff = Backoff(first_s=RESTART_FIRST_S, max_s=max_backoff_s)
         self.targets = targets  # Prometheus file-SD file kept current, when given
         self.pipeline = pipeline
         self.children: dict[str, _Child] = {}
@@ -169,7 +175,7 @@ class Supervisor:
         with log.open("ab") as out:
             offset = out.tell()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "plumbing.cli", *spec.verb],
+                [sys.executable, "-m", "aigc", *spec.verb],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -180,6 +186,7 @@ class Supervisor:
         return _Child(spec, proc, log, time.monotonic(), port, restarts=restarts, log_offset=offset)
 
     def start(self) -> None:
+        """Start every stage; each gets a port of its own for ``/metrics`` and ``/readyz``."""
         for spec in self.stages:
             child = self.children[spec.name] = self._spawn(spec)
             self.echo(
@@ -231,13 +238,14 @@ class Supervisor:
                     continue
                 if now - child.started >= STABLE_S:
                     child.restarts = 0
-                child.next_start = now + min(self.max_backoff_s, 0.5 * 2.0**child.restarts)
+                child.next_start = now + self.backoff.delay_s(child.restarts + 1)
             if now >= child.next_start:
                 self.children[name] = self._spawn(child.spec, child.restarts + 1, child.port)
                 self.echo(f"{name}: restarted (restart {child.restarts + 1})")
         self._write_targets()
 
     def wait_ready(self, timeout_s: float) -> bool:
+        """Poll until every stage is ready; False when ``timeout_s`` passed first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.poll()
@@ -247,9 +255,11 @@ class Supervisor:
         return False
 
     def alive(self) -> list[str]:
+        """The names of the stages whose process runs now."""
         return [name for name, c in self.children.items() if c.proc.poll() is None]
 
     def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to stage ``name``'s process."""
         self.children[name].proc.send_signal(sig)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int]:
@@ -287,6 +297,7 @@ class Supervisor:
         }
 
     def run_until(self, stop: Callable[[], bool], state_file: Path | None = None) -> None:
+        """Supervise until ``stop()`` says so, writing the stages' state to ``state_file`` when it changes."""
         written = None
         while not stop():
             self.poll()

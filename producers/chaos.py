@@ -244,7 +244,7 @@ def _drain(
     """Wait until every submitted request is accounted for; the checker's final report.
 
     When the count of unfinished requests stops moving for `STALL_S`, every stage is asked for its
-    threads' stacks (SIGUSR1, see `plumbing.cli`); if the run then fails to drain, the stacks that show
+    threads' stacks (SIGUSR1, see `aigc.cli`); if the run then fails to drain, the stacks that show
     the project's own code are printed with the lost requests' last status, so a hang can be located
     from the output alone."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S

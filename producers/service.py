@@ -95,7 +95,7 @@ def start_pipeline(
     else:
         paths.dir.mkdir(parents=True, exist_ok=True)
         paths.state_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "plumbing.cli", "run", "--renderers", str(renderers),
+        command = [sys.executable, "-m", "aigc", "run", "--renderers", str(renderers),
                    "--log-dir", str(paths.dir), "--state-file", str(paths.state_file)]  # fmt: skip
         if synthetic_ms is not None:
             command += ["--synthetic-ms", str(synthetic_ms)]

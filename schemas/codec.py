@@ -62,6 +62,10 @@ DECODE_CODES = frozenset(
 
 @dataclass(frozen=True)
 class SchemaVersion:
+    """One version of a record's schema: its name, fingerprint, parsed form, file, whether it is the current
+    one, and its strict check.
+    """
+
     record: str  # short record name, e.g. "GenerationRequest"
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO
     parsed: Any  # fastavro's parsed form
@@ -107,9 +111,11 @@ class Codec:
 
     @property
     def records(self) -> tuple[str, ...]:
+        """The names of the records this codec writes, sorted."""
         return tuple(sorted(self._current))
 
     def schema(self, record: str) -> SchemaVersion:
+        """The current schema of ``record``."""
         return self._current[record]
 
     def write(self, record: Record) -> bytes:

@@ -64,9 +64,10 @@ from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.shutdown import stop_on_signals
 from plumbing.topics import PRIORITIES, Stage, Topics
+from plumbing.validation import ID_PATTERN
 from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
-from plumbing.validation import ID_PATTERN
+from schemas.records import OutputCheckResult
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.inbox import Inbox
 from stream_processors.assembler.metrics import READINESS, SinkMetrics, observe
@@ -442,7 +443,8 @@ class Sink:
         check on) the sink's own on the staged frames; None to publish, else the verdict (its
         ``frame_index`` the frame's index in the request) and its ModerationVerdict record."""
         if fr.get("output_check") is not None:
-            return output_check_from_record(fr["output_check"])
+            found = output_check_from_record(OutputCheckResult.from_avro(fr["output_check"]))
+            return None if found is None else (found[0], found[1].to_avro())
         conf = self.settings.output_check
         if not conf.enabled:
             return None
@@ -453,7 +455,7 @@ class Sink:
         if verdict is None:
             return None
         verdict = dataclasses.replace(verdict, frame_index=ordered[verdict.frame_index].frame_index)
-        return verdict, self._checker.moderation(verdict)
+        return verdict, self._checker.moderation(verdict).to_avro()
 
     def _blocked(
         self,

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from aigc.cli import main
 from infra.pipeline import running_pipeline
-from plumbing.cli import main
 from plumbing.metadata import connect
 from plumbing.settings import ModelSpec, Settings
 from plumbing.supervisor import Supervisor, free_port

@@ -93,10 +93,8 @@ def stage_processes() -> dict[int, str]:
         except OSError:
             continue
         state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == me and state != "Z" and b"plumbing.cli" in cmdline:
-            found[int(entry.name)] = " ".join(
-                a.decode() for a in cmdline[cmdline.index(b"plumbing.cli") + 1 :]
-            )
+        if int(ppid) == me and state != "Z" and b"aigc" in cmdline:
+            found[int(entry.name)] = " ".join(a.decode() for a in cmdline[cmdline.index(b"aigc") + 1 :])
     return found
 
 

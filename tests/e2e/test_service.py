@@ -59,7 +59,7 @@ def test_up_status_submit_down(tmp_path: Path) -> None:
     }
 
     def aigc(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "plumbing.cli", *args], env=env, cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "aigc", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
     started = time.monotonic()

@@ -430,7 +430,7 @@ def test_lost_duplicated_orphaned_and_mismatched_requests_are_reported(world: Wo
 def aigc(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_")} | settings.to_env()
     return subprocess.run(
-        [sys.executable, "-m", "plumbing.cli", *args],
+        [sys.executable, "-m", "aigc", *args],
         env=env,
         cwd=REPO,
         check=False,

@@ -374,7 +374,7 @@ def spawn(settings: Settings, worker: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.to_env(), "AIGC_RENDERER__WORKER_ID": worker,
            "AIGC_METRICS_PORT": str(PORTS[worker])}  # fmt: skip
     log = (settings.home / f"{worker}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "plumbing.cli", "render", "--pool", POOL], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "aigc", "render", "--pool", POOL], cwd=REPO,
                             env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 

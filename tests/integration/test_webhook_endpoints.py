@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from aigc.cli import main
 from infra.bootstrap import cql_statements
-from plumbing.cli import main
 from plumbing.metadata import connect
 from plumbing.settings import Settings
 from stream_processors.webhooks.store import WebhookStore

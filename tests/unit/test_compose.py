@@ -1,7 +1,7 @@
 """docker-compose.yml stays in step with the code it runs.
 
 The compose file repeats facts that live in the code: setting names (plumbing/settings.py), CLI verbs
-(plumbing/cli.py), the local launcher's broker, Cassandra and S3Proxy settings (infra/services.py) and the
+(aigc/cli.py), the local launcher's broker, Cassandra and S3Proxy settings (infra/services.py) and the
 model path the init job builds. Each test here reads the compose file with PyYAML and compares one of those
 facts with the code, so renaming a setting or a verb, or changing a launcher setting, fails here until the
 compose file follows. No Docker engine is needed; the last test also runs ``docker compose config`` when
@@ -24,8 +24,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from aigc.cli import build_parser
 from infra.services import Cassandra, Kafka, S3Proxy
-from plumbing.cli import build_parser
 from plumbing.settings import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
@@ -246,7 +246,7 @@ def test_image_entrypoint_is_the_aigc_command():
     assert entrypoints, "Dockerfile has no ENTRYPOINT"
     assert json.loads(entrypoints[-1]) == ["aigc"]
     scripts = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    assert re.search(r'^aigc = "plumbing\.cli:main"$', scripts, re.MULTILINE)
+    assert re.search(r'^aigc = "aigc\.cli:main"$', scripts, re.MULTILINE)
 
 
 def test_startup_order(services: dict[str, dict[str, Any]]):

@@ -17,6 +17,7 @@ from plumbing.errors import ErrorKind, PermanentError, classify
 from plumbing.output_check import Detection, OutputVerdict, decide, from_record, policy_version
 from plumbing.settings import OutputCheckSettings
 from schemas.codec import default_codec
+from schemas.records import OutputCheckResult
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.store import FrameRow, moderation_row, moderation_verdict
 from stream_processors.assembler.video import encode_image
@@ -181,19 +182,19 @@ def test_a_renderer_s_check_record_becomes_the_verdict_and_its_moderation_record
         "blocked": None,
         "scores": {},
     }
-    assert from_record(clean) is None
+    assert from_record(OutputCheckResult.from_avro(clean)) is None
     blocked = {
         **clean,
         "blocked": {"reason": "BUTTOCKS_EXPOSED", "score": 0.62, "threshold": 0.5, "frame_index": 9},
         "scores": {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8},
     }
-    found = from_record(blocked)
+    found = from_record(OutputCheckResult.from_avro(blocked))
     assert found is not None
     verdict, moderation = found
     assert verdict == OutputVerdict(
         "BUTTOCKS_EXPOSED", 0.62, 9, 0.5, {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8}
     )
-    assert moderation == {
+    assert moderation.to_avro() == {
         "category": "sexual",
         "policy_version": "output-abc",
         "source": "nudenet",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plumbing import cli
+from aigc import cli
 from plumbing.settings import MODERATION_CATEGORIES, GatekeeperSettings
 from stream_processors.assembler.store import moderation_row, moderation_verdict
 from stream_processors.gatekeeper.corpus import generate
