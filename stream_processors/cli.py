@@ -8,6 +8,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the `gatekeeper`, `assemble` and `relay` verbs (and the webhook verbs) to the ``aigc`` CLI."""
     gatekeeper = verbs.add_parser(
         "gatekeeper",
         help="run the gatekeeper (faust): validate, dedupe, moderate, rate-limit, fan out",

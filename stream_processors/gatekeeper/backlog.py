@@ -32,6 +32,8 @@ MAX_RETRY_AFTER_MS = 300_000
 
 @dataclass(frozen=True)
 class Backlog:
+    """The render work waiting in one pool and class, and how fast it drains."""
+
     tasks: int
     drained_per_s: float  # committed tasks per second over the last refresh (0 when unknown)
 
@@ -45,6 +47,8 @@ def retry_after_ms(backlog: Backlog, bound: int) -> int:
 
 
 class BacklogMonitor:
+    """The backlog of every pool and class, refreshed by a thread every `REFRESH_S` (thread-safe reads)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings)
@@ -56,14 +60,17 @@ class BacklogMonitor:
         self._thread = threading.Thread(target=self._run, name="backlog", daemon=True)
 
     def start(self) -> BacklogMonitor:
+        """Start refreshing (only when some class has a bound); returns self."""
         if self.bounds:
             self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Ask the thread to stop; it does within a refresh."""
         self._stop.set()
 
     def backlog(self, pool: str, priority: str) -> Backlog | None:
+        """The last figures of ``pool`` and ``priority``; None until a refresh has seen its topic."""
         with self._lock:
             return self._backlogs.get((pool, priority))
 
@@ -84,6 +91,7 @@ class BacklogMonitor:
                 log.warning("backlog: %s", exc)
 
     def refresh(self, admin: AdminClient) -> None:
+        """Ask the broker for every pool's render offsets and replace the figures with what it answers."""
         now = time.monotonic()
         backlogs = {}
         for pool in self.settings.pools:

@@ -39,6 +39,7 @@ class FlowControl(FlowControlEvent):
     """mode's flow control, whose resume clears the stream buffers only when flow was suspended."""
 
     def resume(self) -> None:
+        """Let flow go on; the buffers are cleared only when it was suspended."""
         was_suspended = not self.is_active()
         self._suspend.clear()
         self._resume.set()
@@ -80,6 +81,7 @@ class Consumer(AIOKafkaConsumer):
             gaps.merge_overlaps()
 
     async def perform_seek(self) -> None:
+        """Seek to the committed offsets and record them, with the read offset one before each."""
         committed = await self.seek_to_committed()
         for tp, offset in committed.items():
             # the fetch loop's read offset is the last offset read (faust sets the next one)

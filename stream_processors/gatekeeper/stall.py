@@ -53,6 +53,8 @@ class Progress:
 
 
 class StallGuard:
+    """The thread that watches the gatekeeper group's request partitions and exits the process on a stall."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = [Topics(settings).requests(p) for p in PRIORITIES]
@@ -61,10 +63,12 @@ class StallGuard:
         self._thread = threading.Thread(target=self._run, name="stall-guard", daemon=True)
 
     def start(self) -> StallGuard:
+        """Start watching; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Ask the thread to stop; it does within a check."""
         self._stop.set()
 
     def _run(self) -> None:

@@ -32,6 +32,7 @@ from producers.checker import BoundedRead, check_delivery, watermarks
 from producers.client import new_request, now_ms
 from producers.dlq import Filters, count, format_entry, read_dead_letters, replay
 from schemas.codec import default_codec
+from schemas.records import GenerationRequest
 from stream_processors.gatekeeper.fanout import plan_tasks
 from tests.conftest import REPO, unique
 
@@ -186,7 +187,10 @@ def poison(w: World) -> dict[str, Any]:
     retired_request = w.request(model="retired-model")  # valid then; the model has left the registry since
     retired = w.publish_request(retired_request, [(ATTEMPTS, b"3"), (FIRST_FAILED_AT, str(old).encode())])
     task_request = w.request()
-    [task] = plan_tasks(task_request, "default", 4, now_ms(), now_ms())
+    [task] = [
+        t.to_avro()
+        for t in plan_tasks(GenerationRequest.from_avro(task_request), "default", 4, now_ms(), now_ms())
+    ]
     render = w.publish(
         w.topics.render("default", "NORMAL"),
         w.codec.encode("RenderTask", task),
@@ -371,7 +375,9 @@ def test_a_clean_run_is_ok_and_a_dead_lettered_request_is_not_lost(world: World)
     world.complete(rejected["request_id"], "REJECTED")
     world.row(rejected["request_id"], "REJECTED")
     dead = world.request()
-    [task] = plan_tasks(dead, "default", 4, now_ms(), now_ms())
+    [task] = [
+        t.to_avro() for t in plan_tasks(GenerationRequest.from_avro(dead), "default", 4, now_ms(), now_ms())
+    ]
     original = world.publish(
         world.topics.render("default", "NORMAL"), world.codec.encode("RenderTask", task), b"k", []
     )

@@ -39,6 +39,7 @@ from plumbing.supervisor import free_port, probe_ready
 from plumbing.topics import Stage, Topics
 from producers.client import new_request, now_ms
 from schemas.codec import default_codec
+from schemas.records import GenerationRequest
 from stream_processors.gatekeeper.fanout import plan_tasks
 from tests.conftest import REPO, unique
 
@@ -71,7 +72,9 @@ def task(priority: str = "NORMAL", tenant: str = "t1", steps: int = 4) -> dict[s
     request = new_request(tenant_id=tenant, model="m", prompt=f"p {uuid.uuid4().hex[:6]}", width=16,
                           height=16, steps=steps, guidance_scale=7.5, output_format="PNG", seed=7,
                           priority=priority)  # fmt: skip
-    [one] = plan_tasks(request, POOL, 4, now_ms(), now_ms())
+    [one] = [
+        t.to_avro() for t in plan_tasks(GenerationRequest.from_avro(request), POOL, 4, now_ms(), now_ms())
+    ]
     return one
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from plumbing.errors import ValidationError
 from plumbing.settings import RequestLimits
-from producers.client import new_request
 from plumbing.validation import render_cost, validate_request
+from schemas.records import GenerationRequest, VideoSpec
 
 LIMITS = RequestLimits()
 MODELS = {"tiny-sd"}
@@ -17,6 +17,7 @@ NOW = 1_800_000_000_000
 def request(**fields):
     base = dict(
         request_id="req-1",
+        kind="VIDEO" if fields.get("video") else "IMAGE",
         tenant_id="acme",
         prompt="a lighthouse at dusk",
         model="tiny-sd",
@@ -26,7 +27,9 @@ def request(**fields):
         guidance_scale=7.5,
         created_at=NOW,
     )
-    return new_request(**{**base, **fields})
+    if fields.get("video") is not None:
+        fields["video"] = VideoSpec(**fields["video"])
+    return GenerationRequest(**{**base, **fields})
 
 
 def video(**video_fields):
