@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from gpu_consumers.tasks import Task
+from plumbing.clock import now_ms
 from plumbing.observability import LATENCY_BUCKETS, enabled, priority_label
 
 BUSY_WINDOW_S = 10.0
@@ -56,10 +57,6 @@ OOM_SPLITS = Counter("aigc_renderer_oom_splits", "Batches split after the device
 SUSPENDED = Gauge("aigc_renderer_suspended_batches", "Batches suspended between two steps right now")
 TASKS = Counter("aigc_renderer_tasks", "Tasks finished, by class and outcome", ["priority", "outcome"])
 OUTCOMES = ("rendered", "cancelled", "expired", "retried", "dead_lettered", "failed")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class BusyWindow(Collector):
@@ -145,9 +142,9 @@ class RendererMetrics:
         BATCH_SIZE.observe(frames)
         now = now_ms()
         for task in tasks:
-            enqueued = task.record.get("enqueued_at")
+            enqueued = task.record.enqueued_at
             if enqueued:
-                QUEUE_WAIT.labels(priority_label(task.priority)).observe(max(0, now - int(enqueued)) / 1000)
+                QUEUE_WAIT.labels(priority_label(task.priority)).observe(max(0, now - enqueued) / 1000)
 
     def batch_ended(self) -> None:
         if not enabled() or self.depth == 0:
