@@ -9,6 +9,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``render`` and ``models`` verbs to the ``aigc`` command line."""
     render = verbs.add_parser(
         "render",
         help="run a renderer process of one pool (a share-group member)",
