@@ -37,9 +37,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _render(args: argparse.Namespace, settings: Settings) -> int:
-    from gpu_consumers.renderer import run
+    from gpu_consumers.renderer import BackendOverrides, run
 
-    overrides: dict[str, object] = {}
+    overrides: BackendOverrides = {}
     if args.synthetic_ms is not None:
         overrides = {"kind": "synthetic", "service_ms_per_frame": args.synthetic_ms}
         if args.synthetic_steps:

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TypedDict
 
 from confluent_kafka import Message
 
@@ -68,10 +68,18 @@ class DeliveriesExhausted(PermanentError):
     code = "DELIVERY_LIMIT"
 
 
+class BackendOverrides(TypedDict, total=False):
+    """What ``aigc render --synthetic-ms`` overrides in the registry: every model on the synthetic backend."""
+
+    kind: str
+    service_ms_per_frame: float
+    steps: int
+
+
 class Models:
     """The pool's model backends, each loaded once (on the device thread, or by ``warm_up``)."""
 
-    def __init__(self, settings: Settings, models: dict[str, ModelSpec], overrides: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, models: dict[str, ModelSpec], overrides: BackendOverrides) -> None:
         self.settings = settings
         self.specs = models
         self.overrides = overrides
@@ -144,7 +152,7 @@ class Renderer:
     """One renderer process of a pool: wires the intake, scheduler, device loop and outbox together."""
 
     def __init__(
-        self, settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None
+        self, settings: Settings, pool: str, backend_overrides: BackendOverrides | None = None
     ) -> None:
         conf = settings.renderer
         self.settings = settings
@@ -290,7 +298,7 @@ class Renderer:
             self.scheduler.remove_partition(topic, partition)
 
 
-def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None) -> None:
+def run(settings: Settings, pool: str, backend_overrides: BackendOverrides | None = None) -> None:
     """Run one renderer process until SIGINT or SIGTERM; work in hand is finished and acknowledged first."""
     stop = stop_on_signals()
     obs = serve(settings, Stage.RENDERER.value, *READINESS)
