@@ -93,6 +93,7 @@ def overview(backend: Backend) -> dict[str, Any]:
 
 def add_ops_routes(app: FastAPI, backend: Backend, tenant_key: Callable[..., Awaitable[ApiKey]]) -> None:
     """Add the /v1/ops routes (operator keys only) to ``app``."""
+
     def operator(key: Annotated[ApiKey, Depends(tenant_key)]) -> ApiKey:
         if not key.operator:
             raise Problem(

@@ -61,6 +61,7 @@ class Problem(Exception):
 def install_problem_handlers(app: FastAPI) -> None:
     """Make ``app`` answer every error as problem details: Problems as they are, ValidationError as a 400
     naming the field, an unacknowledged produce as a 503, anything unexpected as a logged 500."""
+
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
         return exc.response()
