@@ -51,7 +51,7 @@ def test_a_running_pipeline_completes_a_request_and_leaves_nothing_behind(infra:
                 guidance_scale=7.5,
             )  # fmt: skip
             completion = client.wait(request_id, timeout_s=RESULT_TIMEOUT_S)
-        assert completion["status"] == "SUCCEEDED", completion
+        assert completion.status == "SUCCEEDED", completion
         assert run_topics(run) and keyspace_exists(run)
         pids = [child.proc.pid for child in pipe.supervisor.children.values()]
 

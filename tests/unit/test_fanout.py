@@ -30,7 +30,7 @@ def image_request(**fields: Any) -> dict[str, Any]:
         "guidance_scale": 7.5,
         "created_at": 1_700_000_000_000,
     }
-    return new_request(**{**base, **fields})
+    return new_request(**{**base, **fields}).to_avro()
 
 
 def video_request(num_frames: int, **fields: Any) -> dict[str, Any]:
