@@ -51,7 +51,7 @@ def main() -> None:
         ),
     }
     for name, datum in samples.items():
-        data = codec.encode("GenerationRequest", datum)
+        data = codec.write(datum)
         version = codec.schema("GenerationRequest")
 
         def fastavro_only(data: bytes = data, parsed: Any = version.parsed) -> object:

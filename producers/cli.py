@@ -180,7 +180,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         print(request_id, flush=True)
         if not args.wait:
             return 0
-        completion = client.wait(request_id, timeout_s=args.timeout)
+        completion = client.wait(request_id, timeout_s=args.timeout).to_avro()
     print(json.dumps(completion, indent=2) if args.json else format_completion(completion))
     return 0 if completion["status"] == "SUCCEEDED" else 1
 
@@ -231,7 +231,7 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
             from_beginning=args.from_beginning,
             timeout_s=args.timeout,
         ):
-            print(format_event(event.kind, event.record, event.timestamp_ms), flush=True)
+            print(format_event(event.kind, event.record.to_avro(), event.timestamp_ms), flush=True)
     return 0
 
 

@@ -73,15 +73,16 @@ def follow(client: Client, requests: dict[str, dict[str, Any]], since_ms: int, t
         rid = event.request_id
         if rid in completions:
             continue  # a status event that lost the race with its completion (another topic)
+        record = event.record.to_avro()
         if event.kind == "completion":
-            completions[rid] = event.record
-            succeeded = event.record["status"] == "SUCCEEDED"
-            view.update(rid, event.record["status"], totals[rid][1] if succeeded else None)
-        elif event.record["state"] == "RUNNING" and event.record.get("progress"):
-            done_by_task[rid][event.record["task_id"]] = event.record["progress"]["done"]
+            completions[rid] = record
+            succeeded = record["status"] == "SUCCEEDED"
+            view.update(rid, record["status"], totals[rid][1] if succeeded else None)
+        elif record["state"] == "RUNNING" and record.get("progress"):
+            done_by_task[rid][record["task_id"]] = record["progress"]["done"]
             view.update(rid, "RUNNING", sum(done_by_task[rid].values()))
         else:
-            view.update(rid, event.record["state"])
+            view.update(rid, record["state"])
         if len(completions) == len(requests) or time.monotonic() > deadline:
             break
     view.close()

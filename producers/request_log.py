@@ -11,11 +11,11 @@ by tenant, retry envelopes) when the decoded record does.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from plumbing.clock import now_ms as clock_now_ms
 from plumbing.errors import DecodeError
 from plumbing.kafka_clients import header_map
 from plumbing.metadata import connect, register_types
@@ -24,6 +24,7 @@ from plumbing.topics import PRIORITIES, Stage, Topics
 from producers.checker import BoundedRead
 from producers.timeline import FAMILIES, Seen, epoch_ms
 from schemas.codec import Codec, default_codec
+from schemas.records import GenerationRequest, RetryEnvelope
 
 SLACK_MS = 30_000  # clocks and batching: read this much before created and after finished
 READ_TIMEOUT_S = 30.0
@@ -45,6 +46,9 @@ def topic_families(settings: Settings) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RequestRecords:
+    """What `read_request` found: the request's terminal row (as a dict; None before it finished), its
+    records, and the window of epoch ms that was read."""
+
     request_id: str
     row: dict[str, Any] | None
     seen: list[Seen]
@@ -55,7 +59,7 @@ def read_request(
     settings: Settings, request_id: str, since_ms: int, now_ms: int | None = None
 ) -> RequestRecords:
     """The request's row and records. ``since_ms`` bounds the search when Cassandra has no row for it."""
-    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    now = now_ms if now_ms is not None else clock_now_ms()
     row = terminal_row(settings, request_id)
     families = topic_families(settings)
     codec = default_codec()
@@ -75,6 +79,7 @@ def read_request(
 
 
 def terminal_row(settings: Settings, request_id: str) -> dict[str, Any] | None:
+    """The request's row of the ``requests`` table as a dict (column name to value); None if it has none."""
     ks = settings.cassandra.keyspace
     cluster, session = connect(settings.cassandra)
     try:
@@ -109,15 +114,15 @@ def _belongs(msg: Any, codec: Codec, request_id: str, family: str) -> Seen | Non
     if not named and family not in ("requests", "retry"):
         return None
     try:
-        record = codec.decode(msg.value(), FAMILIES[family])
+        record = codec.read(msg.value(), FAMILIES[family])
     except DecodeError:
         return None
-    if family == "retry":
-        inner = {h["key"]: h["value"] for h in record["headers"]}
+    if isinstance(record, RetryEnvelope):
+        inner = {h.key: h.value for h in record.headers}
         named = named or inner.get("request_id") == request_id.encode()
         headers = {k: v for k, v in inner.items() if v is not None}
-    elif family == "requests":
-        named = named or record.get("request_id") == request_id
+    elif isinstance(record, GenerationRequest):
+        named = named or record.request_id == request_id
     if not named:
         return None
     return Seen(family, msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], record, headers)

@@ -40,6 +40,8 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageState:
+    """A stage as `aigc status` shows it: its process, whether it is ready, and a note on why not."""
+
     name: str
     pid: int | None
     ready: bool
@@ -54,18 +56,22 @@ class PipelinePaths:
 
     @classmethod
     def of(cls, settings: Settings) -> PipelinePaths:
+        """The paths of the pipeline of ``settings``' run directory."""
         return cls(settings.infra.run_dir.resolve() / "pipeline")
 
     @property
     def pid_file(self) -> Path:
+        """The supervisor's pid."""
         return self.dir / "supervisor.pid"
 
     @property
     def state_file(self) -> Path:
+        """What the supervisor says each stage is doing (JSON)."""
         return self.dir / "stages.json"
 
     @property
     def log(self) -> Path:
+        """The supervisor's own log."""
         return self.dir / "supervisor.log"
 
 

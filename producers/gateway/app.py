@@ -9,7 +9,6 @@ field at fault where there is one.
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,8 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from plumbing.clock import now_ms
+from plumbing.validation import validate_request
 from producers.gateway.backend import Backend
 from producers.gateway.keys import ApiKey, KeyError_
 from producers.gateway.middleware import LimitAndMeasure
@@ -27,20 +28,24 @@ from producers.gateway.problems import Problem, install_problem_handlers
 from producers.gateway.requests import (
     Position,
     RateLimiter,
+    completion_json,
     decode_cursor,
     encode_cursor,
     previous_month,
     progress_total,
     record_from_body,
     request_id_for,
+    status_json,
 )
-from plumbing.validation import validate_request
+from schemas.records import CancelRequest, Completion
 
 CONSOLE = Path(__file__).resolve().parent / "console"
 HISTORY_MONTHS = 12  # how far back GET /v1/generations looks
 
 
 class VideoBody(BaseModel):
+    """The ``video`` object of POST /v1/generations (documentation, as `GenerationBody`)."""
+
     num_frames: int = Field(description="frames in the clip, 2 to the deployment's maximum")
     fps: int = Field(8, description="frames per second")
     prompt_end: str | None = Field(None, description="prompt of the last frame")
@@ -69,12 +74,15 @@ class GenerationBody(BaseModel):
 
 
 class Accepted(BaseModel):
+    """The 202 answer to POST /v1/generations: the request's id and where to follow it."""
+
     id: str
     status_url: str
     events_url: str
 
 
 def create_app(backend: Backend) -> FastAPI:
+    """The gateway's FastAPI application over ``backend``: the /v1 routes, the ops routes and the console."""
     settings = backend.settings
     gw = settings.gateway
     limiter = RateLimiter(gw.rate_per_s, gw.rate_burst)
@@ -165,7 +173,7 @@ def create_app(backend: Backend) -> FastAPI:
         if len(data) > gw.max_body_bytes:  # a chunked body, which had no Content-Length to refuse it by
             raise Problem(413, "Request body too large", f"the body is more than {gw.max_body_bytes} bytes")
         raw = json.loads(data or b"null")
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         record = record_from_body(
             raw,
             tenant_id=key.tenant_id,
@@ -175,10 +183,10 @@ def create_app(backend: Backend) -> FastAPI:
             schema_fields=backend.schema_fields,
         )
         validate_request(record, settings.limits, models, None, now)
-        value = backend.codec.encode("GenerationRequest", record)
-        rid = record["request_id"]
+        value = backend.codec.write(record)
+        rid = record.request_id
         backend.record_submission(record)  # a lookup in this process waits for the row (Backend.written)
-        topic = backend.topics.requests(record["priority"])
+        topic = backend.topics.requests(record.priority)
         await backend.produce(topic, value, key.tenant_id, rid, key.tenant_id)  # the 202 follows the ack
         base = base_url(request)
         return JSONResponse(
@@ -195,17 +203,7 @@ def create_app(backend: Backend) -> FastAPI:
     async def get_generation(request_id: str, key: Key) -> dict[str, Any]:
         """State, progress, timings and outputs (with freshly presigned URLs)."""
         mine, terminal = await owned(request_id, key)
-        total = (
-            progress_total(
-                {
-                    "video": {"num_frames": mine.frames} if mine.kind == "VIDEO" else None,
-                    "num_images": mine.frames,
-                    "steps": mine.steps,
-                }
-            )
-            if mine is not None
-            else 0
-        )
+        total = progress_total(mine.frames, mine.steps) if mine is not None else 0
         if terminal is not None and terminal.status:
             return {
                 "id": request_id,
@@ -253,9 +251,7 @@ def create_app(backend: Backend) -> FastAPI:
         mine, terminal = await owned(request_id, key)
         resume = Position.parse(last_event_id) if last_event_id else None
         created = (mine or terminal).created_at
-        created_ms = (
-            int(created.replace(tzinfo=UTC).timestamp() * 1000) if created else int(time.time() * 1000)
-        )
+        created_ms = int(created.replace(tzinfo=UTC).timestamp() * 1000) if created else now_ms()
 
         if not backend.streams.acquire(blocking=False):
             raise Problem(
@@ -278,15 +274,15 @@ def create_app(backend: Backend) -> FastAPI:
                 if item is None:
                     yield b": keep-alive\n\n"
                     continue
-                kind, position, record = item
-                if kind == "completion":
+                if isinstance(item.record, Completion):
+                    kind = "completion"
                     row = await backend.terminal_row(request_id)
-                    record = {
-                        **record,
-                        "outputs": backend.presigned_outputs(row) if row else record["outputs"],
-                    }
-                data = json.dumps(record, default=str, separators=(",", ":"))
-                yield f"id: {position}\nevent: {kind}\ndata: {data}\n\n".encode()
+                    payload = completion_json(item.record, backend.presigned_outputs(row) if row else None)
+                else:
+                    kind = "status"
+                    payload = status_json(item.record, item.done, item.request_total)
+                data = json.dumps(payload, default=str, separators=(",", ":"))
+                yield f"id: {item.position}\nevent: {kind}\ndata: {data}\n\n".encode()
 
         return StreamingResponse(
             stream(),
@@ -300,13 +296,13 @@ def create_app(backend: Backend) -> FastAPI:
         _, terminal = await owned(request_id, key)
         if terminal is not None and terminal.status:
             raise Problem(409, "Already finished", f"{request_id} ended {terminal.status}")
-        record = {
-            "request_id": request_id,
-            "tenant_id": key.tenant_id,
-            "reason": "cancelled over HTTP",
-            "requested_at": time.time_ns() // 1_000_000,
-        }
-        value = backend.codec.encode("CancelRequest", record)
+        record = CancelRequest(
+            request_id=request_id,
+            tenant_id=key.tenant_id,
+            reason="cancelled over HTTP",
+            requested_at=now_ms(),
+        )
+        value = backend.codec.write(record)
         await backend.produce(backend.topics.cancellations, value, request_id, request_id, key.tenant_id)
         return {"id": request_id, "state": "CANCEL_REQUESTED"}
 

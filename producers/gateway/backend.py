@@ -23,6 +23,7 @@ from cassandra.query import BatchStatement, BatchType
 from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
 from plumbing.blobs import BlobStore
+from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
 from plumbing.kafka_clients import make_consumer, make_producer
@@ -30,8 +31,9 @@ from plumbing.metadata import connect, register_types
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from producers.gateway.keys import KeyStore
-from producers.gateway.requests import Position, partition_of
-from schemas.codec import default_codec
+from producers.gateway.requests import Position, frames_of, partition_of
+from schemas.codec import Codec, default_codec
+from schemas.records import Completion, GenerationRequest, StatusEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,22 +69,53 @@ class Live:
 
     @property
     def done(self) -> int:
+        """Frame-steps done so far, summed over the request's render tasks."""
         return sum(self.done_by_task.values())
 
 
-def apply_status(live: Live | None, record: dict[str, Any], at_ms: int) -> Live:
+def apply_status(live: Live | None, event: StatusEvent, at_ms: int) -> Live:
     """``live`` after one StatusEvent (a new Live for a request's first event)."""
     if live is None:
-        live = Live(record["state"], record["stage"], at_ms, record["tenant_id"])
-    live.state, live.stage, live.at_ms = record["state"], record["stage"], at_ms
-    progress = record.get("progress")
-    if record["state"] == "RUNNING" and progress and record.get("task_id"):
-        live.done_by_task[record["task_id"]] = int(progress["done"])
-        live.request_total = int(progress.get("request_total") or live.request_total)
+        live = Live(event.state, event.stage, at_ms, event.tenant_id)
+    live.state, live.stage, live.at_ms = event.state, event.stage, at_ms
+    progress = event.progress
+    if event.state == "RUNNING" and progress and event.task_id:
+        live.done_by_task[event.task_id] = int(progress.done)
+        live.request_total = int(progress.request_total or live.request_total)
     return live
 
 
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of a request's stream (`Backend.events`): a status event with the request's progress
+    summed up to it, or the completion, with the stream's position after it (its SSE id)."""
+
+    position: Position
+    record: StatusEvent | Completion
+    #: Frame-steps done over all render tasks (status events).
+    done: int = 0
+    #: Frame-steps of the whole request, once a renderer said (status events).
+    request_total: int = 0
+
+
+def _record_of(codec: Codec, msg: Any, request_id: str) -> StatusEvent | Completion | None:
+    """The status event or completion of ``request_id`` a polled message holds; None for anything else
+    (no message, an error, another request's record, undecodable bytes)."""
+    if msg is None or msg.error():
+        return None
+    try:
+        record = codec.read_any(msg.value())
+    except DecodeError:
+        return None
+    if not isinstance(record, StatusEvent | Completion) or record.request_id != request_id:
+        return None
+    return record
+
+
 class Backend:
+    """The gateway's Kafka and Cassandra side, one per process: created at start-up (it starts the
+    producer's poll thread and the status follower), closed at shutdown."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings)
@@ -127,6 +160,7 @@ class Backend:
             thread.start()
 
     def close(self) -> None:
+        """Stop the threads, flush the producer (10 s at most) and close the Cassandra cluster."""
         self._stop.set()
         self.producer.flush(10)
         for thread in self._threads:
@@ -166,9 +200,7 @@ class Backend:
             metadata = consumer.list_topics(self.topics.status, timeout=10)
             parts = sorted(metadata.topics[self.topics.status].partitions)
             self.partitions = len(parts)
-            since = [
-                TopicPartition(self.topics.status, p, int(time.time() * 1000) - LOOKBACK_MS) for p in parts
-            ]
+            since = [TopicPartition(self.topics.status, p, now_ms() - LOOKBACK_MS) for p in parts]
             start = consumer.offsets_for_times(since, timeout=10)
             consumer.assign(
                 [tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in start]
@@ -179,12 +211,12 @@ class Backend:
                 if msg is None or msg.error():
                     continue
                 try:
-                    record = self.codec.decode(msg.value(), "StatusEvent")
+                    event = self.codec.read(msg.value(), StatusEvent)
                 except DecodeError:
                     continue
                 with self._live_lock:
-                    rid = record["request_id"]
-                    self.live[rid] = apply_status(self.live.pop(rid, None), record, msg.timestamp()[1])
+                    rid = event.request_id
+                    self.live[rid] = apply_status(self.live.pop(rid, None), event, msg.timestamp()[1])
                     while len(self.live) > TRACKED:
                         self.live.popitem(last=False)
         except Exception:
@@ -195,89 +227,96 @@ class Backend:
             consumer.close()
 
     def live_state(self, request_id: str) -> Live | None:
+        """The request's state as the status follower last saw it; None for one it has not seen."""
         with self._live_lock:
             return self.live.get(request_id)
 
     async def events(
         self, request_id: str, created_at_ms: int, resume: Position | None, keepalive_s: float
-    ) -> AsyncIterator[tuple[str, Position, dict[str, Any]] | None]:
-        """The request's status events then its completion, as (kind, position after it, record), read
-        from the partition its records live on (the same index on both topics: both are keyed by request id
-        and have as many partitions) from just before it was created. A status event's position is
-        ``<its offset + 1>.0``; the completion's ``<last status offset + 1>.<its offset + 1>``, and it is
-        always the last. With ``resume``, only the events after that position are yielded (the earlier
-        ones are still read, to sum the progress), so a reconnect neither misses nor repeats one. None once
-        the partitions are assigned, then now and then while nothing comes (the caller sends a comment)."""
+    ) -> AsyncIterator[StreamEvent | None]:
+        """The request's status events then its completion, read from the partition its records live on
+        (the same index on both topics: both are keyed by request id and have as many partitions) from just
+        before it was created. A status event's position is ``<its offset + 1>.0``; the completion's
+        ``<last status offset + 1>.<its offset + 1>``, and it is always the last. With ``resume``, only the
+        events after that position are yielded (the earlier ones are still read, to sum the progress), so
+        a reconnect neither misses nor repeats one. None once the partitions are assigned, then now and
+        then while nothing comes (the caller sends a comment)."""
         consumer = make_consumer(
             self.settings, f"gateway-sse-{uuid.uuid4().hex}", "gateway.sse", **SSE_CONSUMER
         )
         try:
-            p = partition_of(request_id, self.partitions or self._count_partitions(consumer))
-            since = [
-                TopicPartition(t, p, created_at_ms - 5000)
-                for t in (self.topics.status, self.topics.completions)
-            ]
-            # The log end first: where nothing is as late as the request, the stream starts at this
-            # concrete offset (OFFSET_END would be resolved later, skipping what came in between).
-            ends = [
-                (await self._in_stream_thread(consumer.get_watermark_offsets, tp, 10, False))[1]
-                for tp in since
-            ]
-            start = await self._in_stream_thread(consumer.offsets_for_times, since, 10)
-            consumer.assign(
-                [
-                    tp if tp.offset >= 0 else TopicPartition(tp.topic, p, end)
-                    for tp, end in zip(start, ends, strict=True)
-                ]
-            )
-            status_tp = TopicPartition(self.topics.status, p)
+            status_tp = await self._assign_stream(consumer, request_id, created_at_ms)
             yield None  # assigned: what is appended from now on is read as it comes
-            position = Position(0, 0)
-            live: Live | None = None
-            held: tuple[Position, dict[str, Any]] | None = None  # the completion, once read
-            drain: tuple[int, float] | None = None  # (status end offset, give-up time) after it
-            idle_since = time.monotonic()
-            while True:
-                if held is not None and drain is not None:
-                    (at,) = await self._in_stream_thread(consumer.position, [status_tp])
-                    if at.offset >= drain[0] or time.monotonic() > drain[1]:
-                        final = Position(position.status, held[0].completion)
-                        if resume is None or final.completion > resume.completion:
-                            yield "completion", final, held[1]
-                        return
-                msg = await self._in_stream_thread(consumer.poll, 0.1 if held else 0.25)
-                if msg is None or msg.error():
-                    if time.monotonic() - idle_since > keepalive_s:
-                        idle_since = time.monotonic()
-                        yield None
-                    continue
-                try:
-                    name, record = self.codec.decode_any(msg.value())
-                except DecodeError:
-                    continue
-                if record.get("request_id") != request_id:
-                    continue
-                offset = int(msg.offset() or 0)
-                if name == "Completion":
-                    # Its status events may still be unread on the other topic: read that partition up to
-                    # its present end first, so the completion is always the stream's last event.
-                    held = (Position(position.status, offset + 1), record)
-                    _, end = await self._in_stream_thread(
-                        consumer.get_watermark_offsets, status_tp, 5.0, False
-                    )
-                    drain = (end, time.monotonic() + DRAIN_S)
-                    continue
-                position = Position(offset + 1, 0)
-                live = apply_status(live, record, msg.timestamp()[1])
-                if resume is None or offset >= resume.status:
-                    idle_since = time.monotonic()
-                    yield (
-                        "status",
-                        position,
-                        {**record, "done": live.done, "request_total": live.request_total},
-                    )
+            async for event in self._stream(consumer, status_tp, request_id, resume, keepalive_s):
+                yield event
         finally:
             await self._in_stream_thread(consumer.close)
+
+    async def _assign_stream(self, consumer: Any, request_id: str, created_at_ms: int) -> TopicPartition:
+        """Assign ``consumer`` the request's partition of both topics from just before it was created;
+        returns its status partition."""
+        p = partition_of(request_id, self.partitions or self._count_partitions(consumer))
+        since = [
+            TopicPartition(t, p, created_at_ms - 5000) for t in (self.topics.status, self.topics.completions)
+        ]
+        # The log end first: where nothing is as late as the request, the stream starts at this
+        # concrete offset (OFFSET_END would be resolved later, skipping what came in between).
+        ends = [
+            (await self._in_stream_thread(consumer.get_watermark_offsets, tp, 10, False))[1] for tp in since
+        ]
+        start = await self._in_stream_thread(consumer.offsets_for_times, since, 10)
+        consumer.assign(
+            [
+                tp if tp.offset >= 0 else TopicPartition(tp.topic, p, end)
+                for tp, end in zip(start, ends, strict=True)
+            ]
+        )
+        return TopicPartition(self.topics.status, p)
+
+    async def _stream(
+        self,
+        consumer: Any,
+        status_tp: TopicPartition,
+        request_id: str,
+        resume: Position | None,
+        keepalive_s: float,
+    ) -> AsyncIterator[StreamEvent | None]:
+        position = Position(0, 0)
+        live: Live | None = None
+        held: tuple[Position, Completion] | None = None  # the completion, once read
+        drain: tuple[int, float] | None = None  # (status end offset, give-up time) after it
+        idle_since = time.monotonic()
+        while True:
+            if held is not None and drain is not None and await self._drained(consumer, status_tp, drain):
+                final = Position(position.status, held[0].completion)
+                if resume is None or final.completion > resume.completion:
+                    yield StreamEvent(final, held[1])
+                return
+            msg = await self._in_stream_thread(consumer.poll, 0.1 if held else 0.25)
+            record = _record_of(self.codec, msg, request_id)
+            if record is None:
+                if (msg is None or msg.error()) and time.monotonic() - idle_since > keepalive_s:
+                    idle_since = time.monotonic()
+                    yield None
+                continue
+            offset = int(msg.offset() or 0)
+            if isinstance(record, Completion):
+                # Its status events may still be unread on the other topic: read that partition up to
+                # its present end first, so the completion is always the stream's last event.
+                held = (Position(position.status, offset + 1), record)
+                _, end = await self._in_stream_thread(consumer.get_watermark_offsets, status_tp, 5.0, False)
+                drain = (end, time.monotonic() + DRAIN_S)
+                continue
+            position = Position(offset + 1, 0)
+            live = apply_status(live, record, msg.timestamp()[1])
+            if resume is None or offset >= resume.status:
+                idle_since = time.monotonic()
+                yield StreamEvent(position, record, live.done, live.request_total)
+
+    async def _drained(self, consumer: Any, status_tp: TopicPartition, drain: tuple[int, float]) -> bool:
+        """Whether the status partition is read up to ``drain``'s end offset, or its give-up time passed."""
+        (at,) = await self._in_stream_thread(consumer.position, [status_tp])
+        return bool(at.offset >= drain[0] or time.monotonic() > drain[1])
 
     async def _in_stream_thread(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` on the streams' own threads (one per open stream at most), so blocking polls
@@ -299,7 +338,7 @@ class Backend:
         )
         return await done
 
-    def record_submission(self, record: dict[str, Any]) -> None:
+    def record_submission(self, record: GenerationRequest) -> None:
         """Start writing the request's ownership row (`written` waits for it).
 
         Group commit: while one write is in flight, the rows of the submissions that arrive meanwhile
@@ -307,24 +346,22 @@ class Backend:
         each row at once and a busy one pays the driver's per-statement cost once per batch. The 202 does
         not wait for it (waiting cost a busy gateway two thirds of its throughput): a lookup of a request
         whose row is still on its way waits for it instead (`written`)."""
-        video = record.get("video")
-        frames = video["num_frames"] if video else record["num_images"]
-        created = datetime.fromtimestamp(record["created_at"] / 1000, UTC)
+        created = datetime.fromtimestamp(record.created_at / 1000, UTC)
         row = (
-            record["request_id"],
-            record["tenant_id"],
-            record["kind"],
-            record["prompt"],
-            record["width"],
-            record["height"],
-            record["steps"],
-            frames,
+            record.request_id,
+            record.tenant_id,
+            record.kind,
+            record.prompt,
+            record.width,
+            record.height,
+            record.steps,
+            frames_of(record),
             created,
         )
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._ownership.append((row, done))
-        self._unwritten[record["request_id"]] = done
+        self._unwritten[record.request_id] = done
         if not self._writing:
             self._writing = True
             self._writer = loop.create_task(self._write_ownership())
@@ -361,17 +398,22 @@ class Backend:
             self._writing = False
 
     async def gateway_row(self, request_id: str) -> Any | None:
+        """The gateway's own row of the request (who owns it, what it asked for); None if there is none."""
         rows = await self.cql(self._gateway_row, (request_id,))
         return rows[0] if rows else None
 
     async def terminal_row(self, request_id: str) -> Any | None:
+        """The request's terminal row (the assembler's, in ``requests``); None while it is not finished."""
         rows = await self.cql(self._terminal_row, (request_id,))
         return rows[0] if rows else None
 
     async def history(self, tenant_id: str, month: str, before: datetime, limit: int) -> list[Any]:
+        """Up to ``limit`` of the tenant's finished requests of ``month`` created at ``before`` or earlier,
+        newest first."""
         return list(await self.cql(self._history, (tenant_id, month, before, limit)))
 
     def presigned_outputs(self, row: Any) -> list[dict[str, Any]]:
+        """The outputs of a terminal row as the API shows them, each with a freshly presigned URL."""
         outputs = []
         for out in row.outputs or []:
             url, _ = self.blobs.presign(out.bucket, out.key)

@@ -10,6 +10,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``gateway`` and ``keys`` verbs to the ``aigc`` command line."""
     gateway = verbs.add_parser(
         "gateway",
         help="serve the HTTP API and the web console (a stage `aigc run` starts)",

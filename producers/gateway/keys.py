@@ -30,6 +30,8 @@ class KeyError_(PermanentError):
 
 @dataclass(frozen=True)
 class ApiKey:
+    """A key's record (never the key itself): whose it is, what it may do, whether it is revoked."""
+
     key_id: str
     tenant_id: str
     label: str
@@ -39,10 +41,12 @@ class ApiKey:
 
     @property
     def active(self) -> bool:
+        """Whether the key still works (it is not revoked)."""
         return self.revoked_at is None
 
 
 def digest(key: str) -> str:
+    """The SHA-256 (hex) of ``key``: what the store keeps and compares instead of the key."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -93,6 +97,7 @@ class KeyStore:
                 return ApiKey(key_id, tenant_id, label, operator, now, None), key
 
     def list(self, tenant_id: str | None = None) -> list[ApiKey]:
+        """Every key's record (of ``tenant_id`` only, when given), by tenant then key id."""
         keys = [_row(r) for r in self.session.execute(self._all)]
         return sorted(
             (k for k in keys if tenant_id in (None, k.tenant_id)), key=lambda k: (k.tenant_id, k.key_id)

@@ -24,11 +24,15 @@ METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})
 
 
 class LimitAndMeasure:
+    """ASGI middleware: refuses a body whose Content-Length is over ``max_body_bytes`` (413) and times
+    every HTTP response by method, route template and status code."""
+
     def __init__(self, app: Any, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Handle one ASGI connection: refuse an announced oversized body, else pass it on, timed."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

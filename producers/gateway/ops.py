@@ -42,6 +42,8 @@ _sources: dict[int, Source] = {}  # one per gateway: it keeps the earlier scrape
 
 
 def overview(backend: Backend) -> dict[str, Any]:
+    """The operator page's figures: lag, backlog and queue wait p99 per class, each stage's readiness and
+    the dead letters counted by stage and reason."""
     settings = backend.settings
     pipeline = settings.kafka.topic_prefix
     source = _sources.setdefault(id(backend), Source(settings, pipeline))
@@ -90,6 +92,8 @@ def overview(backend: Backend) -> dict[str, Any]:
 
 
 def add_ops_routes(app: FastAPI, backend: Backend, tenant_key: Callable[..., Awaitable[ApiKey]]) -> None:
+    """Add the /v1/ops routes (operator keys only) to ``app``."""
+
     def operator(key: Annotated[ApiKey, Depends(tenant_key)]) -> ApiKey:
         if not key.operator:
             raise Problem(

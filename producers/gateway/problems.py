@@ -39,6 +39,7 @@ class Problem(Exception):
         self.field, self.code, self.headers = field, code, headers or {}
 
     def body(self) -> dict[str, Any]:
+        """The problem details document (RFC 9457), with ``field`` and ``code`` where they are known."""
         slug = self.code.lower().replace("_", "-") if self.code else self.title.lower().replace(" ", "-")
         doc: dict[str, Any] = {
             "type": f"urn:aigc:problem:{slug}",
@@ -53,10 +54,14 @@ class Problem(Exception):
         return doc
 
     def response(self) -> JSONResponse:
+        """The problem as an ``application/problem+json`` response with its status and headers."""
         return JSONResponse(self.body(), status_code=self.status, media_type=MEDIA_TYPE, headers=self.headers)
 
 
 def install_problem_handlers(app: FastAPI) -> None:
+    """Make ``app`` answer every error as problem details: Problems as they are, ValidationError as a 400
+    naming the field, an unacknowledged produce as a 503, anything unexpected as a logged 500."""
+
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
         return exc.response()

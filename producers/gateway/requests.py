@@ -18,6 +18,7 @@ from typing import Any
 
 from plumbing.errors import ValidationError
 from plumbing.validation import ID_PATTERN
+from schemas.records import Completion, GenerationRequest, StatusEvent, VideoSpec
 
 # Body fields a client may send, with the record field each fills; the tenant, the request id and the
 # creation time are the gateway's to set.
@@ -63,61 +64,82 @@ def record_from_body(
     created_at: int,
     default_model: str,
     schema_fields: Collection[str],
-) -> dict[str, Any]:
-    """The GenerationRequest record a POST body asks for (not yet validated: `validate_request` is next).
+) -> GenerationRequest:
+    """The GenerationRequest a POST body asks for (not yet validated: `validate_request` is next).
 
-    Unknown fields are refused by name. ``webhook_url`` is set on the record only when the codec's
-    GenerationRequest schema has that field (``schema_fields``), so the gateway works with either schema.
+    Unknown fields are refused by name. The body's values go on the record as they are (a wrong type is
+    `validate_request`'s to name), a field it leaves out takes the gateway's default (`DEFAULTS`) or the
+    schema's. ``webhook_url`` is set on the record only when the codec's GenerationRequest schema has that
+    field (``schema_fields``), so the gateway works with either schema.
     """
-    if not isinstance(body, Mapping):
-        raise ValidationError("body", "must be a JSON object")
-    for name in body:
-        if name not in BODY_FIELDS:
-            raise ValidationError(str(name)[:64], "is not a field of a generation request")
-    video = body.get("video")
-    if video is not None:
-        if not isinstance(video, Mapping):
-            raise ValidationError("video", "must be an object with num_frames and fps")
-        for name in video:
-            if name not in VIDEO_FIELDS:
-                raise ValidationError(f"video.{str(name)[:64]}", "is not a field of a video")
-        video = {"prompt_end": None, "seed_end": None, "fps": 8, **video}
+    _check_body_fields(body)
+    video = _video_of(body.get("video"))
     webhook_url = body.get("webhook_url")
     if webhook_url is not None and not (
         isinstance(webhook_url, str) and webhook_url.startswith(("http://", "https://"))
     ):
         raise ValidationError("webhook_url", "must be an http(s) URL")
-    record: dict[str, Any] = {
-        **DEFAULTS,
-        "negative_prompt": None,
-        "seed": None,
-        "num_images": 1,
-        "output_format": None,
-        "scheduler": None,
-        "reply_topic": None,
-        "deadline_ms": None,
-        "labels": {},
-        "priority": "NORMAL",
-        **{k: v for k, v in body.items() if k not in ("video", "webhook_url")},
-        "model": body.get("model") or default_model,
-        "video": video,
-        "kind": "VIDEO" if video is not None else "IMAGE",
-        "tenant_id": tenant_id,
-        "request_id": request_id,
-        "created_at": created_at,
-    }
-    if isinstance(record["priority"], str):
-        record["priority"] = record["priority"].upper()
-    if "webhook_url" in schema_fields:
-        record["webhook_url"] = webhook_url
-    return record
+    given = {k: v for k, v in body.items() if k not in ("video", "webhook_url", "model", "priority")}
+    priority = body.get("priority", "NORMAL")
+    if isinstance(priority, str):
+        priority = priority.upper()  # validate_request checks the rest
+    return GenerationRequest(
+        **{**DEFAULTS, "prompt": None, **given},
+        request_id=request_id,
+        tenant_id=tenant_id,
+        kind="VIDEO" if video is not None else "IMAGE",
+        model=body.get("model") or default_model,
+        priority=priority,
+        video=video,
+        created_at=created_at,
+        webhook_url=webhook_url if "webhook_url" in schema_fields else None,
+    )
 
 
-def progress_total(record: Mapping[str, Any]) -> int:
-    """Frame-steps of a request: what its progress counts up to."""
-    video = record.get("video")
-    frames = video["num_frames"] if video else record.get("num_images", 1)
-    return int(frames) * int(record["steps"])
+def _check_body_fields(body: Any) -> None:
+    if not isinstance(body, Mapping):
+        raise ValidationError("body", "must be a JSON object")
+    for name in body:
+        if name not in BODY_FIELDS:
+            raise ValidationError(str(name)[:64], "is not a field of a generation request")
+
+
+def _video_of(video: Any) -> VideoSpec | None:
+    """The body's ``video`` object as a VideoSpec (fps 8 unless given); None without one."""
+    if video is None:
+        return None
+    if not isinstance(video, Mapping):
+        raise ValidationError("video", "must be an object with num_frames and fps")
+    for name in video:
+        if name not in VIDEO_FIELDS:
+            raise ValidationError(f"video.{str(name)[:64]}", "is not a field of a video")
+    return VideoSpec(**{"num_frames": None, "fps": 8, **video})
+
+
+def frames_of(request: GenerationRequest) -> int:
+    """Frames a request renders: its video's, or its images."""
+    return request.video.num_frames if request.video is not None else request.num_images
+
+
+def progress_total(frames: int, steps: int) -> int:
+    """Frame-steps of a request of ``frames`` frames (or images) at ``steps`` steps: what its progress
+    counts up to."""
+    return int(frames) * int(steps)
+
+
+def status_json(event: StatusEvent, done: int, request_total: int) -> dict[str, Any]:
+    """The JSON of a ``status`` SSE event: the StatusEvent's fields as Avro names them, with the request's
+    progress summed over its render tasks (``done`` of ``request_total`` frame-steps)."""
+    return {**event.to_avro(), "done": done, "request_total": request_total}
+
+
+def completion_json(completion: Completion, outputs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The JSON of a ``completion`` SSE event: the Completion's fields as Avro names them, its outputs
+    replaced by ``outputs`` (those of the terminal row, freshly presigned) when given."""
+    data = completion.to_avro()
+    if outputs is not None:
+        data["outputs"] = outputs
+    return data
 
 
 def murmur2(data: bytes) -> int:
@@ -164,6 +186,7 @@ class Position:
 
     @classmethod
     def parse(cls, text: str) -> Position:
+        """The position an SSE event id (a Last-Event-ID header) names; ValidationError for another text."""
         status, _, completion = text.partition(".")
         try:
             position = cls(int(status), int(completion))
@@ -175,6 +198,7 @@ class Position:
 
 
 def encode_cursor(month: str, created_at_ms: int, request_id: str) -> str:
+    """The opaque cursor of a history page that ends at this entry (`decode_cursor` reads it back)."""
     raw = json.dumps([month, created_at_ms, request_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -195,6 +219,7 @@ def decode_cursor(cursor: str) -> tuple[str, int, str]:
 
 
 def previous_month(month: str) -> str:
+    """The month (``YYYY-MM``) before ``month``."""
     year, mon = int(month[:4]), int(month[5:7])
     return f"{year - 1:04d}-12" if mon == 1 else f"{year:04d}-{mon - 1:02d}"
 

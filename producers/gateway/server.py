@@ -21,6 +21,7 @@ LOOP = "uvloop"
 
 
 def run(settings: Settings) -> None:
+    """Run the gateway stage until SIGTERM or Ctrl-C (see the module docstring)."""
     from producers.gateway.app import create_app
     from producers.gateway.backend import Backend
 

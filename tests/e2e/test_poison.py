@@ -360,7 +360,7 @@ def test_no_stage_died_and_fresh_requests_still_complete(outcome: Outcome) -> No
         for request_id in probes:
             try:
                 wait_s = max(1.0, deadline - time.monotonic())
-                results[request_id] = client.wait(request_id, timeout_s=wait_s)["status"]
+                results[request_id] = client.wait(request_id, timeout_s=wait_s).status
             except TimeoutError:
                 results[request_id] = "no completion"
     assert set(results.values()) == {"SUCCEEDED"}, f"{results}\n{log_excerpt(outcome.settings)}"

@@ -294,7 +294,7 @@ def test_a_malformed_webhook_url_is_rejected_by_the_gatekeeper(pipe: RunningPipe
 def _complete(request: dict[str, Any]) -> dict[str, Any]:
     from producers.client import new_request
 
-    return new_request(**request)
+    return new_request(**request).to_avro()
 
 
 def test_the_stage_serves_readiness_and_its_delivery_metrics(

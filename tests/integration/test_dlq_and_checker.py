@@ -66,7 +66,9 @@ class World:
 
     def request(self, **fields: Any) -> dict[str, Any]:
         base = dict(tenant_id=self.tenant, prompt="a lighthouse at dusk", model="tiny-sd")
-        return new_request(**{**base, "width": 64, "height": 64, "steps": 4, "guidance_scale": 7.0, **fields})
+        return new_request(
+            **{**base, "width": 64, "height": 64, "steps": 4, "guidance_scale": 7.0, **fields}
+        ).to_avro()
 
     def publish(self, topic: str, value: bytes, key: bytes | None, headers: list) -> Original:
         msg = produce_sync(self.producer, topic, value, key=key, headers=headers)

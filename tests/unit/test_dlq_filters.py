@@ -34,7 +34,7 @@ codec = default_codec()
 
 def request(**fields: Any) -> dict[str, Any]:
     base = dict(tenant_id="acme", prompt="a kite", model="tiny-sd", width=64, height=64, steps=4)
-    return new_request(**{**base, "guidance_scale": 7.0, "created_at": NOW - 1000, **fields})
+    return new_request(**{**base, "guidance_scale": 7.0, "created_at": NOW - 1000, **fields}).to_avro()
 
 
 def entry(

@@ -6,21 +6,25 @@ import pytest
 
 from plumbing.errors import ValidationError
 from plumbing.settings import RequestLimits
+from plumbing.validation import validate_request
 from producers.gateway.keys import KEY_PATTERN, digest, new_key
 from producers.gateway.requests import (
     Position,
     RateLimiter,
+    completion_json,
     decode_cursor,
     encode_cursor,
+    frames_of,
     murmur2,
     partition_of,
     previous_month,
     progress_total,
     record_from_body,
     request_id_for,
+    status_json,
 )
 from schemas.codec import default_codec
-from plumbing.validation import validate_request
+from schemas.records import Completion, GenerationRequest, Progress, StatusEvent, Timings
 
 FIELDS = {"request_id", "tenant_id", "prompt"}
 
@@ -38,14 +42,42 @@ def record(body, fields=FIELDS):
 
 def test_a_body_becomes_a_valid_encodable_request():
     image = record({"prompt": "a fox", "priority": "high"})
-    assert image["kind"] == "IMAGE" and image["tenant_id"] == "acme" and image["priority"] == "HIGH"
+    assert image.kind == "IMAGE" and image.tenant_id == "acme" and image.priority == "HIGH"
     validate_request(image, RequestLimits(), ["tiny-sd"])
     video = record({"prompt": "waves", "video": {"num_frames": 8}, "steps": 5})
-    assert video["kind"] == "VIDEO" and video["video"]["fps"] == 8
-    assert progress_total(video) == 40 and progress_total(image) == 20
+    assert video.kind == "VIDEO" and video.video is not None and video.video.fps == 8
+    assert progress_total(frames_of(video), video.steps) == 40
+    assert progress_total(frames_of(image), image.steps) == 20
     codec = default_codec()
     for r in (image, video):
-        assert codec.decode(codec.encode("GenerationRequest", r), "GenerationRequest")["request_id"] == "r1"
+        assert codec.read(codec.write(r), GenerationRequest) == r
+
+
+def test_a_body_with_wrong_types_is_refused_by_validation_naming_the_field():
+    for body, field in (
+        ({"prompt": "x", "width": "wide"}, "width"),
+        ({"prompt": "x", "video": {"fps": 8}}, "video.num_frames"),
+        ({"width": 64}, "prompt"),
+        ({"prompt": "x", "priority": "urgent"}, "priority"),
+    ):
+        with pytest.raises(ValidationError) as err:
+            validate_request(record(body), RequestLimits(), ["tiny-sd"])
+        assert err.value.field == field
+
+
+def test_sse_payloads_are_the_records_avro_fields():
+    codec = default_codec()
+    status = StatusEvent(
+        request_id="r1", tenant_id="acme", stage="renderer", state="RUNNING", task_id="r1.0",
+        progress=Progress(done=2, total=4), at=5,
+    )  # fmt: skip
+    assert status_json(status, 2, 8) == {**codec.decode(codec.write(status)), "done": 2, "request_total": 8}
+    assert list(status_json(status, 2, 8))[:3] == ["request_id", "tenant_id", "stage"]
+    completion = Completion(
+        request_id="r1", tenant_id="acme", status="FAILED", timings=Timings(), finished_at=9
+    )
+    assert completion_json(completion, None) == codec.decode(codec.write(completion))
+    assert completion_json(completion, [{"url": "u"}])["outputs"] == [{"url": "u"}]
 
 
 def test_the_body_cannot_choose_its_tenant_or_add_unknown_fields():
@@ -62,9 +94,9 @@ def test_the_body_cannot_choose_its_tenant_or_add_unknown_fields():
 
 
 def test_webhook_url_goes_on_the_record_only_when_the_schema_has_it():
-    assert "webhook_url" not in record({"prompt": "x", "webhook_url": "https://h/x"})
+    assert record({"prompt": "x", "webhook_url": "https://h/x"}).webhook_url is None
     with_field = record({"prompt": "x", "webhook_url": "https://h/x"}, FIELDS | {"webhook_url"})
-    assert with_field["webhook_url"] == "https://h/x"
+    assert with_field.webhook_url == "https://h/x"
 
 
 def test_idempotency_keys_are_scoped_by_tenant():
