@@ -11,6 +11,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` verb to the ``aigc`` command line."""
     bench = verbs.add_parser(
         "bench",
         help="run the benchmark suite (T1, B1-B7; LEDGER: cost per request; PEER: B1-B3 on Celery + Redis; "

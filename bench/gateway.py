@@ -30,6 +30,7 @@ import httpx
 
 from bench.harness import percentile
 from infra.pipeline import running_pipeline
+from plumbing.clock import now_ms
 from plumbing.kafka_clients import make_producer
 from plumbing.metadata import connect
 from plumbing.settings import Settings
@@ -38,12 +39,14 @@ from plumbing.topics import Topics
 from producers.client import Client
 from producers.gateway.keys import KeyStore
 from schemas.codec import default_codec
+from schemas.records import GenerationRequest, Progress, StatusEvent
 
 CONNECTIONS = 32
-BODY = {"prompt": "a bench lantern", "width": 64, "height": 64, "steps": 1}
+BODY: dict[str, Any] = {"prompt": "a bench lantern", "width": 64, "height": 64, "steps": 1}
 
 
 def _ms(values: list[float]) -> dict[str, float | None]:
+    """p50 and p99 of ``values`` (ms, to the microsecond) and their count."""
     return {
         "p50": round(percentile(values, 50) or 0, 3),
         "p99": round(percentile(values, 99) or 0, 3),
@@ -139,41 +142,48 @@ def _sse_latency(settings: Settings, url: str, key: str, events: int) -> dict[st
     topic = Topics(settings).status
     # Connected and its producer id granted (half a second here) before anything is timed.
     producer.list_topics(topic, timeout=10)
-    warm = {
-        "request_id": f"{rid}w",
-        "tenant_id": "bench",
-        "stage": "renderer",
-        "state": "QUEUED",
-        "progress": None,
-        "task_id": None,
-        "worker_id": None,
-        "message": None,
-        "at": time.time_ns() // 1_000_000,
-    }
-    producer.produce(topic, codec.encode("StatusEvent", warm), key=f"{rid}w")
+    warm = StatusEvent(request_id=f"{rid}w", tenant_id="bench", stage="renderer", state="QUEUED", at=now_ms())
+    producer.produce(topic, codec.write(warm), key=f"{rid}w")
     producer.flush(10)
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     ready.wait(30)
     for i in range(1, events + 1):
-        record = {
-            "request_id": rid,
-            "tenant_id": "bench",
-            "stage": "renderer",
-            "state": "RUNNING",
-            "progress": {"done": i, "total": events, "request_total": events},
-            "task_id": f"{rid}-t0",
-            "worker_id": "bench",
-            "message": None,
-            "at": time.time_ns() // 1_000_000,
-        }
+        record = StatusEvent(
+            request_id=rid,
+            tenant_id="bench",
+            stage="renderer",
+            state="RUNNING",
+            progress=Progress(done=i, total=events, request_total=events),
+            task_id=f"{rid}-t0",
+            worker_id="bench",
+            at=now_ms(),
+        )
         sent[i] = time.perf_counter()
-        producer.produce(topic, codec.encode("StatusEvent", record), key=rid)
+        producer.produce(topic, codec.write(record), key=rid)
         producer.poll(0)
         time.sleep(0.02)
     producer.flush(10)
     listener.join(30)
     return {"latency_ms": _ms(latencies), "produced": events, "received": len(latencies)}
+
+
+def _sdk_request() -> GenerationRequest:
+    """BODY as the SDK submits it: a fresh request_id, created now, with the fields the HTTP API fills."""
+    from bench.scenarios import SYNTH
+
+    return GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        tenant_id="bench",
+        kind="IMAGE",
+        prompt=BODY["prompt"],
+        model=SYNTH,
+        width=BODY["width"],
+        height=BODY["height"],
+        steps=BODY["steps"],
+        guidance_scale=7.5,
+        created_at=now_ms(),
+    )
 
 
 def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
@@ -200,14 +210,13 @@ def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
         finally:
             cluster.shutdown()
         url = f"http://127.0.0.1:{port}"
-        request = {**BODY, "tenant_id": "bench", "model": SYNTH, "guidance_scale": 7.5}
         sdk: list[float] = []
         with Client(s) as client:
             for _ in range(50):
-                client.submit(request)  # warm: connections, metadata
+                client.submit(_sdk_request())  # warm: connections, metadata
             for _ in range(n):
                 t = time.perf_counter()
-                client.submit(request)
+                client.submit(_sdk_request())
                 sdk.append((time.perf_counter() - t) * 1000)
         http: list[float] = []
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:

@@ -16,19 +16,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import KafkaException
 
 from infra.launcher import down, status, up
 from infra.pipeline import RunningPipeline, running_pipeline
+from plumbing.clock import now_ms
 from plumbing.errors import DeliveryError
 from plumbing.settings import Settings, Tier
 from plumbing.supervisor import Supervisor
 from producers.checker import DeliveryReport, check_delivery
-from producers.client import Client, now_ms
+from producers.client import Client
+from schemas.records import GenerationRequest, VideoSpec
 
 DRAIN_TIMEOUT_S = 300.0
 CHECK_EVERY_S = 5.0
@@ -41,6 +42,8 @@ UNTHROTTLED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_
 
 @dataclass(frozen=True)
 class ChaosPlan:
+    """What a chaos run does: its workload, its faults and the seed both are drawn from."""
+
     requests: int = 200
     duration_s: float = 90.0  # submissions and faults happen within this window
     kills_per_stage: int = 3
@@ -52,17 +55,22 @@ class ChaosPlan:
 
 
 def tenants(plan: ChaosPlan) -> tuple[str, ...]:
+    """The run's own tenants (their results live under their own S3 prefixes)."""
     return tuple(f"chaos-{plan.seed}-{name}" for name in "abc")
 
 
 @dataclass(frozen=True)
 class Fault:
+    """One fault of the schedule: when, in seconds from the start, and what is killed or restarted."""
+
     at_s: float
     target: str  # a stage process name, or "broker"
 
 
 @dataclass
 class ChaosReport:
+    """What a run did and what the delivery checker found afterwards."""
+
     plan: ChaosPlan
     submitted: list[str]
     kills: dict[str, int]
@@ -72,9 +80,11 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
+        """Whether the run drained and nothing was lost, duplicated or orphaned."""
         return self.delivery is not None and self.delivery.ok
 
     def summary(self) -> str:
+        """The seed, the faults, the drain time and the checker's summary."""
         lines = [
             f"seed {self.plan.seed}: {len(self.submitted)} requests, "
             + ", ".join(f"{name} killed {n}x" for name, n in sorted(self.kills.items()))
@@ -97,27 +107,30 @@ def schedule(plan: ChaosPlan, stages: list[str]) -> list[Fault]:
     return sorted(faults, key=lambda f: f.at_s)
 
 
-def workload(plan: ChaosPlan, model: str) -> list[tuple[float, dict[str, Any]]]:
-    """(submit time in seconds, request fields) for the run: images and videos at every priority."""
+def workload(plan: ChaosPlan, model: str) -> list[tuple[float, GenerationRequest]]:
+    """(submit time in seconds, request) for the run: images and videos at every priority. Each request's
+    created_at is set when it is sent."""
     rng = random.Random(plan.seed + 1)
     items = []
     for i in range(plan.requests):
-        fields: dict[str, Any] = {
-            "request_id": f"chaos-{plan.seed}-{i}",
-            "tenant_id": rng.choice(tenants(plan)),
-            "priority": rng.choice(("HIGH", "NORMAL", "LOW")),
-            "prompt": f"chaos test {i}",
-            "model": model,
-            "width": 64,
-            "height": 64,
-            "steps": 4,
-            "guidance_scale": 7.5,
-        }
+        request = GenerationRequest(
+            request_id=f"chaos-{plan.seed}-{i}",
+            tenant_id=rng.choice(tenants(plan)),
+            priority=rng.choice(("HIGH", "NORMAL", "LOW")),
+            kind="IMAGE",
+            prompt=f"chaos test {i}",
+            model=model,
+            width=64,
+            height=64,
+            steps=4,
+            guidance_scale=7.5,
+            created_at=0,
+        )
         if rng.random() < 0.3:
-            fields["video"] = {"num_frames": rng.choice((4, 6, 8)), "fps": 8}
+            request = replace(request, kind="VIDEO", video=VideoSpec(num_frames=rng.choice((4, 6, 8)), fps=8))
         else:
-            fields["num_images"] = rng.choice((1, 2))
-        items.append((rng.uniform(0, 0.9 * plan.duration_s), fields))
+            request = replace(request, num_images=rng.choice((1, 2)))
+        items.append((rng.uniform(0, 0.9 * plan.duration_s), request))
     return sorted(items, key=lambda item: item[0])
 
 
@@ -145,6 +158,7 @@ def chaos_settings(settings: Settings, plan: ChaosPlan) -> Settings:
 def run_chaos(
     settings: Settings, plan: ChaosPlan, echo: Callable[[str], None] = print, attached: bool = False
 ) -> ChaosReport:
+    """Run ``plan`` (bringing the infrastructure up, and down again if it was not running) and report."""
     echo(f"chaos seed {plan.seed} (replay with --seed {plan.seed})")
     was_running = all(s.ready for s in status(settings))
     up(settings, attached=attached, echo=lambda _: None)
@@ -202,19 +216,20 @@ def _run_faults(
 def _submit_all(run: Settings, plan: ChaosPlan, report: ChaosReport, echo: Callable[[str], None]) -> None:
     t0 = time.monotonic()
     with Client(run) as client:
-        for at_s, fields in workload(plan, next(iter(run.models))):
+        for at_s, request in workload(plan, next(iter(run.models))):
             time.sleep(max(0.0, at_s - (time.monotonic() - t0)))
             while True:  # the broker may be down: a request counts once the broker acknowledged it
                 try:
-                    client.submit(fields, timeout_s=10)
-                    report.submitted.append(fields["request_id"])
+                    client.submit(replace(request, created_at=now_ms()), timeout_s=10)
+                    report.submitted.append(request.request_id)
                     break
                 except DeliveryError as exc:
-                    echo(f"  submit of {fields['request_id']} not acknowledged ({exc}); trying again")
+                    echo(f"  submit of {request.request_id} not acknowledged ({exc}); trying again")
                     time.sleep(1.0)
 
 
 def _kill(supervisor: Supervisor, name: str, echo: Callable[[str], None]) -> None:
+    """SIGKILL stage process ``name``, waiting (up to 10 s) for it to be alive if it is restarting."""
     for _ in range(100):  # if it is between a crash and its restart, wait for it to be back
         if name in supervisor.alive():
             supervisor.signal(name, signal.SIGKILL)
@@ -227,6 +242,7 @@ def _kill(supervisor: Supervisor, name: str, echo: Callable[[str], None]) -> Non
 def _restart_broker(
     settings: Settings, supervisor: Supervisor, echo: Callable[[str], None], attached: bool, down_s: float
 ) -> None:
+    """Stop the broker for ``down_s`` seconds (the stages keep being supervised), then start it again."""
     echo("  stopping the broker")
     down(settings, only=["kafka"], echo=lambda _: None)
     pause = time.monotonic() + down_s
@@ -272,13 +288,20 @@ def _drain(
             return None, final
         if not dumps and time.monotonic() - moved_at > STALL_S:
             echo(f"  no progress for {STALL_S:.0f} s: every stage writes its stacks to its log")
-            for name in supervisor.alive():
-                dumps[name] = (supervisor.log_dir / f"{name}.log").stat().st_size
-                supervisor.signal(name, signal.SIGUSR1)
+            dumps = _ask_for_stacks(supervisor)
         pause = time.monotonic() + CHECK_EVERY_S
         while time.monotonic() < pause:
             supervisor.poll()
             time.sleep(0.2)
+
+
+def _ask_for_stacks(supervisor: Supervisor) -> dict[str, int]:
+    """Signal every live stage to write its threads' stacks to its log; stage -> its log's size before."""
+    dumps = {}
+    for name in supervisor.alive():
+        dumps[name] = (supervisor.log_dir / f"{name}.log").stat().st_size
+        supervisor.signal(name, signal.SIGUSR1)
+    return dumps
 
 
 def _project_stacks(name: str, log: Path, offset: int) -> str:

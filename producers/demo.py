@@ -14,24 +14,27 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any
 
 from infra.launcher import down, status, up
 from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
 from infra.prometheus_server import prometheus_url
 from plumbing.blobs import BlobStore
+from plumbing.clock import now_ms
 from plumbing.settings import Settings
 from plumbing.supervisor import Supervisor
 from producers.cli import format_completion
-from producers.client import Client, now_ms
+from producers.client import Client
 from producers.metrics_summary import print_summary
 from producers.progress import progress_view
+from schemas.records import Completion, GenerationRequest, VideoSpec
 
 TENANT = "demo"
 
 
 def _say(text: str) -> None:
+    """Print a step's heading."""
     print(f"\n== {text}", flush=True)
 
 
@@ -41,61 +44,71 @@ def ensure_models(settings: Settings) -> None:
         if spec.backend != "diffusers" or (spec.path / "model_index.json").exists():
             continue
         print(f"{name}: building the tiny random-weight model into {spec.path}", flush=True)
-        subprocess.run([sys.executable, "-m", "aigc", "models", "build-tiny", str(spec.path)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "plumbing.cli", "models", "build-tiny", str(spec.path)], check=True
+        )
 
 
-def demo_requests(model: str) -> list[dict[str, Any]]:
+def demo_requests(model: str) -> list[GenerationRequest]:
+    """The demo's two requests, created now: two 128x128 images, and a 16-frame video from day to night."""
     return [
-        {"tenant_id": TENANT, "prompt": "a lighthouse on a cliff at dusk, oil painting", "model": model,
-         "width": 128, "height": 128, "steps": 20, "guidance_scale": 7.5, "num_images": 2, "priority": "HIGH",
-         "labels": {"demo": "image"}},
-        {"tenant_id": TENANT, "prompt": "waves rolling onto a beach at sunrise", "model": model, "width": 128,
-         "height": 128, "steps": 10, "guidance_scale": 7.5, "priority": "NORMAL", "labels": {"demo": "video"},
-         "video": {"num_frames": 16, "fps": 8, "prompt_end": "waves rolling onto a beach at night"}},
+        GenerationRequest(
+            request_id=uuid.uuid4().hex, tenant_id=TENANT, kind="IMAGE",
+            prompt="a lighthouse on a cliff at dusk, oil painting", model=model, width=128, height=128,
+            steps=20, guidance_scale=7.5, num_images=2, priority="HIGH", labels={"demo": "image"},
+            created_at=now_ms(),
+        ),
+        GenerationRequest(
+            request_id=uuid.uuid4().hex, tenant_id=TENANT, kind="VIDEO",
+            prompt="waves rolling onto a beach at sunrise", model=model, width=128, height=128, steps=10,
+            guidance_scale=7.5, priority="NORMAL", labels={"demo": "video"},
+            video=VideoSpec(num_frames=16, fps=8, prompt_end="waves rolling onto a beach at night"),
+            created_at=now_ms(),
+        ),
     ]  # fmt: skip
 
 
-def follow(client: Client, requests: dict[str, dict[str, Any]], since_ms: int, timeout_s: float,
-           supervisor: Supervisor) -> dict[str, dict[str, Any]]:  # fmt: skip
+def follow(client: Client, requests: dict[str, GenerationRequest], since_ms: int, timeout_s: float,
+           supervisor: Supervisor) -> dict[str, Completion]:  # fmt: skip
     """Progress from status events until every request has its completion: bars on a terminal, one
     line per state change in a file or a pipe."""
     totals = {}
     for request_id, req in requests.items():
-        frames = req["video"]["num_frames"] if req.get("video") else req["num_images"]
-        label = f"{'video' if req.get('video') else 'image'} {request_id[:8]}"
-        totals[request_id] = (label, frames * req["steps"])
+        frames = req.video.num_frames if req.video else req.num_images
+        label = f"{'video' if req.video else 'image'} {request_id[:8]}"
+        totals[request_id] = (label, frames * req.steps)
     view = progress_view(totals)
-    done_by_task: dict[str, dict[str, int]] = {rid: {} for rid in requests}
-    completions: dict[str, dict[str, Any]] = {}
+    done_by_task: dict[str, dict[str | None, int]] = {rid: {} for rid in requests}
+    completions: dict[str, Completion] = {}
     deadline = time.monotonic() + timeout_s
     for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
         supervisor.poll()
-        rid = event.request_id
+        rid, record = event.request_id, event.record
         if rid in completions:
             continue  # a status event that lost the race with its completion (another topic)
-        record = event.record.to_avro()
-        if event.kind == "completion":
+        if isinstance(record, Completion):
             completions[rid] = record
-            succeeded = record["status"] == "SUCCEEDED"
-            view.update(rid, record["status"], totals[rid][1] if succeeded else None)
-        elif record["state"] == "RUNNING" and record.get("progress"):
-            done_by_task[rid][record["task_id"]] = record["progress"]["done"]
+            succeeded = record.status == "SUCCEEDED"
+            view.update(rid, record.status, totals[rid][1] if succeeded else None)
+        elif record.state == "RUNNING" and record.progress:
+            done_by_task[rid][record.task_id] = record.progress.done
             view.update(rid, "RUNNING", sum(done_by_task[rid].values()))
         else:
-            view.update(rid, record["state"])
+            view.update(rid, record.state)
         if len(completions) == len(requests) or time.monotonic() > deadline:
             break
     view.close()
     return completions
 
 
-def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> list[Path]:
+def download(settings: Settings, completion: Completion, out_dir: Path) -> list[Path]:
+    """The completion's outputs, fetched from S3 into ``out_dir/<request_id>/``; their paths."""
     blobs = BlobStore(settings.s3)
-    folder = out_dir / completion["request_id"]
+    folder = out_dir / completion.request_id
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for output in completion["outputs"]:
-        bucket, _, key = output["uri"].removeprefix("s3://").partition("/")
+    for output in completion.outputs:
+        bucket, _, key = output.uri.removeprefix("s3://").partition("/")
         path = folder / key.rsplit("/", 1)[-1]
         path.write_bytes(blobs.get(bucket, key))
         paths.append(path)
@@ -103,6 +116,7 @@ def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> l
 
 
 def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: float = 600.0) -> int:
+    """`aigc demo` (see the module docstring); the exit status: 0 when both requests succeeded."""
     _say("infrastructure: Kafka (KRaft), Cassandra, S3Proxy on 127.0.0.1")
     was_running = all(s.ready for s in status(settings))
     up(settings)
@@ -138,7 +152,7 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
     with Client(settings) as client:
         requests = {client.submit(req): req for req in demo_requests(model)}
         for request_id, req in requests.items():
-            print(f"{request_id}: {'video' if req.get('video') else 'image'} - {req['prompt']!r}")
+            print(f"{request_id}: {'video' if req.video else 'image'} - {req.prompt!r}")
         completions = follow(client, requests, since - 1000, timeout_s, pipeline.supervisor)
     _say("completions")
     for completion in completions.values():
@@ -156,7 +170,7 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
         "\n`aigc get <request_id>` shows a request's record in Cassandra, `aigc trace <request_id>` its "
         f"timeline; stage logs are in {pipeline.log_dir}"
     )
-    return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
+    return 0 if all(c.status == "SUCCEEDED" for c in completions.values()) else 1
 
 
 def console_url(settings: Settings) -> str | None:
