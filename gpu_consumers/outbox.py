@@ -174,7 +174,7 @@ class Outbox:
         self, task: Task, frames: list[np.ndarray], started_at: int, render_ms: int, batch_size: int
     ) -> None:
         with tracing.render_task(
-            task.headers, task.record.to_avro(), started_at, batch_size=batch_size, outcome="RENDERED"
+            task.headers, task.record, started_at, batch_size=batch_size, outcome="RENDERED"
         ):
             self._upload(task, frames, started_at, render_ms, batch_size)
 
