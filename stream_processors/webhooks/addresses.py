@@ -68,6 +68,7 @@ class AddressFilter:
         self.resolver = resolver
 
     def allowed(self, address: IPAddress) -> bool:
+        """Whether ``address`` may be reached: allow-listed, or global and not multicast."""
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
         if any(address in network for network in self.networks):

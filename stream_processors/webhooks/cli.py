@@ -4,12 +4,18 @@ stage (deliver)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from plumbing.settings import Settings
 
+if TYPE_CHECKING:
+    from cassandra.cluster import Cluster
+
+    from stream_processors.webhooks.store import WebhookStore
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add ``aigc webhooks`` and its actions (set, show, rotate-secret, deliver) to the CLI's verbs."""
     webhooks = verbs.add_parser(
         "webhooks",
         help="webhooks: a tenant's default URL and signing secret; the delivery stage",
@@ -42,7 +48,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     deliver.set_defaults(handler=_deliver)
 
 
-def _open(settings: Settings) -> tuple[Any, Any]:
+def _open(settings: Settings) -> tuple[Cluster, WebhookStore]:
     from plumbing.metadata import connect
     from stream_processors.webhooks.store import WebhookStore
 

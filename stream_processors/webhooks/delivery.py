@@ -31,12 +31,12 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from confluent_kafka import Message
 from prometheus_client import Counter, Histogram
 
 from plumbing import tracing
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.errors import BackPressure, ErrorKind, PermanentError, RetryableError, classify
 from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
@@ -47,6 +47,7 @@ from plumbing.settings import Settings
 from plumbing.shutdown import stop_on_signals
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
+from schemas.records import Completion
 from stream_processors.webhooks import signature
 from stream_processors.webhooks.addresses import AddressFilter
 from stream_processors.webhooks.store import WebhookStore
@@ -78,25 +79,25 @@ class NoSecret(PermanentError):
     code = "WEBHOOK_NO_SECRET"
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def payload(completion: dict[str, Any], timestamp_s: int) -> bytes:
-    """The POST body: the Standard Webhooks envelope {type, timestamp, data} around the Completion."""
+def payload(completion: Completion, timestamp_s: int) -> bytes:
+    """The POST body: the Standard Webhooks envelope {type, timestamp, data} around the Completion (its
+    fields in schema order, as JSON)."""
     envelope = {
         "type": EVENT_TYPE,
         "timestamp": datetime.fromtimestamp(timestamp_s, UTC).isoformat().replace("+00:00", "Z"),
-        "data": completion,
+        "data": completion.to_avro(),
     }
     return json.dumps(envelope, separators=(",", ":"), default=str).encode()
 
 
 def webhook_id(request_id: str) -> str:
+    """The ``webhook-id`` of a request's delivery: the same on every attempt, so receivers drop repeats."""
     return f"msg_{request_id}"
 
 
 class Delivery:
+    """The webhook stage: one consumer, one producer for retries and dead letters, the webhook tables."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings)
@@ -110,6 +111,7 @@ class Delivery:
         self.stop = threading.Event()  # `run` gives it the process's
 
     def run(self, stop: threading.Event) -> None:
+        """Deliver Completions one at a time until ``stop`` is set, committing each offset once settled."""
         self.stop = stop
         self.readiness.require("assigned")
         self.consumer.subscribe(
@@ -144,8 +146,8 @@ class Delivery:
         retry_as = dataclasses.replace(original, topic=self.topics.webhook_redeliveries)
         request_id = tenant_id = None
         try:
-            completion = self.codec.decode(msg.value(), "Completion")
-            request_id, tenant_id = completion["request_id"], completion["tenant_id"]
+            completion = self.codec.read(msg.value(), Completion)
+            request_id, tenant_id = completion.request_id, completion.tenant_id
             outcome = self.deliver(completion, prior_attempts(original) + 1)
         except Exception as exc:
             kind = classify(exc)
@@ -164,10 +166,12 @@ class Delivery:
             DELIVERIES.labels(outcome).inc()
         return outcome
 
-    def deliver(self, completion: dict[str, Any], attempt: int) -> str:
-        request_id, tenant_id = completion["request_id"], completion["tenant_id"]
+    def deliver(self, completion: Completion, attempt: int) -> str:
+        """POST ``completion`` (its ``attempt``-th try) unless it has no URL or was delivered; returns the
+        outcome, or raises the failure to route (`WebhookFailed`, `NoSecret`, `AddressRefused`, ...)."""
+        request_id, tenant_id = completion.request_id, completion.tenant_id
         endpoint = self.store.endpoint(tenant_id)
-        url = completion.get("webhook_url") or endpoint.url
+        url = completion.webhook_url or endpoint.url
         if not url:
             return "no_webhook"
         if self.store.delivered(request_id):

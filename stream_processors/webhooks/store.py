@@ -21,10 +21,13 @@ class Endpoint:
 
     @property
     def masked_secret(self) -> str:
+        """The secret's first ten characters, for display; ``-`` when there is none."""
         return f"{self.secret[:10]}…" if self.secret else "-"
 
 
 class WebhookStore:
+    """The webhook tables' prepared statements: endpoints and secrets by tenant, deliveries by request."""
+
     def __init__(self, session: Session, keyspace: str) -> None:
         self.session = session
         ks = keyspace
@@ -48,10 +51,12 @@ class WebhookStore:
         )
 
     def endpoint(self, tenant_id: str) -> Endpoint:
+        """The tenant's webhook settings (no URL and no secret when it has no row)."""
         row = self.session.execute(self._get, (tenant_id,)).one()
         return Endpoint(tenant_id, row.url, row.secret) if row else Endpoint(tenant_id, None, None)
 
     def set_url(self, tenant_id: str, url: str | None) -> None:
+        """Set (None: clear) the tenant's default URL."""
         self.session.execute(self._set_url, (url, datetime.now(UTC), tenant_id))
 
     def ensure_secret(self, tenant_id: str) -> str | None:
@@ -72,7 +77,9 @@ class WebhookStore:
         return secret
 
     def delivered(self, request_id: str) -> bool:
+        """Whether the request's Completion was delivered (a 2xx answer was recorded)."""
         return self.session.execute(self._delivered, (request_id,)).one() is not None
 
     def mark_delivered(self, request_id: str, tenant_id: str, url: str, status: int, attempts: int) -> None:
+        """Record the request's delivery: the URL, the 2xx status and the attempt that got it."""
         self.session.execute(self._mark, (request_id, tenant_id, url, status, attempts, datetime.now(UTC)))

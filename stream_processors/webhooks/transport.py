@@ -20,11 +20,14 @@ USER_AGENT = "aigc-webhooks/1"
 
 @dataclass(frozen=True)
 class Answer:
+    """What the receiver answered: its status and the start of its body."""
+
     status: int
     excerpt: str  # the start of the response body, decoded leniently
 
     @property
     def ok(self) -> bool:
+        """Whether the answer is 2xx (a delivery)."""
         return 200 <= self.status < 300
 
 
@@ -35,6 +38,7 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self._address = target.address
 
     def connect(self) -> None:
+        """Connect to the checked address, with TLS for the URL's host."""
         sock = socket.create_connection((self._address, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 

@@ -8,9 +8,20 @@ import hmac
 
 import pytest
 
+from schemas.records import Completion, Timings
 from stream_processors.webhooks import signature
 from stream_processors.webhooks.delivery import payload, webhook_id
 from stream_processors.webhooks.signature import SignatureError
+
+
+def completion() -> Completion:
+    return Completion(
+        request_id="r-1",
+        tenant_id="t-1",
+        status="SUCCEEDED",
+        timings=Timings(),
+        finished_at=1_800_000_000_000,
+    )
 
 
 def test_the_standard_webhooks_test_vector():
@@ -28,7 +39,7 @@ def test_the_standard_webhooks_test_vector():
 
 def test_a_signature_is_hmac_sha256_over_id_timestamp_and_body_with_the_decoded_secret():
     secret = signature.new_secret()
-    body = payload({"request_id": "r-1", "status": "SUCCEEDED"}, 1_800_000_000)
+    body = payload(completion(), 1_800_000_000)
     headers = signature.headers(secret, webhook_id("r-1"), 1_800_000_000, body)
     key = base64.b64decode(secret.removeprefix("whsec_"))
     mac = hmac.new(key, b"msg_r-1.1800000000." + body, hashlib.sha256).digest()
@@ -66,8 +77,11 @@ def test_a_malformed_secret_is_a_typed_error(secret):
 
 
 def test_the_body_is_the_standard_webhooks_envelope_around_the_completion():
-    body = payload({"request_id": "r-1", "outputs": []}, 1_800_000_000)
+    body = payload(completion(), 1_800_000_000)
     assert body == (
         b'{"type":"generation.completed","timestamp":"2027-01-15T08:00:00Z",'
-        b'"data":{"request_id":"r-1","outputs":[]}}'
+        b'"data":{"request_id":"r-1","tenant_id":"t-1","status":"SUCCEEDED","reason_code":null,'
+        b'"message":null,"retry_after_ms":null,"moderation":null,"outputs":[],'
+        b'"timings":{"queued_ms":0,"render_ms":0,"assemble_ms":0,"total_ms":0},"labels":{},'
+        b'"created_at":0,"finished_at":1800000000000,"webhook_url":null}}'
     )
