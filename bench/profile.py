@@ -52,7 +52,7 @@ def descendants(root: int) -> list[int]:
 
 
 def stage_of(pid: int) -> str | None:
-    """The pipeline stage ``pid`` runs (``python -m plumbing.cli <stage>``), or None."""
+    """The pipeline stage ``pid`` runs (``python -m aigc <stage>``), or None."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:

@@ -45,7 +45,7 @@ def ensure_models(settings: Settings) -> None:
             continue
         print(f"{name}: building the tiny random-weight model into {spec.path}", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "plumbing.cli", "models", "build-tiny", str(spec.path)], check=True
+            [sys.executable, "-m", "aigc", "models", "build-tiny", str(spec.path)], check=True
         )
 
 

@@ -157,15 +157,7 @@ class Gate:
         decision = self._refused(request, now_ms) or self._moderated(request) or self._shed(request)
         if decision is not None:
             return decision, None
-        tenant_id = request.tenant_id
-        taken = ratelimit.take(buckets.get(tenant_id), self.tier_of(tenant_id), render_cost(request), now_ms)
-        if taken.reason == "COST_EXCEEDS_TIER":
-            message = "the request costs more than the tenant's tier allows at once"
-            return _decision("REJECTED", "COST_EXCEEDS_TIER", message), None
-        if not taken.allowed:
-            message = "the tenant is over its rate limit; retry later"
-            return _decision("REJECTED", "RATE_LIMITED", message, retry_after_ms=taken.retry_after_ms), None
-        return None, taken.state
+        return self._limited(request, buckets, now_ms)
 
     def _refused(self, request: GenerationRequest, now_ms: int) -> Decision | None:
         """Steps 3-4: invalid, cancelled before admission, or past its deadline."""
@@ -218,6 +210,20 @@ class Gate:
             message = f"the tenant has as much {priority} work in flight as it may; retry when some finishes"
             return _decision("REJECTED", "TENANT_BUSY", message, retry_after_ms=BUSY_RETRY_AFTER_MS)
         return None
+
+    def _limited(
+        self, request: GenerationRequest, buckets: Mapping[str, Bucket], now_ms: int
+    ) -> tuple[Decision | None, Bucket | None]:
+        """Step 7, the tenant's token buckets: a rejection, or None and the buckets' new state."""
+        tenant_id = request.tenant_id
+        taken = ratelimit.take(buckets.get(tenant_id), self.tier_of(tenant_id), render_cost(request), now_ms)
+        if taken.reason == "COST_EXCEEDS_TIER":
+            message = "the request costs more than the tenant's tier allows at once"
+            return _decision("REJECTED", "COST_EXCEEDS_TIER", message), None
+        if not taken.allowed:
+            message = "the tenant is over its rate limit; retry later"
+            return _decision("REJECTED", "RATE_LIMITED", message, retry_after_ms=taken.retry_after_ms), None
+        return None, taken.state
 
     def _reject(
         self,
