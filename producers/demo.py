@@ -44,9 +44,7 @@ def ensure_models(settings: Settings) -> None:
         if spec.backend != "diffusers" or (spec.path / "model_index.json").exists():
             continue
         print(f"{name}: building the tiny random-weight model into {spec.path}", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "aigc", "models", "build-tiny", str(spec.path)], check=True
-        )
+        subprocess.run([sys.executable, "-m", "aigc", "models", "build-tiny", str(spec.path)], check=True)
 
 
 def demo_requests(model: str) -> list[GenerationRequest]:
