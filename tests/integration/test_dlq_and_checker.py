@@ -189,10 +189,7 @@ def poison(w: World) -> dict[str, Any]:
     retired_request = w.request(model="retired-model")  # valid then; the model has left the registry since
     retired = w.publish_request(retired_request, [(ATTEMPTS, b"3"), (FIRST_FAILED_AT, str(old).encode())])
     task_request = w.request()
-    [task] = [
-        t.to_avro()
-        for t in plan_tasks(GenerationRequest.from_avro(task_request), "default", 4, now_ms(), now_ms())
-    ]
+    [task] = plan_tasks(task_request, "default", 4, now_ms(), now_ms())
     render = w.publish(
         w.topics.render("default", "NORMAL"),
         w.codec.write(task),

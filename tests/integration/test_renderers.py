@@ -71,7 +71,7 @@ def renderer_settings(infra: Settings, mode: str, tmp_path: Path, **renderer: An
 def task(priority: str = "NORMAL", tenant: str = "t1", steps: int = 4) -> RenderTask:
     request = new_request(tenant_id=tenant, model="m", prompt=f"p {uuid.uuid4().hex[:6]}", width=16,
                           height=16, steps=steps, guidance_scale=7.5, output_format="PNG", seed=7,
-                          priority=priority).to_avro()  # fmt: skip
+                          priority=priority)  # fmt: skip
     [one] = plan_tasks(request, POOL, 4, now_ms(), now_ms())
     return one
 
