@@ -64,6 +64,14 @@ _REQUEST_REQUIRED = _required(GenerationRequest)
 _VIDEO_REQUIRED = _required(VideoSpec)
 
 
+def _high_watermark(consumer: Any, tp: TopicPartition) -> int:
+    """The offset the next record written to ``tp`` will get, asked of the broker now."""
+    low_high: tuple[int, int] = retry_transient(
+        lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+    )
+    return low_high[1]
+
+
 def retry_transient(call: Callable[[], T], timeout_s: float = 15.0) -> T:
     """``call()``, again while it fails with a retriable Kafka error (a new topic's leader not yet
     known to the broker, a leader moving): librdkafka retries these for produce and fetch itself, but
@@ -306,9 +314,14 @@ class Client:
             return [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
         if since_ms is None:
             return partitions
+        # A partition with no record at or after since_ms yet starts at its end as it is now, as a concrete
+        # offset read before the time query: a logical OFFSET_END would be resolved only when fetching
+        # starts, and would skip a record written in between (a wait that misses its own completion).
+        ends = {(tp.topic, tp.partition): _high_watermark(consumer, tp) for tp in partitions}
         resolved = retry_transient(lambda: consumer.offsets_for_times(partitions, timeout=10))
         return [
-            tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in resolved
+            tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)])
+            for tp in resolved
         ]
 
     def wait(self, request_id: str, timeout_s: float = 300.0, since_ms: int | None = None) -> Completion:

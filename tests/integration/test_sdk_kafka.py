@@ -141,6 +141,31 @@ def test_wait_finds_a_completion_that_arrived_before_or_after_the_call(isolated:
         timer.join()
 
 
+def test_a_completion_written_while_a_wait_starts_is_not_skipped(isolated: Settings):
+    """The race a loaded machine hit: no completion yet when the start offsets are looked up, one
+    written before the consumer's first fetch. The start must be a concrete offset, not "the end"."""
+    topics = Topics(isolated)
+    producer = make_producer(isolated, "test")
+    codec = default_codec()
+    with Client(isolated) as client:
+        produce_sync(producer, topics.completions, codec.write(completion("before")), key="before")
+        consumer = make_consumer(isolated, unique("g"), "test")
+        try:
+            positions = client._start_positions(consumer, [topics.completions], now_ms() + 500, False)
+            time.sleep(0.6)  # the completion is written after since_ms, before any fetch
+            produce_sync(producer, topics.completions, codec.write(completion("racer")), key="racer")
+            consumer.assign(positions)
+            seen = []
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while "racer" not in seen and time.monotonic() < deadline:
+                msg = consumer.poll(0.5)
+                if msg is not None and not msg.error():
+                    seen.append(codec.read(msg.value(), Completion).request_id)
+        finally:
+            consumer.close()
+    assert seen == ["racer"]
+
+
 def test_subscribe_filters_by_tenant_and_skips_garbage(isolated: Settings):
     topics = Topics(isolated)
     producer = make_producer(isolated, "test")
