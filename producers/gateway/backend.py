@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from cassandra.query import BatchStatement, BatchType
-from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from plumbing.blobs import BlobStore
 from plumbing.clock import now_ms
@@ -201,9 +201,14 @@ class Backend:
             parts = sorted(metadata.topics[self.topics.status].partitions)
             self.partitions = len(parts)
             since = [TopicPartition(self.topics.status, p, now_ms() - LOOKBACK_MS) for p in parts]
+            # Concrete log ends read first (as in _assign_stream): OFFSET_END would skip what came between.
+            ends = [consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1] for tp in since]
             start = consumer.offsets_for_times(since, timeout=10)
             consumer.assign(
-                [tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in start]
+                [
+                    tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, end)
+                    for tp, end in zip(start, ends, strict=True)
+                ]
             )
             self.following.set()
             while not self._stop.is_set():
