@@ -89,10 +89,8 @@ def _start(service: Service, attached: bool) -> int:
     for port in service.ports:
         if port_open(port):
             raise InfraError(f"{service.name}: port {port} is taken by a process this run did not start")
-    if isinstance(service, Kafka) and service.needs_format():
-        result = subprocess.run(service.format_command(), capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise InfraError(f"kafka: formatting storage failed:\n{result.stdout}{result.stderr}")
+    if isinstance(service, Kafka):
+        _format([service])
     with service.log_file.open("ab") as log:
         proc = subprocess.Popen(
             service.command(),
@@ -105,6 +103,32 @@ def _start(service: Service, attached: bool) -> int:
         )
     service.pid_file.write_text(f"{proc.pid}\n")
     return proc.pid
+
+
+def _format(nodes: list[Kafka]) -> None:
+    """Format the storage of the Kafka ``nodes`` that need it, all at once (a JVM each, ~2 s of CPU):
+    KRaft nodes are formatted once, before their first start, and a cluster's with one shared id."""
+    pending = [node for node in nodes if node.needs_format()]
+    for node in pending:
+        node.check_jars()
+        node.prepare()
+    commands = [node.format_command() for node in pending]  # here: the first one writes the shared id
+    with ThreadPoolExecutor(max(1, len(pending))) as pool:
+        results = list(
+            pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False), commands)
+        )
+    for node, result in zip(pending, results, strict=True):
+        if result.returncode != 0:
+            raise InfraError(f"{node.name}: formatting storage failed:\n{result.stdout}{result.stderr}")
+
+
+def selected(service: Service, only: Iterable[str] | None) -> bool:
+    """Whether ``only`` (service names; None: all) names ``service``; "kafka" names every Kafka node, so
+    ``only=["kafka"]`` means the whole cluster and ``only=["kafka-2"]`` one node of it."""
+    if only is None:
+        return True
+    names = set(only)
+    return service.name in names or (isinstance(service, Kafka) and "kafka" in names)
 
 
 def _wait_ready(service: Service, pid: int, deadline: float) -> float:
@@ -152,10 +176,11 @@ def up(
     echo: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Start what is not running and wait until everything is ready; returns seconds to ready per service."""
-    services = [s for s in all_services(settings) if only is None or s.name in set(only)]
+    services = [s for s in all_services(settings) if selected(s, only)]
     settings.infra.run_dir.mkdir(parents=True, exist_ok=True)
     pids: dict[str, int] = {}
     fresh: set[str] = set()
+    _format([s for s in services if isinstance(s, Kafka) and owned_pid(s) is None])
     for service in services:
         pid = owned_pid(service)
         if pid is None:
@@ -193,8 +218,8 @@ def down(
 ) -> list[str]:
     """Stop the services this run directory started (SIGTERM, then SIGKILL after a grace period)."""
     stopping: dict[Service, int] = {}
-    for service in all_services(settings):
-        if only is not None and service.name not in set(only):
+    for service in all_services(settings) + _other_layout_brokers(settings):
+        if not selected(service, only):
             continue
         pid = owned_pid(service)
         if pid is None:
@@ -217,6 +242,14 @@ def down(
             time.sleep(0.1)
         service.pid_file.unlink(missing_ok=True)
     return [s.name for s in stopping]
+
+
+def _other_layout_brokers(settings: Settings) -> list[Service]:
+    """The Kafka nodes of the other broker count (``kafka`` or ``kafka-1..3``) that this run directory
+    still runs, so that `down` stops a cluster started with ``--brokers 3`` even without the setting."""
+    other = 3 if settings.infra.brokers == 1 else 1
+    layout = settings.model_copy(update={"infra": settings.infra.model_copy(update={"brokers": other})})
+    return [node for i in range(1, other + 1) if owned_pid(node := Kafka(layout, i)) is not None]
 
 
 def status(settings: Settings) -> list[ServiceState]:

@@ -3,8 +3,11 @@
 `tests/unit` needs nothing. `tests/integration` and `tests/e2e` need Kafka, Cassandra and S3: the
 ``infra`` fixture starts them once per test session on test ports (29092, 29042, 29000), with
 Prometheus on 29090, in a temporary run directory and stops them at the end; the processes are tied to
-this pytest process, so even a killed test run leaves none behind. Tests that need only Prometheus use
-the ``prometheus`` fixture, which starts only it (the ``infra`` fixture then finds it running). To use an
+this pytest process, so even a killed test run leaves none behind. ``AIGC_INFRA__BROKERS=3`` (or
+``pytest --brokers 3``) runs the 3-broker KRaft cluster instead of the one broker: nodes kafka-1..3 on
+29092/29102/29112 (controllers 29093/29103/29113), topics replicated 3 ways with min.insync.replicas 2.
+Tests that need only Prometheus use the ``prometheus`` fixture, which starts only it (the ``infra``
+fixture then finds it running). To use an
 already running set instead, export ``AIGC_TEST_EXTERNAL=1`` together with the usual
 ``AIGC_KAFKA__BOOTSTRAP_SERVERS``, ``AIGC_CASSANDRA__PORT``, ``AIGC_S3__ENDPOINT_URL`` and
 ``AIGC_INFRA__PROMETHEUS_PORT``.
@@ -38,6 +41,31 @@ TEST_PORTS = {
 _INFRA_REPORT: list[str] = []
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="Kafka brokers of the session's infra: 3 runs the KRaft cluster (default AIGC_INFRA__BROKERS, "
+        "else 1)",
+    )
+
+
+_BROKERS_FROM_ENV = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # AIGC_INFRA__BROKERS picks the session's infra only: tests that read the environment see the defaults.
+    config.stash[_BROKERS_FROM_ENV] = os.environ.pop("AIGC_INFRA__BROKERS", "1")
+
+
+def session_brokers(config: pytest.Config) -> int:
+    """The broker count of the session's infra: ``--brokers``, else AIGC_INFRA__BROKERS, else 1."""
+    option = config.getoption("--brokers")
+    return int(option if option is not None else config.stash[_BROKERS_FROM_ENV])
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _INFRA_REPORT:
         terminalreporter.section("local infrastructure")
@@ -62,10 +90,14 @@ def unique(prefix: str = "t") -> str:
 
 
 @pytest.fixture(scope="session")
-def test_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """The session's settings: test ports and a temporary home and run directory (or the environment's)."""
+def test_settings(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Settings:
+    """The session's settings: test ports and a temporary home and run directory (or the environment's);
+    with 3 brokers the bootstrap servers list all three (29092, 29102, 29112)."""
+    brokers = session_brokers(pytestconfig)
     if os.environ.get("AIGC_TEST_EXTERNAL") == "1":
-        return Settings.load()
+        return Settings.load(infra={"brokers": brokers})
+    if brokers != 1:
+        _INFRA_REPORT.append(f"Kafka: {brokers} brokers (KRaft cluster)")
     run_dir = tmp_path_factory.mktemp("infra")
     return Settings.load(
         home=run_dir / "home",
@@ -78,6 +110,7 @@ def test_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         cassandra=CassandraSettings(port=TEST_PORTS["cql"]),
         s3=S3Settings(endpoint_url=f"http://127.0.0.1:{TEST_PORTS['s3']}"),
         infra=InfraSettings(
+            brokers=brokers,
             run_dir=run_dir / "run",
             lib_dir=REPO / "infra" / "lib",
             kafka_controller_port=TEST_PORTS["controller"],
