@@ -244,6 +244,24 @@ def down(
     return [s.name for s in stopping]
 
 
+def kill(settings: Settings, name: str, sig: int = signal.SIGKILL, timeout_s: float = 10.0) -> int | None:
+    """Send ``sig`` to this run directory's process of service ``name`` (``kafka-2``: the broker with
+    node.id 2) and, for SIGKILL (a crash), wait until it is gone. Returns its pid, or None when it was not
+    running. Its pid file stays, so `status` reports it dead until `up` (``only=[name]``) restarts it."""
+    service = next((s for s in all_services(settings) if s.name == name), None)
+    if service is None:
+        known = ", ".join(s.name for s in all_services(settings))
+        raise ValueError(f"no service {name!r} (services: {known})")
+    pid = owned_pid(service)
+    if pid is None:
+        return None
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while sig == signal.SIGKILL and not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
+
+
 def _other_layout_brokers(settings: Settings) -> list[Service]:
     """The Kafka nodes of the other broker count (``kafka`` or ``kafka-1..3``) that this run directory
     still runs, so that `down` stops a cluster started with ``--brokers 3`` even without the setting."""
