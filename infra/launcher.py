@@ -29,6 +29,9 @@ from infra.services import Kafka, Service, all_services, port_open
 from plumbing.settings import Settings
 
 STOP_TIMEOUT_S = 30.0
+QUORUM_GRACE_S = (
+    5.0  # a cluster's last Kafka node waits this long for a quorum that has gone (see _QuorumWatch)
+)
 LOG_TAIL_LINES = 25
 _PR_SET_PDEATHSIG = 1
 _exit_codes: dict[int, int] = {}  # children reaped by _exited, for error messages
@@ -228,12 +231,14 @@ def down(
         os.kill(pid, signal.SIGTERM)
         stopping[service] = pid
     deadline = time.monotonic() + STOP_TIMEOUT_S
+    quorum = _QuorumWatch(echo)
     while stopping and time.monotonic() < deadline:
         for service, pid in list(stopping.items()):
             if _exited(pid):
                 echo(f"{service.name}: stopped")
                 service.pid_file.unlink(missing_ok=True)
                 del stopping[service]
+        quorum.check(stopping)
         time.sleep(0.2)
     for service, pid in stopping.items():
         echo(f"{service.name}: did not stop in {STOP_TIMEOUT_S:.0f} s, killing pid {pid}")
@@ -242,6 +247,43 @@ def down(
             time.sleep(0.1)
         service.pid_file.unlink(missing_ok=True)
     return [s.name for s in stopping]
+
+
+class _QuorumWatch:
+    """Ends the Kafka nodes that can no longer stop cleanly while a cluster shuts down.
+
+    A node's controlled shutdown waits (up to 5 minutes) for the controller quorum to approve it, which
+    needs a majority of the voters; once the nodes still alive are no majority (two of three gone), the
+    rest wait in vain, so after QUORUM_GRACE_S they get SIGKILL: their logs are recovered on the next
+    start, nothing acknowledged is lost. A single broker is always its own majority: never applies."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+        self.lost_at: float | None = None
+        self.killed: set[int] = set()
+
+    def check(self, stopping: dict[Service, int]) -> None:
+        """SIGKILL the Kafka nodes of ``stopping`` once their quorum has been gone for QUORUM_GRACE_S."""
+        nodes = [s for s in stopping if isinstance(s, Kafka)]
+        if not nodes:
+            return
+        cluster = nodes[0].cluster
+        alive = sum(1 for node in cluster if owned_pid(node) is not None)
+        if alive * 2 > len(cluster):
+            return
+        now = time.monotonic()
+        self.lost_at = self.lost_at or now
+        if now - self.lost_at < QUORUM_GRACE_S:
+            return
+        for node in nodes:
+            pid = stopping[node]
+            if pid not in self.killed:
+                self.echo(
+                    f"{node.name}: the controller quorum is gone ({alive} of {len(cluster)} nodes left), "
+                    f"so its controlled shutdown cannot finish; killing pid {pid}"
+                )
+                os.kill(pid, signal.SIGKILL)
+                self.killed.add(pid)
 
 
 def kill(settings: Settings, name: str, sig: int = signal.SIGKILL, timeout_s: float = 10.0) -> int | None:

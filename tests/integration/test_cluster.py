@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import itertools
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.admin import ConfigResource
 
+from infra import launcher
 from infra.bootstrap import ensure_topics
-from infra.launcher import down, kill, rss_mb, up
+from infra.launcher import down, kill, owned_pid, rss_mb, up
 from infra.services import Kafka, port_open
 from plumbing.kafka_clients import make_admin, make_producer
 from plumbing.settings import BROKER_PORT_STEP, InfraSettings, KafkaSettings, Settings
@@ -249,3 +253,50 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings):
         lambda: partition_state(cluster, topic, 0)[1] == [1, 2, 3],
     )
     print(f"[cluster] {victim.name} restarted and back in partition 0's ISR {rejoined:.1f} s after ready")
+
+
+def _fake_node(settings: Settings, node_id: int, ignore_term: bool) -> subprocess.Popen[bytes]:
+    """A process the launcher takes for the cluster's node ``node_id`` (its markers on the command line);
+    one that ignores SIGTERM stands for a node whose controlled shutdown waits for a quorum."""
+    node = Kafka(settings, node_id)
+    node.dir.mkdir(parents=True, exist_ok=True)
+    handler = "signal.SIG_IGN" if ignore_term else "signal.SIG_DFL"
+    code = (
+        f"import signal, time; signal.signal(signal.SIGTERM, {handler}); print(flush=True); time.sleep(120)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, f"-Daigc.service={node.name}", f"-Daigc.run={node.run_dir}"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # its SIGTERM handler is in place
+    node.pid_file.write_text(f"{proc.pid}\n")
+    return proc
+
+
+def test_down_ends_the_nodes_left_without_a_quorum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Stopping the whole cluster, the last node cannot finish its controlled shutdown (no quorum to
+    approve it): `down` kills it after QUORUM_GRACE_S instead of waiting STOP_TIMEOUT_S. A node stopped
+    while the others run keeps the full grace period."""
+    settings = Settings.load(infra={"brokers": 3, "run_dir": tmp_path / "run"})
+    monkeypatch.setattr(launcher, "STOP_TIMEOUT_S", 12.0)
+    procs = [_fake_node(settings, 1, ignore_term=True)] + [_fake_node(settings, i, False) for i in (2, 3)]
+    lines: list[str] = []
+    try:
+        started = time.monotonic()
+        assert launcher.down(settings, only=["kafka"], echo=lines.append) == []
+        took = time.monotonic() - started
+        assert launcher.QUORUM_GRACE_S <= took < launcher.QUORUM_GRACE_S + 4, took
+        assert any(line.startswith("kafka-1: the controller quorum is gone") for line in lines), lines
+        assert all(p.wait(5) is not None for p in procs)
+
+        lines.clear()
+        procs = [_fake_node(settings, 1, ignore_term=True)] + [_fake_node(settings, i, False) for i in (2, 3)]
+        assert all(owned_pid(Kafka(settings, i)) == p.pid for i, p in zip((1, 2, 3), procs, strict=True))
+        monkeypatch.setattr(launcher, "STOP_TIMEOUT_S", launcher.QUORUM_GRACE_S + 2)
+        assert launcher.down(settings, only=["kafka-1"], echo=lines.append) == ["kafka-1"]  # quorum intact
+        assert not any("quorum" in line for line in lines), lines
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
