@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -25,7 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from plumbing.settings import CassandraSettings, InfraSettings, KafkaSettings, S3Settings, Settings
+from plumbing.settings import (
+    BROKER_PORT_STEP,
+    CassandraSettings,
+    InfraSettings,
+    KafkaSettings,
+    S3Settings,
+    Settings,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_PORTS = {
@@ -160,6 +168,59 @@ def infra(test_settings: Settings) -> Iterator[Settings]:
         )
     finally:
         down(settings, echo=lambda line: print(f"[infra] {line}"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _free_controller_base() -> int:
+    """A port p with p, p + 10 and p + 20 free: a 3-broker cluster's controller ports."""
+    from infra.services import port_open
+
+    for _ in range(50):
+        base = _free_port()
+        ports = [base + i * BROKER_PORT_STEP for i in range(3)]
+        if ports[-1] < 65536 and not any(port_open(p) for p in ports):
+            return base
+    pytest.fail("no three free controller ports")
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(
+    request: pytest.FixtureRequest, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """Settings of a running 3-broker Kafka cluster that tests may SIGKILL brokers of
+    (``infra.launcher.kill(settings, "kafka-<node.id>")``) and must restart (``up(settings,
+    only=["kafka-<node.id>"])``) before they end. The session's own Kafka when it runs 3 brokers;
+    otherwise a Kafka-only cluster started here on free ports in a run directory of its own."""
+    from infra.launcher import down, rss_mb, up
+
+    if session_brokers(pytestconfig) == 3 and os.environ.get("AIGC_TEST_EXTERNAL") != "1":
+        yield request.getfixturevalue("infra")
+        return
+    clients = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(3))
+    settings = Settings.load(
+        kafka=KafkaSettings(bootstrap_servers=clients),
+        infra=InfraSettings(
+            brokers=3,
+            run_dir=tmp_path_factory.mktemp("cluster") / "run",
+            lib_dir=REPO / "infra" / "lib",
+            kafka_controller_port=_free_controller_base(),
+        ),
+    )
+    try:
+        started = time.monotonic()
+        up(settings, attached=True, only=["kafka"], echo=lambda line: print(f"[cluster] {line}"))
+        _INFRA_REPORT.append(
+            f"3-broker cluster (kafka_cluster) ready in {time.monotonic() - started:.1f} s; resident memory "
+            + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss_mb(settings).items())
+        )
+        yield settings
+    finally:
+        down(settings, only=["kafka"], echo=lambda line: print(f"[cluster] {line}"))
 
 
 @pytest.fixture
