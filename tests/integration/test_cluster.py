@@ -8,9 +8,9 @@ acknowledgement named, and the partition whose leader died goes on accepting ack
 two brokers left. The killed broker then restarts from its data (``up(only=["kafka-<id>"])``, as the
 chaos tool does) and rejoins the in-sync replicas.
 
-The cluster is the ``kafka_cluster`` fixture (tests/conftest.py): the session's Kafka when the suite runs
-on 3 brokers (``--brokers 3``), otherwise a Kafka-only cluster of its own on free ports (ready in 23 to 56 s on the 2-core machine
-while other test runs shared it; the whole file took 51 to 107 s there).
+The cluster is the ``kafka_cluster`` fixture (tests/conftest.py): the session's Kafka when the suite
+runs on 3 brokers (``--brokers 3``), otherwise a Kafka-only cluster of its own on free ports (ready in
+23 to 56 s on the 2-core machine while other test runs shared it; the whole file took 51 to 107 s).
 """
 
 from __future__ import annotations
