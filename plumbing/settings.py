@@ -39,12 +39,32 @@ class KafkaSettings(_Section):
         "at least one partition each",
     )
     partitions: int = Field(6, ge=1, description="partitions of the other topics")
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int = Field(
+        1,
+        ge=1,
+        description="replicas of each topic bootstrap creates (and faust's changelogs); unset, it follows "
+        "infra.brokers (3 with the 3-broker cluster)",
+    )
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="the topics' min.insync.replicas: replicas that must have an acks=all write before it "
+        "is acknowledged; unset, replication_factor - 1 from a replication factor of 3 (2 of 3, so one "
+        "broker may be down), else the broker's default (1)",
+    )
     client_id: str = Field("aigc", description="client.id prefix for every Kafka client")
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+
+    @property
+    def topic_min_insync_replicas(self) -> int | None:
+        """The min.insync.replicas bootstrap sets on every topic: the setting, else 2 from a replication
+        factor of 3 (acks=all writes go on with one replica down), else None (the broker's default, 1)."""
+        if self.min_insync_replicas is not None:
+            return self.min_insync_replicas
+        return 2 if self.replication_factor >= 3 else None
 
     def client_config(self) -> dict[str, str]:
         """librdkafka properties shared by every client (connection and security)."""
@@ -91,14 +111,27 @@ def _loopback_port(url: str) -> int:
     return parsed.port
 
 
+BROKER_PORT_STEP = 10  # node i of the 3-broker cluster: client and controller ports + (i - 1) * 10
+CLUSTER_KAFKA_HEAP_MB = 768  # heap of each broker of the 3-broker cluster unless infra.kafka_heap_mb is set
+
+
 class InfraSettings(_Section):
     """Where and how `aigc infra` runs the local services. Client ports come from the client settings."""
 
+    brokers: int = Field(
+        1,
+        description="Kafka brokers `aigc infra up` runs: 1, or 3 (KRaft nodes 1..3, each broker and "
+        "controller, services kafka-1..kafka-3; node i listens on the first bootstrap port + (i - 1) * 10 "
+        "and kafka_controller_port + (i - 1) * 10). With 3 the bootstrap servers list all three and topics "
+        "get replication factor 3 and min.insync.replicas 2 unless set",
+    )
     run_dir: Path = Field(Path(".aigc/run"), description="data and logs of the local services")
     lib_dir: Path = Field(Path("infra/lib"), description="jars resolved by Maven")
     kafka_controller_port: int = 19093
     cassandra_storage_port: int = 17000
-    kafka_heap_mb: int = 1024  # a broker that has run the suite holds thousands of partitions; 512 ran out
+    # A broker that has run the suite holds thousands of partitions; 512 ran out. Each of 3 brokers gets
+    # CLUSTER_KAFKA_HEAP_MB unless this is set.
+    kafka_heap_mb: int = 1024
     cassandra_heap_mb: int = 768
     s3_heap_mb: int = 256
     prometheus_port: int = Field(19090, description="Prometheus's web UI and HTTP API on 127.0.0.1")
@@ -107,6 +140,21 @@ class InfraSettings(_Section):
     )
     prometheus_retention: str = Field("7d", pattern=r"^[0-9]+[smhdwy]$", description="how long samples stay")
     ready_timeout_s: float = 180.0
+
+    @field_validator("brokers")
+    @classmethod
+    def _brokers(cls, brokers: int) -> int:
+        if brokers not in (1, 3):
+            raise ValueError(f"infra.brokers must be 1 or 3, not {brokers}")
+        return brokers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_heap(cls, data: object) -> object:
+        """Three brokers share the machine: each gets CLUSTER_KAFKA_HEAP_MB unless a heap is set."""
+        if isinstance(data, dict) and str(data.get("brokers", 1)) == "3" and "kafka_heap_mb" not in data:
+            return {**data, "kafka_heap_mb": CLUSTER_KAFKA_HEAP_MB}
+        return data
 
 
 class ModelSpec(_Section):
@@ -490,6 +538,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"model name {name!r} must be 1-64 of [A-Za-z0-9._-]")
         return models
 
+    @model_validator(mode="after")
+    def _cluster(self) -> Settings:
+        """With ``infra.brokers`` 3, a single bootstrap address stands for the cluster's first node: list
+        all three (node i at its port + (i - 1) * BROKER_PORT_STEP), so a client starts while any one
+        is down; an unset replication factor follows the broker count."""
+        brokers = self.infra.brokers
+        if brokers == 1:
+            return self
+        update: dict[str, object] = {}
+        servers = [s.strip() for s in self.kafka.bootstrap_servers.split(",") if s.strip()]
+        if len(servers) == 1:
+            host, _, port = servers[0].rpartition(":")
+            update["bootstrap_servers"] = ",".join(
+                f"{host}:{int(port) + i * BROKER_PORT_STEP}" for i in range(brokers)
+            )
+        if "replication_factor" not in self.kafka.model_fields_set:
+            update["replication_factor"] = brokers
+        if update:
+            # The object is frozen; this runs while it is being built, before anyone holds it.
+            object.__setattr__(self, "kafka", self.kafka.model_copy(update=update))
+        return self
+
     @classmethod
     def load(cls, **overrides: object) -> Settings:
         """Read the environment once; keyword overrides win (used by tests and CLI flags)."""
@@ -504,6 +574,12 @@ class Settings(BaseSettings):
     def kafka_port(self) -> int:
         """The port of the first bootstrap server, which must be on loopback (for the local launcher)."""
         return _loopback_port(self.kafka.bootstrap_servers.split(",")[0])
+
+    @property
+    def kafka_ports(self) -> tuple[int, ...]:
+        """The ports of every bootstrap server, in order, which must be on loopback (for the local
+        launcher: node i of the 3-broker cluster listens on the i-th)."""
+        return tuple(_loopback_port(server.strip()) for server in self.kafka.bootstrap_servers.split(","))
 
     @property
     def s3_port(self) -> int:

@@ -6,7 +6,7 @@ Names are lowercase and dotted: ``<prefix>.<family>[.<qualifier>...]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from plumbing.settings import Settings
@@ -269,4 +269,7 @@ class Topics:
                     f"{stage.value} work that failed for good, for operators to inspect and replay",
                 )
             )
+        min_isr = k.topic_min_insync_replicas
+        if min_isr is not None:  # the 3-broker cluster: an acks=all write needs 2 of the 3 replicas
+            specs = [replace(s, config={**s.config, "min.insync.replicas": str(min_isr)}) for s in specs]
         return specs
