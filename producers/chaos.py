@@ -349,7 +349,7 @@ class ChaosReport:
     broker_restarts: int
     drain_s: float | None  # from the last fault to the last request accounted for
     delivery: DeliveryReport | None = None
-    windows: list[Window] = field(default_factory=list)  # the faults with a duration, as they happened
+    windows: list[Window] = field(default_factory=list)  # each fault, as it happened
     figures: Figures | None = None
     errors: list[str] = field(default_factory=list)  # faults that could not be injected or undone
     priorities: dict[str, str] = field(default_factory=dict)  # request id -> class
@@ -360,7 +360,7 @@ class ChaosReport:
         return self.delivery is not None and self.delivery.ok
 
     def counts(self) -> dict[str, int]:
-        """How many faults of each kind with a duration happened."""
+        """How many fault windows of each kind there were (a kill's lasts until its successor is ready)."""
         return dict(Counter(w.kind for w in self.windows))
 
     def overlapping(self) -> int:
@@ -374,7 +374,7 @@ class ChaosReport:
             f"seed {self.plan.seed}: {len(self.submitted)} requests, "
             + ", ".join(f"{name} killed {n}x" for name, n in sorted(self.kills.items()))
             + f", broker restarted {self.broker_restarts}x",
-            f"faults with a duration: {counts or 'none'}; {self.overlapping()} overlapping pair(s)",
+            f"fault windows: {counts or 'none'}; {self.overlapping()} overlapping pair(s)",
             f"drained {self.drain_s:.1f} s after the last fault"
             if self.drain_s is not None
             else "did not drain",
@@ -493,6 +493,7 @@ class _Run:
         self.killed: set[int] = set()  # pids we SIGKILLed
         self.seen: set[int] = set()  # pids whose exit is noted
         self.exits: list[StageExit] = []
+        self.recovering: dict[str, tuple[int, int]] = {}  # killed stage -> its killed pid, since ms
         self.submitted_until = 0
 
     def run(self) -> ChaosReport:
@@ -534,6 +535,15 @@ class _Run:
             planned = pid in self.killed
             watchdog = not planned and watchdog_exit(_log_since(child.log, child.log_offset))
             self.exits.append(StageExit(name, code, planned, watchdog))
+        for name, (pid, since) in list(self.recovering.items()):
+            child = self.supervisor.children[name]
+            if child.proc.pid != pid and child.ready:  # its successor answers /readyz: the kill is over
+                self._recovered(name, since)
+
+    def _recovered(self, name: str, since: int) -> None:
+        """Close the window of the kill of ``name`` (killed at ``since``)."""
+        del self.recovering[name]
+        self.report.windows.append(Window("kill", name, since, now_ms()))
 
     def _wait_until(self, at_s: float) -> None:
         while time.monotonic() - self.t0 < at_s:
@@ -577,7 +587,10 @@ class _Run:
             self.paused[fault.target] = (pid, resume_s, now_ms())
             self.echo(f"  SIGSTOP {fault.target} for {fault.down_s:.0f} s (a zombie)")
             return Fault(resume_s, fault.target, "resume")
+        if fault.target in self.recovering:  # killed again before it was back: that kill is over now
+            self._recovered(fault.target, self.recovering[fault.target][1])
         self.killed.add(pid)
+        self.recovering[fault.target] = (pid, now_ms())
         self.supervisor.signal(fault.target, signal.SIGKILL)
         self.report.kills[fault.target] += 1
         self.echo(f"  SIGKILL {fault.target}")

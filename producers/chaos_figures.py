@@ -6,7 +6,8 @@ Pure functions over what the run recorded (`Window` per fault, `Finished` per co
 milliseconds, as the records carry them.
 
 - A fault's **window** runs from the moment it was injected (the service stopped or killed, the stage
-  paused) to the moment it was over (the service answering clients again, the stage resumed).
+  killed or paused) to the moment it was over (the service answering clients again, the killed stage's
+  successor ready, the paused stage resumed).
 - **Throughput** of a span: completions whose ``finished_at`` falls in it, per second.
 - **HIGH queue wait**: from a HIGH request's ``created_at`` to the start of its first render
   (``FramesRendered.started_at``), for the HIGH requests created in the span.
@@ -32,7 +33,7 @@ WATCHDOG_MARKS = (
 class Window:
     """One fault as it happened: its kind, what it hit and when (epoch ms)."""
 
-    kind: str  # broker-kill, broker-restart, cassandra, s3, zombie
+    kind: str  # kill, broker-kill, broker-restart, cassandra, s3, zombie
     target: str  # the service (kafka, kafka-2, cassandra, s3proxy) or the paused stage
     start_ms: int
     end_ms: int
