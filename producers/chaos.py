@@ -45,10 +45,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import BotoCoreError
+from cassandra.cluster import NoHostAvailable, OperationTimedOut
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
-from infra.launcher import down, owned_pid, status, up
+from infra.launcher import InfraError, down, owned_pid, status, up
 from infra.pipeline import RunningPipeline, running_pipeline
 from infra.services import all_services
 from plumbing.clock import now_ms
@@ -75,6 +77,10 @@ UNTHROTTLED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_
 RECOVERY_GUESS_S = {"broker": 15.0, "cassandra": 25.0, "s3proxy": 8.0}
 CONSUMER_SESSION_S = 10.0  # session.timeout.ms of the sink's and the gatekeeper's consumers
 SERVICE_KINDS = ("broker-restart", "broker-kill", "cassandra", "s3")
+START_TRIES = 3  # a service that fails to start again is started again, up to this often
+# What a delivery check may meet while a store is still coming back: it is asked again.
+CHECK_ERRORS = (KafkaException, NoHostAvailable, OperationTimedOut, BotoCoreError)
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _STARTER = ThreadPoolExecutor(4, thread_name_prefix="chaos-infra")  # lives as long as the process
 
 
@@ -392,6 +398,8 @@ def run_chaos(
 ) -> ChaosReport:
     """Run ``plan`` (bringing the infrastructure up, and down again if it was not running) and report."""
     echo(f"chaos seed {plan.seed} (replay with --seed {plan.seed})")
+    for warning in ephemeral_clashes(settings):
+        echo(warning)
     was_running = all(s.ready for s in status(settings))
     up(settings, attached=attached, echo=lambda _: None)
     try:
@@ -407,6 +415,23 @@ def run_chaos(
     finally:
         if not was_running:
             down(settings, echo=lambda _: None)
+
+
+def ephemeral_clashes(settings: Settings, port_range: Path = EPHEMERAL_PORTS) -> list[str]:
+    """Warnings for the services' ports inside the kernel's ephemeral port range: while a service is
+    down, a client reconnecting to it may be given its port as its own (and even connect to itself), and
+    the service then fails to start with "address already in use"."""
+    try:
+        low, high = map(int, port_range.read_text().split())
+    except (OSError, ValueError):
+        return []
+    return [
+        f"warning: {service.name} port {port} is in the ephemeral port range {low}-{high}: restarting it "
+        "may fail (address already in use); pick ports below it"
+        for service in all_services(settings)
+        for port in service.ports
+        if low <= port <= high
+    ]
 
 
 def busiest_leader(leaders: Mapping[tuple[str, int], int], ends: Mapping[tuple[str, int], int]) -> int | None:
@@ -621,9 +646,7 @@ class _Run:
                 start = now_ms()
                 name = self._take_down(fault)
                 time.sleep(fault.down_s)
-                _STARTER.submit(
-                    up, self.settings, attached=self.attached, only=[name], echo=lambda _: None
-                ).result()
+                self._start_again(name)
             except Exception as exc:  # noqa: BLE001 - said in the report; the drain shows the damage
                 self.echo(f"  {fault.kind} failed: {exc}")
                 with self.mutex:
@@ -635,6 +658,20 @@ class _Run:
                 self.report.windows.append(window)
                 if fault.kind == "broker-restart":
                     self.report.broker_restarts += 1
+
+    def _start_again(self, name: str) -> None:
+        """Start service ``name`` again from the long-lived starter thread; a failed start (its log tail is
+        echoed) is tried again, up to `START_TRIES` times."""
+        for attempt in range(1, START_TRIES + 1):
+            try:
+                _STARTER.submit(
+                    up, self.settings, attached=self.attached, only=[name], echo=lambda _: None
+                ).result()
+                return
+            except InfraError as exc:
+                if attempt == START_TRIES:
+                    raise
+                self.echo(f"  {name} did not start (try {attempt} of {START_TRIES}): {exc}")
 
     def _take_down(self, fault: Fault) -> str:
         """Stop or kill the service of ``fault``; its launcher name."""
@@ -687,8 +724,8 @@ class _Run:
             self._poll()
             try:
                 delivery = check_delivery(run, report.submitted, tenants(report.plan), since_ms=since_ms)
-            except KafkaException as exc:  # a broker just restarted may refuse offset queries for a moment
-                echo(f"  delivery check failed ({exc.args[0].str()}); checking again")
+            except CHECK_ERRORS as exc:  # a service just restarted may refuse queries for a moment
+                echo(f"  delivery check failed ({type(exc).__name__}: {exc}); checking again")
             else:
                 if not delivery.lost:
                     return time.monotonic() - last_fault, delivery

@@ -14,6 +14,7 @@ from producers.chaos import (
     ChaosPlan,
     broker_service,
     busiest_leader,
+    ephemeral_clashes,
     plan_from_args,
     schedule,
     zombie_candidates,
@@ -169,3 +170,14 @@ def test_a_watchdog_exit_is_told_from_its_log():
     assert watchdog_exit("...\nTimeout (0:01:30)!\nThread 0x00007f (most recent call first):\n")
     assert watchdog_exit("CRITICAL no progress for 120 s on aigc.requests.high:0; exiting")
     assert not watchdog_exit("Current thread 0x00007f (most recent call first):\n")
+
+
+def test_service_ports_in_the_ephemeral_range_are_warned_about(tmp_path):
+    ports = tmp_path / "ip_local_port_range"
+    ports.write_text("32768\t60999\n")
+    settings = Settings.load()  # dev ports 19xxx: below the range
+    assert ephemeral_clashes(settings, ports) == []
+    high = settings.model_copy(update={"cassandra": settings.cassandra.model_copy(update={"port": 36042})})
+    (warning,) = ephemeral_clashes(high, ports)
+    assert "cassandra port 36042" in warning
+    assert ephemeral_clashes(settings, tmp_path / "missing") == []
