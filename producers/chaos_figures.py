@@ -88,7 +88,8 @@ class Period:
     completions: int
     high_waits_ms: tuple[int, ...]
     longest_gap_s: float | None  # fault windows only (and the steady state's longest gap)
-    overlapping: tuple[str, ...] = ()
+    overlapping: tuple[str, ...] = ()  # the other faults in progress meanwhile ("<kind> <target>")
+    kind: str = ""  # the fault's kind; "" for the steady state
 
     @property
     def rate(self) -> float:
@@ -103,9 +104,12 @@ class Period:
         return f"{p50:.2f}/{max(self.high_waits_ms) / 1000:.2f} s ({len(self.high_waits_ms)})"
 
     def line(self) -> str:
-        """One row of the figures table."""
+        """One row of the figures table: the overlapping faults named, stage kills counted."""
         gap = "-" if self.longest_gap_s is None else f"{self.longest_gap_s:.1f} s"
-        also = f"  with {', '.join(self.overlapping)}" if self.overlapping else ""
+        named = list(dict.fromkeys(o for o in self.overlapping if not o.startswith("kill ")))
+        kills = len(self.overlapping) - sum(1 for o in self.overlapping if not o.startswith("kill "))
+        also = ", ".join(named + ([f"{kills} stage kill(s)"] if kills else []))
+        also = f"  with {also}" if also else ""
         return (
             f"  {self.label:<30} {self.seconds:>7.1f} s {self.rate:>7.2f}/s  "
             f"{self.high_wait():<24} {gap:>8}{also}"
@@ -134,7 +138,15 @@ class Figures:
         """The figures table, then the watchdog and exit counts."""
         header = f"  {'fault':<30} {'window':>9} {'done/s':>9}  {'HIGH wait p50/max (n)':<24} {'gap':>8}"
         lines = ["throughput, HIGH queue wait and longest completion gap per fault:", header]
-        lines += [p.line() for p in [*self.faults, self.steady]]
+        lines += [p.line() for p in self.faults if p.kind != "kill"]
+        kills = [p for p in self.faults if p.kind == "kill"]
+        if kills:
+            ready = sorted(p.seconds for p in kills)
+            lines.append(
+                f"  stage kills: {len(kills)}, successor ready after p50 {statistics.median(ready):.1f} s, "
+                f"max {ready[-1]:.1f} s (each kill is a fault window: the steady state leaves them out)"
+            )
+        lines.append(self.steady.line())
         by_stage: dict[str, int] = {}
         for e in self.exits:
             if e.watchdog:
@@ -199,6 +211,7 @@ def figures(
                 ),
                 longest_gap_s=None if gap is None else gap / 1000,
                 overlapping=tuple(f"{o.kind} {o.target}" for o in windows if o is not w and o.overlaps(w)),
+                kind=w.kind,
             )
         )
     spans = _steady_spans(active, windows)

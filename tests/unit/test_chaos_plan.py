@@ -132,7 +132,11 @@ def test_the_longest_gap_is_the_one_that_meets_the_window():
 
 
 def test_figures_per_fault_window_next_to_the_steady_state():
-    windows = [Window("broker-kill", "kafka", 10_000, 20_000), Window("s3", "s3proxy", 15_000, 30_000)]
+    windows = [
+        Window("broker-kill", "kafka", 10_000, 20_000),
+        Window("s3", "s3proxy", 15_000, 30_000),
+        Window("kill", "relay", 16_000, 18_000),
+    ]
     finished = [
         # steady: one a second from 0 to 9 s, HIGH ones wait 100 ms
         *(Finished(f"s{i}", "HIGH", i * 1000 - 500, i * 1000, i * 1000 - 400) for i in range(10)),
@@ -148,11 +152,12 @@ def test_figures_per_fault_window_next_to_the_steady_state():
         StageExit("renderer-default-0", 70, planned=False, watchdog=False),
     ]
     result = figures(windows, finished, (0, 40_000), exits)
-    kill, s3 = result.faults
+    kill, s3, relay = result.faults
+    assert relay.kind == "kill" and relay.seconds == 2.0
     assert (kill.label, kill.seconds, kill.completions) == ("broker-kill kafka", 10.0, 0)
     assert kill.high_waits_ms == (8000,)
     assert kill.longest_gap_s == 16.0  # 9 s -> 25 s
-    assert kill.overlapping == ("s3 s3proxy",)
+    assert kill.overlapping == ("s3 s3proxy", "kill relay")
     assert (s3.completions, s3.rate) == (2, 2 / 15)
     steady = result.steady
     assert steady.seconds == 20.0  # 0-10 s and 30-40 s
@@ -164,6 +169,9 @@ def test_figures_per_fault_window_next_to_the_steady_state():
     assert "watchdog restarts: 1 (assembler 1x)" in text
     assert "other unplanned stage exits: 1 (renderer-default-0 code 70)" in text
     assert "8.00/8.00 s (1)" in text
+    assert "with s3 s3proxy, 1 stage kill(s)" in text
+    assert "stage kills: 1, successor ready after p50 2.0 s, max 2.0 s" in text
+    assert "kill relay" not in text  # kills are summed up in one line
 
 
 def test_a_watchdog_exit_is_told_from_its_log():
