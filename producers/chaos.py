@@ -74,7 +74,10 @@ STALL_RESTART_S = 90.0
 UNTHROTTLED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
 # Planning: how long a service takes to answer again after it is started (a guess, to space the faults
 # of one service; at run time a service's next fault waits for its last one to be over anyway).
-RECOVERY_GUESS_S = {"broker": 15.0, "cassandra": 25.0, "s3proxy": 8.0}
+RECOVERY_GUESS_S = {"broker": 45.0, "cassandra": 60.0, "s3proxy": 20.0}
+# At run time, a service's next fault waits this long after its last one was over: a broker killed again
+# the moment it answers would make several planned kills one long outage.
+SETTLE_S = 20.0
 CONSUMER_SESSION_S = 10.0  # session.timeout.ms of the sink's and the gatekeeper's consumers
 SERVICE_KINDS = ("broker-restart", "broker-kill", "cassandra", "s3")
 START_TRIES = 3  # a service that fails to start again is started again, up to this often
@@ -513,6 +516,7 @@ class _Run:
         self.t0 = time.monotonic()
         self.mutex = threading.Lock()
         self.service_locks: dict[str, threading.Lock] = {}
+        self.settled: dict[str, float] = {}  # service group -> when its last fault was over (monotonic)
         self.threads: list[threading.Thread] = []
         self.paused: dict[str, tuple[int, float, int]] = {}  # stage -> pid, resume (s from t0), since ms
         self.killed: set[int] = set()  # pids we SIGKILLed
@@ -640,8 +644,10 @@ class _Run:
 
     def _outage(self, fault: Fault, lock: threading.Lock) -> None:
         """A service fault, on a thread of its own: take the service down, wait, start it again (from the
-        long-lived starter thread) and record its window. One fault per service at a time."""
+        long-lived starter thread) and record its window. One fault per service at a time, `SETTLE_S`
+        apart."""
         with lock:
+            time.sleep(max(0.0, self.settled.get(fault.group, 0.0) + SETTLE_S - time.monotonic()))
             try:
                 start = now_ms()
                 name = self._take_down(fault)
@@ -652,6 +658,7 @@ class _Run:
                 with self.mutex:
                     self.report.errors.append(f"{fault.kind} at {fault.at_s:.0f} s: {exc}")
                 return
+            self.settled[fault.group] = time.monotonic()
             window = Window(fault.kind, name, start, now_ms())
             self.echo(f"  {name} back after {window.seconds:.1f} s ({fault.kind})")
             with self.mutex:
