@@ -49,18 +49,41 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     chaos = verbs.add_parser(
         "chaos",
-        help="kill every stage and restart the broker under load; report lost, duplicate, orphaned results",
+        help="kill stages, brokers, Cassandra and S3 and pause stages under load; report lost, duplicate, "
+        "orphaned results and each fault's throughput and HIGH queue wait",
         description="Runs the pipeline (synthetic renderers) on its own topics and keyspace, submits a "
-        "workload, SIGKILLs each stage and restarts the broker on a seeded schedule, then checks delivery. "
-        "Exit 0 only when nothing was lost, duplicated or orphaned.",
+        "workload, SIGKILLs each stage and restarts the broker on a seeded schedule (and, when asked, kills "
+        "the busiest partitions' leader broker, stops Cassandra and the S3 server, and pauses stages past "
+        "their timeouts), then checks delivery and prints each fault window's throughput, HIGH queue wait "
+        "and longest gap between completions next to the steady state, and the watchdog restarts. --full "
+        "is the whole plan (make chaos); flags given with it override it. Exit 0 only when nothing was "
+        "lost, duplicated or orphaned.",
     )
-    chaos.add_argument("--requests", type=int, default=200)
-    chaos.add_argument("--duration", type=float, default=90.0, help="seconds of submissions and faults")
-    chaos.add_argument("--kills", type=int, default=3, help="SIGKILLs per stage process")
-    chaos.add_argument("--broker-restarts", type=int, default=2)
-    chaos.add_argument("--broker-down", type=float, default=3.0, help="seconds the broker stays stopped")
-    chaos.add_argument("--renderers", type=int, default=2)
-    chaos.add_argument("--synthetic-ms", type=float, default=20.0, help="device time per frame")
+    chaos.add_argument("--full", action="store_true", help="every fault kind: the plan of make chaos")
+    chaos.add_argument("--requests", type=int, help="requests submitted (default 200; --full 500)")
+    chaos.add_argument("--duration", type=float, dest="duration_s", help="seconds of submissions and faults")
+    chaos.add_argument("--kills", type=int, dest="kills_per_stage", help="SIGKILLs per stage process")
+    chaos.add_argument("--broker-restarts", type=int, help="broker stops and starts (default 2; --full 0)")
+    chaos.add_argument(
+        "--broker-down", type=float, dest="broker_down_s", help="seconds a restart keeps it down"
+    )
+    chaos.add_argument(
+        "--broker-kills", type=int, help="SIGKILLs of the busiest partitions' leader (--full 6)"
+    )
+    chaos.add_argument(
+        "--broker-kill-down", type=float, dest="broker_kill_down_s", help="seconds it stays dead"
+    )
+    chaos.add_argument("--cassandra-outages", type=int, help="Cassandra stops (--full 2)")
+    chaos.add_argument("--cassandra-down", type=float, dest="cassandra_down_s", help="seconds each lasts")
+    chaos.add_argument("--s3-outages", type=int, help="S3 server stops (--full 2)")
+    chaos.add_argument("--s3-down", type=float, dest="s3_down_s", help="seconds each lasts")
+    chaos.add_argument("--zombies", type=int, help="stage processes paused past their timeout (--full 2)")
+    chaos.add_argument(
+        "--zombie-s", type=float, help="seconds a zombie is paused (default: its timeout plus 3 s)"
+    )
+    chaos.add_argument("--overlaps", type=int, help="faults placed inside another's window (--full 2)")
+    chaos.add_argument("--renderers", type=int, help="renderers per pool (default 2)")
+    chaos.add_argument("--synthetic-ms", type=float, help="device time per frame (default 20)")
     chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
     chaos.set_defaults(handler=_chaos)
 
@@ -274,19 +297,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _chaos(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.chaos import ChaosPlan, run_chaos
+    from producers.chaos import plan_from_args, run_chaos
 
-    plan = ChaosPlan(
-        args.requests,
-        args.duration,
-        args.kills,
-        args.broker_restarts,
-        args.renderers,
-        args.synthetic_ms,
-        broker_down_s=args.broker_down,
-    )
-    if args.seed is not None:
-        plan = ChaosPlan(**{**plan.__dict__, "seed": args.seed})
-    report = run_chaos(settings, plan)
+    report = run_chaos(settings, plan_from_args(args))
     print(report.summary())
     return 0 if report.ok else 1
