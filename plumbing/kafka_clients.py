@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from confluent_kafka import (
     Consumer,
@@ -222,3 +224,42 @@ def produce_sync(
     if err is not None:
         raise DeliveryError(f"{topic}: {err.str()}", code=f"KAFKA_{err.name()}")
     return msg
+
+
+T = TypeVar("T")
+# Errors one-shot requests (offsets_for_times, watermarks) report while a leader is being elected or
+# moved; librdkafka does not flag them retriable there.
+_TRANSIENT = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+    }
+)
+
+
+def retry_transient(call: Callable[[], T], timeout_s: float = 15.0) -> T:
+    """``call()``, again while it fails with a retriable Kafka error (a new topic's leader not yet
+    known to the broker, a leader moving): librdkafka retries these for produce and fetch itself, but
+    not for one-shot requests such as offsets_for_times."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (error.retriable() or error.code() in _TRANSIENT) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def watermarks(consumer: Any, tp: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+    """A partition's (low, high) watermarks, asked of the broker now (not the cached ones), again while
+    the broker answers with a transient error such as a topic created a moment earlier not led yet."""
+    low, high = retry_transient(
+        lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False), timeout_s
+    )
+    return int(low), int(high)

@@ -32,11 +32,11 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from cassandra.cluster import Session
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 
 from plumbing.blobs import BlobStore
 from plumbing.errors import DecodeError
-from plumbing.kafka_clients import make_consumer
+from plumbing.kafka_clients import make_consumer, watermarks
 from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
@@ -57,7 +57,6 @@ from schemas.records import (
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 METADATA_TIMEOUT_S = 10.0
-NOT_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
 IN_CHUNK = 100  # ids per Cassandra IN query: small partitions fan out fine at this size
 R = TypeVar("R", bound=Record)
 
@@ -141,7 +140,7 @@ class BoundedRead:
         ends: dict[tuple[str, int], int] = {}
         assignment = []
         for tp in partitions:
-            low, high = watermarks(consumer, tp)
+            low, high = watermarks(consumer, tp, METADATA_TIMEOUT_S)
             start = starts.get((tp.topic, tp.partition), low)
             start = high if start < 0 else max(start, low)
             if start < high:
@@ -155,20 +154,6 @@ class BoundedRead:
     def _done(consumer: Any, ends: dict[tuple[str, int], int], tp: tuple[str, int]) -> None:
         ends.pop(tp, None)
         consumer.pause([TopicPartition(*tp)])
-
-
-def watermarks(consumer: Any, tp: TopicPartition, timeout_s: float = METADATA_TIMEOUT_S) -> tuple[int, int]:
-    """A partition's (low, high) watermarks, asked again for as long as the broker says it does not lead
-    the partition yet: a topic created a moment earlier answers NOT_LEADER_FOR_PARTITION for a while."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-            return int(low), int(high)
-        except KafkaException as exc:
-            if exc.args[0].code() not in NOT_LEADER_YET or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def dead_letter_ids(record: DeadLetter, codec: Codec) -> tuple[str | None, str | None]:

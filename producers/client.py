@@ -14,16 +14,16 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
 from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
-from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
+from plumbing.kafka_clients import make_consumer, make_producer, produce_sync, retry_transient, watermarks
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from plumbing.validation import validate_request
@@ -33,19 +33,6 @@ from schemas.records import CancelRequest, Completion, GenerationRequest, Status
 __all__ = ["Client", "Event", "new_request", "now_ms", "retry_transient"]
 
 POLL_S = 0.2
-T = TypeVar("T")
-# Errors one-shot requests (offsets_for_times, watermarks) report while a leader is being elected or
-# moved; librdkafka does not flag them retriable there.
-_TRANSIENT = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._TRANSPORT,
-        KafkaError._TIMED_OUT,
-        KafkaError.REQUEST_TIMED_OUT,
-    }
-)
 DEFAULT_WAIT_LOOKBACK_MS = 3600 * 1000
 
 
@@ -62,29 +49,6 @@ def _required(cls: type[Any]) -> dict[str, None]:
 
 _REQUEST_REQUIRED = _required(GenerationRequest)
 _VIDEO_REQUIRED = _required(VideoSpec)
-
-
-def _high_watermark(consumer: Any, tp: TopicPartition) -> int:
-    """The offset the next record written to ``tp`` will get, asked of the broker now."""
-    low_high: tuple[int, int] = retry_transient(
-        lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-    )
-    return low_high[1]
-
-
-def retry_transient(call: Callable[[], T], timeout_s: float = 15.0) -> T:
-    """``call()``, again while it fails with a retriable Kafka error (a new topic's leader not yet
-    known to the broker, a leader moving): librdkafka retries these for produce and fetch itself, but
-    not for one-shot requests such as offsets_for_times."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return call()
-        except KafkaException as exc:
-            error = exc.args[0]
-            if not (error.retriable() or error.code() in _TRANSIENT) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def new_request(**fields: Any) -> GenerationRequest:
@@ -317,7 +281,7 @@ class Client:
         # A partition with no record at or after since_ms yet starts at its end as it is now, as a concrete
         # offset read before the time query: a logical OFFSET_END would be resolved only when fetching
         # starts, and would skip a record written in between (a wait that misses its own completion).
-        ends = {(tp.topic, tp.partition): _high_watermark(consumer, tp) for tp in partitions}
+        ends = {(tp.topic, tp.partition): watermarks(consumer, tp)[1] for tp in partitions}
         resolved = retry_transient(lambda: consumer.offsets_for_times(partitions, timeout=10))
         return [
             tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)])

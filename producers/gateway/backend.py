@@ -26,7 +26,7 @@ from plumbing.blobs import BlobStore
 from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
-from plumbing.kafka_clients import make_consumer, make_producer
+from plumbing.kafka_clients import make_consumer, make_producer, watermarks
 from plumbing.metadata import connect, register_types
 from plumbing.settings import Settings
 from plumbing.topics import Topics
@@ -202,7 +202,7 @@ class Backend:
             self.partitions = len(parts)
             since = [TopicPartition(self.topics.status, p, now_ms() - LOOKBACK_MS) for p in parts]
             # Concrete log ends read first (as in _assign_stream): OFFSET_END would skip what came between.
-            ends = [consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1] for tp in since]
+            ends = [watermarks(consumer, tp)[1] for tp in since]
             start = consumer.offsets_for_times(since, timeout=10)
             consumer.assign(
                 [

@@ -25,12 +25,12 @@ from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.errors import DecodeError, PermanentError, RetryableError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, REPLAYED_FROM, pipeline_headers
-from plumbing.kafka_clients import header_list, make_consumer, make_producer, produce_sync
+from plumbing.kafka_clients import header_list, make_consumer, make_producer, produce_sync, watermarks
 from plumbing.metadata import connect
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
-from producers.checker import BoundedRead, check_delivery, watermarks
+from producers.checker import BoundedRead, check_delivery
 from producers.dlq import Filters, count, format_entry, read_dead_letters, replay
 from schemas.codec import default_codec
 from schemas.records import Completion, GenerationRequest, Timings
