@@ -67,7 +67,7 @@ bench: setup
 	$(AIGC) bench
 
 chaos: setup
-	$(AIGC) chaos --full
+	$(AIGC) chaos --full --brokers 3
 
 lock:
 	$(UV) pip compile --python-version 3.11 --quiet requirements.in -o requirements.lock --custom-compile-command "make lock"

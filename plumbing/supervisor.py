@@ -80,27 +80,44 @@ def pipeline_stages(
     synthetic_ms: float | None = None,
     webhooks: bool | None = None,
     gateway: bool = False,
+    replicas: int = 1,
 ) -> list[StageSpec]:
-    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
-    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter; the
-    webhook delivery stage when ``webhooks`` says so (None: ``webhooks.enabled``); and, with ``gateway``
-    (and ``gateway.enabled``), the HTTP gateway."""
-    stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
+    """The stages: ``replicas`` gatekeepers, ``renderers`` renderers per pool, ``replicas`` assemblers and
+    retry relays and, unless metrics are off (``observability.metrics=false``, to measure their cost), one
+    lag exporter; ``replicas`` webhook delivery stages when ``webhooks`` says so (None:
+    ``webhooks.enabled``); and, with ``gateway`` (and ``gateway.enabled``), the HTTP gateway.
+
+    Replicas share nothing but the settings: each joins its stage's consumer group (the assemblers each
+    with a transactional.id of their own, ``assembler.instance``), as processes on other hosts would. The
+    first of a stage keeps the stage's name, the others are ``<stage>-1``, ``<stage>-2``..."""
+
+    def replicated(name: str, verb: list[str], stage: str) -> list[StageSpec]:
+        return [
+            StageSpec(f"{name}-{i}" if i else name, verb, stage, _replica_env(stage, i))
+            for i in range(replicas)
+        ]
+
+    stages = replicated("gatekeeper", ["gatekeeper"], "gatekeeper")
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
         if synthetic_ms is not None:
             verb += ["--synthetic-ms", str(synthetic_ms)]
         stages += [StageSpec(f"renderer-{pool}-{i}", verb, "renderer") for i in range(renderers)]
-    stages.append(StageSpec("assembler", ["assemble"], "assembler"))
-    stages.append(StageSpec("relay", ["relay"], "relay"))
+    stages += replicated("assembler", ["assemble"], "assembler")
+    stages += replicated("relay", ["relay"], "relay")
     if settings.observability.metrics:
         stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
     if settings.webhooks.enabled if webhooks is None else webhooks:
-        stages.append(StageSpec("webhooks", ["webhooks", "deliver"], "webhooks"))
+        stages += replicated("webhooks", ["webhooks", "deliver"], "webhooks")
     if gateway and settings.gateway.enabled:
         stages.append(StageSpec("gateway", ["gateway"], "gateway"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
+
+
+def _replica_env(stage: str, index: int) -> dict[str, str]:
+    """Settings of replica ``index`` of ``stage``: an assembler's own transactional.id."""
+    return {"AIGC_ASSEMBLER__INSTANCE": str(index)} if stage == "assembler" and index else {}
 
 
 def _die_with_parent() -> None:

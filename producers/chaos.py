@@ -99,6 +99,7 @@ class ChaosPlan:
     kills_per_stage: int = 3
     broker_restarts: int = 2
     renderers: int = 2
+    replicas: int = 1  # gatekeepers, assemblers and relays (two: a kill leaves one working)
     synthetic_ms: float = 20.0
     seed: int = field(default_factory=lambda: random.SystemRandom().randrange(1_000_000))
     broker_down_s: float = 3.0  # how long each broker restart keeps it stopped (its start-up comes on top)
@@ -132,6 +133,7 @@ CHAOS_FLAGS = (
     "zombie_s",
     "overlaps",
     "renderers",
+    "replicas",
     "synthetic_ms",
     "seed",
 )
@@ -143,6 +145,7 @@ FULL_PLAN: dict[str, object] = {
     "kills_per_stage": 3,
     "broker_restarts": 0,
     "renderers": 2,
+    "replicas": 2,
     "broker_kills": 6,
     "broker_kill_down_s": 5.0,
     "cassandra_outages": 2,
@@ -195,11 +198,16 @@ def zombie_pause_s(settings: Settings, stage: str, margin_s: float) -> float:
             timeout_s = settings.renderer.share_lock_ms / 1000
         else:
             timeout_s = settings.renderer.max_poll_interval_ms / 1000
-    elif stage == "assembler":
+    elif _is_assembler(stage):
         timeout_s = max(CONSUMER_SESSION_S, settings.assembler.transaction_timeout_ms / 1000)
     else:
         timeout_s = CONSUMER_SESSION_S
     return timeout_s + margin_s
+
+
+def _is_assembler(stage: str) -> bool:
+    """Whether ``stage`` is an assembler process: ``assembler``, or a replica ``assembler-<n>``."""
+    return stage == "assembler" or stage.startswith("assembler-")
 
 
 def zombie_candidates(stages: Sequence[str]) -> dict[str, list[str]]:
@@ -208,7 +216,7 @@ def zombie_candidates(stages: Sequence[str]) -> dict[str, list[str]]:
     pools = Counter(s.rsplit("-", 1)[0] for s in stages if s.startswith("renderer-"))
     found = {
         "renderer": [s for s in stages if s.startswith("renderer-") and pools[s.rsplit("-", 1)[0]] > 1],
-        "assembler": [s for s in stages if s == "assembler"],
+        "assembler": [s for s in stages if _is_assembler(s)],
     }
     return {kind: names for kind, names in found.items() if names}
 
@@ -409,6 +417,7 @@ def run_chaos(
         with running_pipeline(
             chaos_settings(settings, plan),
             renderers=plan.renderers,
+            replicas=plan.replicas,
             synthetic_ms=plan.synthetic_ms,
             isolate=f"chaos{plan.seed}",
             echo=lambda line: echo(f"  {line}"),

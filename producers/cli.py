@@ -83,6 +83,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     chaos.add_argument("--overlaps", type=int, help="faults placed inside another's window (--full 2)")
     chaos.add_argument("--renderers", type=int, help="renderers per pool (default 2)")
+    chaos.add_argument(
+        "--replicas", type=int, help="gatekeepers, assemblers and relays, each (default 1; --full 2)"
+    )
+    chaos.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        help="Kafka brokers of the infrastructure it brings up (default infra.brokers; make chaos: 3)",
+    )
     chaos.add_argument("--synthetic-ms", type=float, help="device time per frame (default 20)")
     chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
     chaos.set_defaults(handler=_chaos)
@@ -299,6 +308,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 def _chaos(args: argparse.Namespace, settings: Settings) -> int:
     from producers.chaos import plan_from_args, run_chaos
 
+    if args.brokers is not None and args.brokers != settings.infra.brokers:
+        settings = Settings.load(infra={"brokers": args.brokers})
     report = run_chaos(settings, plan_from_args(args))
     print(report.summary())
     return 0 if report.ok else 1

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from cassandra.cluster import ResponseFuture
+from cassandra.cluster import Cluster, ResponseFuture, Session
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from plumbing import tracing
@@ -59,7 +59,7 @@ from plumbing.errors import DecodeError, classify
 from plumbing.headers import REPLY_TOPIC, Outgoing, continue_headers
 from plumbing.kafka_clients import consume_available, header_map, make_consumer, make_producer
 from plumbing.log_format import bind_message
-from plumbing.metadata import OutputRow, connect, register_types
+from plumbing.metadata import OutputRow, connect, connect_when_up, register_types
 from plumbing.observability import Readiness, serve
 from plumbing.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
 from plumbing.output_check import from_record as output_check_from_record
@@ -94,7 +94,8 @@ R = TypeVar("R", bound=Record)
 class Sink:
     """The assembler sink: consumes frames and decisions, publishes each request's one Completion."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cassandra: tuple[Cluster, Session] | None = None) -> None:
+        """``cassandra``: a connection made already (`run` waits for Cassandra); else one is made here."""
         conf = settings.assembler
         self.settings = settings
         self.topics = Topics(settings)
@@ -114,7 +115,7 @@ class Sink:
             },
         )
         counts = CallCounts.when_on(settings.call_counts_dir)
-        self.cluster, session = connect(settings.cassandra)
+        self.cluster, session = cassandra or connect(settings.cassandra)
         if counts is not None:
             counts.count_cql(session)
         register_types(self.cluster, settings.cassandra.keyspace)
@@ -650,7 +651,10 @@ def run(settings: Settings) -> None:
     """Run the sink until SIGINT or SIGTERM; the batch in hand is finished first."""
     stop = stop_on_signals()
     obs = serve(settings, Stage.ASSEMBLER.value, *READINESS)
-    sink = Sink(settings)
+    cassandra = connect_when_up(settings.cassandra, stop)
+    if cassandra is None:  # stopped while waiting for Cassandra
+        return
+    sink = Sink(settings, cassandra)
     sink.readiness = obs.readiness
     observe(obs.readiness, sink)
     sink.run(stop)

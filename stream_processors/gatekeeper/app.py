@@ -93,7 +93,8 @@ def create_app(
         conf.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
         store="memory://",
-        datadir=str(settings.home / "gatekeeper"),  # faust's local state folder (default: ./<app_id>-data)
+        # faust's local state folder (default: ./<app_id>-data), one per process on a host
+        datadir=str(settings.home / "gatekeeper" / (settings.instance or "gatekeeper")),
         processing_guarantee="at_least_once",
         key_serializer="raw",
         value_serializer="raw",

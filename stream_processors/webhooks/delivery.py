@@ -32,6 +32,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from cassandra.cluster import Cluster, Session
 from confluent_kafka import Message
 from prometheus_client import Counter, Histogram
 
@@ -40,7 +41,7 @@ from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.errors import BackPressure, ErrorKind, PermanentError, RetryableError, classify
 from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
-from plumbing.metadata import connect
+from plumbing.metadata import connect, connect_when_up
 from plumbing.observability import LATENCY_BUCKETS, Readiness, enabled, serve
 from plumbing.retries import prior_attempts, route_failure
 from plumbing.settings import Settings
@@ -98,12 +99,13 @@ def webhook_id(request_id: str) -> str:
 class Delivery:
     """The webhook stage: one consumer, one producer for retries and dead letters, the webhook tables."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cassandra: tuple[Cluster, Session] | None = None) -> None:
+        """``cassandra``: a connection made already (`run` waits for Cassandra); else one is made here."""
         self.settings = settings
         self.topics = Topics(settings)
         self.codec = default_codec()
         self.filter = AddressFilter(settings.webhooks.allow_hosts)
-        self.cluster, session = connect(settings.cassandra)
+        self.cluster, session = cassandra or connect(settings.cassandra)
         self.store = WebhookStore(session, settings.cassandra.keyspace)
         self.consumer = make_consumer(settings, f"{settings.kafka.topic_prefix}.webhooks", "webhooks")
         self.producer = make_producer(settings, "webhooks")
@@ -224,6 +226,9 @@ def run(settings: Settings) -> None:
     """Run the webhook stage until SIGINT or SIGTERM."""
     stop = stop_on_signals()
     obs = serve(settings, "webhooks", "assigned")
-    delivery = Delivery(settings)
+    cassandra = connect_when_up(settings.cassandra, stop)
+    if cassandra is None:  # stopped while waiting for Cassandra
+        return
+    delivery = Delivery(settings, cassandra)
     delivery.readiness = obs.readiness
     delivery.run(stop)

@@ -74,3 +74,20 @@ def test_the_webhook_stage_follows_its_setting_unless_the_caller_decides():
     assert "webhooks" not in names(on, webhooks=False) and "webhooks" in names(off, webhooks=True)
     (spec,) = [s for s in pipeline_stages(on, renderers=1) if s.name == "webhooks"]
     assert spec.verb == ["webhooks", "deliver"] and spec.stage == "webhooks"
+
+
+def test_replicas_are_separate_members_with_identities_of_their_own():
+    stages = pipeline_stages(Settings(), renderers=2, replicas=2, webhooks=True)
+    names = [s.name for s in stages]
+    for stage in ("gatekeeper", "assembler", "relay", "webhooks"):
+        assert names.count(stage) == 1 and names.count(f"{stage}-1") == 1, names
+    assert names.count("lag-exporter") == 1  # one reader of the lags is enough
+    assert len(set(names)) == len(names)
+    # static group membership: each process its own group.instance.id
+    assert len({s.env["AIGC_INSTANCE"] for s in stages}) == len(stages)
+    sinks = [s for s in stages if s.stage == "assembler"]
+    # a transactional.id each: the two sinks must not fence each other
+    assert [s.env.get("AIGC_ASSEMBLER__INSTANCE", "0") for s in sinks] == ["0", "1"]
+    assert [s.name for s in pipeline_stages(Settings(), renderers=1)] == [
+        s.name for s in pipeline_stages(Settings(), renderers=1, replicas=1)
+    ]
