@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -33,6 +32,7 @@ from plumbing.topics import MAX_ENVELOPE_BYTES
 
 # librdkafka's own log lines go through Python logging (stage logs, pytest capture) instead of raw stderr.
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
+log = logging.getLogger(__name__)
 
 
 def client_id(settings: Settings, role: str) -> str:
@@ -158,32 +158,89 @@ def make_admin(settings: Settings) -> AdminClient:
     return AdminClient(conf)
 
 
-def group_offsets(
-    admin: AdminClient, group: str, topics: list[str], timeout_s: float = 10.0
-) -> dict[tuple[str, int], tuple[int, int]]:
-    """Per partition of those ``topics`` that exist: (what ``group`` committed there, 0 if nothing; its
-    log-end offset). Two batched admin requests after one metadata request per topic: a whole cluster's
-    metadata may be thousands of topics, and decoding it every second cost the gatekeeper a fifth of its
-    Python time under load."""
-    partitions = []
-    for topic in topics:
-        metadata = admin.list_topics(topic=topic, timeout=timeout_s).topics
-        if topic in metadata and metadata[topic].error is None:
-            partitions += [TopicPartition(topic, p) for p in metadata[topic].partitions]
-    if not partitions:
-        return {}
-    ends = {
-        (tp.topic, tp.partition): future.result().offset
-        for tp, future in admin.list_offsets(
-            {tp: OffsetSpec.latest() for tp in partitions}, request_timeout=timeout_s
-        ).items()
-    }
-    committed = {}
-    request = [ConsumerGroupTopicPartitions(group, partitions)]
-    for future in admin.list_consumer_group_offsets(request, request_timeout=timeout_s).values():
-        for tp in future.result().topic_partitions:
-            committed[(tp.topic, tp.partition)] = max(0, tp.offset)
-    return {key: (committed.get(key, 0), end) for key, end in ends.items()}
+class OffsetReader:
+    """Committed offsets of consumer groups and the log ends of their partitions, for backlog readers (the
+    gatekeeper's shedding and stall guard, the lag exporter).
+
+    Committed offsets are read by a consumer that carries the group's id and never subscribes (so it
+    never joins the group): librdkafka 2.16's admin ``ListConsumerGroupOffsets`` aborts the process
+    (``rd_kafka_enq_once_del_source_return: Assertion `eonce->refcnt > 0'``, librdkafka #4605 and #3663)
+    when a broker is killed while it is in flight, which `aigc chaos` showed on the 3-broker cluster in
+    every stage that called it; the consumer's offset fetch survives the same kills. Log ends and
+    metadata come from the admin client. One reader per thread (the clients are kept between calls)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.admin = make_admin(settings)
+        self._consumers: dict[str, Consumer] = {}
+
+    def partitions(self, topics: list[str], timeout_s: float = 10.0) -> list[TopicPartition]:
+        """Every partition of those ``topics`` that exist: one metadata request per topic (a whole
+        cluster's metadata may be thousands of topics, and decoding it every second cost the gatekeeper a
+        fifth of its Python time under load)."""
+        partitions = []
+        for topic in topics:
+            metadata = self.admin.list_topics(topic=topic, timeout=timeout_s).topics
+            if topic in metadata and metadata[topic].error is None:
+                partitions += [TopicPartition(topic, p) for p in metadata[topic].partitions]
+        return partitions
+
+    def ends(
+        self, partitions: list[TopicPartition], spec: OffsetSpec | None = None, timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """The log-end offsets (or ``spec``'s, e.g. the earliest) of ``partitions``; a partition whose
+        answer is an error (a topic deleted meanwhile) is left out."""
+        if not partitions:
+            return {}
+        spec = spec or OffsetSpec.latest()
+        out = {}
+        for tp, future in self.admin.list_offsets(
+            {tp: spec for tp in partitions}, request_timeout=timeout_s
+        ).items():
+            try:
+                out[(tp.topic, tp.partition)] = future.result().offset
+            except KafkaException as exc:
+                log.debug("offsets of %s[%d]: %s", tp.topic, tp.partition, exc)
+        return out
+
+    def committed(
+        self, group: str, partitions: list[TopicPartition], timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """What ``group`` committed on ``partitions``: -1 where it committed nothing. Raises
+        KafkaException when the group's coordinator does not answer in time."""
+        if not partitions:
+            return {}
+        consumer = self._consumers.get(group)
+        if consumer is None:
+            consumer = self._consumers[group] = Consumer(
+                {
+                    **self.settings.kafka.client_config(),
+                    "client.id": client_id(self.settings, "offsets"),
+                    "logger": LIBRDKAFKA_LOGGER,
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                }
+            )
+        return {
+            (tp.topic, tp.partition): tp.offset if tp.offset >= 0 and tp.error is None else -1
+            for tp in consumer.committed(partitions, timeout=timeout_s)
+        }
+
+    def group_offsets(
+        self, group: str, topics: list[str], timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """Per partition of those ``topics`` that exist: (what ``group`` committed there, 0 if nothing; its
+        log-end offset)."""
+        partitions = self.partitions(topics, timeout_s)
+        ends = self.ends(partitions, timeout_s=timeout_s)
+        committed = self.committed(group, partitions, timeout_s)
+        return {key: (max(0, committed.get(key, 0)), end) for key, end in ends.items()}
+
+    def close(self) -> None:
+        """Close the group consumers (they never joined a group: nothing to leave)."""
+        for consumer in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
 
 
 def header_list(message: Message) -> list[tuple[str, bytes | None]]:

@@ -35,6 +35,7 @@ import heapq
 import itertools
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -74,7 +75,9 @@ STALL_RESTART_S = 90.0
 UNTHROTTLED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
 # Planning: how long a service takes to answer again after it is started (a guess, to space the faults
 # of one service; at run time a service's next fault waits for its last one to be over anyway).
-RECOVERY_GUESS_S = {"broker": 45.0, "cassandra": 60.0, "s3proxy": 20.0}
+# How long a service takes to answer again after its start, for planning (measured here under load: a
+# cluster node 14-42 s, the single broker about a minute; Cassandra 20-45 s; S3Proxy 3-15 s).
+RECOVERY_GUESS_S = {"broker": 25.0, "cassandra": 60.0, "s3proxy": 20.0}
 # At run time, a service's next fault waits this long after its last one was over: a broker killed again
 # the moment it answers would make several planned kills one long outage.
 SETTLE_S = 20.0
@@ -100,6 +103,7 @@ class ChaosPlan:
     broker_restarts: int = 2
     renderers: int = 2
     replicas: int = 1  # gatekeepers, assemblers and relays (two: a kill leaves one working)
+    kill_one_of_each: bool = False  # kill one process of each stage (drawn), not every process
     synthetic_ms: float = 20.0
     seed: int = field(default_factory=lambda: random.SystemRandom().randrange(1_000_000))
     broker_down_s: float = 3.0  # how long each broker restart keeps it stopped (its start-up comes on top)
@@ -134,6 +138,7 @@ CHAOS_FLAGS = (
     "overlaps",
     "renderers",
     "replicas",
+    "kill_one_of_each",
     "synthetic_ms",
     "seed",
 )
@@ -141,7 +146,9 @@ CHAOS_FLAGS = (
 # >= 500 requests), with two of the faults placed inside another's window.
 FULL_PLAN: dict[str, object] = {
     "requests": 500,
-    "duration_s": 480.0,  # on one broker every broker kill is an outage (~1 min here): room between them
+    # Room for each broker kill to be measured alone (a node is back after 14-42 s here, and the next kill
+    # of that node waits SETTLE_S more), beside the outages and zombies.
+    "duration_s": 600.0,
     "kills_per_stage": 3,
     "broker_restarts": 0,
     "renderers": 2,
@@ -252,13 +259,31 @@ def _span(fault: Fault) -> float:
     return fault.down_s + RECOVERY_GUESS_S.get(fault.group, 2.0)
 
 
+def stage_kind(process: str) -> str:
+    """The stage a process belongs to: ``gatekeeper`` for ``gatekeeper-1``, ``renderer-<pool>`` for a
+    renderer of that pool."""
+    if process.startswith("renderer-"):
+        return process.rsplit("-", 1)[0]
+    return re.sub(r"-\d+$", "", process)
+
+
+def one_of_each(stages: Sequence[str], rng: random.Random) -> list[str]:
+    """One process of each stage, drawn with ``rng``, in the order of ``stages``."""
+    kinds: dict[str, list[str]] = {}
+    for stage in stages:
+        kinds.setdefault(stage_kind(stage), []).append(stage)
+    chosen = {rng.choice(processes) for processes in kinds.values()}
+    return [s for s in stages if s in chosen]
+
+
 def schedule(plan: ChaosPlan, stages: list[str], pauses: Mapping[str, float] | None = None) -> list[Fault]:
     """The fault schedule of ``plan``: deterministic given its seed (today's kinds are drawn as before,
     so an old seed replays the same kills and restarts). ``pauses``: stage -> zombie pause (see
     `zombie_pause_s`), used unless the plan names one."""
     rng = random.Random(plan.seed)
     window = (0.05 * plan.duration_s, 0.85 * plan.duration_s)
-    faults = [Fault(rng.uniform(*window), stage) for stage in stages for _ in range(plan.kills_per_stage)]
+    targets = one_of_each(stages, random.Random(plan.seed + 4)) if plan.kill_one_of_each else stages
+    faults = [Fault(rng.uniform(*window), stage) for stage in targets for _ in range(plan.kills_per_stage)]
     faults += [
         Fault(rng.uniform(*window), "broker", "broker-restart", plan.broker_down_s)
         for _ in range(plan.broker_restarts)
@@ -268,10 +293,19 @@ def schedule(plan: ChaosPlan, stages: list[str], pauses: Mapping[str, float] | N
         if f.kind != "kill":
             busy.setdefault(f.group, []).append((f.at_s, f.at_s + _span(f)))
     rng = random.Random(plan.seed + 2)
-    placed = []
+    placed: list[Fault] = []
+    kills: list[tuple[float, float]] = []  # the broker kills' windows
     for f in _windows(plan, stages, pauses or {}):
-        at = _place(rng, busy.setdefault(f.group, []), window[0], window[1] - f.down_s, _span(f))
-        busy[f.group].append((at, at + _span(f)))
+        # A broker kill (placed first) meets no other fault's window, and no outage or zombie meets a
+        # broker kill's: each kill is measured alone (`overlaps` then puts some faults together on purpose).
+        if f.kind == "broker-kill":
+            avoid = [(g.at_s, g.at_s + _span(g)) for g in placed] + [w for ws in busy.values() for w in ws]
+        else:
+            avoid = busy.get(f.group, []) + kills
+        at = _place(rng, avoid, window[0], window[1] - f.down_s, _span(f))
+        busy.setdefault(f.group, []).append((at, at + _span(f)))
+        if f.kind == "broker-kill":
+            kills.append((at, at + _span(f)))
         placed.append(replace(f, at_s=at))
     placed = _overlap(rng, placed, plan.overlaps)
     return sorted(faults + placed, key=lambda f: f.at_s)

@@ -23,6 +23,7 @@ the dead letter's request id (`dead_letter_ids`) are shared with ``producers.dlq
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -396,6 +397,9 @@ def _months(begin: datetime, end: datetime) -> list[str]:
     return months
 
 
+FRAME_NAME = re.compile(r"\d{5}\.[a-z0-9]+")  # a staged frame's file name (plumbing.blobs.frame_key)
+
+
 def _orphan_objects(
     settings: Settings,
     tenants: list[str],
@@ -417,9 +421,17 @@ def _orphan_objects(
             if len(parts) < 6 or parts[4] not in succeeded:
                 orphans.append(f"s3://{settings.s3.results_bucket}/{key}")
         # <tenant>/<request_id>/frames/<n>.<ext>: staged frames outlive their request only by mistake.
+        # Other names there are not frames: S3Proxy's filesystem store writes an upload to
+        # "<key>-<uuid>" and renames it when complete, so a server stopped mid-upload leaves that file
+        # (and lists it as an object); no frame was left behind.
         for key in _keys(blobs, settings.s3.staging_bucket, f"{tenant}/", floor):
             parts = key.split("/")
-            if len(parts) >= 4 and parts[2] == "frames" and parts[1] in completions:
+            if (
+                len(parts) == 4
+                and parts[2] == "frames"
+                and FRAME_NAME.fullmatch(parts[3])
+                and parts[1] in completions
+            ):
                 orphans.append(f"s3://{settings.s3.staging_bucket}/{key}")
     return sorted(orphans)
 

@@ -47,6 +47,34 @@ def register(verbs: argparse._SubParsersAction) -> None:
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results")
     demo.set_defaults(handler=_demo)
 
+    _register_chaos(verbs)
+
+    trace = verbs.add_parser(
+        "trace",
+        help="print a request's timeline: each stage and render task, waits and work, retries, the end",
+        description="Reads what the pipeline recorded about REQUEST_ID (its Cassandra row; its records on "
+        "the request, status, frames, decisions, completions, retry and dead-letter topics, searched from a "
+        "little before it was created) and prints its timeline. No tracing backend needed; for spans in "
+        "one, set AIGC_OBSERVABILITY__OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_ENDPOINT) for the stages.",
+    )
+    trace.add_argument("request_id")
+    trace.add_argument(
+        "--since-s",
+        type=float,
+        default=3600.0,
+        help="when Cassandra has no row for it yet: search this many seconds back (default: %(default)s)",
+    )
+    trace.add_argument("--json", action="store_true", help="print the timeline as JSON")
+    trace.set_defaults(handler=_trace, needs=("kafka", "cassandra"))
+
+    cancel = verbs.add_parser("cancel", help="cancel a request (it ends CANCELLED unless already finished)")
+    cancel.add_argument("request_id")
+    cancel.add_argument("--tenant", default="demo", help="owner of the request (default: %(default)s)")
+    cancel.add_argument("--reason")
+    cancel.set_defaults(handler=_cancel, needs=("kafka",))
+
+
+def _register_chaos(verbs: argparse._SubParsersAction) -> None:
     chaos = verbs.add_parser(
         "chaos",
         help="kill stages, brokers, Cassandra and S3 and pause stages under load; report lost, duplicate, "
@@ -87,6 +115,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--replicas", type=int, help="gatekeepers, assemblers and relays, each (default 1; --full 2)"
     )
     chaos.add_argument(
+        "--kill-one-of-each",
+        action="store_true",
+        default=None,
+        help="kill one process of each stage (drawn), not every process: with --replicas 2, its twin "
+        "keeps each stage working",
+    )
+    chaos.add_argument(
         "--brokers",
         type=int,
         choices=(1, 3),
@@ -95,30 +130,6 @@ def register(verbs: argparse._SubParsersAction) -> None:
     chaos.add_argument("--synthetic-ms", type=float, help="device time per frame (default 20)")
     chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
     chaos.set_defaults(handler=_chaos)
-
-    trace = verbs.add_parser(
-        "trace",
-        help="print a request's timeline: each stage and render task, waits and work, retries, the end",
-        description="Reads what the pipeline recorded about REQUEST_ID (its Cassandra row; its records on "
-        "the request, status, frames, decisions, completions, retry and dead-letter topics, searched from a "
-        "little before it was created) and prints its timeline. No tracing backend needed; for spans in "
-        "one, set AIGC_OBSERVABILITY__OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_ENDPOINT) for the stages.",
-    )
-    trace.add_argument("request_id")
-    trace.add_argument(
-        "--since-s",
-        type=float,
-        default=3600.0,
-        help="when Cassandra has no row for it yet: search this many seconds back (default: %(default)s)",
-    )
-    trace.add_argument("--json", action="store_true", help="print the timeline as JSON")
-    trace.set_defaults(handler=_trace, needs=("kafka", "cassandra"))
-
-    cancel = verbs.add_parser("cancel", help="cancel a request (it ends CANCELLED unless already finished)")
-    cancel.add_argument("request_id")
-    cancel.add_argument("--tenant", default="demo", help="owner of the request (default: %(default)s)")
-    cancel.add_argument("--reason")
-    cancel.set_defaults(handler=_cancel, needs=("kafka",))
 
 
 def _register_submit(verbs: argparse._SubParsersAction) -> None:

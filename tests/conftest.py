@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -27,7 +26,6 @@ from pathlib import Path
 import pytest
 
 from plumbing.settings import (
-    BROKER_PORT_STEP,
     CassandraSettings,
     InfraSettings,
     KafkaSettings,
@@ -44,6 +42,8 @@ TEST_PORTS = {
     "s3": 29000,
     "prometheus": 29090,
 }
+# The kafka_cluster fixture's nodes kafka-1..3: clients on 29122/29132/29142, controllers on 29123/...
+CLUSTER_PORTS = {"kafka": 29122, "controller": 29123}
 
 
 _INFRA_REPORT: list[str] = []
@@ -170,45 +170,32 @@ def infra(test_settings: Settings) -> Iterator[Settings]:
         down(settings, echo=lambda line: print(f"[infra] {line}"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _free_controller_base() -> int:
-    """A port p with p, p + 10 and p + 20 free: a 3-broker cluster's controller ports."""
-    from infra.services import port_open
-
-    for _ in range(50):
-        base = _free_port()
-        ports = [base + i * BROKER_PORT_STEP for i in range(3)]
-        if ports[-1] < 65536 and not any(port_open(p) for p in ports):
-            return base
-    pytest.fail("no three free controller ports")
-
-
 @pytest.fixture(scope="session")
-def kafka_cluster(
-    request: pytest.FixtureRequest, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Settings]:
-    """Settings of a running 3-broker Kafka cluster that tests may SIGKILL brokers of
-    (``infra.launcher.kill(settings, "kafka-<node.id>")``) and must restart (``up(settings,
-    only=["kafka-<node.id>"])``) before they end. The session's own Kafka when it runs 3 brokers;
-    otherwise a Kafka-only cluster started here on free ports in a run directory of its own."""
+def kafka_cluster(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Iterator[Settings]:
+    """Settings of a running 3-broker Kafka cluster, next to the session's Cassandra, S3 server and
+    Prometheus, that tests may SIGKILL brokers of (``infra.launcher.kill(settings, "kafka-<node.id>")``)
+    and must restart (``up(settings, only=["kafka-<node.id>"])``) before they end. The session's own Kafka
+    when it runs 3 brokers; otherwise a Kafka-only cluster started here in the session's run directory
+    (nodes kafka-1..3), on CLUSTER_PORTS: below the ephemeral range, so that no client reconnecting to a
+    killed broker is given its port."""
     from infra.launcher import down, rss_mb, up
 
-    if session_brokers(pytestconfig) == 3 and os.environ.get("AIGC_TEST_EXTERNAL") != "1":
-        yield request.getfixturevalue("infra")
+    base: Settings = request.getfixturevalue("infra")
+    if session_brokers(pytestconfig) == 3:
+        yield base
         return
-    clients = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(3))
     settings = Settings.load(
-        kafka=KafkaSettings(bootstrap_servers=clients),
+        home=base.home,
+        kafka=base.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{CLUSTER_PORTS['kafka']}"}),
+        cassandra=base.cassandra,
+        s3=base.s3,
+        # built anew (not copied), so that each node gets the cluster's heap (CLUSTER_KAFKA_HEAP_MB)
         infra=InfraSettings(
-            brokers=3,
-            run_dir=tmp_path_factory.mktemp("cluster") / "run",
-            lib_dir=REPO / "infra" / "lib",
-            kafka_controller_port=_free_controller_base(),
+            **{
+                **base.infra.model_dump(exclude_unset=True),
+                "brokers": 3,
+                "kafka_controller_port": CLUSTER_PORTS["controller"],
+            }
         ),
     )
     try:
@@ -216,7 +203,7 @@ def kafka_cluster(
         up(settings, attached=True, only=["kafka"], echo=lambda line: print(f"[cluster] {line}"))
         _INFRA_REPORT.append(
             f"3-broker cluster (kafka_cluster) ready in {time.monotonic() - started:.1f} s; resident memory "
-            + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss_mb(settings).items())
+            + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss_mb(settings).items() if "kafka" in name)
         )
         yield settings
     finally:

@@ -89,12 +89,14 @@ def create_app(
     topics = Topics(settings)
     conf = settings.gatekeeper
     partitions = settings.kafka.request_partitions
+    # faust's local state folder (default: ./<app_id>-data), one per process on a host
+    datadir = settings.home / "gatekeeper" / (settings.instance or "gatekeeper")
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         conf.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
         store="memory://",
-        # faust's local state folder (default: ./<app_id>-data), one per process on a host
-        datadir=str(settings.home / "gatekeeper" / (settings.instance or "gatekeeper")),
+        datadir=str(datadir),
         processing_guarantee="at_least_once",
         key_serializer="raw",
         value_serializer="raw",

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
-from plumbing.kafka_clients import group_offsets, make_admin
+from plumbing.kafka_clients import OffsetReader
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 
@@ -83,21 +82,21 @@ class BacklogMonitor:
         return retry_after_ms(backlog, bound)
 
     def _run(self) -> None:
-        admin = make_admin(self.settings)
+        reader = OffsetReader(self.settings)
         while not self._stop.wait(REFRESH_S):
             try:
-                self.refresh(admin)
+                self.refresh(reader)
             except KafkaException as exc:  # a broker outage: keep the last figures and ask again later
                 log.warning("backlog: %s", exc)
 
-    def refresh(self, admin: AdminClient) -> None:
+    def refresh(self, reader: OffsetReader) -> None:
         """Ask the broker for every pool's render offsets and replace the figures with what it answers."""
         now = time.monotonic()
         backlogs = {}
         for pool in self.settings.pools:
             topics = {priority.value: self.topics.render(pool, priority) for priority in PRIORITIES}
             group = f"{self.settings.kafka.topic_prefix}.renderer.{pool}"
-            offsets = group_offsets(admin, group, list(topics.values()))
+            offsets = reader.group_offsets(group, list(topics.values()))
             for priority, topic in topics.items():
                 partitions = [both for (t, _), both in offsets.items() if t == topic]
                 if not partitions:

@@ -20,7 +20,7 @@ import time
 
 from confluent_kafka import KafkaException
 
-from plumbing.kafka_clients import group_offsets, make_admin
+from plumbing.kafka_clients import OffsetReader
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 
@@ -72,10 +72,10 @@ class StallGuard:
         self._stop.set()
 
     def _run(self) -> None:
-        admin = make_admin(self.settings)
+        reader = OffsetReader(self.settings)
         while not self._stop.wait(CHECK_EVERY_S):
             try:
-                offsets = group_offsets(admin, self.settings.gatekeeper.app_id, self.topics)
+                offsets = reader.group_offsets(self.settings.gatekeeper.app_id, self.topics)
             except KafkaException as exc:  # a broker outage: the clock of each partition keeps running
                 log.warning("stall guard: %s", exc)
                 continue

@@ -27,8 +27,7 @@ from confluent_kafka import AcknowledgeType
 from gpu_consumers.renderer import Renderer
 from infra.bootstrap import ensure_buckets, ensure_share_groups, ensure_topics
 from plumbing.kafka_clients import (
-    group_offsets,
-    make_admin,
+    OffsetReader,
     make_consumer,
     make_producer,
     make_share_consumer,
@@ -222,12 +221,12 @@ def test_two_renderers_share_one_partition(
     overlap = sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in spans["a"] for s2, e2 in spans["b"])
     assert overlap > 0.5 * sum(e - s for s, e in spans["a"]), spans
     # Backlog readers (the gatekeeper's shedding) see the queue drained, as with a consumer group.
-    admin = make_admin(settings)
+    reader = OffsetReader(settings)
     high = Topics(settings).render(POOL, "HIGH")
     deadline = time.monotonic() + 10.0
     while True:
-        [(committed, end)] = group_offsets(
-            admin, renderer_group(settings, POOL, share=False), [high]
+        [(committed, end)] = reader.group_offsets(
+            renderer_group(settings, POOL, share=False), [high]
         ).values()
         if committed == end:
             break

@@ -15,8 +15,10 @@ from producers.chaos import (
     broker_service,
     busiest_leader,
     ephemeral_clashes,
+    one_of_each,
     plan_from_args,
     schedule,
+    stage_kind,
     zombie_candidates,
     zombie_pause_s,
 )
@@ -75,6 +77,40 @@ def test_faults_of_one_target_never_overlap_and_overlaps_are_placed(seed):
         if a.at_s < b.at_s + b.down_s and b.at_s < a.at_s + a.down_s
     )
     assert pairs >= plan.overlaps
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_broker_kills_are_apart_from_every_other_planned_window_but_the_overlaps(seed):
+    plan = ChaosPlan(**{**FULL_PLAN, "seed": seed, "overlaps": 0})
+    windows = _windows(schedule(plan, STAGES, PAUSES))
+    kills = [w for w in windows if w.kind == "broker-kill"]
+    assert len(kills) == plan.broker_kills
+    for kill in kills:
+        for other in windows:
+            if other is not kill:
+                assert kill.at_s + kill.down_s <= other.at_s or other.at_s + other.down_s <= kill.at_s, (
+                    kill,
+                    other,
+                )
+
+
+REPLICATED = [
+    "gatekeeper", "gatekeeper-1", "renderer-default-0", "renderer-default-1", "renderer-video-0",
+    "assembler", "assembler-1", "relay", "relay-1", "lag-exporter",
+]  # fmt: skip
+
+
+def test_one_of_each_stage_is_killed_when_asked():
+    assert [stage_kind(s) for s in REPLICATED] == [
+        "gatekeeper", "gatekeeper", "renderer-default", "renderer-default", "renderer-video",
+        "assembler", "assembler", "relay", "relay", "lag-exporter",
+    ]  # fmt: skip
+    chosen = one_of_each(REPLICATED, random.Random(1))
+    assert sorted(stage_kind(s) for s in chosen) == sorted(set(map(stage_kind, REPLICATED)))
+    plan = ChaosPlan(seed=9, kills_per_stage=1, broker_restarts=0, kill_one_of_each=True)
+    killed = [f.target for f in schedule(plan, REPLICATED, PAUSES) if f.kind == "kill"]
+    assert sorted(killed) == sorted(one_of_each(REPLICATED, random.Random(plan.seed + 4)))
+    assert len(killed) == 6  # gatekeeper, two renderer pools, assembler, relay, lag exporter
 
 
 def test_zombies_are_renderers_with_a_peer_or_the_assembler():
