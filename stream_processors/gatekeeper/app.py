@@ -116,7 +116,7 @@ def create_app(
         web_enabled=conf.web_port is not None,
         web_port=conf.web_port or 6066,
     )
-    faust_fixes.install(app)
+    deliveries = faust_fixes.install(app)
 
     sources = {p: app.topic(topics.requests(p)) for p in PRIORITIES}
 
@@ -141,7 +141,7 @@ def create_app(
     buckets = app.Table("buckets", partitions=partitions, changelog_topic=changelog("buckets"))
     typed_seen = TypedTable(seen, Seen)
     expiry = SeenExpiry(typed_seen, int(conf.dedupe_window_s * 1000))
-    handler = Handler(app, gate, typed_seen, TypedTable(buckets, Bucket), expiry, caps, metrics)
+    handler = Handler(app, gate, typed_seen, TypedTable(buckets, Bucket), expiry, caps, metrics, deliveries)
 
     async def admit(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -156,7 +156,8 @@ class Handler:
     """What an agent does with one consumed request: `Gate.admit`, then the decision carried out.
 
     The table entries are stored before the outputs are sent (faust flushes both before it commits the
-    offset); a send that fails ends the process so the request is redelivered.
+    offset); a send that fails, at once or on delivery (checked before each commit:
+    `faust_fixes.Deliveries`), ends the process so the request is redelivered.
     """
 
     def __init__(
@@ -168,8 +169,10 @@ class Handler:
         expiry: SeenExpiry,
         caps: InflightCaps | None,
         metrics: GatekeeperMetrics | None,
+        deliveries: faust_fixes.Deliveries | None = None,
     ) -> None:
         self.app = app
+        self.deliveries = deliveries
         self.gate = gate
         self.seen = seen
         self.buckets = buckets
@@ -227,9 +230,11 @@ class Handler:
                 topic = self.topics.get(out.topic) or self.topics.setdefault(
                     out.topic, self.app.topic(out.topic)
                 )
-                await topic.send(
+                sent = await topic.send(
                     key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
                 )
+                if self.deliveries is not None:  # its delivery is checked before the next commit
+                    self.deliveries.track(cast(Any, sent))
         except Exception:
             log.critical(
                 "could not send the outputs of %s; exiting so it is redelivered", origin, exc_info=True

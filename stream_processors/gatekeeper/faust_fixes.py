@@ -1,4 +1,4 @@
-"""Three repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
+"""Four repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
 
 `aigc chaos` lost a request this way (CI, seed 20261123: the gatekeeper restarted while requests waited):
 
@@ -18,6 +18,13 @@
    recorded, which faust's lenient check in 2 papers over. `Consumer` sets the read offset after a seek
    to the one before the committed offset and lets a hole start at the committed offset.
 
+4. faust flushes its producer before it commits, but a send that failed (aiokafka gives up on a batch
+   whose partition had no leader for its request timeout, as when a broker is SIGKILLed) leaves the
+   buffer like a delivered one, so the offset of a request whose render task or status was never written
+   was committed and the request lost (`aigc chaos` on the 3-broker cluster). `Deliveries` holds every
+   send's future; `Consumer` awaits them before each commit and, when one failed, exits the process
+   without committing, so the request is read again.
+
 A partition that still misses an offset now stops committing rather than skipping it; the stall guard
 (`stall.py`) then restarts the worker, which reads again from the committed offset (`Gate.admit` makes
 the repeat harmless).
@@ -25,6 +32,10 @@ the repeat harmless).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -33,6 +44,8 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 from faust.utils.functional import consecutive_numbers
 from mode.utils.queues import FlowControlEvent
+
+log = logging.getLogger(__name__)
 
 
 class FlowControl(FlowControlEvent):
@@ -47,8 +60,40 @@ class FlowControl(FlowControlEvent):
             self.clear()
 
 
+class Deliveries:
+    """The sends of the handled events whose delivery has not been checked yet (see 4. above)."""
+
+    EXIT_STATUS = 70
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[Any]] = []
+
+    def track(self, sent: asyncio.Future[Any]) -> None:
+        """Check ``sent`` (a send's delivery future) before the next commit."""
+        self.pending.append(sent)
+
+    async def settle(self) -> None:
+        """Wait for every tracked delivery (the producer was just flushed: they are done or about to be);
+        exit the process when one failed, before anything is committed over it."""
+        pending, self.pending = self.pending, []
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.critical(
+                    "a send failed (%r); exiting before the commit, so its request is read again", result
+                )
+                logging.shutdown()
+                os._exit(self.EXIT_STATUS)
+
+
 class Consumer(AIOKafkaConsumer):
-    """faust's aiokafka consumer, committing past an offset only once it is handled or known absent."""
+    """faust's aiokafka consumer, committing past an offset only once it is handled or known absent, and
+    only once every send made so far was delivered."""
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        deliveries: Deliveries | None = getattr(self.app, "deliveries", None)
+        if deliveries is not None:
+            await deliveries.settle()
+        return bool(await super()._commit(offsets))
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
@@ -81,17 +126,27 @@ class Consumer(AIOKafkaConsumer):
             gaps.merge_overlaps()
 
     async def perform_seek(self) -> None:
-        """Seek to the committed offsets and record them, with the read offset one before each."""
-        committed = await self.seek_to_committed()
+        """Seek to the committed offsets and record them, with the read offset one before each. A
+        partition this group never committed on counts as committed at its log start: otherwise the
+        check in `_new_offset` has nothing to hold a commit back with, and a first record dropped from a
+        buffer in a rebalance is committed over (a request lost with two gatekeepers in `aigc chaos`)."""
+        committed = dict(await self.seek_to_committed())
+        fresh = [ensure_TP(tp) for tp, offset in committed.items() if offset is None]
+        if fresh:
+            starts = await self.earliest_offsets(*fresh)
+            committed.update({tp: starts[tp] for tp in fresh if starts.get(tp) is not None})
         for tp, offset in committed.items():
             # the fetch loop's read offset is the last offset read (faust sets the next one)
             self._read_offset[ensure_TP(tp)] = offset - 1 if offset and offset > 0 else None
-            if offset is not None:
-                self._committed_offset[ensure_TP(tp)] = offset or None
+            if offset is not None:  # 0 too: nothing below it is handled, so offset 0 must be acked first
+                self._committed_offset[ensure_TP(tp)] = offset
 
 
-def install(app: faust.App) -> None:
-    """Give ``app`` the repaired flow control and consumer; call before the app starts."""
+def install(app: faust.App) -> Deliveries:
+    """Give ``app`` the repaired flow control and consumer; call before the app starts. Returns the
+    `Deliveries` its senders must `Deliveries.track` each send's delivery with."""
     app.flow_control = FlowControl(loop=app.loop)  # faust caches it on first use
+    deliveries = app.deliveries = Deliveries()  # type: ignore[attr-defined]
     transport: Any = app.transport
     transport.Consumer = Consumer
+    return deliveries

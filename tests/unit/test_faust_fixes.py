@@ -89,3 +89,58 @@ def test_holes_inside_the_acked_run_are_filled(app: faust.App) -> None:
     consumer._acked[TOPIC] = [10, 11, 14, 15]
     consumer._acked_index[TOPIC] = {10, 11, 14, 15}
     assert consumer._new_offset(TOPIC) == 16
+
+
+def test_a_partition_never_committed_on_holds_commits_until_its_first_record_is_handled(
+    app: faust.App,
+) -> None:
+    """Nothing committed yet: the log start counts as committed, so acked [1, 2] commit nothing."""
+    consumer = repaired(app)
+
+    async def seek_to_committed() -> dict[TP, int | None]:  # the broker's answer: no commit
+        return {TOPIC: None}
+
+    async def earliest_offsets(*partitions: TP) -> dict[TP, int]:
+        return dict.fromkeys(partitions, 0)
+
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign,assignment]
+    consumer.earliest_offsets = earliest_offsets  # type: ignore[method-assign]
+    asyncio.run(consumer.perform_seek())
+    assert consumer._committed_offset[TOPIC] == 0
+    consumer._acked[TOPIC] = [1, 2]
+    consumer._acked_index[TOPIC] = {1, 2}
+    assert consumer._new_offset(TOPIC) is None  # the record at 0 is not handled
+    consumer._acked[TOPIC].append(0)
+    consumer._acked_index[TOPIC].add(0)
+    assert consumer._new_offset(TOPIC) == 3
+
+
+def test_a_failed_delivery_ends_the_worker_before_its_offset_is_committed(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send whose delivery failed after the agent moved on: the process exits instead of committing
+    (were the commit made, the not-started consumer under it would raise something else)."""
+    consumer = repaired(app)
+    deliveries: faust_fixes.Deliveries = app.deliveries  # type: ignore[attr-defined]
+    exits: list[int] = []
+
+    def fake_exit(status: int) -> None:
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(faust_fixes.os, "_exit", fake_exit)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        delivered, failed = loop.create_future(), loop.create_future()
+        delivered.set_result("ok")
+        deliveries.track(delivered)
+        await deliveries.settle()  # all delivered: nothing happens
+        assert exits == [] and deliveries.pending == []
+        failed.set_exception(RuntimeError("KafkaTimeoutError: batch expired"))
+        deliveries.track(failed)
+        with pytest.raises(SystemExit):
+            await consumer._commit({TOPIC: 3})
+
+    asyncio.run(run())
+    assert exits == [faust_fixes.Deliveries.EXIT_STATUS]
