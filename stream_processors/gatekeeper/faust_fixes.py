@@ -1,4 +1,4 @@
-"""Four repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
+"""Five repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
 
 `aigc chaos` lost a request this way (CI, seed 20261123: the gatekeeper restarted while requests waited):
 
@@ -18,12 +18,17 @@
    recorded, which faust's lenient check in 2 papers over. `Consumer` sets the read offset after a seek
    to the one before the committed offset and lets a hole start at the committed offset.
 
-4. faust flushes its producer before it commits, but a send that failed (aiokafka gives up on a batch
-   whose partition had no leader for its request timeout, as when a broker is SIGKILLed) leaves the
-   buffer like a delivered one, so the offset of a request whose render task or status was never written
-   was committed and the request lost (`aigc chaos` on the 3-broker cluster). `Deliveries` holds every
-   send's future; `Consumer` awaits them before each commit and, when one failed, exits the process
-   without committing, so the request is read again.
+4. With two gatekeepers, `aigc chaos` on the 3-broker cluster lost a request whose record was the first
+   of a partition the group had never committed on: the check in 2 had no committed offset to hold a
+   commit back with (and ``0 or None`` made a committed 0 count as none), so acked [1, 2] committed 3
+   over the unhandled record at 0. `Consumer.perform_seek` now takes a never-committed partition's log
+   start as its committed offset.
+5. faust flushes its producer before it commits, but a send that failed on delivery (aiokafka gives up on
+   a batch whose partition had no leader for its request timeout, as when a broker is SIGKILLed) leaves
+   the buffer like a delivered one, so the offset would be committed over a request whose render task or
+   status was never written (read in the code; not yet seen in a run). `Deliveries` holds every send's
+   future; `Consumer` awaits them before each commit and, when one failed, exits the process without
+   committing, so the request is read again.
 
 A partition that still misses an offset now stops committing rather than skipping it; the stall guard
 (`stall.py`) then restarts the worker, which reads again from the committed offset (`Gate.admit` makes
@@ -61,7 +66,7 @@ class FlowControl(FlowControlEvent):
 
 
 class Deliveries:
-    """The sends of the handled events whose delivery has not been checked yet (see 4. above)."""
+    """The sends of the handled events whose delivery has not been checked yet (see 5. above)."""
 
     EXIT_STATUS = 70
 
@@ -74,7 +79,7 @@ class Deliveries:
 
     async def settle(self) -> None:
         """Wait for every tracked delivery (the producer was just flushed: they are done or about to be);
-        exit the process when one failed, before anything is committed over it."""
+        exit the process when one failed, before anything is committed over it (5. above)."""
         pending, self.pending = self.pending, []
         for result in await asyncio.gather(*pending, return_exceptions=True):
             if isinstance(result, BaseException):
