@@ -205,25 +205,20 @@ def zombie_pause_s(settings: Settings, stage: str, margin_s: float) -> float:
             timeout_s = settings.renderer.share_lock_ms / 1000
         else:
             timeout_s = settings.renderer.max_poll_interval_ms / 1000
-    elif _is_assembler(stage):
+    elif stage_kind(stage) == "assembler":
         timeout_s = max(CONSUMER_SESSION_S, settings.assembler.transaction_timeout_ms / 1000)
     else:
         timeout_s = CONSUMER_SESSION_S
     return timeout_s + margin_s
 
 
-def _is_assembler(stage: str) -> bool:
-    """Whether ``stage`` is an assembler process: ``assembler``, or a replica ``assembler-<n>``."""
-    return stage == "assembler" or stage.startswith("assembler-")
-
-
 def zombie_candidates(stages: Sequence[str]) -> dict[str, list[str]]:
     """Stages a zombie may be, by kind: renderers whose pool has another renderer to take their work,
     and the assembler (whose resumed producer must be fenced)."""
-    pools = Counter(s.rsplit("-", 1)[0] for s in stages if s.startswith("renderer-"))
+    pools = Counter(stage_kind(s) for s in stages if s.startswith("renderer-"))
     found = {
-        "renderer": [s for s in stages if s.startswith("renderer-") and pools[s.rsplit("-", 1)[0]] > 1],
-        "assembler": [s for s in stages if _is_assembler(s)],
+        "renderer": [s for s in stages if s.startswith("renderer-") and pools[stage_kind(s)] > 1],
+        "assembler": [s for s in stages if stage_kind(s) == "assembler"],
     }
     return {kind: names for kind, names in found.items() if names}
 
@@ -294,18 +289,16 @@ def schedule(plan: ChaosPlan, stages: list[str], pauses: Mapping[str, float] | N
             busy.setdefault(f.group, []).append((f.at_s, f.at_s + _span(f)))
     rng = random.Random(plan.seed + 2)
     placed: list[Fault] = []
-    kills: list[tuple[float, float]] = []  # the broker kills' windows
     for f in _windows(plan, stages, pauses or {}):
         # A broker kill (placed first) meets no other fault's window, and no outage or zombie meets a
         # broker kill's: each kill is measured alone (`overlaps` then puts some faults together on purpose).
         if f.kind == "broker-kill":
-            avoid = [(g.at_s, g.at_s + _span(g)) for g in placed] + [w for ws in busy.values() for w in ws]
+            avoid = [w for ws in busy.values() for w in ws]
         else:
+            kills = [(g.at_s, g.at_s + _span(g)) for g in placed if g.kind == "broker-kill"]
             avoid = busy.get(f.group, []) + kills
         at = _place(rng, avoid, window[0], window[1] - f.down_s, _span(f))
         busy.setdefault(f.group, []).append((at, at + _span(f)))
-        if f.kind == "broker-kill":
-            kills.append((at, at + _span(f)))
         placed.append(replace(f, at_s=at))
     placed = _overlap(rng, placed, plan.overlaps)
     return sorted(faults + placed, key=lambda f: f.at_s)
