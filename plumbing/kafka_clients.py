@@ -236,12 +236,6 @@ class OffsetReader:
         committed = self.committed(group, partitions, timeout_s)
         return {key: (max(0, committed.get(key, 0)), end) for key, end in ends.items()}
 
-    def close(self) -> None:
-        """Close the group consumers (they never joined a group: nothing to leave)."""
-        for consumer in self._consumers.values():
-            consumer.close()
-        self._consumers.clear()
-
 
 def header_list(message: Message) -> list[tuple[str, bytes | None]]:
     """Headers of a consumed message, in order, values as bytes."""
@@ -320,3 +314,19 @@ def watermarks(consumer: Any, tp: TopicPartition, timeout_s: float = 10.0) -> tu
         lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False), timeout_s
     )
     return int(low), int(high)
+
+
+def start_positions(
+    consumer: Any, since: list[TopicPartition], timeout_s: float = 10.0
+) -> list[TopicPartition]:
+    """Where to start reading each partition of ``since`` (each offset a time, epoch ms): its first record
+    at or after that time, else its end as it is now, read before the time query as a concrete offset: a
+    logical OFFSET_END would be resolved only when fetching starts, and would skip a record written in
+    between (a wait that misses its own completion). Transient errors are asked again (`retry_transient`).
+    """
+    ends = {(tp.topic, tp.partition): watermarks(consumer, tp, timeout_s)[1] for tp in since}
+    resolved = retry_transient(lambda: consumer.offsets_for_times(since, timeout=timeout_s))
+    return [
+        tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)])
+        for tp in resolved
+    ]

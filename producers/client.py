@@ -23,7 +23,13 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicParti
 from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
-from plumbing.kafka_clients import make_consumer, make_producer, produce_sync, retry_transient, watermarks
+from plumbing.kafka_clients import (
+    make_consumer,
+    make_producer,
+    produce_sync,
+    retry_transient,
+    start_positions,
+)
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from plumbing.validation import validate_request
@@ -278,15 +284,7 @@ class Client:
             return [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
         if since_ms is None:
             return partitions
-        # A partition with no record at or after since_ms yet starts at its end as it is now, as a concrete
-        # offset read before the time query: a logical OFFSET_END would be resolved only when fetching
-        # starts, and would skip a record written in between (a wait that misses its own completion).
-        ends = {(tp.topic, tp.partition): watermarks(consumer, tp)[1] for tp in partitions}
-        resolved = retry_transient(lambda: consumer.offsets_for_times(partitions, timeout=10))
-        return [
-            tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)])
-            for tp in resolved
-        ]
+        return start_positions(consumer, partitions)
 
     def wait(self, request_id: str, timeout_s: float = 300.0, since_ms: int | None = None) -> Completion:
         """The `Completion` of ``request_id``; raises TimeoutError if none arrives within ``timeout_s``.

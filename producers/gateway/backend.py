@@ -26,7 +26,7 @@ from plumbing.blobs import BlobStore
 from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
-from plumbing.kafka_clients import make_consumer, make_producer, watermarks
+from plumbing.kafka_clients import make_consumer, make_producer, start_positions
 from plumbing.metadata import connect, register_types
 from plumbing.settings import Settings
 from plumbing.topics import Topics
@@ -201,15 +201,7 @@ class Backend:
             parts = sorted(metadata.topics[self.topics.status].partitions)
             self.partitions = len(parts)
             since = [TopicPartition(self.topics.status, p, now_ms() - LOOKBACK_MS) for p in parts]
-            # Concrete log ends read first (as in _assign_stream): OFFSET_END would skip what came between.
-            ends = [watermarks(consumer, tp)[1] for tp in since]
-            start = consumer.offsets_for_times(since, timeout=10)
-            consumer.assign(
-                [
-                    tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, end)
-                    for tp, end in zip(start, ends, strict=True)
-                ]
-            )
+            consumer.assign(start_positions(consumer, since))
             self.following.set()
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
@@ -264,18 +256,7 @@ class Backend:
         since = [
             TopicPartition(t, p, created_at_ms - 5000) for t in (self.topics.status, self.topics.completions)
         ]
-        # The log end first: where nothing is as late as the request, the stream starts at this
-        # concrete offset (OFFSET_END would be resolved later, skipping what came in between).
-        ends = [
-            (await self._in_stream_thread(consumer.get_watermark_offsets, tp, 10, False))[1] for tp in since
-        ]
-        start = await self._in_stream_thread(consumer.offsets_for_times, since, 10)
-        consumer.assign(
-            [
-                tp if tp.offset >= 0 else TopicPartition(tp.topic, p, end)
-                for tp, end in zip(start, ends, strict=True)
-            ]
-        )
+        consumer.assign(await self._in_stream_thread(start_positions, consumer, since))
         return TopicPartition(self.topics.status, p)
 
     async def _stream(
