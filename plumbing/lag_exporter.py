@@ -83,7 +83,6 @@ class LagExporter(Collector):
         self.prefix = settings.kafka.topic_prefix
         self.topics = Topics(settings)
         self.reader = OffsetReader(settings)
-        self.admin = self.reader.admin
         self.snapshot = Snapshot()
 
     def known_groups(self) -> dict[str, list[str]]:
@@ -104,7 +103,7 @@ class LagExporter(Collector):
 
     def discovered_groups(self) -> list[str]:
         """Other groups of this pipeline (ids starting with ``<prefix>.``), share groups excluded."""
-        listing = self.admin.list_consumer_groups(request_timeout=TIMEOUT_S).result()
+        listing = self.reader.admin.list_consumer_groups(request_timeout=TIMEOUT_S).result()
         ids = sorted(
             g.group_id
             for g in listing.valid
