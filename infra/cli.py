@@ -69,8 +69,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     from infra.bootstrap import bootstrap
     from infra.launcher import up
 
-    if args.brokers is not None and args.brokers != settings.infra.brokers:
-        settings = Settings.load(infra={"brokers": args.brokers})
+    settings = settings.for_brokers(args.brokers)
     up(settings)
     if settings.infra.brokers > 1:
         print(

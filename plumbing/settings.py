@@ -565,6 +565,13 @@ class Settings(BaseSettings):
         """Read the environment once; keyword overrides win (used by tests and CLI flags)."""
         return cls(**overrides)  # type: ignore[arg-type]
 
+    def for_brokers(self, brokers: int | None) -> Settings:
+        """These settings for ``brokers`` Kafka brokers (None: as they are), read again with that count so
+        that the bootstrap servers and the replication factor follow it (a command's ``--brokers``)."""
+        if brokers is None or brokers == self.infra.brokers:
+            return self
+        return Settings.load(infra={"brokers": brokers})
+
     @property
     def pools(self) -> tuple[str, ...]:
         """The renderer pools the models name, sorted."""

@@ -319,8 +319,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 def _chaos(args: argparse.Namespace, settings: Settings) -> int:
     from producers.chaos import plan_from_args, run_chaos
 
-    if args.brokers is not None and args.brokers != settings.infra.brokers:
-        settings = Settings.load(infra={"brokers": args.brokers})
+    settings = settings.for_brokers(args.brokers)
     report = run_chaos(settings, plan_from_args(args))
     print(report.summary())
     return 0 if report.ok else 1

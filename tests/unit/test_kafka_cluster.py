@@ -151,6 +151,16 @@ def test_the_setting_lists_every_broker_and_replicates_topics(
     assert (child.infra.brokers, child.kafka.replication_factor) == (3, 3)
 
 
+def test_a_brokers_flag_reads_the_settings_again_for_that_count(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("AIGC_INFRA__BROKERS", raising=False)
+    monkeypatch.delenv("AIGC_KAFKA__BOOTSTRAP_SERVERS", raising=False)
+    one = Settings.load()
+    assert one.for_brokers(None) is one and one.for_brokers(1) is one
+    three = one.for_brokers(3)
+    assert three.infra.brokers == 3 and len(three.kafka.bootstrap_servers.split(",")) == 3
+    assert three.kafka.replication_factor == 3
+
+
 def test_explicit_settings_win(tmp_path: Path):
     settings = cluster(
         tmp_path, bootstrap_servers="127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", replication_factor=1
