@@ -30,7 +30,6 @@ status 0 only when nothing was lost, duplicated or orphaned.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import itertools
 import os
@@ -51,7 +50,7 @@ from cassandra.cluster import NoHostAvailable, OperationTimedOut
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
-from infra.launcher import InfraError, down, owned_pid, status, up
+from infra.launcher import InfraError, down, kill, status, up
 from infra.pipeline import RunningPipeline, running_pipeline
 from infra.services import all_services
 from plumbing.clock import now_ms
@@ -515,21 +514,6 @@ def leader_of_busiest(run: Settings, timeout_s: float = 5.0) -> int | None:
     return busiest_leader(leaders, ends)
 
 
-def sigkill_service(settings: Settings, name: str, timeout_s: float = 30.0) -> bool:
-    """SIGKILL the launcher's service ``name`` and wait until it is gone; False if it was not running."""
-    service = next(s for s in all_services(settings) if s.name == name)
-    pid = owned_pid(service)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout_s
-    while owned_pid(service) is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with contextlib.suppress(ChildProcessError):  # reap it when this process started it (attached)
-        os.waitpid(pid, os.WNOHANG)
-    return True
-
-
 class _Run:
     """One run's faults against a started pipeline: the event loop (stage kills and zombies on this
     thread, which also polls the supervisor and notes each stage exit), one thread per service outage,
@@ -723,7 +707,7 @@ class _Run:
             name = broker_service(self.settings, leader_of_busiest(self.run_settings))
             if fault.kind == "broker-kill":
                 self.echo(f"  SIGKILL broker {name} (leads the busiest partitions) for {fault.down_s:.0f} s")
-                sigkill_service(self.settings, name)
+                kill(self.settings, name, timeout_s=30.0)  # and wait until it is gone
                 return name
             self.echo(f"  stopping broker {name} for {fault.down_s:.0f} s")
         else:
