@@ -169,7 +169,7 @@ class Handler:
         expiry: SeenExpiry,
         caps: InflightCaps | None,
         metrics: GatekeeperMetrics | None,
-        deliveries: faust_fixes.Deliveries | None = None,
+        deliveries: faust_fixes.Deliveries,
     ) -> None:
         self.app = app
         self.deliveries = deliveries
@@ -233,8 +233,7 @@ class Handler:
                 sent = await topic.send(
                     key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
                 )
-                if self.deliveries is not None:  # its delivery is checked before the next commit
-                    self.deliveries.track(cast(Any, sent))
+                self.deliveries.track(cast(Any, sent))  # its delivery is checked before the next commit
         except Exception:
             log.critical(
                 "could not send the outputs of %s; exiting so it is redelivered", origin, exc_info=True

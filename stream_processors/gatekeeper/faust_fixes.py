@@ -95,9 +95,8 @@ class Consumer(AIOKafkaConsumer):
     only once every send made so far was delivered."""
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
-        deliveries: Deliveries | None = getattr(self.app, "deliveries", None)
-        if deliveries is not None:
-            await deliveries.settle()
+        deliveries: Deliveries = self.app.deliveries  # type: ignore[attr-defined]  # set by `install`
+        await deliveries.settle()
         return bool(await super()._commit(offsets))
 
     def _new_offset(self, tp: TP) -> int | None:
