@@ -178,7 +178,7 @@ def kafka_cluster(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -
     when it runs 3 brokers; otherwise a Kafka-only cluster started here in the session's run directory
     (nodes kafka-1..3), on CLUSTER_PORTS: below the ephemeral range, so that no client reconnecting to a
     killed broker is given its port."""
-    from infra.launcher import down, rss_mb, up
+    from infra.launcher import down, kill, rss_mb, up
 
     base: Settings = request.getfixturevalue("infra")
     if session_brokers(pytestconfig) == 3:
@@ -207,7 +207,13 @@ def kafka_cluster(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -
         )
         yield settings
     finally:
-        down(settings, only=["kafka"], echo=lambda line: print(f"[cluster] {line}"))
+        # Its data goes with the session's run directory, so the nodes are killed rather than shut down in
+        # order: a controlled shutdown waits on a controller quorum that is leaving too (up to 30 s a node),
+        # and `down(only=["kafka"])` would stop the session's own broker as well.
+        nodes = [f"kafka-{node}" for node in range(1, 4)]
+        for node in nodes:
+            kill(settings, node, timeout_s=30.0)
+        down(settings, only=nodes, echo=lambda line: print(f"[cluster] {line}"))
 
 
 @pytest.fixture
