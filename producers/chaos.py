@@ -117,6 +117,10 @@ class ChaosPlan:
     zombie_margin_s: float = 3.0
     overlaps: int = 0  # faults placed inside another fault's window
     share_lock_ms: int = 15_000  # with zombies: the renderers' lock, so a paused renderer loses it soon
+    # Keep the run's topics and keyspace for `aigc trace` afterwards; otherwise they are deleted once the
+    # run is checked, so that repeated runs do not grow the cluster (~190 partitions a run, every one of
+    # them a leader to move when a broker dies).
+    keep: bool = False
 
 
 # The plan's fields `aigc chaos` has a flag for (the flag's dest is the field's name).
@@ -140,6 +144,7 @@ CHAOS_FLAGS = (
     "kill_one_of_each",
     "synthetic_ms",
     "seed",
+    "keep",
 )
 # `make chaos`: issue 14's targets (>= 6 broker kills, 2 Cassandra and 2 S3 outages of 20 s, 2 zombies,
 # >= 500 requests), with two of the faults placed inside another's window.
@@ -446,6 +451,7 @@ def run_chaos(
             replicas=plan.replicas,
             synthetic_ms=plan.synthetic_ms,
             isolate=f"chaos{plan.seed}",
+            drop=not plan.keep,
             echo=lambda line: echo(f"  {line}"),
             max_backoff_s=1.0,
         ) as pipeline:

@@ -115,6 +115,12 @@ def _register_chaos(verbs: argparse._SubParsersAction) -> None:
         "--replicas", type=int, help="gatekeepers, assemblers and relays, each (default 1; --full 2)"
     )
     chaos.add_argument(
+        "--keep",
+        action="store_true",
+        default=None,
+        help="keep the run's topics and keyspace (for aigc trace); by default they are deleted once checked",
+    )
+    chaos.add_argument(
         "--kill-one-of-each",
         action="store_true",
         default=None,
