@@ -161,9 +161,9 @@ def create_app(backend: Backend) -> FastAPI:
     ) -> Response:
         """Validate and queue a generation; 202 with its id and a Location to poll. (`GatewayApp` serves
         it without FastAPI's routing, by `Submissions`; this route documents it and answers the same.)"""
-        body, headers = await submissions.accept(
-            authorization, idempotency_key, request.body, submissions.base_url(request.scope)
-        )
+        host = request.headers.get("host")
+        base = submissions.base_url(request.scope, host.encode("latin-1") if host is not None else None)
+        body, headers = await submissions.accept(authorization, idempotency_key, request.body, base)
         response = Response(body, status_code=202)
         response.raw_headers = headers
         return response

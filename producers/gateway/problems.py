@@ -66,9 +66,12 @@ class Problem(Exception):
         return body, headers
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def json_bytes(content: Any) -> bytes:
     """``content`` as Starlette's JSONResponse renders it (compact UTF-8, no NaN)."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(content).encode()
 
 
 def problem_for(exc: Exception) -> Problem:

@@ -106,12 +106,12 @@ class Submissions:
         location = f"{PATH}/{rid}".encode("latin-1")
         return body, [(b"location", location), (b"content-length", str(len(body)).encode()), _JSON]
 
-    def base_url(self, scope: MutableMapping[str, Any]) -> str:
+    def base_url(self, scope: MutableMapping[str, Any], host: bytes | None) -> str:
         """Where clients reach the gateway: ``gateway.public_url``, else what the request was sent to
-        (as Starlette's ``request.base_url`` says; remembered by scheme, host and root path)."""
+        (as Starlette's ``request.base_url`` says from the scope and its ``host`` header; remembered by
+        scheme, host and root path)."""
         if self.gw.public_url:
             return self.gw.public_url.rstrip("/")
-        host = next((v for k, v in scope["headers"] if k == b"host"), None)
         memo = (scope.get("scheme"), scope.get("server"), host, scope.get("root_path"))
         base = self._base_urls.get(memo)
         if base is None:
@@ -124,7 +124,7 @@ class Submissions:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Serve one POST /v1/generations (ASGI)."""
         began = time.perf_counter()
-        authorization, idempotency_key, length = _headers(scope["headers"])
+        authorization, idempotency_key, length, host = _headers(scope["headers"])
         limit = self.gw.max_body_bytes
         status = 202
         try:
@@ -132,7 +132,7 @@ class Submissions:
             if refused is not None:
                 raise refused
             body, headers = await self.accept(
-                authorization, idempotency_key, lambda: _read_body(receive, limit), self.base_url(scope)
+                authorization, idempotency_key, lambda: _read_body(receive, limit), self.base_url(scope, host)
             )
         except _Disconnected:
             return
@@ -145,11 +145,11 @@ class Submissions:
         await send({"type": "http.response.body", "body": body})
 
 
-def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, bytes | None]:
-    """(Authorization, Idempotency-Key, Content-Length) of a request: the first of each, as Starlette's
-    ``Headers.get`` reads them."""
+def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, bytes | None, bytes | None]:
+    """(Authorization, Idempotency-Key, Content-Length, Host) of a request: the first of each, as
+    Starlette's ``Headers.get`` reads them."""
     authorization = idempotency_key = None
-    length = None
+    length = host = None
     for name, value in raw:
         if name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
@@ -157,7 +157,9 @@ def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, by
             idempotency_key = value.decode("latin-1")
         elif name == b"content-length" and length is None:
             length = value
-    return authorization, idempotency_key, length
+        elif name == b"host" and host is None:
+            host = value
+    return authorization, idempotency_key, length, host
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:
