@@ -452,8 +452,8 @@ class GatewaySettings(_Section):
         1.0,
         ge=0,
         le=100,
-        description="how long the gateway's producer waits to batch submissions (librdkafka linger.ms): "
-        "a busy gateway then sends one produce request for many, at up to this much latency for a lone one",
+        description="how long the gateway's batching producer waits to fill a batch (librdkafka linger.ms); "
+        "it takes the submissions that find others in flight, so a lone one never waits; 0: one producer",
     )
 
 

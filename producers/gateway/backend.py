@@ -148,15 +148,25 @@ class Backend:
             f"SELECT request_id, created_at, kind, model, status, finished_at FROM {ks}.requests_by_tenant "
             "WHERE tenant_id = ? AND month = ? AND created_at <= ? LIMIT ?"
         )
-        # gateway.linger_ms: under load one produce request (and one acknowledgement, one wake-up of the
-        # loop) carries many submissions, which costs the process a third less CPU per submission than
-        # linger 0 did. A message not acknowledged within PRODUCE_TIMEOUT_MS fails its delivery report, so
-        # a submission's wait is bounded without a timer of its own.
+        # Two producers: a submission that finds none in flight goes out at once (linger 0: a lone
+        # submission waits for nothing), one that finds others in flight joins the batching producer
+        # (linger gateway.linger_ms), so under load one produce request (one acknowledgement, one wake-up
+        # of the loop) carries many submissions: a third less CPU per submission than linger 0 for all.
+        # A message not acknowledged within PRODUCE_TIMEOUT_MS fails its delivery report, so a
+        # submission's wait is bounded without a timer of its own.
         self.producer = make_producer(
-            settings,
-            "gateway",
-            **{"linger.ms": settings.gateway.linger_ms, "message.timeout.ms": PRODUCE_TIMEOUT_MS},
+            settings, "gateway", **{"linger.ms": 0, "message.timeout.ms": PRODUCE_TIMEOUT_MS}
         )
+        linger = settings.gateway.linger_ms
+        self._batching = (
+            make_producer(
+                settings, "gateway.batch", **{"linger.ms": linger, "message.timeout.ms": PRODUCE_TIMEOUT_MS}
+            )
+            if linger > 0
+            else self.producer
+        )
+        self._producers = list({id(p): p for p in (self.producer, self._batching)}.values())
+        self._in_flight = 0  # produces awaiting their acknowledgement (counted on the event loop)
         self._acks: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], Any, str]] = deque()
         self.partitions = 0
         self.live: OrderedDict[str, Live] = OrderedDict()
@@ -172,16 +182,22 @@ class Backend:
             settings.gateway.max_streams, thread_name_prefix="gateway-sse"
         )
         self._threads = [
-            threading.Thread(target=self._poll_producer, name="gateway-producer", daemon=True),
+            *(
+                threading.Thread(
+                    target=self._poll_producer, args=(p,), name=f"gateway-producer-{i}", daemon=True
+                )
+                for i, p in enumerate(self._producers)
+            ),
             threading.Thread(target=self._follow_status, name="gateway-status", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
 
     def close(self) -> None:
-        """Stop the threads, flush the producer (10 s at most) and close the Cassandra cluster."""
+        """Stop the threads, flush the producers (10 s at most) and close the Cassandra cluster."""
         self._stop.set()
-        self.producer.flush(10)
+        for producer in self._producers:
+            producer.flush(10)
         self._hand_acks()
         for thread in self._threads:
             thread.join(5)
@@ -189,9 +205,9 @@ class Backend:
         self.cluster.shutdown()
 
     # -- Kafka --------------------------------------------------------------------------------------------
-    def _poll_producer(self) -> None:
+    def _poll_producer(self, producer: Any) -> None:
         while not self._stop.is_set():
-            self.producer.poll(0.05)
+            producer.poll(0.05)
             self._hand_acks()
 
     def _hand_acks(self) -> None:
@@ -217,13 +233,18 @@ class Backend:
             ack((loop, done, err, request_id))
 
         headers = pipeline_headers(request_id, tenant_id, new_traceparent())
-        while True:
-            try:
-                self.producer.produce(topic, value, key=key, headers=headers, on_delivery=delivered)
-                break
-            except BufferError:  # librdkafka's queue is full: give it a moment to drain
-                await asyncio.sleep(0.005)
-        await done
+        producer = self._batching if self._in_flight else self.producer
+        self._in_flight += 1
+        try:
+            while True:
+                try:
+                    producer.produce(topic, value, key=key, headers=headers, on_delivery=delivered)
+                    break
+                except BufferError:  # librdkafka's queue is full: give it a moment to drain
+                    await asyncio.sleep(0.005)
+            await done
+        finally:
+            self._in_flight -= 1
 
     def _follow_status(self) -> None:
         """Keep the latest state of recent requests from the status topic (from LOOKBACK_MS back)."""
