@@ -156,11 +156,12 @@ def create_app(backend: Backend) -> FastAPI:
     )
     async def submit(
         request: Request,
-        authorization: Annotated[str | None, Header()] = None,
         idempotency_key: Annotated[str | None, Header()] = None,
+        authorization: Annotated[str | None, Header()] = None,
     ) -> Response:
-        """Validate and queue a generation; 202 with its id and a Location to poll. (`GatewayApp` serves
-        it without FastAPI's routing, by `Submissions`; this route documents it and answers the same.)"""
+        """Validate and queue a generation; 202 with its id and a Location to poll."""
+        # GatewayApp serves this path without FastAPI's routing, by Submissions; this route documents it
+        # in the OpenAPI schema and answers the same, through the same code.
         host = request.headers.get("host")
         base = submissions.base_url(request.scope, host.encode("latin-1") if host is not None else None)
         body, headers = await submissions.accept(authorization, idempotency_key, request.body, base)
