@@ -213,11 +213,13 @@ class Backend:
     def _hand_acks(self) -> None:
         """Settle the futures of the acknowledgements one poll served: one wake-up of each waiting loop
         for them all (a busy gateway's acks come a produce request's batch at a time), not one each."""
-        acks = self._acks
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Any, str]]] = {}
-        while acks:
-            loop, *ack = acks.popleft()
-            by_loop.setdefault(loop, []).append(ack)  # type: ignore[arg-type]
+        while True:  # each producer's poll thread drains the one deque: popleft is atomic, a check first not
+            try:
+                loop, future, err, request_id = self._acks.popleft()
+            except IndexError:
+                break
+            by_loop.setdefault(loop, []).append((future, err, request_id))
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # its loop closed: no one waits any more
                 loop.call_soon_threadsafe(_settle_acks, settled)
