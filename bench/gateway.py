@@ -3,7 +3,9 @@ how long a status event takes from the status topic to an SSE client.
 
 - Added latency: the same image request submitted one at a time through the SDK (`Client.submit`, which
   returns on the broker's acknowledgement) and over HTTP (POST /v1/generations on a kept-alive connection,
-  which also answers after the acknowledgement); p50 and p99 of each and their difference.
+  which also answers after the acknowledgement); p50 and p99 of each and their difference. The HTTP figure
+  twice: with httpx (``added_ms``, whose own Python costs a loaded machine about 2 ms a request), and with
+  the bare socket client the throughput test uses (``added_raw_ms``: what the gateway itself adds).
 - Throughput: POSTs from ``CONNECTIONS`` kept-alive connections for ``window_s`` against one gateway
   process (a small asyncio HTTP/1.1 client, so the load generator costs less than the server), and the
   gateway's CPU time per accepted submission (from /proc), which does not depend on what else the machine
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -73,6 +76,37 @@ async def _post_loop(port: int, key: str, stop_at: float, counts: list[int]) -> 
             counts[0 if b" 202 " in status else 1] += 1
     finally:
         writer.close()
+
+
+def _raw_posts(port: int, key: str, n: int) -> list[float]:
+    """``n`` POSTs one at a time on a kept-alive socket, written and read as `_post_loop` does (the client
+    costs next to nothing), after 50 to warm up; the ms of each."""
+    body = json.dumps({**BODY, "model": _synth()}).encode()
+    head = (
+        f"POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    times: list[float] = []
+    with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as answers:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(n + 50):
+            t = time.perf_counter()
+            sock.sendall(head + body)
+            status, length = answers.readline(), 0
+            while (line := answers.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            answers.read(length)
+            assert b" 202 " in status, status
+            if i >= 50:
+                times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def _synth() -> str:
+    from bench.scenarios import SYNTH
+
+    return SYNTH
 
 
 def cpu_s(pid: int) -> float:
@@ -227,8 +261,10 @@ def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
                 r = h.post("/v1/generations", json={**BODY, "model": SYNTH})
                 http.append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 202, r.text
+        raw_ms = _ms(_raw_posts(port, key, n))
         sdk_ms, http_ms = _ms(sdk), _ms(http)
         added = {q: round((http_ms[q] or 0) - (sdk_ms[q] or 0), 3) for q in ("p50", "p99")}
+        added_raw = {q: round((raw_ms[q] or 0) - (sdk_ms[q] or 0), 3) for q in ("p50", "p99")}
         gateway_pid = pipe.supervisor.children["gateway"].proc.pid
         rate = asyncio.run(_throughput(port, key, 5.0 if quick else 10.0, gateway_pid))
         sse = _sse_latency(s, url, key, 100 if quick else 300)
@@ -236,6 +272,8 @@ def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
         "sdk_submit_ms": sdk_ms,
         "http_submit_ms": http_ms,
         "added_ms": added,
+        "raw_submit_ms": raw_ms,
+        "added_raw_ms": added_raw,
         "throughput": rate,
         "sse": sse,
         "targets": {"added_p50_ms": 3, "added_p99_ms": 10, "accepted_per_s": 1000, "sse_p99_ms": 50},

@@ -448,6 +448,13 @@ class GatewaySettings(_Section):
     sse_keepalive_s: float = Field(15.0, gt=0, description="comment line sent on an idle event stream")
     max_streams: int = Field(64, ge=1, description="event streams open at once; more are answered 503")
     page_size: int = Field(20, ge=1, le=200, description="default page of GET /v1/generations")
+    linger_ms: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="how long the gateway's batching producer waits to fill a batch (librdkafka linger.ms); "
+        "it takes the submissions that find others in flight, so a lone one never waits; 0: one producer",
+    )
 
 
 class ObservabilitySettings(_Section):

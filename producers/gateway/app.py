@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from plumbing.clock import now_ms
-from plumbing.validation import validate_request
 from producers.gateway.backend import Backend
-from producers.gateway.keys import ApiKey, KeyError_
+from producers.gateway.keys import ApiKey
 from producers.gateway.middleware import LimitAndMeasure
 from producers.gateway.problems import Problem, install_problem_handlers
 from producers.gateway.requests import (
@@ -33,10 +32,10 @@ from producers.gateway.requests import (
     encode_cursor,
     previous_month,
     progress_total,
-    record_from_body,
-    request_id_for,
     status_json,
 )
+from producers.gateway.submit import PATH as SUBMIT_PATH
+from producers.gateway.submit import Submissions, authenticate
 from schemas.records import CancelRequest, Completion
 
 CONSOLE = Path(__file__).resolve().parent / "console"
@@ -81,13 +80,30 @@ class Accepted(BaseModel):
     events_url: str
 
 
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI application, with POST /v1/generations served before FastAPI's stack by
+    `Submissions` (a pure ASGI app: see producers/gateway/submit.py)."""
+
+    def __init__(self, submissions: Submissions, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.submissions = submissions
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve one ASGI scope: a submission by `Submissions`, anything else by FastAPI."""
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == SUBMIT_PATH:
+            await self.submissions(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(backend: Backend) -> FastAPI:
     """The gateway's FastAPI application over ``backend``: the /v1 routes, the ops routes and the console."""
     settings = backend.settings
     gw = settings.gateway
-    limiter = RateLimiter(gw.rate_per_s, gw.rate_burst)
     models = list(settings.models)
-    app = FastAPI(
+    submissions = Submissions(backend, RateLimiter(gw.rate_per_s, gw.rate_burst))
+    app = GatewayApp(
+        submissions,
         title="aigc gateway",
         version="1",
         description="Submit image and video generations, follow them live, fetch the results.",
@@ -98,26 +114,9 @@ def create_app(backend: Backend) -> FastAPI:
     app.add_middleware(LimitAndMeasure, max_body_bytes=gw.max_body_bytes)
 
     async def tenant_key(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise Problem(
-                401,
-                "API key required",
-                "send Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        try:  # a key seen within key_cache_s costs no thread hop and no query
-            cached = backend.keys.cached(key.strip())
-            if cached is not None:
-                return cached
-            return await asyncio.to_thread(backend.keys.authenticate, key.strip())
-        except KeyError_ as exc:
-            raise Problem(401, "Invalid API key", str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+        return await authenticate(backend, authorization)
 
     Key = Annotated[ApiKey, Depends(tenant_key)]
-
-    def base_url(request: Request) -> str:
-        return (gw.public_url or str(request.base_url)).rstrip("/")
 
     async def owned(request_id: str, key: ApiKey) -> tuple[Any, Any]:
         """(gateway row, terminal row) of a request ``key``'s tenant owns; 404 otherwise."""
@@ -157,47 +156,18 @@ def create_app(backend: Backend) -> FastAPI:
     )
     async def submit(
         request: Request,
-        key: Key,
         idempotency_key: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse:
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
         """Validate and queue a generation; 202 with its id and a Location to poll."""
-        wait_s = limiter.take(key.key_id)
-        if wait_s:
-            raise Problem(
-                429,
-                "Too many requests",
-                f"this key may submit {gw.rate_per_s:g} a second",
-                headers={"Retry-After": str(max(1, round(wait_s + 0.5)))},
-            )
-        data = await request.body()
-        if len(data) > gw.max_body_bytes:  # a chunked body, which had no Content-Length to refuse it by
-            raise Problem(413, "Request body too large", f"the body is more than {gw.max_body_bytes} bytes")
-        raw = json.loads(data or b"null")
-        now = now_ms()
-        record = record_from_body(
-            raw,
-            tenant_id=key.tenant_id,
-            request_id=request_id_for(key.tenant_id, idempotency_key),
-            created_at=now,
-            default_model=models[0],
-            schema_fields=backend.schema_fields,
-        )
-        validate_request(record, settings.limits, models, None, now)
-        value = backend.codec.write(record)
-        rid = record.request_id
-        backend.record_submission(record)  # a lookup in this process waits for the row (Backend.written)
-        topic = backend.topics.requests(record.priority)
-        await backend.produce(topic, value, key.tenant_id, rid, key.tenant_id)  # the 202 follows the ack
-        base = base_url(request)
-        return JSONResponse(
-            {
-                "id": rid,
-                "status_url": f"{base}/v1/generations/{rid}",
-                "events_url": f"{base}/v1/generations/{rid}/events",
-            },
-            status_code=202,
-            headers={"Location": f"/v1/generations/{rid}"},
-        )
+        # GatewayApp serves this path without FastAPI's routing, by Submissions; this route documents it
+        # in the OpenAPI schema and answers the same, through the same code.
+        host = request.headers.get("host")
+        base = submissions.base_url(request.scope, host.encode("latin-1") if host is not None else None)
+        body, headers = await submissions.accept(authorization, idempotency_key, request.body, base)
+        response = Response(body, status_code=202)
+        response.raw_headers = headers
+        return response
 
     @app.get("/v1/generations/{request_id}")
     async def get_generation(request_id: str, key: Key) -> dict[str, Any]:

@@ -8,11 +8,12 @@ committed). Produces: ``requests.<priority>`` and ``cancellations``, keyed as th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,9 +42,20 @@ TRACKED = 100_000  # requests whose live state the gateway remembers
 SSE_CONSUMER = {"fetch.wait.max.ms": 20}  # an idle stream's fetch returns this often at least
 OWNERSHIP_BATCH = 200  # ownership rows in one UNLOGGED BATCH at most
 DRAIN_S = 2.0  # after a completion, how long its stream waits at most for its unread status events
+PRODUCE_TIMEOUT_MS = 30_000  # a submission's produce fails (503) when not acknowledged within this
 LOOKBACK_MS = (
     15 * 60 * 1000
 )  # how far back the status follower starts, so a restarted gateway knows recent state
+
+
+def _settle_acks(acks: list[tuple[asyncio.Future[None], KafkaError | None, str]]) -> None:
+    """Resolve the produce futures of a batch of delivery reports (on their loop)."""
+    for future, err, request_id in acks:
+        if not future.done():
+            if err is None:
+                future.set_result(None)
+            else:
+                future.set_exception(DeliveryError(f"{request_id}: {err.str()}"))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -136,9 +148,26 @@ class Backend:
             f"SELECT request_id, created_at, kind, model, status, finished_at FROM {ks}.requests_by_tenant "
             "WHERE tenant_id = ? AND month = ? AND created_at <= ? LIMIT ?"
         )
-        # No linger: a submission answers on its acknowledgement, and under load librdkafka batches anyway
-        # (messages queue while earlier ones are in flight).
-        self.producer = make_producer(settings, "gateway", **{"linger.ms": 0})
+        # Two producers: a submission that finds none in flight goes out at once (linger 0: a lone
+        # submission waits for nothing), one that finds others in flight joins the batching producer
+        # (linger gateway.linger_ms), so under load one produce request (one acknowledgement, one wake-up
+        # of the loop) carries many submissions: a third less CPU per submission than linger 0 for all.
+        # A message not acknowledged within PRODUCE_TIMEOUT_MS fails its delivery report, so a
+        # submission's wait is bounded without a timer of its own.
+        self.producer = make_producer(
+            settings, "gateway", **{"linger.ms": 0, "message.timeout.ms": PRODUCE_TIMEOUT_MS}
+        )
+        linger = settings.gateway.linger_ms
+        self._batching = (
+            make_producer(
+                settings, "gateway.batch", **{"linger.ms": linger, "message.timeout.ms": PRODUCE_TIMEOUT_MS}
+            )
+            if linger > 0
+            else self.producer
+        )
+        self._producers = list({id(p): p for p in (self.producer, self._batching)}.values())
+        self._in_flight = 0  # produces awaiting their acknowledgement (counted on the event loop)
+        self._acks: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], Any, str]] = deque()
         self.partitions = 0
         self.live: OrderedDict[str, Live] = OrderedDict()
         self._live_lock = threading.Lock()
@@ -153,43 +182,71 @@ class Backend:
             settings.gateway.max_streams, thread_name_prefix="gateway-sse"
         )
         self._threads = [
-            threading.Thread(target=self._poll_producer, name="gateway-producer", daemon=True),
+            *(
+                threading.Thread(
+                    target=self._poll_producer, args=(p,), name=f"gateway-producer-{i}", daemon=True
+                )
+                for i, p in enumerate(self._producers)
+            ),
             threading.Thread(target=self._follow_status, name="gateway-status", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
 
     def close(self) -> None:
-        """Stop the threads, flush the producer (10 s at most) and close the Cassandra cluster."""
+        """Stop the threads, flush the producers (10 s at most) and close the Cassandra cluster."""
         self._stop.set()
-        self.producer.flush(10)
+        for producer in self._producers:
+            producer.flush(10)
+        self._hand_acks()
         for thread in self._threads:
             thread.join(5)
         self._stream_threads.shutdown(wait=False, cancel_futures=True)
         self.cluster.shutdown()
 
     # -- Kafka --------------------------------------------------------------------------------------------
-    def _poll_producer(self) -> None:
+    def _poll_producer(self, producer: Any) -> None:
         while not self._stop.is_set():
-            self.producer.poll(0.05)
+            producer.poll(0.05)
+            self._hand_acks()
+
+    def _hand_acks(self) -> None:
+        """Settle the futures of the acknowledgements one poll served: one wake-up of each waiting loop
+        for them all (a busy gateway's acks come a produce request's batch at a time), not one each."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Any, str]]] = {}
+        while True:  # each producer's poll thread drains the one deque: popleft is atomic, a check first not
+            try:
+                loop, future, err, request_id = self._acks.popleft()
+            except IndexError:
+                break
+            by_loop.setdefault(loop, []).append((future, err, request_id))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # its loop closed: no one waits any more
+                loop.call_soon_threadsafe(_settle_acks, settled)
 
     async def produce(self, topic: str, value: bytes, key: str, request_id: str, tenant_id: str) -> None:
-        """Produce and return once the broker has acknowledged (raises DeliveryError otherwise)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        """Produce and return once the broker has acknowledged (raises DeliveryError otherwise, at the
+        latest after the producer's ``message.timeout.ms``)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack = self._acks.append
+        loop = done.get_loop()
 
-        def delivered(err: KafkaError | None, _msg: Any) -> None:
-            error = None if err is None else DeliveryError(f"{request_id}: {err.str()}")
-            loop.call_soon_threadsafe(_settle, done, None, error)
+        def delivered(err: KafkaError | None, _msg: Any) -> None:  # on the thread that polls
+            ack((loop, done, err, request_id))
 
         headers = pipeline_headers(request_id, tenant_id, new_traceparent())
-        while True:
-            try:
-                self.producer.produce(topic, value, key=key, headers=headers, on_delivery=delivered)
-                break
-            except BufferError:  # librdkafka's queue is full: give it a moment to drain
-                await asyncio.sleep(0.005)
-        await asyncio.wait_for(done, 30.0)
+        producer = self._batching if self._in_flight else self.producer
+        self._in_flight += 1
+        try:
+            while True:
+                try:
+                    producer.produce(topic, value, key=key, headers=headers, on_delivery=delivered)
+                    break
+                except BufferError:  # librdkafka's queue is full: give it a moment to drain
+                    await asyncio.sleep(0.005)
+            await done
+        finally:
+            self._in_flight -= 1
 
     def _follow_status(self) -> None:
         """Keep the latest state of recent requests from the status topic (from LOOKBACK_MS back)."""

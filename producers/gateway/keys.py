@@ -112,8 +112,7 @@ class KeyStore:
 
     def cached(self, key: str) -> ApiKey | None:
         """The record of ``key`` if it was authenticated within ``cache_s`` (no query), else None."""
-        with self._lock:
-            cached = self._cache.get(digest(key))
+        cached = self._cache.get(digest(key))  # a dict read is atomic: no lock
         if cached is not None and time.monotonic() - cached[0] < self.cache_s:
             return cached[1]
         return None

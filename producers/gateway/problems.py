@@ -7,6 +7,7 @@ same codes the gatekeeper puts on a REJECTED completion).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -57,18 +58,51 @@ class Problem(Exception):
         """The problem as an ``application/problem+json`` response with its status and headers."""
         return JSONResponse(self.body(), status_code=self.status, media_type=MEDIA_TYPE, headers=self.headers)
 
+    def raw(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The problem as `response` sends it, for a pure ASGI sender: (body, headers)."""
+        body = json_bytes(self.body())
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        headers += [(b"content-length", str(len(body)).encode()), (b"content-type", MEDIA_TYPE.encode())]
+        return body, headers
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_bytes(content: Any) -> bytes:
+    """``content`` as Starlette's JSONResponse renders it (compact UTF-8, no NaN)."""
+    return _ENCODER.encode(content).encode()
+
+
+def problem_for(exc: Exception) -> Problem:
+    """The problem an exception raised while serving a request is answered with: a Problem as it is, a
+    ValidationError a 400 naming the field, an unacknowledged produce a 503, a ValueError (a body that is
+    not JSON) a 400, anything else a logged 500. The handlers `install_problem_handlers` adds use it, and
+    so does the submit fast path (`producers.gateway.submit`), which answers outside FastAPI's handlers."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, ValidationError):
+        return Problem(400, "Invalid generation request", str(exc), field=exc.field, code=exc.code)
+    if isinstance(exc, DeliveryError):
+        log.warning("gateway: %s", exc)
+        return Problem(503, "Kafka did not acknowledge", str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, ValueError):  # json.loads of a broken body
+        return Problem(400, "Malformed body", f"the body is not JSON: {str(exc)[:200]}", field="body")
+    log.error("gateway: unexpected error", exc_info=exc)
+    return Problem(500, "Internal error", f"{type(exc).__name__}: the gateway's log has the trace")
+
 
 def install_problem_handlers(app: FastAPI) -> None:
     """Make ``app`` answer every error as problem details: Problems as they are, ValidationError as a 400
     naming the field, an unacknowledged produce as a 503, anything unexpected as a logged 500."""
 
     @app.exception_handler(Problem)
-    async def _problem(_: Request, exc: Problem) -> JSONResponse:
-        return exc.response()
-
     @app.exception_handler(ValidationError)
-    async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
-        return Problem(400, "Invalid generation request", str(exc), field=exc.field, code=exc.code).response()
+    @app.exception_handler(ValueError)
+    @app.exception_handler(DeliveryError)
+    @app.exception_handler(Exception)
+    async def _problem(_: Request, exc: Exception) -> JSONResponse:
+        return problem_for(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _unparsed(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,24 +116,6 @@ def install_problem_handlers(app: FastAPI) -> None:
             detail,
             field=field,
             code=f"INVALID_{field.upper().replace('.', '_')}",
-        ).response()
-
-    @app.exception_handler(ValueError)
-    async def _not_json(_: Request, exc: ValueError) -> JSONResponse:  # json.loads of a broken body
-        return Problem(
-            400, "Malformed body", f"the body is not JSON: {str(exc)[:200]}", field="body"
-        ).response()
-
-    @app.exception_handler(DeliveryError)
-    async def _undelivered(_: Request, exc: DeliveryError) -> JSONResponse:
-        log.warning("gateway: %s", exc)
-        return Problem(503, "Kafka did not acknowledge", str(exc), headers={"Retry-After": "1"}).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.error("gateway: unexpected error", exc_info=exc)
-        return Problem(
-            500, "Internal error", f"{type(exc).__name__}: the gateway's log has the trace"
         ).response()
 
     @app.exception_handler(StarletteHTTPException)

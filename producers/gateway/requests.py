@@ -9,9 +9,9 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import threading
 import time
-import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +46,19 @@ VIDEO_FIELDS = frozenset({"num_frames", "fps", "prompt_end", "seed_end"})
 DEFAULTS = {"width": 64, "height": 64, "steps": 20, "guidance_scale": 7.5}
 
 
+def uuid4_hex() -> str:
+    """``uuid.uuid4().hex`` (random bits, version 4, RFC 4122 variant) without building a UUID object."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    return b.hex()
+
+
 def request_id_for(tenant_id: str, idempotency_key: str | None) -> str:
     """The request id: a new uuid, or one derived from (tenant, Idempotency-Key), so a retried POST names
     the same request (the gatekeeper drops the duplicate) and two tenants' equal keys never collide."""
     if idempotency_key is None:
-        return uuid.uuid4().hex
+        return uuid4_hex()
     if not 1 <= len(idempotency_key) <= 255 or not idempotency_key.isprintable():
         raise ValidationError("Idempotency-Key", "must be 1-255 printable characters")
     return hashlib.sha256(f"{tenant_id}\n{idempotency_key}".encode()).hexdigest()[:32]

@@ -9,6 +9,7 @@ produced request is flushed to the broker before the process exits.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import uvicorn
@@ -36,6 +37,11 @@ def run(settings: Settings) -> None:
 
     @app.on_event("startup")
     async def _listening() -> None:
+        # What start-up built (the app, its routes and models, the drivers: some 90,000 objects) lives as
+        # long as the process: out of the collector's sight, a full collection no longer walks it all, a
+        # pause of tens of milliseconds for every request in flight when it came.
+        gc.collect()
+        gc.freeze()
         obs.readiness.mark("listening")
 
     gw = settings.gateway

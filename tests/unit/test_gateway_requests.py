@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+
 import pytest
 
-from plumbing.errors import ValidationError
+from plumbing.errors import DeliveryError, ValidationError
 from plumbing.settings import RequestLimits
 from plumbing.validation import validate_request
 from producers.gateway.keys import KEY_PATTERN, digest, new_key
+from producers.gateway.problems import problem_for
 from producers.gateway.requests import (
     Position,
     RateLimiter,
@@ -104,6 +108,23 @@ def test_idempotency_keys_are_scoped_by_tenant():
     assert len(request_id_for("a", "k")) == 32 and request_id_for("a", None) != request_id_for("a", None)
     with pytest.raises(ValidationError):
         request_id_for("a", "")
+
+
+def test_a_new_request_id_is_a_uuid4_in_hex():
+    for _ in range(200):
+        rid = request_id_for("a", None)
+        parsed = uuid.UUID(rid)
+        assert parsed.hex == rid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_problems_for_exceptions_name_the_field_and_status():
+    invalid = problem_for(ValidationError("width", "must be a multiple of 8"))
+    assert (invalid.status, invalid.field) == (400, "width")
+    body, headers = problem_for(DeliveryError("r1: timed out")).raw()
+    assert json.loads(body)["status"] == 503 and (b"retry-after", b"1") in headers
+    assert (b"content-type", b"application/problem+json") in headers
+    assert problem_for(json.JSONDecodeError("x", "doc", 0)).field == "body"
+    assert problem_for(RuntimeError("boom")).status == 500
 
 
 def test_murmur2_matches_kafkas_java_partitioner():
