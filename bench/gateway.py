@@ -5,14 +5,17 @@ how long a status event takes from the status topic to an SSE client.
   returns on the broker's acknowledgement) and over HTTP (POST /v1/generations on a kept-alive connection,
   which also answers after the acknowledgement); p50 and p99 of each and their difference. The HTTP figure
   twice: with httpx (``added_ms``, whose own Python costs a loaded machine about 2 ms a request), and with
-  the bare socket client the throughput test uses (``added_raw_ms``: what the gateway itself adds).
+  the bare socket client the throughput test uses (``added_raw_ms``: what the gateway itself adds). The
+  three are taken in turns, one submission each (`_interleaved`), so each sees the same machine: measured
+  one series after the other, a later series ran while the pipeline still worked off the earlier ones.
 - Throughput: POSTs from ``CONNECTIONS`` kept-alive connections for ``window_s`` against one gateway
   process (a small asyncio HTTP/1.1 client, so the load generator costs less than the server), and the
   gateway's CPU time per accepted submission (from /proc), which does not depend on what else the machine
   runs: 1000 / it is what one process accepts a second with a core of its own.
 - SSE: a request owned by the bench tenant with no renderer work behind it; the bench appends StatusEvents
   for it to the status topic at a steady pace and times each from just before its produce call to its
-  arrival on an open event stream (so the figure includes the produce itself: an upper bound).
+  arrival on an open event stream (so the figure includes the produce itself: an upper bound); taken after
+  the latency series and before the throughput window, whose flood the pipeline then works off for minutes.
 
 Targets (issue 12): <= 3 ms p50 / 10 ms p99 added, >= 1,000 submissions/s, SSE <= 50 ms p99.
 """
@@ -26,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,28 +82,46 @@ async def _post_loop(port: int, key: str, stop_at: float, counts: list[int]) -> 
         writer.close()
 
 
-def _raw_posts(port: int, key: str, n: int) -> list[float]:
-    """``n`` POSTs one at a time on a kept-alive socket, written and read as `_post_loop` does (the client
-    costs next to nothing), after 50 to warm up; the ms of each."""
-    body = json.dumps({**BODY, "model": _synth()}).encode()
-    head = (
-        f"POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    times: list[float] = []
-    with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as answers:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(n + 50):
+class RawPoster:
+    """POSTs on one kept-alive socket, written and read as `_post_loop` does (the client costs next to
+    nothing)."""
+
+    def __init__(self, port: int, key: str) -> None:
+        body = json.dumps({**BODY, "model": _synth()}).encode()
+        self.request = (
+            f"POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.answers = self.sock.makefile("rb")
+
+    def post(self) -> None:
+        """One submission, answered 202."""
+        self.sock.sendall(self.request)
+        status, length = self.answers.readline(), 0
+        while (line := self.answers.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.answers.read(length)
+        assert b" 202 " in status, status
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.answers.close()
+        self.sock.close()
+
+
+def _interleaved(submits: Mapping[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+    """The ms of ``n`` submissions by each of ``submits``, taken in turns (the order rotating each round),
+    so every way sees the same machine: the pipeline working off what the others sent, the same load."""
+    names = list(submits)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(n):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             t = time.perf_counter()
-            sock.sendall(head + body)
-            status, length = answers.readline(), 0
-            while (line := answers.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            answers.read(length)
-            assert b" 202 " in status, status
-            if i >= 50:
-                times.append((time.perf_counter() - t) * 1000)
+            submits[name]()
+            times[name].append((time.perf_counter() - t) * 1000)
     return times
 
 
@@ -244,30 +266,30 @@ def gw_gateway(settings: Settings, quick: bool) -> dict[str, Any]:
         finally:
             cluster.shutdown()
         url = f"http://127.0.0.1:{port}"
-        sdk: list[float] = []
-        with Client(s) as client:
-            for _ in range(50):
-                client.submit(_sdk_request())  # warm: connections, metadata
-            for _ in range(n):
-                t = time.perf_counter()
-                client.submit(_sdk_request())
-                sdk.append((time.perf_counter() - t) * 1000)
-        http: list[float] = []
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
-            for _ in range(50):
-                h.post("/v1/generations", json={**BODY, "model": SYNTH})
-            for _ in range(n):
-                t = time.perf_counter()
+        with (
+            Client(s) as client,
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h,
+        ):
+            raw = RawPoster(port, key)
+
+            def http_post() -> None:
                 r = h.post("/v1/generations", json={**BODY, "model": SYNTH})
-                http.append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 202, r.text
-        raw_ms = _ms(_raw_posts(port, key, n))
-        sdk_ms, http_ms = _ms(sdk), _ms(http)
+
+            submits = {"sdk": lambda: client.submit(_sdk_request()), "http": http_post, "raw": raw.post}
+            try:
+                _interleaved(submits, 50)  # warm: connections, metadata, the key cache
+                times = _interleaved(submits, n)
+            finally:
+                raw.close()
+        sdk_ms, http_ms, raw_ms = _ms(times["sdk"]), _ms(times["http"]), _ms(times["raw"])
         added = {q: round((http_ms[q] or 0) - (sdk_ms[q] or 0), 3) for q in ("p50", "p99")}
         added_raw = {q: round((raw_ms[q] or 0) - (sdk_ms[q] or 0), 3) for q in ("p50", "p99")}
         gateway_pid = pipe.supervisor.children["gateway"].proc.pid
-        rate = asyncio.run(_throughput(port, key, 5.0 if quick else 10.0, gateway_pid))
+        # SSE before the throughput window: after it, the pipeline works off its 20,000-odd submissions
+        # (twenty times what it renders a second) on the same two cores for minutes.
         sse = _sse_latency(s, url, key, 100 if quick else 300)
+        rate = asyncio.run(_throughput(port, key, 5.0 if quick else 10.0, gateway_pid))
     return {
         "sdk_submit_ms": sdk_ms,
         "http_submit_ms": http_ms,
