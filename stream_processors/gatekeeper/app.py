@@ -52,7 +52,7 @@ from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
 from stream_processors.gatekeeper.metrics import GatekeeperMetrics, observe
 from stream_processors.gatekeeper.moderation import build_moderator
-from stream_processors.gatekeeper.stall import AssignmentSensor, StallGuard
+from stream_processors.gatekeeper.stall import StallGuard
 from stream_processors.gatekeeper.tables import Bucket, Seen, TypedTable
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,6 @@ def run(settings: Settings) -> None:
         settings, gate, caps, GatekeeperMetrics(settings.observability.bucket_top_n, gate.tier_of)
     )
     observe(app, obs.readiness)
-    app.sensors.add(AssignmentSensor(guard))
     worker = BoundedWorker(
         app, loglevel=settings.log_level.lower(), quiet=True, override_logging=settings.log_format == "text"
     )

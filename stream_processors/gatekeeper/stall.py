@@ -7,9 +7,8 @@ commits instead of being committed over. A thread asks the broker every few seco
 offset of each request partition and the offset the gatekeeper group committed there. A partition whose
 committed offset trails its end and has not moved for ``gatekeeper.stall_timeout_s`` is stuck: the guard
 logs it and ends the process, and the restarted worker reads the partition from its committed offset
-(nothing is lost; `Gate.admit` makes a repeat harmless). With several gatekeepers, the one that holds
-the partition ends at the timeout and the others only at twice the timeout: one restart reads it again,
-and a partition that no worker says it holds (faust's own view may be what went wrong) is still read.
+(nothing is lost; `Gate.admit` makes a repeat harmless). With several gatekeepers each may restart for a
+stuck partition of another; the restarts are cheap and the partition gets read.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
 
-import faust
 from confluent_kafka import KafkaException
 
 from plumbing.kafka_clients import OffsetReader
@@ -39,15 +36,8 @@ class Progress:
         self.timeout_s = timeout_s
         self._since: dict[tuple[str, int], tuple[int, float]] = {}  # -> (committed, stuck since)
 
-    def stuck(
-        self,
-        offsets: dict[tuple[str, int], tuple[int, int]],
-        now: float,
-        held: set[tuple[str, int]] | None = None,
-    ) -> list[str]:
-        """``offsets``: partition -> (committed, end); ``held``: the partitions this worker is assigned
-        (None: not known). The partitions stuck for longer than the timeout, or, for one held elsewhere,
-        for longer than twice the timeout."""
+    def stuck(self, offsets: dict[tuple[str, int], tuple[int, int]], now: float) -> list[str]:
+        """``offsets``: partition -> (committed, end). The partitions stuck for longer than the timeout."""
         stuck = []
         for (topic, partition), (committed, end) in offsets.items():
             key = (topic, partition)
@@ -57,7 +47,7 @@ class Progress:
             before = self._since.get(key)
             if before is None or before[0] != committed:
                 self._since[key] = (committed, now)
-            elif now - before[1] > self.timeout_s * (1 if held is None or key in held else 2):
+            elif now - before[1] > self.timeout_s:
                 stuck.append(f"{topic}[{partition}] at {committed} of {end}")
         return stuck
 
@@ -67,9 +57,6 @@ class StallGuard:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # The partitions this worker holds, as of its last rebalance (None: not known, or rebalancing);
-        # `AssignmentSensor` keeps it.
-        self.held: set[tuple[str, int]] | None = None
         self.topics = [Topics(settings).requests(p) for p in PRIORITIES]
         self.progress = Progress(settings.gatekeeper.stall_timeout_s)
         self._stop = threading.Event()
@@ -92,30 +79,12 @@ class StallGuard:
             except KafkaException as exc:  # a broker outage: the clock of each partition keeps running
                 log.warning("stall guard: %s", exc)
                 continue
-            stuck = self.progress.stuck(offsets, time.monotonic(), self.held)
+            stuck = self.progress.stuck(offsets, time.monotonic())
             if stuck:
                 log.critical(
-                    "no progress for at least %.0f s on %s; exiting so a restarted worker reads them again",
+                    "no progress for %.0f s on %s; exiting so a restarted worker reads them again",
                     self.progress.timeout_s,
                     ", ".join(stuck),
                 )
                 logging.shutdown()
                 os._exit(EXIT_STATUS)
-
-
-class AssignmentSensor(faust.Sensor):
-    """Tells ``guard`` which partitions the worker holds: unknown while it rebalances, its consumer's
-    assignment once the rebalance ends (read on faust's event loop, where the consumer lives)."""
-
-    def __init__(self, guard: StallGuard, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.guard = guard
-
-    def on_rebalance_start(self, app: Any) -> dict[str, Any]:
-        """The assignment is being handed out again: not known until it ends."""
-        self.guard.held = None
-        return super().on_rebalance_start(app)
-
-    def on_rebalance_end(self, app: Any, state: dict[str, Any]) -> None:
-        """The partitions assigned now."""
-        self.guard.held = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
