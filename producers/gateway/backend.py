@@ -51,11 +51,7 @@ LOOKBACK_MS = (
 def _settle_acks(acks: list[tuple[asyncio.Future[None], KafkaError | None, str]]) -> None:
     """Resolve the produce futures of a batch of delivery reports (on their loop)."""
     for future, err, request_id in acks:
-        if not future.done():
-            if err is None:
-                future.set_result(None)
-            else:
-                future.set_exception(DeliveryError(f"{request_id}: {err.str()}"))
+        _settle(future, None, None if err is None else DeliveryError(f"{request_id}: {err.str()}"))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -227,9 +223,9 @@ class Backend:
     async def produce(self, topic: str, value: bytes, key: str, request_id: str, tenant_id: str) -> None:
         """Produce and return once the broker has acknowledged (raises DeliveryError otherwise, at the
         latest after the producer's ``message.timeout.ms``)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         ack = self._acks.append
-        loop = done.get_loop()
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:  # on the thread that polls
             ack((loop, done, err, request_id))
