@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The pipeline image: every stage is a verb of the `aigc` entry point (plumbing/cli.py), so one image serves
+# The pipeline image: every stage is a verb of the `aigc` entry point (aigc/cli.py), so one image serves
 # the init job, the gatekeeper, the renderers and the assembler (see docker-compose.yml).
 #
 #   docker build -t aigc-pipeline:local .

@@ -58,7 +58,8 @@ status: setup
 down: setup
 	$(AIGC) down
 
-test: setup
+# Lint and type checks first (seconds): a docstring, complexity, import-layer or typing slip fails the suite.
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
@@ -75,7 +76,7 @@ bench: setup
 	$(AIGC) bench
 
 chaos: setup
-	$(AIGC) chaos
+	$(AIGC) chaos --full --brokers 3
 
 lock:
 	$(UV) pip compile --python-version 3.11 --quiet requirements.in -o requirements.lock --custom-compile-command "make lock"

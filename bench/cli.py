@@ -11,10 +11,11 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` verb to the ``aigc`` command line."""
     bench = verbs.add_parser(
         "bench",
-        help="run the benchmark suite (T1, B1-B7; LEDGER: cost per request; PEER: B1-B3 on Celery + Redis) "
-        "and write a report",
+        help="run the benchmark suite (T1, B1-B7; LEDGER: cost per request; PEER: B1-B3 on Celery + Redis; "
+        "GW: the HTTP gateway) and write a report",
         description="Starts the local infrastructure if needed and one pipeline per scenario, on topics and "
         "keyspaces of its own. Figures are measurements, never pass/fail.",
     )

@@ -17,16 +17,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from plumbing.clock import now_ms
 from plumbing.kafka_clients import consume_available, make_consumer
 from plumbing.settings import Settings
 from plumbing.topics import Topics
-from producers.client import Client, now_ms
+from producers.client import Client
 from schemas.codec import default_codec
+from schemas.records import Completion, FramesRendered, GenerationRequest, Priority, Timings, VideoSpec
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -48,6 +49,7 @@ def steady_rate(done_ms: Sequence[float]) -> float:
 
 
 def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Count, p50, p95, p99 and max of ``values`` (None for no values)."""
     return {
         "n": len(values),
         "p50": percentile(values, 50),
@@ -59,6 +61,8 @@ def summary(values: Sequence[float]) -> dict[str, float | int | None]:
 
 @dataclass
 class RequestTiming:
+    """One request of a run: when the client sent and heard of it, and what the stages reported."""
+
     request_id: str
     priority: str
     frames: int
@@ -66,9 +70,9 @@ class RequestTiming:
     received_ms: int | None = None  # when the Completion reached the client
     status: str | None = None
     reason: str | None = None  # the Completion's reason_code
-    timings: dict[str, int] = field(default_factory=dict)  # the Completion's
+    timings: Timings = field(default_factory=Timings)  # the Completion's (zeros until it arrives)
     finished_ms: int | None = None  # when the sink decided (the Completion's finished_at)
-    tasks: list[dict[str, Any]] = field(default_factory=list)  # FramesRendered facts, one per task
+    tasks: list[FramesRendered] = field(default_factory=list)  # one per task
 
     @property
     def outcome(self) -> str:
@@ -80,15 +84,18 @@ class RequestTiming:
 
     @property
     def e2e_ms(self) -> int | None:
+        """From created_at to the Completion reaching the client; None without one."""
         return None if self.received_ms is None else self.received_ms - self.submitted_ms
 
     @property
     def render_ms(self) -> int:
-        return sum(t["render_ms"] for t in self.tasks) or self.timings.get("render_ms", 0)
+        """Device time over the request's tasks (else the Completion's render_ms)."""
+        return sum(t.render_ms for t in self.tasks) or self.timings.render_ms
 
     @property
     def queue_waits_ms(self) -> list[int]:
-        return [t["started_at"] - t["enqueued_at"] for t in self.tasks]
+        """Each task's wait on its render topic (enqueued_at to started_at)."""
+        return [t.started_at - t.enqueued_at for t in self.tasks]
 
 
 class Collector:
@@ -104,19 +111,23 @@ class Collector:
         self.ready = threading.Event()
 
     def expect(self, timing: RequestTiming) -> None:
+        """Follow ``timing``'s request: its records are kept from now on."""
         with self.lock:
             self.requests[timing.request_id] = timing
 
     def start(self) -> Collector:
+        """Start following the topics; returns once the partitions are assigned (or after 30 s)."""
         self.thread.start()
         self.ready.wait(30)
         return self
 
     def close(self) -> None:
+        """Stop following the topics."""
         self.stop.set()
         self.thread.join(10)
 
     def done(self) -> int:
+        """How many followed requests have their Completion."""
         with self.lock:
             return sum(1 for r in self.requests.values() if r.received_ms is not None)
 
@@ -158,36 +169,26 @@ class Collector:
                     if msg.error():
                         continue
                     received = now_ms()
-                    name, record = codec.decode_any(msg.value())
-                    with self.lock:
-                        timing = self.requests.get(record["request_id"])
-                        if timing is None:
-                            continue
-                        if name == "Completion":
-                            timing.received_ms = timing.received_ms or received
-                            timing.status = record["status"]
-                            timing.reason = record.get("reason_code")
-                            timing.timings = record["timings"]
-                            timing.finished_ms = record["finished_at"]
-                        else:
-                            timing.tasks.append(
-                                {
-                                    k: record[k]
-                                    for k in (
-                                        "task_id",
-                                        "enqueued_at",
-                                        "started_at",
-                                        "finished_at",
-                                        "render_ms",
-                                        "batch_size",
-                                        "worker_id",
-                                        "accepted_at",
-                                        "outcome",
-                                    )
-                                }
-                            )
+                    record = codec.read_any(msg.value())
+                    if isinstance(record, Completion | FramesRendered):
+                        self._record(record, received)
         finally:
             consumer.close()
+
+    def _record(self, record: Completion | FramesRendered, received_ms: int) -> None:
+        """Keep what ``record`` says about a followed request (nothing for any other request)."""
+        with self.lock:
+            timing = self.requests.get(record.request_id)
+            if timing is None:
+                return
+            if isinstance(record, Completion):
+                timing.received_ms = timing.received_ms or received_ms
+                timing.status = record.status
+                timing.reason = record.reason_code
+                timing.timings = record.timings
+                timing.finished_ms = record.finished_at
+            else:
+                timing.tasks.append(record)
 
 
 class Load:
@@ -199,18 +200,15 @@ class Load:
         self.rng = random.Random(seed)
         self.late_ms: list[float] = []  # how far behind its arrival time each submission went out
 
-    def _submit(self, fields: dict[str, Any]) -> str:
-        record = {"request_id": f"b{uuid.uuid4().hex[:20]}", "created_at": now_ms(), **fields}
-        frames = record["video"]["num_frames"] if record.get("video") else record.get("num_images", 1)
-        self.collector.expect(
-            RequestTiming(
-                record["request_id"], record.get("priority", "NORMAL"), frames, record["created_at"]
-            )
-        )
+    def _submit(self, template: GenerationRequest) -> str:
+        record = replace(template, request_id=f"b{uuid.uuid4().hex[:20]}", created_at=now_ms())
+        frames = record.video.num_frames if record.video else record.num_images
+        self.collector.expect(RequestTiming(record.request_id, record.priority, frames, record.created_at))
         return self.client.submit_nowait(record)
 
-    def backlog(self, count: int, fields: dict[str, Any]) -> list[str]:
-        ids = [self._submit(fields) for _ in range(count)]
+    def backlog(self, count: int, template: GenerationRequest) -> list[str]:
+        """``count`` requests like ``template`` at once; returns their ids once all are acknowledged."""
+        ids = [self._submit(template) for _ in range(count)]
         self.client.flush()
         return ids
 
@@ -218,7 +216,7 @@ class Load:
         self,
         rate_per_s: float,
         duration_s: float,
-        fields: dict[str, Any],
+        template: GenerationRequest,
         stop: threading.Event | None = None,
         tenants: Sequence[str] = (),
     ) -> list[str]:
@@ -233,12 +231,14 @@ class Load:
                 time.sleep(wait)
             else:
                 self.late_ms.append(-wait * 1000)
-            ids.append(self._submit({**fields, "tenant_id": self.rng.choice(tenants)} if tenants else fields))
+            ids.append(
+                self._submit(replace(template, tenant_id=self.rng.choice(tenants)) if tenants else template)
+            )
             at += self.rng.expovariate(rate_per_s)
         self.client.flush()
         return ids
 
-    def steady(self, rate_per_s: float, count: int, fields: dict[str, Any]) -> list[str]:
+    def steady(self, rate_per_s: float, count: int, template: GenerationRequest) -> list[str]:
         """``count`` requests, one every ``1 / rate_per_s`` seconds (a fixed workload, unlike `poisson`)."""
         ids = []
         start = time.monotonic()
@@ -246,25 +246,39 @@ class Load:
             wait = start + i / rate_per_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            ids.append(self._submit(fields))
+            ids.append(self._submit(template))
         self.client.flush()
         return ids
 
     def close(self) -> None:
+        """Close the SDK client (its producer)."""
         self.client.close()
 
 
-def image(model: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "tenant_id": "bench",
-        "prompt": "a benchmark image",
-        "model": model,
-        "width": 64,
-        "height": 64,
-        "steps": 10,
-        "guidance_scale": 7.5,
-        **extra,
-    }
+def image(
+    model: str,
+    *,
+    tenant_id: str = "bench",
+    priority: Priority = "NORMAL",
+    steps: int = 10,
+    video: VideoSpec | None = None,
+) -> GenerationRequest:
+    """The bench's request template: a 64x64 image (a video with ``video``); `Load` gives each copy its
+    own request_id and created_at."""
+    return GenerationRequest(
+        request_id="",
+        tenant_id=tenant_id,
+        priority=priority,
+        kind="VIDEO" if video else "IMAGE",
+        prompt="a benchmark image",
+        model=model,
+        width=64,
+        height=64,
+        steps=steps,
+        guidance_scale=7.5,
+        video=video,
+        created_at=0,
+    )
 
 
 def outcomes(timings: Iterable[RequestTiming]) -> dict[str, int]:
@@ -278,13 +292,13 @@ def stage_breakdown(timings: Iterable[RequestTiming]) -> dict[str, dict[str, flo
     for t in timings:
         if not t.tasks or t.received_ms is None or t.finished_ms is None:
             continue
-        first = min(t.tasks, key=lambda task: task["started_at"])
-        last = max(t.tasks, key=lambda task: task["finished_at"])
-        stages["gatekeeper"].append(first["accepted_at"] - t.submitted_ms)
-        stages["render queue"].append(first["started_at"] - first["enqueued_at"])
+        first = min(t.tasks, key=lambda task: task.started_at)
+        last = max(t.tasks, key=lambda task: task.finished_at)
+        stages["gatekeeper"].append(first.accepted_at - t.submitted_ms)
+        stages["render queue"].append(first.started_at - first.enqueued_at)
         stages["render"].append(t.render_ms)
-        stages["upload + announce"].append(last["finished_at"] - first["started_at"] - t.render_ms)
-        stages["sink"].append(t.finished_ms - last["finished_at"])
+        stages["upload + announce"].append(last.finished_at - first.started_at - t.render_ms)
+        stages["sink"].append(t.finished_ms - last.finished_at)
         stages["commit + delivery"].append(t.received_ms - t.finished_ms)
     return {name: summary(values) for name, values in stages.items()}
 

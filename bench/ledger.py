@@ -45,6 +45,7 @@ def cpu_ms(stat: str) -> float:
 
 
 def process_cpu_ms(pid: int) -> float | None:
+    """`cpu_ms` of a running process; None once it has gone."""
     try:
         return cpu_ms(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
@@ -152,6 +153,7 @@ class Probe:
         self.topics = self._run_topics()
 
     def close(self) -> None:
+        """Close the Cassandra session."""
         self.cluster.shutdown()
 
     def _run_topics(self) -> dict[str, list[int]]:
@@ -165,12 +167,14 @@ class Probe:
         }
 
     def short(self, topic: str) -> str:
+        """A topic's name without the run's prefix (broker-wide topics say so)."""
         for prefix in (self.settings.kafka.topic_prefix + ".", self.settings.gatekeeper.app_id + "-"):
             if topic.startswith(prefix):
                 return topic[len(prefix) :]
         return f"{topic} (broker-wide)"
 
     def records(self) -> dict[str, int]:
+        """Records written so far per topic: the sum of its partitions' end offsets."""
         from confluent_kafka import TopicPartition
         from confluent_kafka.admin import OffsetSpec
 
@@ -181,12 +185,14 @@ class Probe:
         return dict(totals)
 
     def bytes(self) -> dict[str, int]:
+        """Bytes of each topic's partition logs on the broker's disk (empty without its log directory)."""
         if self.log_dir is None:
             return {}
         dirs = partition_dirs(self.log_dir)
         return {self.short(t): log_bytes(dirs.get(t, [])) for t in self.topics}
 
     def broker_partitions(self) -> int | None:
+        """Partitions the broker holds, of every topic (None without its log directory)."""
         return None if self.log_dir is None else sum(len(d) for d in partition_dirs(self.log_dir).values())
 
     def cassandra(self) -> dict[str, int]:
@@ -204,6 +210,7 @@ class Probe:
         return out
 
     def calls(self) -> dict[str, dict[str, int]]:
+        """The stage processes' own call counts, added up: family -> kind -> count."""
         directory = self.settings.call_counts_dir
         documents = []
         for path in directory.glob("*.json") if directory else ():
@@ -214,6 +221,7 @@ class Probe:
         return {family: dict(kinds) for family, kinds in call_totals(documents).items()}
 
     def cpu(self) -> dict[str, float]:
+        """CPU ms so far of each stage (its children included), each JVM and the bench driver."""
         out: dict[str, float] = {}
         for name, pid in {**self.stages, **self.jvms}.items():
             pids = descendants(pid) if name in self.stages else [pid]
@@ -222,6 +230,7 @@ class Probe:
         return out
 
     def read(self) -> dict[str, Any]:
+        """Every counter now, with a monotonic timestamp: what `difference` takes two of."""
         return {
             "seconds": time.monotonic(),
             "kafka records": self.records(),

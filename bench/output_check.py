@@ -24,6 +24,7 @@ from plumbing.settings import OutputCheckSettings
 
 
 def percentiles(samples: Sequence[tuple[float, float]]) -> str:
+    """Wall p50/p95 and CPU p50 of (wall, CPU) millisecond samples, as one line."""
     wall = statistics.quantiles([w for w, _ in samples], n=100, method="inclusive")
     cpu = statistics.median(c for _, c in samples)
     return f"wall p50 {wall[49]:.1f} / p95 {wall[94]:.1f} ms, CPU p50 {cpu:.1f} ms (n={len(samples)})"
@@ -55,6 +56,7 @@ def frames(model: Path | None, size: int, count: int) -> list[np.ndarray]:
 
 
 def main() -> None:
+    """Time the output check on a large image, then on the tiny model's image and video."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="tiny diffusers model folder (aigc models build-tiny)")
     parser.add_argument("--repeat", type=int, default=50)

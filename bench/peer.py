@@ -49,7 +49,10 @@ app.conf.update(
 )
 
 
-def now_ms() -> float:
+def wall_ms() -> float:
+    """Epoch milliseconds with a fraction: not `plumbing.clock.now_ms`'s whole milliseconds, because the
+    peer's timestamps cross processes (the worker's against the harness's, so a wall clock) and its
+    overheads are a few milliseconds, which whole milliseconds would blur."""
     return time.time() * 1000
 
 
@@ -62,10 +65,10 @@ def _results_client() -> Any:
 @app.task(name="render")
 def render(request_id: str, created_ms: float, service_ms: float, steps: int) -> None:
     """Sleep the service time in ``steps`` slices and report when the work started and finished."""
-    started = now_ms()
+    started = wall_ms()
     for _ in range(steps):
         time.sleep(service_ms / steps / 1000)
-    finished = now_ms()
+    finished = wall_ms()
     _results_client().rpush(DONE, json.dumps({"id": request_id, "started": started, "finished": finished}))
 
 
@@ -189,17 +192,19 @@ class Run:
             item = reader.blpop([DONE], timeout=0.2)
             if item is not None:
                 record = json.loads(item[1])
-                record["received"] = now_ms()
+                record["received"] = wall_ms()
                 self.done[record["id"]] = record
 
     def send(self, priority: str) -> str:
+        """Send one task of ``priority`` now; its request id."""
         request_id = f"p{len(self.sent)}-{priority[0]}-{random.getrandbits(32):08x}"
-        created = now_ms()
+        created = wall_ms()
         self.sent[request_id] = (priority, created)
         render.apply_async((request_id, created, self.service_ms, self.steps), priority=PRIORITY[priority])
         return request_id
 
     def poisson(self, rate: float, duration_s: float, priority: str, seed: int) -> list[str]:
+        """Tasks at Poisson arrival times, ``rate`` a second for ``duration_s``; their ids."""
         rng, ids, start = random.Random(seed), [], time.monotonic()
         at = rng.expovariate(rate)
         while at < duration_s:
@@ -211,6 +216,7 @@ class Run:
         return ids
 
     def wait(self, ids: list[str], timeout_s: float) -> None:
+        """Until every one of ``ids`` has reported (or ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(i not in self.done for i in ids):
             time.sleep(0.05)
@@ -228,6 +234,7 @@ class Run:
         }
 
     def close(self) -> None:
+        """Stop reading results."""
         self._stop.set()
         self._reader.join(2)
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra.launcher import owned_pid
@@ -32,6 +34,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 
 def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (from the parent pids in /proc)."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -49,14 +52,15 @@ def descendants(root: int) -> list[int]:
 
 
 def stage_of(pid: int) -> str | None:
+    """The pipeline stage ``pid`` runs (``python -m aigc <stage>``), or None."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
     words = [a.decode() for a in argv]
-    if "plumbing.cli" not in words:
+    if "aigc" not in words:
         return None
-    verb = words[words.index("plumbing.cli") + 1]
+    verb = words[words.index("aigc") + 1]
     return verb if verb in STAGES else None
 
 
@@ -101,11 +105,86 @@ def hot_spots(raw: Path) -> tuple[int, collections.Counter[str]]:
 
 
 def _name(frame: str) -> str:
+    """A py-spy frame as ``function (file)``, without its line number."""
     name, _, where = frame.partition(" (")
     return f"{name} ({where.rstrip(')').rsplit(':', 1)[0]})"
 
 
+def _stages(bench: subprocess.Popen[bytes]) -> dict[int, str]:
+    """The scenario's stage processes (pid -> stage) once they appear; empty if they never do."""
+    stages: dict[int, str] = {}
+    deadline = time.monotonic() + 300
+    while not stages and time.monotonic() < deadline and bench.poll() is None:
+        time.sleep(1)
+        stages = {p: s for p in descendants(bench.pid) if (s := stage_of(p))}
+    return stages
+
+
+def _wait_for_load(bench: subprocess.Popen[bytes], stages: dict[int, str], warmup_s: float) -> dict[int, str]:
+    """Wait until the load is on (the stages together busy more than half a core for a second), then
+    ``warmup_s`` more; the stage processes as they are then."""
+    deadline = time.monotonic() + warmup_s + 300
+    while time.monotonic() < deadline and bench.poll() is None:
+        stages = {p: s for p in descendants(bench.pid) if (s := stage_of(p))}
+        ticks = {p: cpu_ticks(p) for p in stages}
+        time.sleep(1)
+        if sum(cpu_ticks(p) - ticks[p] for p in stages) / HZ > 0.5:
+            break
+    time.sleep(warmup_s)
+    return stages
+
+
+def _spy(py_spy: Path, pids: Iterable[int], seconds: float, out: Path) -> list[subprocess.Popen[bytes]]:
+    """One py-spy per process, sampling for ``seconds`` into ``out/<pid>.txt``."""
+    # --gil: only threads holding the GIL, i.e. Python at work (waits and native I/O are left out)
+    record = [str(py_spy), "record", "--gil", "--nonblocking", "--format", "raw", "-d", str(int(seconds))]
+    return [
+        subprocess.Popen(
+            [*record, "--pid", str(p), "--output", str(out / f"{p}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for p in pids
+    ]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What one sampling window measured."""
+
+    scenario: str
+    out: Path  # the scenario's report and the py-spy samples
+    seconds: float
+    used: dict[int, int]  # pid -> CPU ticks in the window
+    others: dict[int, str]  # the JVMs and the bench driver, by pid
+    stages: dict[int, str]
+
+
+def _print_report(window: _Window, top: int) -> None:
+    """Each process's share of a core over the window, and each stage's hottest code."""
+    used, seconds = window.used, window.seconds
+    print(f"# CPU by stage during {window.scenario} ({seconds:.0f} s window, share of one core)\n")
+    print(f"the scenario's own report: {window.out}\n")
+    total = sum(used.values()) / HZ / seconds
+    print(f"all of the below together: {total:.2f} of the machine's {os.cpu_count()} cores\n")
+    for pid, name in sorted(window.others.items(), key=lambda item: -used[item[0]]):
+        print(f"- {name}: {used[pid] / HZ / seconds:.0%} of a core")
+    print()
+    for pid, stage in sorted(window.stages.items(), key=lambda item: -used[item[0]]):
+        print(f"## {stage} (pid {pid}): {used[pid] / HZ / seconds:.0%} of a core\n")
+        raw = window.out / f"{pid}.txt"
+        if not raw.exists():
+            print("no samples\n")
+            continue
+        samples, spots = hot_spots(raw)
+        print(f"{samples} samples; where they fell (our innermost function -> the call it was in):")
+        for label, n in spots.most_common(top):
+            print(f"  {n / max(samples, 1):5.0%}  {label}")
+        print()
+
+
 def main() -> int:
+    """Run the scenario, sample its stages over one window and print where the CPU went."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="B2", help="one bench scenario (default: B2)")
     parser.add_argument("--seconds", type=float, default=20.0, help="sampling window")
@@ -122,73 +201,26 @@ def main() -> int:
         stderr=subprocess.DEVNULL,
     )
     try:
-        stages: dict[int, str] = {}
-        deadline = time.monotonic() + 300
-        while not stages and time.monotonic() < deadline and bench.poll() is None:
-            time.sleep(1)
-            stages = {p: s for p in descendants(bench.pid) if (s := stage_of(p))}
+        stages = _stages(bench)
         if not stages:
             print("the scenario's stages never appeared", file=sys.stderr)
             return 1
-        # Sample once the load is on: the stages together busy more than half a core for a second.
-        deadline = time.monotonic() + args.warmup + 300
-        while time.monotonic() < deadline and bench.poll() is None:
-            stages = {p: s for p in descendants(bench.pid) if (s := stage_of(p))}
-            ticks = {p: cpu_ticks(p) for p in stages}
-            time.sleep(1)
-            if sum(cpu_ticks(p) - ticks[p] for p in stages) / HZ > 0.5:
-                break
-        time.sleep(args.warmup)
+        stages = _wait_for_load(bench, stages, args.warmup)
         others = {**services(settings), bench.pid: "bench driver (load + collector)"}
         before = {p: cpu_ticks(p) for p in [*stages, *others]}
-        # --gil: only threads holding the GIL, i.e. Python at work (waits and native I/O are left out)
-        record = [
-            str(py_spy),
-            "record",
-            "--gil",
-            "--nonblocking",
-            "--format",
-            "raw",
-            "-d",
-            str(int(args.seconds)),
-        ]
-        spies = {
-            p: subprocess.Popen(
-                [*record, "--pid", str(p), "--output", str(out / f"{p}.txt")],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for p in stages
-        }
+        spies = _spy(py_spy, stages, args.seconds, out)
         start = time.monotonic()
         time.sleep(args.seconds)
         used = {p: max(0, cpu_ticks(p) - before[p]) for p in before}
-        window = time.monotonic() - start
-        for spy in spies.values():
+        window = _Window(args.only, out, time.monotonic() - start, used, others, stages)
+        for spy in spies:
             spy.wait(60)
         bench.wait(900)  # the scenario finishes and writes its own report
     finally:
         if bench.poll() is None:
             bench.send_signal(signal.SIGINT)  # its cleanup stops the pipeline (and the infra it started)
             bench.wait(120)
-    print(f"# CPU by stage during {args.only} ({window:.0f} s window, share of one core)\n")
-    print(f"the scenario's own report: {out}\n")
-    total = sum(used.values()) / HZ / window
-    print(f"all of the below together: {total:.2f} of the machine's {os.cpu_count()} cores\n")
-    for pid, name in sorted(others.items(), key=lambda item: -used[item[0]]):
-        print(f"- {name}: {used[pid] / HZ / window:.0%} of a core")
-    print()
-    for pid, stage in sorted(stages.items(), key=lambda item: -used[item[0]]):
-        print(f"## {stage} (pid {pid}): {used[pid] / HZ / window:.0%} of a core\n")
-        raw = out / f"{pid}.txt"
-        if not raw.exists():
-            print("no samples\n")
-            continue
-        total, spots = hot_spots(raw)
-        print(f"{total} samples; where they fell (our innermost function -> the call it was in):")
-        for label, n in spots.most_common(args.top):
-            print(f"  {n / max(total, 1):5.0%}  {label}")
-        print()
+    _print_report(window, args.top)
     return 0
 
 

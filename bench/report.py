@@ -31,6 +31,7 @@ POM = Path(__file__).resolve().parent.parent / "infra" / "maven" / "pom.xml"
 
 
 def machine() -> dict[str, Any]:
+    """The CPU, cores, memory, OS and Python the figures were measured on."""
     cpu = "unknown"
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(
@@ -57,6 +58,7 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
+    """Versions of the libraries and of Kafka, Cassandra and S3Proxy (from the Maven build)."""
     out = {name: metadata.version(name) for name in PACKAGES}
     out["librdkafka"] = confluent_kafka.libversion()[0]
     for prop in ("kafka.version", "cassandra.version", "s3proxy.version"):
@@ -66,6 +68,7 @@ def versions() -> dict[str, str]:
 
 
 def write(out_dir: Path, results: dict[str, Any], settings: Settings) -> tuple[Path, Path]:
+    """Write results.json and report.md into ``out_dir``; their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     document = {
         "machine": machine(),
@@ -98,6 +101,7 @@ def _lines(prefix: str, value: Any) -> list[str]:
 
 
 def markdown(document: dict[str, Any]) -> str:
+    """The report as Markdown: machine, versions, the comparison with the peer, then every figure."""
     m, v = document["machine"], document["versions"]
     lines = [
         "# Benchmark report",

@@ -1,8 +1,8 @@
 """The benchmark scenarios. Each runs its own pipeline and returns figures (and notes) for the report.
 
 T1 is the tiny diffusers model end to end (issue: pipeline latency); B1-B7 are the scheduling and
-throughput suite. Synthetic renderers sleep for their service time, so their figures measure the
-pipeline, not a model.
+throughput suite; GW is the HTTP gateway (bench/gateway.py). Synthetic renderers sleep for their service
+time, so their figures measure the pipeline, not a model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.gateway import gw_gateway
 from bench.harness import (
     Collector,
     Load,
@@ -30,6 +31,7 @@ from bench.harness import (
 from bench.realsize import sd15
 from infra.pipeline import RunningPipeline, running_pipeline
 from plumbing.settings import GatekeeperSettings, ModelSpec, RendererSettings, Settings, Tier
+from schemas.records import VideoSpec
 
 UNLIMITED = Tier(requests_per_s=1e6, request_burst=1e6, cost_per_s=1e18, cost_burst=1e18)
 SYNTH = "synth"
@@ -104,7 +106,7 @@ def t1_tiny_model(settings: Settings, quick: bool) -> dict[str, Any]:
         try:
             for kind, fields in (
                 ("image", image("tiny-sd")),
-                ("video", image("tiny-sd", video={"num_frames": 16, "fps": 8})),
+                ("video", image("tiny-sd", video=VideoSpec(num_frames=16, fps=8))),
             ):
                 load.backlog(2, fields)  # warm-up: first renders pay for lazy initialisation
                 collector.wait(collector.done() + 2, 300)
@@ -119,7 +121,7 @@ def t1_tiny_model(settings: Settings, quick: bool) -> dict[str, Any]:
                     "e2e_ms": summary([t.e2e_ms for t in timings]),  # type: ignore[misc]
                     "in_model_ms": summary([t.render_ms for t in timings]),
                     "overhead_ms": summary([t.e2e_ms - t.render_ms for t in timings]),  # type: ignore[operator]
-                    "assemble_ms": summary([t.timings.get("assemble_ms", 0) for t in timings]),
+                    "assemble_ms": summary([t.timings.assemble_ms for t in timings]),
                 }
         finally:
             load.close()
@@ -190,10 +192,10 @@ def b2_throughput(settings: Settings, quick: bool) -> dict[str, Any]:
         task = t.tasks[0] if t.tasks else None
         if task is None:
             continue
-        stages["gatekeeper (created -> accepted)"].append(task["accepted_at"] - t.submitted_ms)
-        stages["render queue (enqueued -> started)"].append(task["started_at"] - task["enqueued_at"])
-        stages["render + upload (started -> frames out)"].append(task["finished_at"] - task["started_at"])
-        stages["sink (frames out -> completion to client)"].append((t.received_ms or 0) - task["finished_at"])
+        stages["gatekeeper (created -> accepted)"].append(task.accepted_at - t.submitted_ms)
+        stages["render queue (enqueued -> started)"].append(task.started_at - task.enqueued_at)
+        stages["render + upload (started -> frames out)"].append(task.finished_at - task.started_at)
+        stages["sink (frames out -> completion to client)"].append((t.received_ms or 0) - task.finished_at)
     return {
         "requests": len(collector.requests),
         "completed": len(timings),
@@ -260,7 +262,7 @@ def b3_priority(settings: Settings, quick: bool) -> dict[str, Any]:
                     "high_completed": len(finished),
                     "high_outcomes": outcomes(highs),
                     "high_wait_created_to_start_ms": summary(
-                        [task["started_at"] - t.submitted_ms for t in finished for task in t.tasks]
+                        [task.started_at - t.submitted_ms for t in finished for task in t.tasks]
                     ),
                     "high_queue_wait_ms": summary([w for t in finished for w in t.queue_waits_ms]),
                     "high_e2e_ms": summary([t.e2e_ms for t in finished]),  # type: ignore[misc]
@@ -282,11 +284,11 @@ def _busy(timings: list[RequestTiming], trim_ms: int = 2000) -> dict[str, float]
     Tasks rendered in one batch share their ``started_at``, and their ``render_ms`` shares add up to the
     batch's device time, so each batch is the interval [started_at, started_at + sum of shares]."""
     tasks = [task for t in timings for task in t.tasks]
-    start = min(t["started_at"] for t in tasks) + trim_ms
-    end = max(t["finished_at"] for t in tasks) - trim_ms
+    start = min(t.started_at for t in tasks) + trim_ms
+    end = max(t.finished_at for t in tasks) - trim_ms
     batches: dict[tuple[str, int], int] = defaultdict(int)
     for task in tasks:
-        batches[(task["worker_id"], task["started_at"])] += task["render_ms"]
+        batches[(task.worker_id, task.started_at)] += task.render_ms
     busy: dict[str, float] = defaultdict(float)
     for (worker, began), device_ms in batches.items():
         busy[worker] += max(0, min(began + device_ms, end) - max(began, start))
@@ -322,7 +324,7 @@ def b4_busy(settings: Settings, quick: bool) -> dict[str, Any]:
 def _throughput(timings: list[RequestTiming]) -> float:
     tasks = [task for t in timings for task in t.tasks]
     frames = sum(t.frames for t in timings)
-    span = (max(t["finished_at"] for t in tasks) - min(t["started_at"] for t in tasks)) / 1000
+    span = (max(t.finished_at for t in tasks) - min(t.started_at for t in tasks)) / 1000
     return frames / span
 
 
@@ -341,7 +343,7 @@ def b5_batching(settings: Settings, quick: bool) -> dict[str, Any]:
                 timings = _finished(list(collector.requests.values()))
                 out[label] = {
                     "images_per_s": _throughput(timings),
-                    "mean_batch": statistics.fmean(t["batch_size"] for r in timings for t in r.tasks),
+                    "mean_batch": statistics.fmean(t.batch_size for r in timings for t in r.tasks),
                 }
             finally:
                 load.close()
@@ -367,10 +369,10 @@ def b6_video_sink(settings: Settings, quick: bool) -> dict[str, Any]:
                 before = set(collector.requests)
                 for _ in range(per_size):
                     target = collector.done() + 1
-                    load.backlog(1, image(SYNTH, steps=1, video={"num_frames": frames, "fps": 8}))
+                    load.backlog(1, image(SYNTH, steps=1, video=VideoSpec(num_frames=frames, fps=8)))
                     collector.wait(target, 120)
                 timings = _finished([collector.requests[r] for r in set(collector.requests) - before])
-                assemble = [t.timings["assemble_ms"] for t in timings]
+                assemble = [t.timings.assemble_ms for t in timings]
                 gradient = np.linspace(0, 255, 64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)
                 clip = [np.roll(gradient, i, axis=1) for i in range(frames)]
                 encode_mp4(clip, 8)  # warm: the first call imports moviepy and finds ffmpeg
@@ -397,7 +399,7 @@ def b7_scaling(settings: Settings, quick: bool) -> dict[str, Any]:
     counts = (1, 2, 4, 8) if quick else (1, 2, 4, 8, 16)
     per_renderer = 3 if quick else 5  # 32-frame videos per renderer, as 8-frame tasks
     conf = configure(settings, synthetic=True, frames_per_task=8)
-    video = image(SYNTH, video={"num_frames": 32, "fps": 8})
+    video = image(SYNTH, video=VideoSpec(num_frames=32, fps=8))
     out: dict[str, Any] = {
         "service_ms_per_frame": service_ms,
         "ideal_per_renderer_per_s": 1000 / service_ms,
@@ -444,6 +446,7 @@ def ledger(settings: Settings, quick: bool) -> dict[str, Any]:
 
 
 def run_ledger(settings: Settings, work: LedgerWorkload) -> dict[str, Any]:
+    """LEDGER with a given workload: an idle window, then the images, then the videos, each read apart."""
     from bench import ledger as book
 
     service_ms, renderers, frames = 10.0, 2, 16
@@ -489,7 +492,7 @@ def run_ledger(settings: Settings, work: LedgerWorkload) -> dict[str, Any]:
             images = _finished([collector.requests[r] for r in ids])
             out["image"] = book.ledger(image_from, video_from, len(images), probe)
             out["image"]["sent"] = len(ids)
-            video = image(SYNTH, video={"num_frames": frames, "fps": 8})
+            video = image(SYNTH, video=VideoSpec(num_frames=frames, fps=8))
             video_ids = load.steady(work.video_rate, work.videos, video)
             collector.wait(len(ids) + len(video_ids), 180)
             time.sleep(LEDGER_SETTLE_S)
@@ -530,4 +533,5 @@ SCENARIOS = {
     "LEDGER": ledger,
     "SD15": sd15,
     "PEER": peer_celery,
+    "GW": gw_gateway,
 }

@@ -62,6 +62,7 @@ def decode(schemas: dict[str, tuple[bytes, Any]], data: bytes | None) -> tuple[s
 
 
 def say(line: str, stream: Any = sys.stdout) -> None:
+    """Print one line at once (the caller may be a pipe)."""
     stream.write(line + "\n")
     stream.flush()
 
@@ -82,6 +83,7 @@ def follow_from(consumer: Consumer, topics: list[str], since_ms: int) -> None:
 
 
 def main() -> int:
+    """Submit one request, wait for its Completion, download the result; the exit status says how."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt", nargs="?", default="a lighthouse at dusk, oil painting")
     parser.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka bootstrap servers")
@@ -118,6 +120,7 @@ def main() -> int:
         "deadline_ms": now + int(args.timeout * 1000),  # no use to us later: it ends EXPIRED instead
         "labels": {"sent-by": "docs/example_producer.py"},
         "created_at": now,
+        "webhook_url": None,  # or an https URL that receives the Completion, signed (README: Webhooks)
     }
     value = encode(schemas, "GenerationRequest", request)
     results = args.reply_topic or f"{args.topic_prefix}.completions"

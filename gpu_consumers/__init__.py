@@ -1,0 +1,1 @@
+"""The GPU consumers: renderer processes that take render tasks from Kafka and render them on a device."""

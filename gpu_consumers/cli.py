@@ -10,6 +10,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``render`` and ``models`` verbs to the ``aigc`` command line."""
     render = verbs.add_parser(
         "render",
         help="run a renderer process of one pool (a share-group member)",
@@ -77,9 +78,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _render(args: argparse.Namespace, settings: Settings) -> int:
-    from gpu_consumers.renderer import run
+    from gpu_consumers.renderer import BackendOverrides, run
 
-    overrides: dict[str, object] = {}
+    overrides: BackendOverrides = {}
     if args.synthetic_ms is not None:
         overrides = {"kind": "synthetic", "service_ms_per_frame": args.synthetic_ms}
         if args.synthetic_steps:

@@ -31,7 +31,9 @@ from gpu_consumers.backends.base import Backend, RenderBatch, RenderOOM, StepHoo
 from gpu_consumers.metrics import renderer_metrics
 from gpu_consumers.scheduler import Pick, Scheduler
 from gpu_consumers.tasks import Task
+from plumbing.clock import now_ms
 from plumbing.errors import PermanentError, RetryableError
+from schemas.records import TaskOutcome
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class Rendered:
 class TaskChecks(Protocol):
     """Questions the loop asks about a task before and while rendering it."""
 
-    def skip_reason(self, task: Task) -> str | None:
+    def skip_reason(self, task: Task) -> TaskOutcome | None:
         """CANCELLED or EXPIRED when the task must not be rendered, else None."""
 
     def is_cancelled(self, task: Task) -> bool:
@@ -81,7 +83,7 @@ class Outcomes(Protocol):
     def rendered(self, rendered: Rendered) -> None:
         """A batch finished: publish its frames."""
 
-    def skipped(self, task: Task, outcome: str) -> None:
+    def skipped(self, task: Task, outcome: TaskOutcome) -> None:
         """A task was not rendered (CANCELLED, EXPIRED): answer it."""
 
     def failed(self, pick: Pick, exc: BaseException) -> None:
@@ -171,7 +173,7 @@ class DeviceLoop:
     def _render(self, pick: Pick) -> None:
         started = time.monotonic()
         run = _Run(pick, started, last_progress=started)
-        started_at_ms = time.time_ns() // 1_000_000
+        started_at_ms = now_ms()
         self.depth += 1
         self.max_depth_seen = max(self.max_depth_seen, self.depth)
         self.metrics.batch_started(pick.tasks, pick.frames)

@@ -144,16 +144,20 @@ class ShareIntake:
         self.refused = 0  # acknowledgements the broker refused (a lock that expired first)
 
     def start(self) -> None:
+        """Subscribe each class's share consumer to its render topic."""
         for cls, consumer in self.consumers.items():
             consumer.subscribe([self.topics[cls]])
 
     def assigned(self) -> bool:
+        """True once every class's consumer has partitions (the statistics say so)."""
         return all(self.assignment.values())
 
     def _statistics(self, cls: str, stats: str) -> None:
         self.assignment[cls] = int(json.loads(stats).get("cgrp", {}).get("assignment_size", 0))
 
     def poll(self, room: Collection[str], timeout_s: float) -> list[Message]:
+        """Records of the classes in ``room`` whose consumer holds nothing unacknowledged; when no class
+        may poll, an empty list after ``timeout_s``."""
         # A consumer may poll only once its last poll is all acknowledged: that is the bound on prefetch.
         free = [cls for cls in CLASSES if cls in self.consumers and cls in room and not self.held[cls]]
         if not free:
@@ -177,16 +181,20 @@ class ShareIntake:
         return out
 
     def exhausted(self, msg: Message) -> bool:
+        """True when the broker's delivery count reached ``share.delivery.count.limit``."""
         count = msg.delivery_count()
         return count is not None and count >= self.limit
 
     def finish(self, task: Coords, ack: Ack) -> None:
+        """Acknowledge the task (ACCEPT or REJECT); the acknowledgement goes out at the next ``tick``."""
         self._acknowledge(task, ack.value)
 
     def owns(self, task: Coords) -> bool:
+        """True while the task's record is held (delivered to this member and not yet acknowledged)."""
         return task in self.held[self.class_of[task[0]]]
 
     def tick(self) -> None:
+        """Send pending acknowledgements, and commit progress about once a second."""
         for cls in self.unsent:
             try:
                 self.consumers[cls].commit_async()
@@ -276,6 +284,7 @@ class ClassicIntake:
         self.last_commit = 0.0
 
     def start(self) -> None:
+        """Subscribe to the render topics, with the rebalance callbacks."""
         self.consumer.subscribe(
             list(self.topics.values()),
             on_assign=self._on_assign,
@@ -284,9 +293,11 @@ class ClassicIntake:
         )
 
     def assigned(self) -> bool:
+        """Always True: a consumer group assigns partitions when the member joins."""
         return True  # a consumer group assigns on join (no initial rebalance delay on our brokers)
 
     def poll(self, room: Collection[str], timeout_s: float) -> list[Message]:
+        """What is fetched of partitions not paused (a full class is paused first); each is tracked."""
         self._pause_full(room)
         messages = consume_available(self.consumer, self.batch_tasks, timeout_s)
         for msg in messages:
@@ -297,15 +308,19 @@ class ClassicIntake:
         return [msg for msg in messages if msg.error() is None]
 
     def exhausted(self, msg: Message) -> bool:
+        """Always False: a consumer group counts no deliveries."""
         return False  # a consumer group counts no deliveries
 
     def finish(self, task: Coords, ack: Ack) -> None:
+        """Mark the task's offset done; it is committed once every earlier offset is done too."""
         self.tracker.done(*task)
 
     def owns(self, task: Coords) -> bool:
+        """True while the task's partition is assigned to this member."""
         return (task[0], task[1]) in self.partitions
 
     def tick(self) -> None:
+        """Commit what is committable, about once a second."""
         if time.monotonic() - self.last_commit >= COMMIT_INTERVAL_S:
             self._commit()
             self.last_commit = time.monotonic()

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from gpu_consumers.tasks import Task
+from plumbing.clock import now_ms
 from plumbing.observability import LATENCY_BUCKETS, enabled, priority_label
 
 BUSY_WINDOW_S = 10.0
@@ -58,10 +59,6 @@ TASKS = Counter("aigc_renderer_tasks", "Tasks finished, by class and outcome", [
 OUTCOMES = ("rendered", "cancelled", "expired", "retried", "dead_lettered", "failed")
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class BusyWindow(Collector):
     """When the device was busy, as intervals; exports the busy fraction of the last `BUSY_WINDOW_S`."""
 
@@ -74,11 +71,13 @@ class BusyWindow(Collector):
         self.total_s = 0.0
 
     def busy(self) -> None:
+        """The device started rendering (no change when it already was)."""
         with self.lock:
             if self.busy_since is None:
                 self.busy_since = self.clock()
 
     def idle(self) -> None:
+        """The device stopped rendering: close the busy interval."""
         with self.lock:
             if self.busy_since is None:
                 return
@@ -93,6 +92,7 @@ class BusyWindow(Collector):
             self.intervals.popleft()
 
     def ratio(self) -> float:
+        """The fraction of the last `BUSY_WINDOW_S` (or of the process's life, if shorter) spent busy."""
         with self.lock:
             now = self.clock()
             self._prune(now)
@@ -102,10 +102,12 @@ class BusyWindow(Collector):
             return min(1.0, busy / (now - since)) if now > since else 0.0
 
     def seconds(self) -> float:
+        """Seconds spent busy since the process started, the current interval included."""
         with self.lock:
             return self.total_s + (self.clock() - self.busy_since if self.busy_since is not None else 0.0)
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        """The busy ratio, busy seconds and (where CUDA is in use) device memory, computed at scrape."""
         yield GaugeMetricFamily(
             "aigc_renderer_busy_ratio",
             "Fraction of the last 10 s the device spent rendering",
@@ -136,6 +138,7 @@ class RendererMetrics:
         self.depth = 0
 
     def batch_started(self, tasks: Sequence[Task], frames: int) -> None:
+        """A batch of ``tasks`` (``frames`` frames) starts: count it and observe each task's queue wait."""
         if not enabled():
             return
         self.depth += 1
@@ -145,11 +148,12 @@ class RendererMetrics:
         BATCH_SIZE.observe(frames)
         now = now_ms()
         for task in tasks:
-            enqueued = task.record.get("enqueued_at")
+            enqueued = task.record.enqueued_at
             if enqueued:
-                QUEUE_WAIT.labels(priority_label(task.priority)).observe(max(0, now - int(enqueued)) / 1000)
+                QUEUE_WAIT.labels(priority_label(task.priority)).observe(max(0, now - enqueued) / 1000)
 
     def batch_ended(self) -> None:
+        """The batch started last has ended (rendered, failed or abandoned)."""
         if not enabled() or self.depth == 0:
             return
         self.depth -= 1
@@ -158,14 +162,17 @@ class RendererMetrics:
         SUSPENDED.set(max(0, self.depth - 1))
 
     def step(self, seconds: float) -> None:
+        """One denoising step took ``seconds``."""
         if enabled():
             STEP.observe(seconds)
 
     def preempted(self) -> None:
+        """An urgent batch was rendered while another was suspended."""
         if enabled():
             PREEMPTIONS.inc()
 
     def oom_split(self) -> None:
+        """A batch was split after the device ran out of memory."""
         if enabled():
             OOM_SPLITS.inc()
 

@@ -12,12 +12,15 @@ import heapq
 
 
 class OffsetTracker:
+    """Per partition, the offsets consumed and not yet done, and the offset that is safe to commit."""
+
     def __init__(self) -> None:
         self._pending: dict[tuple[str, int], list[int]] = {}  # heap of offsets not yet done
         self._done: dict[tuple[str, int], set[int]] = {}
         self._high: dict[tuple[str, int], int] = {}  # highest offset seen + 1
 
     def track(self, topic: str, partition: int, offset: int) -> None:
+        """Track a consumed offset as not done (a redelivered offset already tracked is ignored)."""
         tp = (topic, partition)
         heap = self._pending.setdefault(tp, [])
         if offset in heap:  # tracked already (a redelivery while the first copy is in flight)
@@ -27,6 +30,7 @@ class OffsetTracker:
         self._high[tp] = max(self._high.get(tp, 0), offset + 1)
 
     def done(self, topic: str, partition: int, offset: int) -> None:
+        """Mark an offset done (ignored for a partition no longer tracked)."""
         tp = (topic, partition)
         if tp in self._done:
             self._done[tp].add(offset)
@@ -52,4 +56,5 @@ class OffsetTracker:
         self._high.pop(tp, None)
 
     def in_flight(self) -> int:
+        """Offsets tracked and not yet committable, over all partitions."""
         return sum(len(h) for h in self._pending.values())

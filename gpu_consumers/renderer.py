@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TypedDict
 
 from confluent_kafka import Message
 
@@ -37,12 +37,13 @@ from gpu_consumers.backends import Backend, make_backend
 from gpu_consumers.executor import DeviceLoop
 from gpu_consumers.intake import coords, make_intake
 from gpu_consumers.outbox import Outbox
-from gpu_consumers.publisher import Publisher, now_ms
+from gpu_consumers.publisher import Publisher
 from gpu_consumers.scheduler import CLASSES, Pick, Scheduler
 from gpu_consumers.tasks import Task
 from plumbing.blobs import BlobStore
 from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Failure, Original
 from plumbing.errors import DecodeError, PermanentError, UnknownModelError
 from plumbing.kafka_clients import header_map, make_producer
@@ -52,6 +53,7 @@ from plumbing.settings import ModelSpec, Settings
 from plumbing.shutdown import stop_on_signals
 from plumbing.topics import Priority, Stage, Topics
 from schemas.codec import default_codec
+from schemas.records import RenderTask, TaskOutcome
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05
@@ -66,10 +68,18 @@ class DeliveriesExhausted(PermanentError):
     code = "DELIVERY_LIMIT"
 
 
+class BackendOverrides(TypedDict, total=False):
+    """What ``aigc render --synthetic-ms`` overrides in the registry: every model on the synthetic backend."""
+
+    kind: str
+    service_ms_per_frame: float
+    steps: int
+
+
 class Models:
     """The pool's model backends, each loaded once (on the device thread, or by ``warm_up``)."""
 
-    def __init__(self, settings: Settings, models: dict[str, ModelSpec], overrides: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, models: dict[str, ModelSpec], overrides: BackendOverrides) -> None:
         self.settings = settings
         self.specs = models
         self.overrides = overrides
@@ -125,12 +135,14 @@ class Checks:
         self.cancellations = cancellations
 
     def is_cancelled(self, task: Task) -> bool:
+        """True once the task's owner cancelled its request."""
         return self.cancellations.is_cancelled(task.request_id, task.tenant_id)
 
-    def skip_reason(self, task: Task) -> str | None:
+    def skip_reason(self, task: Task) -> TaskOutcome | None:
+        """CANCELLED or EXPIRED (past ``deadline_ms``) when the task must not be rendered, else None."""
         if self.is_cancelled(task):
             return "CANCELLED"
-        deadline = task.record.get("deadline_ms")
+        deadline = task.record.deadline_ms
         if deadline is not None and deadline <= now_ms():
             return "EXPIRED"
         return None
@@ -140,7 +152,7 @@ class Renderer:
     """One renderer process of a pool: wires the intake, scheduler, device loop and outbox together."""
 
     def __init__(
-        self, settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None
+        self, settings: Settings, pool: str, backend_overrides: BackendOverrides | None = None
     ) -> None:
         conf = settings.renderer
         self.settings = settings
@@ -254,16 +266,16 @@ class Renderer:
             self._dead_letter(original, DeliveriesExhausted(f"delivered {msg.delivery_count()} times"))
             return
         try:
-            record = self.codec.decode(msg.value(), "RenderTask")
+            record = self.codec.read(msg.value(), RenderTask)
         except DecodeError as exc:
             self._dead_letter(original, exc)
             return
         topic, partition, offset = coords(msg)
         task = Task(record, topic, partition, offset, header_map(msg), time.monotonic(), original)
-        if record["model"] not in self.models.specs:
+        if record.model not in self.models.specs:
             # The gatekeeper's registry routed it here but this pool's does not serve it: a configuration
             # mismatch, dead-lettered for replay once the registries agree.
-            self.outbox.failed(Pick([task], task.priority, 0.0), UnknownModelError(record["model"]))
+            self.outbox.failed(Pick([task], task.priority, 0.0), UnknownModelError(record.model))
             return
         with self.lock:
             self.scheduler.add(task)
@@ -286,7 +298,7 @@ class Renderer:
             self.scheduler.remove_partition(topic, partition)
 
 
-def run(settings: Settings, pool: str, backend_overrides: dict[str, Any] | None = None) -> None:
+def run(settings: Settings, pool: str, backend_overrides: BackendOverrides | None = None) -> None:
     """Run one renderer process until SIGINT or SIGTERM; work in hand is finished and acknowledged first."""
     stop = stop_on_signals()
     obs = serve(settings, Stage.RENDERER.value, *READINESS)

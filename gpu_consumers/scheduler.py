@@ -48,11 +48,13 @@ class ClassQueue:
         self.tasks = 0
 
     def add(self, task: Task) -> None:
+        """Append ``task`` to its tenant's FIFO."""
         self.tenants.setdefault(task.tenant_id, collections.deque()).append(task)
         self.frames += task.frame_count
         self.tasks += 1
 
     def oldest(self) -> Task | None:
+        """The longest-waiting task at the head of a tenant's FIFO, or None when the class is empty."""
         heads = [q[0] for q in self.tenants.values() if q]
         return min(heads, key=lambda t: t.received_at) if heads else None
 
@@ -87,9 +89,11 @@ class ClassQueue:
         return taken
 
     def compatible_frames(self, key: BatchKey) -> int:
+        """Frames buffered in tasks whose batch key is ``key``."""
         return sum(t.frame_count for q in self.tenants.values() for t in q if t.key == key)
 
     def remove_partition(self, topic: str, partition: int) -> list[Task]:
+        """Drop (and return) the tasks consumed from ``topic``'s ``partition``."""
         removed = []
         for tenant in list(self.tenants):
             queue = self.tenants[tenant]
@@ -115,10 +119,13 @@ class Pick:
 
     @property
     def frames(self) -> int:
+        """Frames in the batch, all tasks together."""
         return sum(t.frame_count for t in self.tasks)
 
 
 class Scheduler:
+    """The renderer's buffered tasks by class, and the decisions over them; see the module docstring."""
+
     def __init__(
         self,
         weights: Mapping[str, float],
@@ -136,21 +143,26 @@ class Scheduler:
 
     # -- state ------------------------------------------------------------------------------------
     def add(self, task: Task) -> None:
+        """Buffer ``task`` in its class; a class that was empty re-enters at the virtual time."""
         queue = self.queues[task.priority]
         if queue.tasks == 0:  # re-enter at the virtual time: idle time earns no credit
             self.passes[task.priority] = max(self.passes[task.priority], self.virtual)
         queue.add(task)
 
     def buffered_frames(self, cls: str) -> int:
+        """Frames buffered in class ``cls``."""
         return self.queues[cls].frames
 
     def buffered_tasks(self) -> int:
+        """Tasks buffered in every class together."""
         return sum(q.tasks for q in self.queues.values())
 
     def charge(self, cls: str, frames: int) -> None:
+        """Advance ``cls``'s pass for ``frames`` frames served."""
         self.passes[cls] += frames / self.weights[cls]
 
     def remove_partition(self, topic: str, partition: int) -> list[Task]:
+        """Drop (and return) every buffered task consumed from ``topic``'s ``partition``."""
         return [t for q in self.queues.values() for t in q.remove_partition(topic, partition)]
 
     # -- decisions --------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from gpu_consumers.backends.base import FrameSpec
 from plumbing.dead_letters import Original
+from schemas.records import Priority, RenderTask
 
-PRIORITY_RANK = {"HIGH": 0, "NORMAL": 1, "LOW": 2}
+PRIORITY_RANK: dict[str, int] = {"HIGH": 0, "NORMAL": 1, "LOW": 2}
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class BatchKey:
 
 @dataclass
 class Task:
-    record: dict[str, Any]
+    """A decoded RenderTask as the renderer holds it: the record, where it was consumed, when it arrived."""
+
+    record: RenderTask
     topic: str
     partition: int
     offset: int
@@ -36,9 +38,7 @@ class Task:
 
     def __post_init__(self) -> None:
         r = self.record
-        self.key = BatchKey(
-            r["model"], r["width"], r["height"], r["steps"], float(r["guidance_scale"]), r.get("scheduler")
-        )
+        self.key = BatchKey(r.model, r.width, r.height, r.steps, float(r.guidance_scale), r.scheduler)
 
     @property
     def coords(self) -> tuple[str, int, int]:
@@ -47,39 +47,46 @@ class Task:
 
     @property
     def task_id(self) -> str:
-        return str(self.record["task_id"])
+        """The record's task id (``<request_id>.<frame_start>``)."""
+        return self.record.task_id
 
     @property
     def request_id(self) -> str:
-        return str(self.record["request_id"])
+        """The request the task belongs to."""
+        return self.record.request_id
 
     @property
     def tenant_id(self) -> str:
-        return str(self.record["tenant_id"])
+        """The owner of the request."""
+        return self.record.tenant_id
 
     @property
-    def priority(self) -> str:
-        return str(self.record["priority"])
+    def priority(self) -> Priority:
+        """The task's scheduling class: HIGH, NORMAL or LOW."""
+        return self.record.priority
 
     @property
     def rank(self) -> int:
+        """The class's urgency: 0 for HIGH, 2 for LOW."""
         return PRIORITY_RANK[self.priority]
 
     @property
     def frame_count(self) -> int:
-        return int(self.record["frame_end"]) - int(self.record["frame_start"])
+        """Frames in this task's range (not in the whole request)."""
+        return self.record.frame_end - self.record.frame_start
 
     def frames(self) -> list[FrameSpec]:
+        """One `FrameSpec` per frame of the range, its position clamped to [0, 1]."""
         r = self.record
-        recipe = r["recipe"]
+        recipe = r.recipe
         return [
             FrameSpec(
-                recipe["seed_start"],
-                recipe["seed_end"],
+                recipe.seed_start,
+                recipe.seed_end,
                 min(1.0, max(0.0, t)),
-                r["prompt"],
-                r.get("prompt_end"),
-                r.get("negative_prompt"),
+                r.prompt,
+                r.prompt_end,
+                r.negative_prompt,
             )
-            for t in recipe["positions"]
+            for t in recipe.positions
         ]

@@ -53,11 +53,25 @@ def cql_statements(settings: Settings, cql_dir: Path = CQL_DIR) -> list[str]:
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:
+    """Create the missing topics of ``specs`` (default: every topic of the settings), raise partition counts
+    that are too low and set drifted topic configs; returns one line per change.
+    """
     admin = make_admin(settings)
     specs = specs if specs is not None else Topics(settings).all()
     existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
-    changes: list[str] = []
     missing = [s for s in specs if s.name not in existing]
+    grow = [s for s in specs if s.name in existing and len(existing[s.name].partitions) < s.partitions]
+    present = [s for s in specs if s.name in existing and s.config]
+    changes = _create_missing(settings, admin, missing)
+    changes += _raise_partitions(admin, grow)
+    changes += _align_configs(admin, present)
+    return changes
+
+
+def _create_missing(settings: Settings, admin: AdminClient, missing: list[TopicSpec]) -> list[str]:
+    """Create the ``missing`` topics and wait for their leaders; a topic another bootstrap created
+    meanwhile is not an error."""
+    changes: list[str] = []
     if missing:
         futures = admin.create_topics(
             [
@@ -74,14 +88,24 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent bootstrap won the race
                     raise
         _wait_for_leaders(admin, [s.name for s in missing])
-    grow = [s for s in specs if s.name in existing and len(existing[s.name].partitions) < s.partitions]
+    return changes
+
+
+def _raise_partitions(admin: AdminClient, grow: list[TopicSpec]) -> list[str]:
+    """Raise the partition count of the ``grow`` topics to their specs' (partitions never shrink)."""
+    changes: list[str] = []
     if grow:
         for name, future in admin.create_partitions(
             [NewPartitions(s.name, s.partitions) for s in grow]
         ).items():
             future.result()
             changes.append(f"topic {name}: partitions raised")
-    present = [s for s in specs if s.name in existing and s.config]
+    return changes
+
+
+def _align_configs(admin: AdminClient, present: list[TopicSpec]) -> list[str]:
+    """Set the configs of the ``present`` topics that differ from their specs'."""
+    changes: list[str] = []
     if present:
         resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
         described = admin.describe_configs(resources)
@@ -169,6 +193,8 @@ def ensure_share_groups(settings: Settings) -> list[str]:
 
 
 def ensure_schema(settings: Settings) -> list[str]:
+    """Apply the CQL files of infra/cql to the keyspace; returns one line per keyspace, table or type
+    created."""
     cluster, session = connect(settings.cassandra)
     try:
         ks = settings.cassandra.keyspace
@@ -204,6 +230,7 @@ def _schema_objects(session: Session, keyspace: str) -> set[str]:
 
 
 def ensure_buckets(settings: Settings) -> list[str]:
+    """Create the missing S3 buckets (staged frames, results, quarantine); one line per bucket created."""
     store = BlobStore(settings.s3)
     return [
         f"bucket {bucket}: created"
@@ -217,6 +244,9 @@ def ensure_buckets(settings: Settings) -> list[str]:
 
 
 def bootstrap(settings: Settings, echo: Callable[[str], None] = print) -> list[str]:
+    """Make the topics, share groups, keyspace and buckets the settings name exist, idempotently; ``echo``
+    gets each change and a summary. Returns the changes.
+    """
     changes = (
         ensure_topics(settings)
         + ensure_share_groups(settings)

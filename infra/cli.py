@@ -8,6 +8,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``infra`` verb (up, down, status, bootstrap) and the ``kafka`` tool verbs."""
     infra = verbs.add_parser(
         "infra",
         help="run the local Kafka, Cassandra, S3Proxy and Prometheus",
@@ -19,6 +20,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
     sub = infra.add_subparsers(dest="infra_verb", metavar="ACTION", required=True)
     up = sub.add_parser("up", help="start what is not running, wait until ready, bootstrap")
     up.add_argument("--no-bootstrap", action="store_true", help="skip creating topics, tables and buckets")
+    up.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        help="Kafka brokers: 3 runs the KRaft cluster kafka-1..kafka-3 (topics with replication factor 3, "
+        "min.insync.replicas 2); default AIGC_INFRA__BROKERS (1). Export AIGC_INFRA__BROKERS=3 for the "
+        "other commands and the stages, so that they list all three brokers",
+    )
     up.set_defaults(handler=_up)
     sub.add_parser("down", help="stop the services this run directory started").set_defaults(handler=_down)
     sub.add_parser("status", help="say what each service is doing; exit 1 if one is not ready").set_defaults(
@@ -31,6 +40,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def register_kafka(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``kafka`` verb: Kafka's own command-line tools, run from the jars against our broker."""
     from infra.kafka_tools import TOOLS
 
     kafka = verbs.add_parser(
@@ -59,7 +69,13 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     from infra.bootstrap import bootstrap
     from infra.launcher import up
 
+    settings = settings.for_brokers(args.brokers)
     up(settings)
+    if settings.infra.brokers > 1:
+        print(
+            f"kafka: {settings.infra.brokers} brokers at {settings.kafka.bootstrap_servers}; "
+            f"export AIGC_INFRA__BROKERS={settings.infra.brokers} for the other commands and the stages"
+        )
     if not args.no_bootstrap:
         bootstrap(settings)
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Debian tools that `aigc infra up`, the rule tests and the `aigc top` test need beside the jars:
-# prometheus and promtool (package prometheus, 2.42 on bookworm) and tmux. `make setup` runs this every time;
-# when the tools are on PATH it returns at once.
+# prometheus and promtool (package prometheus, 2.42 on bookworm), tmux, and chromium with chromium-driver
+# (the gateway console's browser test). `make setup` runs this every time; when the tools are on PATH it
+# returns at once.
 #
 # As root (our machines and CI): apt-get install. The package ships a service for a system Prometheus on
 # :9090; nothing here uses it, and a policy-rc.d that denies starting services is put in place for the
@@ -16,6 +17,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "tools/usr/bin/$1" ]; }
 missing=()
 if ! have prometheus || ! have promtool; then missing+=(prometheus); fi
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+# The gateway's console test drives Debian's headless Chromium through its chromedriver (Selenium).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then
@@ -37,6 +41,9 @@ if [[ " ${missing[*]} " == *" prometheus "* ]]; then
     trap 'rm -rf "$work"' EXIT
     (cd "$work" && apt-get download prometheus >/dev/null)
     dpkg-deb -x "$work"/prometheus_*.deb tools
+fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "chromium/chromium-driver are missing (the console's browser test needs them): install them as root" >&2
 fi
 if ! command -v tmux >/dev/null 2>&1; then
     echo "tmux is missing (the \`aigc top\` test needs it): install it with apt-get install tmux as root" >&2

@@ -29,6 +29,9 @@ from infra.services import Kafka, Service, all_services, port_open
 from plumbing.settings import Settings
 
 STOP_TIMEOUT_S = 30.0
+QUORUM_GRACE_S = (
+    5.0  # a cluster's last Kafka node waits this long for a quorum that has gone (see _QuorumWatch)
+)
 LOG_TAIL_LINES = 25
 _PR_SET_PDEATHSIG = 1
 _exit_codes: dict[int, int] = {}  # children reaped by _exited, for error messages
@@ -40,6 +43,8 @@ class InfraError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceState:
+    """What `status` found for one service: its process, whether it runs and answers, its ports."""
+
     name: str
     pid: int | None
     running: bool
@@ -49,6 +54,7 @@ class ServiceState:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of the log at ``path`` (of its last 64 KiB), or a note that it has none."""
     if not path.exists():
         return "(no log)"
     with path.open("rb") as fh:
@@ -86,10 +92,8 @@ def _start(service: Service, attached: bool) -> int:
     for port in service.ports:
         if port_open(port):
             raise InfraError(f"{service.name}: port {port} is taken by a process this run did not start")
-    if isinstance(service, Kafka) and service.needs_format():
-        result = subprocess.run(service.format_command(), capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise InfraError(f"kafka: formatting storage failed:\n{result.stdout}{result.stderr}")
+    if isinstance(service, Kafka):
+        _format([service])
     with service.log_file.open("ab") as log:
         proc = subprocess.Popen(
             service.command(),
@@ -102,6 +106,32 @@ def _start(service: Service, attached: bool) -> int:
         )
     service.pid_file.write_text(f"{proc.pid}\n")
     return proc.pid
+
+
+def _format(nodes: list[Kafka]) -> None:
+    """Format the storage of the Kafka ``nodes`` that need it, all at once (a JVM each, ~2 s of CPU):
+    KRaft nodes are formatted once, before their first start, and a cluster's with one shared id."""
+    pending = [node for node in nodes if node.needs_format()]
+    for node in pending:
+        node.check_jars()
+        node.prepare()
+    commands = [node.format_command() for node in pending]  # here: the first one writes the shared id
+    with ThreadPoolExecutor(max(1, len(pending))) as pool:
+        results = list(
+            pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False), commands)
+        )
+    for node, result in zip(pending, results, strict=True):
+        if result.returncode != 0:
+            raise InfraError(f"{node.name}: formatting storage failed:\n{result.stdout}{result.stderr}")
+
+
+def selected(service: Service, only: Iterable[str] | None) -> bool:
+    """Whether ``only`` (service names; None: all) names ``service``; "kafka" names every Kafka node, so
+    ``only=["kafka"]`` means the whole cluster and ``only=["kafka-2"]`` one node of it."""
+    if only is None:
+        return True
+    names = set(only)
+    return service.name in names or (isinstance(service, Kafka) and "kafka" in names)
 
 
 def _wait_ready(service: Service, pid: int, deadline: float) -> float:
@@ -149,10 +179,11 @@ def up(
     echo: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Start what is not running and wait until everything is ready; returns seconds to ready per service."""
-    services = [s for s in all_services(settings) if only is None or s.name in set(only)]
+    services = [s for s in all_services(settings) if selected(s, only)]
     settings.infra.run_dir.mkdir(parents=True, exist_ok=True)
     pids: dict[str, int] = {}
     fresh: set[str] = set()
+    _format([s for s in services if isinstance(s, Kafka) and owned_pid(s) is None])
     for service in services:
         pid = owned_pid(service)
         if pid is None:
@@ -190,8 +221,8 @@ def down(
 ) -> list[str]:
     """Stop the services this run directory started (SIGTERM, then SIGKILL after a grace period)."""
     stopping: dict[Service, int] = {}
-    for service in all_services(settings):
-        if only is not None and service.name not in set(only):
+    for service in all_services(settings) + _other_layout_brokers(settings):
+        if not selected(service, only):
             continue
         pid = owned_pid(service)
         if pid is None:
@@ -200,12 +231,14 @@ def down(
         os.kill(pid, signal.SIGTERM)
         stopping[service] = pid
     deadline = time.monotonic() + STOP_TIMEOUT_S
+    quorum = _QuorumWatch(echo)
     while stopping and time.monotonic() < deadline:
         for service, pid in list(stopping.items()):
             if _exited(pid):
                 echo(f"{service.name}: stopped")
                 service.pid_file.unlink(missing_ok=True)
                 del stopping[service]
+        quorum.check(stopping)
         time.sleep(0.2)
     for service, pid in stopping.items():
         echo(f"{service.name}: did not stop in {STOP_TIMEOUT_S:.0f} s, killing pid {pid}")
@@ -214,6 +247,69 @@ def down(
             time.sleep(0.1)
         service.pid_file.unlink(missing_ok=True)
     return [s.name for s in stopping]
+
+
+class _QuorumWatch:
+    """Ends the Kafka nodes that can no longer stop cleanly while a cluster shuts down.
+
+    A node's controlled shutdown waits (up to 5 minutes) for the controller quorum to approve it, which
+    needs a majority of the voters; once the nodes still alive are no majority (two of three gone), the
+    rest wait in vain, so after QUORUM_GRACE_S they get SIGKILL: their logs are recovered on the next
+    start, nothing acknowledged is lost. A single broker is always its own majority: never applies."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+        self.lost_at: float | None = None
+        self.killed: set[int] = set()
+
+    def check(self, stopping: dict[Service, int]) -> None:
+        """SIGKILL the Kafka nodes of ``stopping`` once their quorum has been gone for QUORUM_GRACE_S."""
+        nodes = [s for s in stopping if isinstance(s, Kafka)]
+        if not nodes:
+            return
+        cluster = nodes[0].cluster
+        alive = sum(1 for node in cluster if owned_pid(node) is not None)
+        if alive * 2 > len(cluster):
+            return
+        now = time.monotonic()
+        self.lost_at = self.lost_at or now
+        if now - self.lost_at < QUORUM_GRACE_S:
+            return
+        for node in nodes:
+            pid = stopping[node]
+            if pid not in self.killed:
+                self.echo(
+                    f"{node.name}: the controller quorum is gone ({alive} of {len(cluster)} nodes left), "
+                    f"so its controlled shutdown cannot finish; killing pid {pid}"
+                )
+                os.kill(pid, signal.SIGKILL)
+                self.killed.add(pid)
+
+
+def kill(settings: Settings, name: str, sig: int = signal.SIGKILL, timeout_s: float = 10.0) -> int | None:
+    """Send ``sig`` to this run directory's process of service ``name`` (``kafka-2``: the broker with
+    node.id 2) and, for SIGKILL (a crash), wait until it is gone. Returns its pid, or None when it was not
+    running. Its pid file stays, so `status` reports it dead until `up` (``only=[name]``) restarts it."""
+    service = next((s for s in all_services(settings) if s.name == name), None)
+    if service is None:
+        known = ", ".join(s.name for s in all_services(settings))
+        raise ValueError(f"no service {name!r} (services: {known})")
+    pid = owned_pid(service)
+    if pid is None:
+        return None
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while sig == signal.SIGKILL and not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
+
+
+def _other_layout_brokers(settings: Settings) -> list[Service]:
+    """The Kafka nodes of the other broker count (``kafka`` or ``kafka-1..3``) that this run directory
+    still runs, so that `down` stops a cluster started with ``--brokers 3`` even without the setting."""
+    other = 3 if settings.infra.brokers == 1 else 1
+    layout = settings.model_copy(update={"infra": settings.infra.model_copy(update={"brokers": other})})
+    return [node for i in range(1, other + 1) if owned_pid(node := Kafka(layout, i)) is not None]
 
 
 def status(settings: Settings) -> list[ServiceState]:

@@ -44,6 +44,7 @@ class RunningPipeline:
 
     @property
     def log_dir(self) -> Path:
+        """The folder of the stages' logs."""
         return self.supervisor.log_dir
 
 
@@ -73,6 +74,9 @@ def running_pipeline(
     renderer_env: Mapping[str, str] | None = None,
     echo: Callable[[str], None] = print,
     max_backoff_s: float = MAX_BACKOFF_S,
+    webhooks: bool = False,
+    gateway: bool = False,
+    replicas: int = 1,
 ) -> Iterator[RunningPipeline]:
     """The pipeline's stages, started and ready; stopped when the block ends, however it ends.
 
@@ -81,13 +85,19 @@ def running_pipeline(
     otherwise to ``<home>/logs``. ``drop`` deletes the isolated run's topics and keyspace at the end.
     ``renderer_env`` is settings (``AIGC_...`` variables) for the renderers only, on top of the shared
     ones. ``echo`` gets the supervisor's lines (started, ready, crashed, restarted) and one line for
-    bootstrap. Raises `PipelineNotReady` when a stage is not ready within `READY_TIMEOUT_S`.
+    bootstrap. ``webhooks`` adds the webhook delivery stage (the demo and the webhook tests; other runs
+    leave it out, whatever ``webhooks.enabled`` says). ``gateway`` adds the HTTP gateway stage (on
+    ``gateway.port``; off unless asked, so a run that does not need it starts no extra process).
+    ``replicas``: how many of each other stage (see `pipeline_stages`). Raises
+    `PipelineNotReady` when a stage is not ready within `READY_TIMEOUT_S`.
     """
     if drop and isolate is None:
         raise ValueError("drop deletes a run's own topics and keyspace: it needs isolate")
     if isolate is not None:
         settings = isolated(settings, isolate)
-    stages = pipeline_stages(settings, renderers, synthetic_ms)
+    stages = pipeline_stages(
+        settings, renderers, synthetic_ms, webhooks=webhooks, gateway=gateway, replicas=replicas
+    )
     if renderer_env:
         stages = [
             dataclasses.replace(s, env={**s.env, **renderer_env}) if s.verb[0] == "render" else s

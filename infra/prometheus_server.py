@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from typing_extensions import override
 
 from infra.services import LOOPBACK, Service
 from plumbing.settings import Settings
@@ -41,6 +42,7 @@ def targets_dir(settings: Settings) -> Path:
 
 
 def prometheus_url(settings: Settings) -> str:
+    """The local Prometheus's base URL."""
     return f"http://{LOOPBACK}:{settings.infra.prometheus_port}"
 
 
@@ -69,17 +71,23 @@ def scrape_config(settings: Settings) -> dict[str, object]:
 
 
 class Prometheus(Service):
+    """Prometheus, the native binary infra/install-tools.sh installs, scraping the stages the supervisor
+    lists."""
+
     name = "prometheus"
     main_class = ""  # not a JVM
 
     @property
+    @override
     def ports(self) -> tuple[int, ...]:
         return (self.settings.infra.prometheus_port,)
 
     @property
     def config_file(self) -> Path:
+        """The ``prometheus.yml`` `prepare` writes (scrape configuration and rule files)."""
         return self.dir / "prometheus.yml"
 
+    @override
     def prepare(self) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         targets_dir(self.settings).mkdir(parents=True, exist_ok=True)
@@ -89,9 +97,11 @@ class Prometheus(Service):
             encoding="utf-8",
         )
 
+    @override
     def java_args(self) -> list[str]:
         return []
 
+    @override
     def command(self) -> list[str]:
         binary = find_tool("prometheus")
         if binary is None:
@@ -106,15 +116,18 @@ class Prometheus(Service):
             "--log.level=warn",
         ]
 
+    @override
     def owns(self, args: list[str]) -> bool:
         # Prometheus takes no free-form flags, but its config file lies in this run directory.
         config = f"--config.file={self.config_file}"
         return bool(args) and Path(args[0]).name == "prometheus" and config in args
 
+    @override
     def check_jars(self) -> None:
         if find_tool("prometheus") is None:
             raise FileNotFoundError("no prometheus binary: run `make setup` (infra/install-tools.sh) first")
 
+    @override
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/-/ready", timeout=2) as resp:

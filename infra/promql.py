@@ -36,6 +36,8 @@ class PromError(RuntimeError):
 
 @dataclass(frozen=True)
 class Sample:
+    """One series of an instant query's answer: its labels and value."""
+
     labels: dict[str, str]
     value: float
 
@@ -66,6 +68,7 @@ class PromClient:
         return body["data"]
 
     def ready(self) -> bool:
+        """Whether Prometheus answers ``/-/ready`` with 200 now."""
         try:
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=self.timeout_s) as resp:  # noqa: S310
                 return resp.status == 200
@@ -90,13 +93,16 @@ class PromClient:
         return sum(s.value for s in samples) if samples else default
 
     def targets(self) -> list[dict[str, Any]]:
+        """The active scrape targets, as ``/api/v1/targets`` lists them."""
         return list(self._get("/api/v1/targets", {"state": "active"})["activeTargets"])
 
     def alerts(self) -> list[dict[str, Any]]:
+        """The pending and firing alerts, as ``/api/v1/alerts`` lists them."""
         return list(self._get("/api/v1/alerts")["alerts"])
 
 
 def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    """The Grafana dashboard JSON at ``path`` (default: the project's dashboard)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a Grafana dashboard (a JSON object)")
@@ -105,6 +111,8 @@ def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PanelQuery:
+    """One Prometheus query of a dashboard panel: the panel's title, the query's ref id and expression."""
+
     panel: str
     ref_id: str
     expr: str
@@ -136,6 +144,8 @@ def expand(expr: str, variables: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class PanelResult:
+    """What one panel query gave: the expression sent, its samples, or the error."""
+
     query: PanelQuery
     expr: str  # as sent, variables filled in
     samples: tuple[Sample, ...] = ()
@@ -147,6 +157,8 @@ class PanelResult:
         return not self.error and any(not math.isnan(s.value) for s in self.samples)
 
     def describe(self) -> str:
+        """One line for a report: the panel and query, and what came back (an error, no series, only NaN, or
+        how many series)."""
         if self.error:
             return f"{self.query.panel} [{self.query.ref_id}]: {self.error}"
         what = (

@@ -17,7 +17,9 @@ import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from plumbing.settings import Settings
+from typing_extensions import override
+
+from plumbing.settings import BROKER_PORT_STEP, Settings
 
 LOOPBACK = "127.0.0.1"
 
@@ -51,13 +53,34 @@ _CASSANDRA_JAVA17 = [
 # fmt: on
 
 
+# Appended to each node's server.properties in the 3-broker cluster. Topics that bootstrap did not create
+# (faust's changelogs) get min.insync.replicas 2 and 3 replicas too; a killed broker is fenced, and its
+# partitions led elsewhere, after 4 s without a heartbeat instead of 9 s.
+CLUSTER_PROPERTIES = """default.replication.factor=3
+min.insync.replicas=2
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=4000
+"""
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: Kafka's Uuid.toString (URL-safe base64, no padding), not starting with -."""
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    return "A" + cluster_id[1:] if cluster_id.startswith("-") else cluster_id
+
+
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         return sock.connect_ex((host, port)) == 0
 
 
 class Service(ABC):
+    """A local service run as a JVM (or a native program) from the run directory: its files, its command line,
+    and how to tell it is ready.
+    """
+
     name: str
     main_class: str
 
@@ -69,10 +92,12 @@ class Service(ABC):
 
     @property
     def log_file(self) -> Path:
+        """The service's own output (stdout and stderr of its process)."""
         return self.dir / "service.log"
 
     @property
     def pid_file(self) -> Path:
+        """The file the launcher keeps the service's process id in."""
         return self.dir / "pid"
 
     @property
@@ -89,9 +114,11 @@ class Service(ABC):
         """JVM options before the main class (heap, GC, system properties)."""
 
     def program_args(self) -> list[str]:
+        """Arguments after the main class (none by default)."""
         return []
 
     def command(self) -> list[str]:
+        """The full command line that starts the service: java, its options, the classpath and main class."""
         return [
             "java",
             f"-Daigc.service={self.name}",
@@ -112,6 +139,7 @@ class Service(ABC):
         """True when a client can use the service now."""
 
     def check_jars(self) -> None:
+        """Raise FileNotFoundError, naming the fix, when Maven has not put the service's jars in place."""
         if not self.lib.is_dir() or not any(self.lib.glob("*.jar")):
             raise FileNotFoundError(
                 f"no jars in {self.lib}: run `make setup` (mvn -f infra/maven/pom.xml package) first"
@@ -119,26 +147,60 @@ class Service(ABC):
 
 
 class Kafka(Service):
-    name = "kafka"
+    """Apache Kafka in KRaft mode: one node that is both broker and controller.
+
+    With ``infra.brokers`` 1 it is the only node (service ``kafka``); with 3 it is node ``node_id`` of a
+    cluster of three (service ``kafka-<node_id>``): every node is a voter of one static controller quorum
+    (it survives the loss of one), all three are formatted with one cluster id, and internal topics are
+    replicated 3 ways with min.insync.replicas 2. Node i listens on the i-th bootstrap server's port and
+    on ``kafka_controller_port + (i - 1) * BROKER_PORT_STEP``.
+    """
+
     main_class = "kafka.Kafka"
 
+    def __init__(self, settings: Settings, node_id: int = 1) -> None:
+        brokers = settings.infra.brokers
+        if not 1 <= node_id <= brokers:
+            raise ValueError(f"kafka node {node_id}: infra.brokers is {brokers}")
+        self.node_id = node_id
+        self.name = "kafka" if brokers == 1 else f"kafka-{node_id}"
+        super().__init__(settings)
+        self.lib = settings.infra.lib_dir.resolve() / "kafka"
+
     @property
+    def cluster(self) -> list[Kafka]:
+        """Every node of this node's cluster (itself alone with one broker)."""
+        return [Kafka(self.settings, i) for i in range(1, self.settings.infra.brokers + 1)]
+
+    @property
+    @override
     def ports(self) -> tuple[int, ...]:
-        return (self.settings.kafka_port, self.settings.infra.kafka_controller_port)
+        if self.settings.infra.brokers == 1:
+            return (self.settings.kafka_port, self.settings.infra.kafka_controller_port)
+        clients = self.settings.kafka_ports
+        if len(clients) != self.settings.infra.brokers:
+            raise ValueError(
+                f"kafka.bootstrap_servers lists {len(clients)} servers; the local cluster of "
+                f"{self.settings.infra.brokers} brokers needs one per node (or one, which stands for all)"
+            )
+        step = (self.node_id - 1) * BROKER_PORT_STEP
+        return (clients[self.node_id - 1], self.settings.infra.kafka_controller_port + step)
 
     @property
     def properties_file(self) -> Path:
+        """The broker's ``server.properties``, written by `prepare`."""
         return self.dir / "server.properties"
 
-    def prepare(self) -> None:
-        (self.dir / "data").mkdir(parents=True, exist_ok=True)
-        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+    def server_properties(self) -> str:
+        """The text of this node's ``server.properties`` (the single broker's is unchanged since #1)."""
         client, controller = self.ports
-        self.properties_file.write_text(
-            f"""# written by aigc infra; see INFRA.md section 2.1
+        voters = ",".join(f"{n.node_id}@{LOOPBACK}:{n.ports[1]}" for n in self.cluster)
+        brokers = self.settings.infra.brokers
+        internal_rf, internal_min_isr = (1, 1) if brokers == 1 else (3, 2)
+        text = f"""# written by aigc infra; see INFRA.md section 2.1
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@{LOOPBACK}:{controller}
+node.id={self.node_id}
+controller.quorum.voters={voters}
 listeners=PLAINTEXT://{LOOPBACK}:{client},CONTROLLER://{LOOPBACK}:{controller}
 advertised.listeners=PLAINTEXT://{LOOPBACK}:{client}
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
@@ -147,13 +209,13 @@ controller.listener.names=CONTROLLER
 log.dirs={self.dir / "data"}
 auto.create.topics.enable=false
 num.partitions=1
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor={internal_rf}
 offsets.topic.num.partitions=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={internal_rf}
+transaction.state.log.min.isr={internal_min_isr}
 transaction.state.log.num.partitions=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor={internal_rf}
+share.coordinator.state.topic.min.isr={internal_min_isr}
 group.initial.rebalance.delay.ms=0
 num.network.threads=2
 num.io.threads=4
@@ -161,9 +223,16 @@ background.threads=2
 num.recovery.threads.per.data.dir=1
 log.cleaner.dedupe.buffer.size=16777216
 log.cleaner.backoff.ms=5000
-""",
-            encoding="utf-8",
-        )
+"""
+        if brokers > 1:
+            text += CLUSTER_PROPERTIES
+        return text
+
+    @override
+    def prepare(self) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.properties_file.write_text(self.server_properties(), encoding="utf-8")
         (self.dir / "log4j2.properties").write_text(
             """status = warn
 appender.out.type = Console
@@ -185,13 +254,23 @@ logger.start.level = INFO
         ]
 
     def needs_format(self) -> bool:
+        """True until the storage folder has been formatted (KRaft needs it once, before the first start)."""
         return not (self.dir / "data" / "meta.properties").exists()
 
+    def cluster_id(self) -> str:
+        """The cluster id to format with: a fresh one for a single broker; for the 3-broker cluster one id
+        shared by all nodes, kept in ``<run>/kafka-cluster-id`` (a node formatted later joins the same
+        cluster)."""
+        if self.settings.infra.brokers == 1:
+            return new_cluster_id()
+        path = self.run_dir / "kafka-cluster-id"
+        if not path.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(new_cluster_id() + "\n", encoding="utf-8")
+        return path.read_text(encoding="utf-8").strip()
+
     def format_command(self) -> list[str]:
-        """StorageTool format with a fresh cluster id; --ignore-formatted makes it idempotent."""
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        if cluster_id.startswith("-"):
-            cluster_id = "A" + cluster_id[1:]
+        """StorageTool format with the cluster id; --ignore-formatted makes it idempotent."""
         return [
             "java",
             "-Xmx256m",
@@ -201,12 +280,13 @@ logger.start.level = INFO
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            cluster_id,
+            self.cluster_id(),
             "-c",
             str(self.properties_file),
             "--ignore-formatted",
         ]
 
+    @override
     def java_args(self) -> list[str]:
         heap = self.settings.infra.kafka_heap_mb
         return [
@@ -220,27 +300,35 @@ logger.start.level = INFO
             *self._log_opts(),
         ]
 
+    @override
     def program_args(self) -> list[str]:
         return [str(self.properties_file)]
 
+    @override
     def ready(self) -> bool:
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": f"{LOOPBACK}:{self.ports[0]}", "log_level": 0})
         try:
-            return len(admin.list_topics(timeout=2).brokers) >= 1
+            brokers = admin.list_topics(timeout=2).brokers
         except Exception:  # noqa: BLE001 - any failure while the broker starts means not ready yet
             return False
+        # A cluster node is ready once the controller lists it as an unfenced broker.
+        return len(brokers) >= 1 if self.settings.infra.brokers == 1 else self.node_id in brokers
 
 
 class Cassandra(Service):
+    """Apache Cassandra: one node, with its configuration written under the run directory."""
+
     name = "cassandra"
     main_class = "org.apache.cassandra.service.CassandraDaemon"
 
     @property
+    @override
     def ports(self) -> tuple[int, ...]:
         return (self.settings.cassandra.port, self.settings.infra.cassandra_storage_port)
 
+    @override
     def prepare(self) -> None:
         for sub in ("data", "logs", "tmp", "triggers"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -289,6 +377,7 @@ paxos_variant: v2
             encoding="utf-8",
         )
 
+    @override
     def java_args(self) -> list[str]:
         heap = self.settings.infra.cassandra_heap_mb
         jamm = sorted(self.lib.glob("jamm-*.jar"))
@@ -331,6 +420,7 @@ paxos_variant: v2
             f"-Djava.io.tmpdir={d / 'tmp'}",
         ]
 
+    @override
     def ready(self) -> bool:
         if not port_open(self.ports[0]):
             return False  # the CQL port opens only at the end of startup
@@ -352,13 +442,17 @@ paxos_variant: v2
 
 
 class S3Proxy(Service):
+    """S3Proxy: an S3 API over a local folder (the filesystem blob store)."""
+
     name = "s3proxy"
     main_class = "org.gaul.s3proxy.Main"
 
     @property
+    @override
     def ports(self) -> tuple[int, ...]:
         return (self.settings.s3_port,)
 
+    @override
     def prepare(self) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         (self.dir / "s3proxy.properties").write_text(
@@ -383,6 +477,7 @@ jclouds.filesystem.basedir={self.dir / "data"}
             encoding="utf-8",
         )
 
+    @override
     def java_args(self) -> list[str]:
         return [
             "-Xms64m",
@@ -391,9 +486,11 @@ jclouds.filesystem.basedir={self.dir / "data"}
             f"-Dlogback.configurationFile={self.dir / 'logback.xml'}",
         ]
 
+    @override
     def program_args(self) -> list[str]:
         return ["--properties", str(self.dir / "s3proxy.properties")]
 
+    @override
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/", timeout=2) as resp:
@@ -405,6 +502,9 @@ jclouds.filesystem.basedir={self.dir / "data"}
 
 
 def all_services(settings: Settings) -> list[Service]:
+    """Every local service, in the order they start: Kafka (each node of the cluster), Cassandra, S3Proxy,
+    Prometheus."""
     from infra.prometheus_server import Prometheus
 
-    return [Kafka(settings), Cassandra(settings), S3Proxy(settings), Prometheus(settings)]
+    brokers = [Kafka(settings, node_id) for node_id in range(1, settings.infra.brokers + 1)]
+    return [*brokers, Cassandra(settings), S3Proxy(settings), Prometheus(settings)]

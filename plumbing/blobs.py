@@ -6,7 +6,6 @@ Keys are built by callers from validated ids only (see `frame_key`, `result_key`
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from plumbing.clock import now_ms
 from plumbing.metrics import instrument_s3
 from plumbing.settings import S3Settings
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StoredBlob:
+    """An object in S3: where it is, the SHA-256 of its bytes and their count."""
+
     bucket: str
     key: str
     sha256: str
@@ -31,6 +33,7 @@ class StoredBlob:
 
     @property
     def uri(self) -> str:
+        """``s3://<bucket>/<key>``."""
         return f"s3://{self.bucket}/{self.key}"
 
 
@@ -46,6 +49,8 @@ def result_prefix(tenant_id: str, request_id: str, created_at_ms: int) -> str:
 
 
 class BlobStore:
+    """The S3 object store: puts, gets, copies, lists and deletes objects, and signs GET URLs."""
+
     def __init__(
         self, settings: S3Settings, max_connections: int = 32, counts: CallCounts | None = None
     ) -> None:
@@ -74,6 +79,7 @@ class BlobStore:
         instrument_s3(self.client)
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> StoredBlob:
+        """Store ``data`` at ``bucket``/``key`` with its SHA-256 in the object's metadata."""
         digest = hashlib.sha256(data).hexdigest()
         self.client.put_object(
             Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}
@@ -81,9 +87,11 @@ class BlobStore:
         return StoredBlob(bucket, key, digest, len(data))
 
     def get(self, bucket: str, key: str) -> bytes:
+        """The bytes of the object at ``bucket``/``key``."""
         return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def exists(self, bucket: str, key: str) -> bool:
+        """Whether an object is at ``bucket``/``key``."""
         try:
             self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
@@ -93,6 +101,7 @@ class BlobStore:
         return True
 
     def copy(self, src: StoredBlob, bucket: str, key: str, content_type: str) -> StoredBlob:
+        """Copy ``src`` to ``bucket``/``key`` inside S3 (no bytes pass through here) as ``content_type``."""
         self.client.copy_object(
             Bucket=bucket,
             Key=key,
@@ -111,15 +120,17 @@ class BlobStore:
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl
         )
-        return url, int(time.time() * 1000) + ttl * 1000
+        return url, now_ms() + ttl * 1000
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key in ``bucket`` that starts with ``prefix``."""
         keys: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             keys.extend(obj["Key"] for obj in page.get("Contents", []))
         return keys
 
     def delete(self, bucket: str, keys: list[str]) -> None:
+        """Delete ``keys`` from ``bucket``, a thousand per call; a key already gone is not an error."""
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
             self.client.delete_objects(

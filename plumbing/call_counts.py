@@ -104,6 +104,7 @@ class CallCounts:
         atexit.register(self.flush)
 
     def add(self, family: str, kind: str, n: int = 1) -> None:
+        """Count ``n`` calls of ``kind`` in ``family`` (e.g. "s3 calls", "put_object"); flushed soon after."""
         with self.lock:
             self.counts[family][kind] += n
         self.dirty.set()
@@ -139,6 +140,7 @@ class CallCounts:
         AIOKafkaConnection.send = send
 
     def snapshot(self) -> dict[str, Any]:
+        """This process's counts and latest Kafka client statistics, as the file holds them."""
         with self.lock:
             return {
                 "pid": os.getpid(),
@@ -147,6 +149,7 @@ class CallCounts:
             }
 
     def flush(self) -> None:
+        """Write the snapshot to this process's file now, atomically."""
         with self.writing:
             self.dirty.clear()
             tmp = self.path.with_suffix(".tmp")

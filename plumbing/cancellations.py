@@ -15,6 +15,7 @@ from plumbing.errors import DecodeError
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from schemas.codec import Codec
+from schemas.records import CancelRequest
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ class CancellationWatcher(CompactedTopicFollower):
         self._cancelled: dict[str, tuple[str, str | None]] = {}
 
     def is_cancelled(self, request_id: str, tenant_id: str | None = None) -> bool:
+        """Whether ``request_id`` is cancelled; with ``tenant_id``, only by that tenant."""
         with self._lock:
             entry = self._cancelled.get(request_id)
         return entry is not None and (tenant_id is None or entry[0] == tenant_id)
 
     def reason(self, request_id: str) -> str | None:
+        """The reason ``request_id``'s cancellation gives, if it is cancelled and gives one."""
         with self._lock:
             entry = self._cancelled.get(request_id)
         return entry[1] if entry else None
@@ -45,9 +48,9 @@ class CancellationWatcher(CompactedTopicFollower):
                 self._cancelled.pop(request_id, None)
             return
         try:
-            record = codec.decode(value, "CancelRequest")
+            cancel = codec.read(value, CancelRequest)
         except DecodeError:
             log.warning("ignoring an undecodable cancellation for %s", request_id)
             return
         with self._lock:
-            self._cancelled[record["request_id"]] = (record["tenant_id"], record.get("reason"))
+            self._cancelled[cancel.request_id] = (cancel.tenant_id, cancel.reason)

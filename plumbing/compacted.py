@@ -43,6 +43,7 @@ class CompactedTopicFollower:
         return self
 
     def stop(self) -> None:
+        """Stop following (waits up to 5 s for the thread)."""
         self._stop.set()
         self._thread.join(5)
 

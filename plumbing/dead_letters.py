@@ -17,6 +17,7 @@ from plumbing.errors import PipelineError
 from plumbing.headers import ORIGIN, Headers
 from plumbing.kafka_clients import header_list
 from schemas.codec import Codec
+from schemas.records import DeadLetter, Header
 
 MAX_ERROR_CHARS = 4000
 
@@ -58,6 +59,8 @@ class Original:
 
 @dataclass(frozen=True)
 class Failure:
+    """Why and when a stage gave up on a message: the facts a DeadLetter and its ``dlq.*`` headers carry."""
+
     stage: str
     kind: str  # ErrorKind value
     code: str
@@ -68,6 +71,8 @@ class Failure:
 
     @classmethod
     def of(cls, stage: str, exc: BaseException, attempts: int, first_failed_at: int, now_ms: int) -> Failure:
+        """The failure ``exc`` stands for: its kind and code (permanent and the class name for an exception
+        that is not a `PipelineError`), and its text cut to `MAX_ERROR_CHARS`."""
         kind = exc.kind.value if isinstance(exc, PipelineError) else "permanent"
         code = exc.code if isinstance(exc, PipelineError) else type(exc).__name__
         return cls(
@@ -82,6 +87,7 @@ class Failure:
 
 
 def failure_headers(original: Original, failure: Failure) -> Headers:
+    """The original headers followed by the ``dlq.*`` headers that repeat ``failure``'s facts."""
     return [
         *original.headers,
         ("dlq.original.topic", original.topic.encode()),
@@ -97,6 +103,35 @@ def failure_headers(original: Original, failure: Failure) -> Headers:
     ]
 
 
+def original_headers(original: Original) -> list[Header]:
+    """The original message's headers as the records' ``headers`` field holds them, in order."""
+    return [Header(key=k, value=v) for k, v in original.headers]
+
+
+def dead_letter_record(
+    original: Original, failure: Failure, request_id: str | None = None, tenant_id: str | None = None
+) -> DeadLetter:
+    """The DeadLetter record of ``original``, failed as ``failure`` says."""
+    return DeadLetter(
+        original_topic=original.topic,
+        original_partition=original.partition,
+        original_offset=original.offset,
+        original_timestamp=original.timestamp_ms,
+        key=original.key,
+        value=original.value,
+        headers=original_headers(original),
+        stage=failure.stage,
+        error_kind=failure.kind,
+        error_code=failure.code,
+        error_message=failure.message,
+        attempts=failure.attempts,
+        first_failed_at=failure.first_failed_at,
+        last_failed_at=failure.last_failed_at,
+        request_id=request_id,
+        tenant_id=tenant_id,
+    )
+
+
 def dead_letter(
     codec: Codec,
     original: Original,
@@ -107,24 +142,6 @@ def dead_letter(
 ) -> tuple[bytes, Headers]:
     """The DeadLetter value and headers for ``original``; produce it keyed by the original key to
     ``topic`` (the stage's dead-letter topic, counted in the routing metrics under that name)."""
-    record = {
-        "original_topic": original.topic,
-        "original_partition": original.partition,
-        "original_offset": original.offset,
-        "original_timestamp": original.timestamp_ms,
-        "key": original.key,
-        "value": original.value,
-        "headers": [{"key": k, "value": v} for k, v in original.headers],
-        "stage": failure.stage,
-        "error_kind": failure.kind,
-        "error_code": failure.code,
-        "error_message": failure.message,
-        "attempts": failure.attempts,
-        "first_failed_at": failure.first_failed_at,
-        "last_failed_at": failure.last_failed_at,
-        "request_id": request_id,
-        "tenant_id": tenant_id,
-    }
-    value = codec.encode("DeadLetter", record)
+    value = codec.write(dead_letter_record(original, failure, request_id, tenant_id))
     metrics.dead_lettered(failure.stage, topic, failure.code)
     return value, failure_headers(original, failure)

@@ -14,85 +14,32 @@ loudly, so the message is redelivered after the fix instead of being dead-letter
 
 from __future__ import annotations
 
-from enum import StrEnum
+from schemas.errors import (
+    BackPressure,
+    DecodeError,
+    DeliveryError,
+    EncodeError,
+    ErrorKind,
+    PermanentError,
+    PipelineError,
+    RetryableError,
+    UnknownModelError,
+    ValidationError,
+)
 
-
-class ErrorKind(StrEnum):
-    RETRYABLE = "retryable"
-    PERMANENT = "permanent"
-    BACKPRESSURE = "backpressure"
-
-
-class PipelineError(Exception):
-    """Base of the pipeline's own errors; ``kind`` says what to do next, ``code`` names the problem."""
-
-    kind: ErrorKind = ErrorKind.PERMANENT
-    code: str = "PIPELINE_ERROR"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-    @property
-    def retriable(self) -> bool:
-        return self.kind is ErrorKind.RETRYABLE
-
-
-class RetryableError(PipelineError):
-    """A transient failure: the same work may succeed later."""
-
-    kind = ErrorKind.RETRYABLE
-    code = "TRANSIENT"
-
-
-class PermanentError(PipelineError):
-    """The work can never succeed as it is."""
-
-    kind = ErrorKind.PERMANENT
-
-
-class BackPressure(PipelineError):
-    """Downstream is saturated: pause and resume, do not fail the work."""
-
-    kind = ErrorKind.BACKPRESSURE
-    code = "BACKPRESSURE"
-
-
-class DecodeError(PermanentError):
-    """Bytes that are not a valid Avro single-object message of an expected schema.
-
-    ``code`` is one of `schemas.codec.DECODE_CODES` (EMPTY, TRUNCATED, BAD_MARKER, UNKNOWN_SCHEMA, BAD_BODY,
-    BAD_ENUM_INDEX, BAD_UNION_INDEX, BAD_VARINT, BAD_LENGTH, ...).
-    """
-
-    code = "UNDECODABLE"
-
-
-class EncodeError(PermanentError):
-    """A record that does not fit its schema (a bug in the producer of the record)."""
-
-    code = "UNENCODABLE"
-
-
-class ValidationError(PermanentError):
-    """A request that breaks a rule; ``field`` names the field at fault (dotted for nested fields)."""
-
-    def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
-        super().__init__(f"{field}: {message}", code=code or f"INVALID_{field.upper().replace('.', '_')}")
-        self.field = field
-
-
-class UnknownModelError(ValidationError):
-    def __init__(self, model: str) -> None:
-        super().__init__("model", f"unknown model {model!r}", code="UNKNOWN_MODEL")
-
-
-class DeliveryError(RetryableError):
-    """Kafka did not acknowledge a produced message in time."""
-
-    code = "DELIVERY_FAILED"
+__all__ = [
+    "BackPressure",
+    "DecodeError",
+    "DeliveryError",
+    "EncodeError",
+    "ErrorKind",
+    "PermanentError",
+    "PipelineError",
+    "RetryableError",
+    "UnknownModelError",
+    "ValidationError",
+    "classify",
+]
 
 
 def classify(exc: BaseException) -> ErrorKind | None:
@@ -104,23 +51,39 @@ def classify(exc: BaseException) -> ErrorKind | None:
     name = type(exc).__name__
     module = type(exc).__module__ or ""
     if isinstance(exc, KafkaException):  # defined in the C module ``cimpl``: match the class, not the module
-        error = exc.args[0] if exc.args else None
-        if getattr(error, "fatal", lambda: False)():
-            return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
-        return ErrorKind.RETRYABLE
+        return _kafka_kind(exc)
     if module.startswith("cassandra"):
-        if name in _CASSANDRA_DOWN:
-            return ErrorKind.BACKPRESSURE  # the store is unreachable: wait for it, never dead-letter work
-        if name in {"InvalidRequest", "SyntaxException", "Unauthorized", "AuthenticationFailed"}:
-            return ErrorKind.PERMANENT
-        return ErrorKind.RETRYABLE  # Unavailable, Read/WriteTimeout, OperationTimedOut: this operation failed
+        return _cassandra_kind(name)
     if module.startswith(("botocore", "boto3", "urllib3")):
-        if name in _S3_DOWN:
-            return ErrorKind.BACKPRESSURE
-        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if status and 400 <= status < 500 and status not in (408, 429):
-            return ErrorKind.PERMANENT
-        return ErrorKind.RETRYABLE
+        return _s3_kind(exc, name)
+    return _other_kind(exc, name, module)
+
+
+def _kafka_kind(exc: BaseException) -> ErrorKind | None:
+    error = exc.args[0] if exc.args else None
+    if getattr(error, "fatal", lambda: False)():
+        return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
+    return ErrorKind.RETRYABLE
+
+
+def _cassandra_kind(name: str) -> ErrorKind:
+    if name in _CASSANDRA_DOWN:
+        return ErrorKind.BACKPRESSURE  # the store is unreachable: wait for it, never dead-letter work
+    if name in {"InvalidRequest", "SyntaxException", "Unauthorized", "AuthenticationFailed"}:
+        return ErrorKind.PERMANENT
+    return ErrorKind.RETRYABLE  # Unavailable, Read/WriteTimeout, OperationTimedOut: this operation failed
+
+
+def _s3_kind(exc: BaseException, name: str) -> ErrorKind:
+    if name in _S3_DOWN:
+        return ErrorKind.BACKPRESSURE
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if status and 400 <= status < 500 and status not in (408, 429):
+        return ErrorKind.PERMANENT
+    return ErrorKind.RETRYABLE
+
+
+def _other_kind(exc: BaseException, name: str, module: str) -> ErrorKind | None:
     if name == "OutOfMemoryError" and module.startswith("torch"):
         return ErrorKind.RETRYABLE
     if isinstance(exc, ConnectionRefusedError):

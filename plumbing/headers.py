@@ -9,9 +9,23 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 # Kafka headers as produced: confluent-kafka accepts str or bytes values.
 Headers = list[tuple[str, str | bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message a stage will produce: what every stage hands its transactional producer."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    partition: int | None = None  # None: the key's partition
+
+
 TRACEPARENT = "traceparent"
 # On a decision (aigc.decisions) whose request named a reply topic that passed validation: where the
 # sink also sends the Completion.
@@ -38,6 +52,7 @@ def _hex(bits: int) -> str:
 
 
 def new_traceparent() -> str:
+    """A W3C ``traceparent`` for a new trace: random trace and span ids, sampled."""
     return f"00-{_hex(128)}-{_hex(64)}-01"
 
 
@@ -62,12 +77,14 @@ def child_traceparent(parent: bytes | str | None) -> str:
 
 
 def trace_id(traceparent: bytes | str | None) -> str | None:
+    """The trace id of a W3C ``traceparent``; None when there is none or it is malformed."""
     text = traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
     match = _TRACEPARENT.fullmatch(text or "")
     return match.group(1) if match else None
 
 
 def pipeline_headers(request_id: str, tenant_id: str, traceparent: str) -> Headers:
+    """The headers a request's messages start with: its traceparent, request id and tenant id."""
     return [
         (TRACEPARENT, traceparent.encode()),
         ("request_id", request_id.encode()),

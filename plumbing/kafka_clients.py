@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -31,9 +32,11 @@ from plumbing.topics import MAX_ENVELOPE_BYTES
 
 # librdkafka's own log lines go through Python logging (stage logs, pytest capture) instead of raw stderr.
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
+log = logging.getLogger(__name__)
 
 
 def client_id(settings: Settings, role: str) -> str:
+    """The Kafka ``client.id`` of a client of ``role``: settings' client id, role, host and pid."""
     return f"{settings.kafka.client_id}.{role}.{socket.gethostname()}.{os.getpid()}"
 
 
@@ -47,6 +50,9 @@ def _counted(settings: Settings) -> dict[str, Any]:
 
 
 def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
+    """An idempotent producer (acks=all, lz4, the Java clients' partitioner) for ``role``; ``overrides`` are
+    librdkafka settings on top.
+    """
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
@@ -65,6 +71,9 @@ def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
 
 
 def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any) -> Consumer:
+    """A consumer in ``group_id`` that commits only what it is told to and reads committed transactions only
+    (cooperative-sticky, static membership when the settings name an instance); ``overrides`` on top.
+    """
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, role),
@@ -139,6 +148,7 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
 
 
 def make_admin(settings: Settings) -> AdminClient:
+    """An admin client of the settings' cluster."""
     conf: dict[str, Any] = {
         **settings.kafka.client_config(),
         "client.id": client_id(settings, "admin"),
@@ -148,32 +158,83 @@ def make_admin(settings: Settings) -> AdminClient:
     return AdminClient(conf)
 
 
-def group_offsets(
-    admin: AdminClient, group: str, topics: list[str], timeout_s: float = 10.0
-) -> dict[tuple[str, int], tuple[int, int]]:
-    """Per partition of those ``topics`` that exist: (what ``group`` committed there, 0 if nothing; its
-    log-end offset). Two batched admin requests after one metadata request per topic: a whole cluster's
-    metadata may be thousands of topics, and decoding it every second cost the gatekeeper a fifth of its
-    Python time under load."""
-    partitions = []
-    for topic in topics:
-        metadata = admin.list_topics(topic=topic, timeout=timeout_s).topics
-        if topic in metadata and metadata[topic].error is None:
-            partitions += [TopicPartition(topic, p) for p in metadata[topic].partitions]
-    if not partitions:
-        return {}
-    ends = {
-        (tp.topic, tp.partition): future.result().offset
-        for tp, future in admin.list_offsets(
-            {tp: OffsetSpec.latest() for tp in partitions}, request_timeout=timeout_s
-        ).items()
-    }
-    committed = {}
-    request = [ConsumerGroupTopicPartitions(group, partitions)]
-    for future in admin.list_consumer_group_offsets(request, request_timeout=timeout_s).values():
-        for tp in future.result().topic_partitions:
-            committed[(tp.topic, tp.partition)] = max(0, tp.offset)
-    return {key: (committed.get(key, 0), end) for key, end in ends.items()}
+class OffsetReader:
+    """Committed offsets of consumer groups and the log ends of their partitions, for backlog readers (the
+    gatekeeper's shedding and stall guard, the lag exporter).
+
+    Committed offsets are read by a consumer that carries the group's id and never subscribes (so it
+    never joins the group): librdkafka 2.16's admin ``ListConsumerGroupOffsets`` aborts the process
+    (``rd_kafka_enq_once_del_source_return: Assertion `eonce->refcnt > 0'``, librdkafka #4605 and #3663)
+    when a broker is killed while it is in flight, which `aigc chaos` showed on the 3-broker cluster in
+    every stage that called it; the consumer's offset fetch survives the same kills. Log ends and
+    metadata come from the admin client. One reader per thread (the clients are kept between calls)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.admin = make_admin(settings)
+        self._consumers: dict[str, Consumer] = {}
+
+    def partitions(self, topics: list[str], timeout_s: float = 10.0) -> list[TopicPartition]:
+        """Every partition of those ``topics`` that exist: one metadata request per topic (a whole
+        cluster's metadata may be thousands of topics, and decoding it every second cost the gatekeeper a
+        fifth of its Python time under load)."""
+        partitions = []
+        for topic in topics:
+            metadata = self.admin.list_topics(topic=topic, timeout=timeout_s).topics
+            if topic in metadata and metadata[topic].error is None:
+                partitions += [TopicPartition(topic, p) for p in metadata[topic].partitions]
+        return partitions
+
+    def ends(
+        self, partitions: list[TopicPartition], spec: OffsetSpec | None = None, timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """The log-end offsets (or ``spec``'s, e.g. the earliest) of ``partitions``; a partition whose
+        answer is an error (a topic deleted meanwhile) is left out."""
+        if not partitions:
+            return {}
+        spec = spec or OffsetSpec.latest()
+        out = {}
+        for tp, future in self.admin.list_offsets(
+            {tp: spec for tp in partitions}, request_timeout=timeout_s
+        ).items():
+            try:
+                out[(tp.topic, tp.partition)] = future.result().offset
+            except KafkaException as exc:
+                log.debug("offsets of %s[%d]: %s", tp.topic, tp.partition, exc)
+        return out
+
+    def committed(
+        self, group: str, partitions: list[TopicPartition], timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """What ``group`` committed on ``partitions``: -1 where it committed nothing. Raises
+        KafkaException when the group's coordinator does not answer in time."""
+        if not partitions:
+            return {}
+        consumer = self._consumers.get(group)
+        if consumer is None:
+            consumer = self._consumers[group] = Consumer(
+                {
+                    **self.settings.kafka.client_config(),
+                    "client.id": client_id(self.settings, "offsets"),
+                    "logger": LIBRDKAFKA_LOGGER,
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                }
+            )
+        return {
+            (tp.topic, tp.partition): tp.offset if tp.offset >= 0 and tp.error is None else -1
+            for tp in consumer.committed(partitions, timeout=timeout_s)
+        }
+
+    def group_offsets(
+        self, group: str, topics: list[str], timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """Per partition of those ``topics`` that exist: (what ``group`` committed there, 0 if nothing; its
+        log-end offset)."""
+        partitions = self.partitions(topics, timeout_s)
+        ends = self.ends(partitions, timeout_s=timeout_s)
+        committed = self.committed(group, partitions, timeout_s)
+        return {key: (max(0, committed.get(key, 0)), end) for key, end in ends.items()}
 
 
 def header_list(message: Message) -> list[tuple[str, bytes | None]]:
@@ -214,3 +275,58 @@ def produce_sync(
     if err is not None:
         raise DeliveryError(f"{topic}: {err.str()}", code=f"KAFKA_{err.name()}")
     return msg
+
+
+T = TypeVar("T")
+# Errors one-shot requests (offsets_for_times, watermarks) report while a leader is being elected or
+# moved; librdkafka does not flag them retriable there.
+_TRANSIENT = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+    }
+)
+
+
+def retry_transient(call: Callable[[], T], timeout_s: float = 15.0) -> T:
+    """``call()``, again while it fails with a retriable Kafka error (a new topic's leader not yet
+    known to the broker, a leader moving): librdkafka retries these for produce and fetch itself, but
+    not for one-shot requests such as offsets_for_times."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (error.retriable() or error.code() in _TRANSIENT) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def watermarks(consumer: Any, tp: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+    """A partition's (low, high) watermarks, asked of the broker now (not the cached ones), again while
+    the broker answers with a transient error such as a topic created a moment earlier not led yet."""
+    low, high = retry_transient(
+        lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False), timeout_s
+    )
+    return int(low), int(high)
+
+
+def start_positions(
+    consumer: Any, since: list[TopicPartition], timeout_s: float = 10.0
+) -> list[TopicPartition]:
+    """Where to start reading each partition of ``since`` (each offset a time, epoch ms): its first record
+    at or after that time, else its end as it is now, read before the time query as a concrete offset: a
+    logical OFFSET_END would be resolved only when fetching starts, and would skip a record written in
+    between (a wait that misses its own completion). Transient errors are asked again (`retry_transient`).
+    """
+    ends = {(tp.topic, tp.partition): watermarks(consumer, tp, timeout_s)[1] for tp in since}
+    resolved = retry_transient(lambda: consumer.offsets_for_times(since, timeout=timeout_s))
+    return [
+        tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)])
+        for tp in resolved
+    ]

@@ -1,8 +1,9 @@
 """`aigc lag-exporter`: consumer lag of the pipeline's groups, per group, topic, partition and class.
 
 One process per pipeline (the supervisor starts it like a stage). Every ``observability.lag_interval_s``
-it asks the broker, with the admin client, for the log-end offset of every partition involved and for
-what each group committed there, and serves the figures on its ``/metrics``:
+it asks the broker for the log-end offset of every partition of the pipeline's topics and for what each
+group committed there (`plumbing.kafka_clients.OffsetReader`: not the admin call, which aborts the process
+when a broker dies under it), and serves the figures on its ``/metrics``:
 
 - ``aigc_consumer_lag_messages{group, topic, partition, priority}``: log-end offset minus the group's
   committed offset (the log-start offset where it committed nothing), for the pipeline's classic groups:
@@ -27,12 +28,12 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import OffsetSpec
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from plumbing.kafka_clients import make_admin, renderer_group
+from plumbing.kafka_clients import OffsetReader, renderer_group
 from plumbing.observability import Readiness, serve
 from plumbing.settings import Settings
 from plumbing.shutdown import stop_on_signals
@@ -58,6 +59,8 @@ def topic_priority(topic: str) -> str:
 
 @dataclass(frozen=True)
 class Lag:
+    """How far one group is behind on one partition: messages between its committed offset and the log end."""
+
     group: str
     topic: str
     partition: int
@@ -66,6 +69,8 @@ class Lag:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One reading of the broker: every lag, and every share group's backlog."""
+
     lags: tuple[Lag, ...] = ()
     backlogs: tuple[tuple[str, str, int], ...] = ()  # (share group, topic, tasks not taken)
 
@@ -73,11 +78,11 @@ class Snapshot:
 class LagExporter(Collector):
     """Reads lags from the broker (`refresh`) and exports the last reading (`collect`)."""
 
-    def __init__(self, settings: Settings, admin: AdminClient | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.prefix = settings.kafka.topic_prefix
         self.topics = Topics(settings)
-        self.admin = admin or make_admin(settings)
+        self.reader = OffsetReader(settings)
         self.snapshot = Snapshot()
 
     def known_groups(self) -> dict[str, list[str]]:
@@ -98,7 +103,7 @@ class LagExporter(Collector):
 
     def discovered_groups(self) -> list[str]:
         """Other groups of this pipeline (ids starting with ``<prefix>.``), share groups excluded."""
-        listing = self.admin.list_consumer_groups(request_timeout=TIMEOUT_S).result()
+        listing = self.reader.admin.list_consumer_groups(request_timeout=TIMEOUT_S).result()
         ids = sorted(
             g.group_id
             for g in listing.valid
@@ -107,14 +112,19 @@ class LagExporter(Collector):
         return ids[:MAX_GROUPS]
 
     def refresh(self) -> Snapshot:
+        """Read the pipeline's groups' committed offsets and their partitions' start and end offsets from
+        the broker; returns (and keeps, for `collect`) the lags and backlogs they give.
+        """
         known = self.known_groups()
+        everything = self.reader.partitions([spec.name for spec in self.topics.all()], TIMEOUT_S)
         committed: dict[str, dict[tuple[str, int], int]] = {}
         for group in dict.fromkeys([*known, *self.discovered_groups()]):
-            committed[group] = self._committed(group, known.get(group, []))
-        partitions = {tp for offsets in committed.values() for tp in offsets}
-        partitions |= {(t, p) for topics in known.values() for t, p in self._partitions(topics)}
-        ends = self._offsets(partitions, OffsetSpec.latest())
-        starts = self._offsets(partitions, OffsetSpec.earliest())
+            # a known group on its own topics; another group of the pipeline wherever it committed
+            asked = [tp for tp in everything if tp.topic in known[group]] if group in known else everything
+            offsets = self.reader.committed(group, asked, TIMEOUT_S)
+            committed[group] = {tp: o for tp, o in offsets.items() if o >= 0 or group in known}
+        ends = self.reader.ends(everything, OffsetSpec.latest(), TIMEOUT_S)
+        starts = self.reader.ends(everything, OffsetSpec.earliest(), TIMEOUT_S)
         lags = []
         for group, offsets in committed.items():
             expected = {tp for tp in ends if tp[0] in known.get(group, ())}
@@ -138,37 +148,9 @@ class LagExporter(Collector):
         self.snapshot = Snapshot(tuple(lags), tuple(backlogs))
         return self.snapshot
 
-    def _committed(self, group: str, topics: list[str]) -> dict[tuple[str, int], int]:
-        """What ``group`` committed, on this pipeline's topics only."""
-        request = [ConsumerGroupTopicPartitions(group)]
-        result = self.admin.list_consumer_group_offsets(request, request_timeout=TIMEOUT_S)[group].result()
-        return {
-            (tp.topic, tp.partition): tp.offset
-            for tp in result.topic_partitions or []
-            if tp.topic.startswith(f"{self.prefix}.") or tp.topic in topics
-        }
-
-    def _partitions(self, topics: Iterable[str]) -> list[tuple[str, int]]:
-        out = []
-        for topic in topics:
-            metadata = self.admin.list_topics(topic=topic, timeout=TIMEOUT_S).topics
-            if topic in metadata and metadata[topic].error is None:
-                out += [(topic, p) for p in metadata[topic].partitions]
-        return out
-
-    def _offsets(self, partitions: Iterable[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
-        request = {TopicPartition(t, p): spec for t, p in partitions}
-        if not request:
-            return {}
-        out = {}
-        for tp, future in self.admin.list_offsets(request, request_timeout=TIMEOUT_S).items():
-            try:
-                out[(tp.topic, tp.partition)] = future.result().offset
-            except KafkaException as exc:  # a topic deleted meanwhile: leave it out
-                log.debug("offsets of %s[%d]: %s", tp.topic, tp.partition, exc)
-        return out
-
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        """The last reading, as the ``aigc_consumer_lag_messages`` and ``aigc_share_group_backlog_messages``
+        gauges."""
         snapshot = self.snapshot
         lag = GaugeMetricFamily(
             "aigc_consumer_lag_messages",
@@ -190,6 +172,8 @@ class LagExporter(Collector):
         yield backlog
 
     def run(self, stop: threading.Event, readiness: Readiness) -> None:
+        """Refresh every ``observability.lag_interval_s`` until ``stop`` is set; ``kafka`` is met while the
+        broker answers."""
         readiness.require("kafka")
         while not stop.is_set():
             try:

@@ -51,6 +51,7 @@ class ContextFilter(logging.Filter):
         self.stage = stage
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Add the stage, and the bound request id and trace id, to ``record``; never drops it."""
         record.stage = self.stage
         request_id, trace = _request_id.get(), _trace_id.get()
         if request_id is not None and not hasattr(record, "request_id"):
@@ -61,6 +62,7 @@ class ContextFilter(logging.Filter):
 
 
 def json_formatter() -> logging.Formatter:
+    """The formatter of ``log_format=json``: one JSON object a line, with ``level`` and ``logger`` fields."""
     return JsonFormatter(
         "%(levelname)s %(name)s %(message)s",
         rename_fields={"levelname": "level", "name": "logger"},

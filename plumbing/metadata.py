@@ -6,13 +6,19 @@ asks of prepared statements. The ``output`` user type maps to `OutputRow`.
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import NamedTuple
 
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
+from plumbing.backoff import Backoff
 from plumbing.settings import CassandraSettings
+
+log = logging.getLogger(__name__)
+START_BACKOFF = Backoff(first_s=0.5, max_s=5.0, jitter=0.2)  # a stage starting while Cassandra is down
 
 
 class OutputRow(NamedTuple):
@@ -50,6 +56,23 @@ def connect(settings: CassandraSettings, connect_timeout_s: float = 5.0) -> tupl
     )
     session = cluster.connect()
     return cluster, session
+
+
+def connect_when_up(
+    settings: CassandraSettings, stop: threading.Event, backoff: Backoff = START_BACKOFF
+) -> tuple[Cluster, Session] | None:
+    """`connect`, tried again while no Cassandra host answers (a stage starting during an outage waits,
+    not ready, instead of exiting to be restarted again and again); None once ``stop`` is set."""
+    failures = 0
+    while not stop.is_set():
+        try:
+            return connect(settings)
+        except NoHostAvailable as exc:
+            failures += 1
+            delay = backoff.delay_s(failures)
+            log.warning("Cassandra is not reachable (%s); trying again in %.1f s", exc, delay)
+            stop.wait(delay)
+    return None
 
 
 def register_types(cluster: Cluster, keyspace: str) -> None:

@@ -57,6 +57,7 @@ def dead_lettered(stage: str, topic: str, reason: str) -> None:
 
 
 def storage_call(backend: str, operation: str, seconds: float, failed: bool) -> None:
+    """Count one storage call (S3 or Cassandra) and its duration, and its failure if it failed."""
     if enabled():
         STORAGE_SECONDS.labels(backend, operation).observe(seconds)
         if failed:

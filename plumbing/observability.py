@@ -76,6 +76,7 @@ class Readiness:
         self._publish()
 
     def mark(self, condition: str, met: bool = True) -> None:
+        """Mark ``condition`` met (or unmet again); a change is logged."""
         with self._lock:
             changed = self._met.get(condition) is not met
             self._met[condition] = met
@@ -84,14 +85,17 @@ class Readiness:
             self._publish()
 
     def unmet(self) -> list[str]:
+        """The conditions not met now, sorted."""
         with self._lock:
             return sorted(name for name, met in self._met.items() if not met)
 
     @property
     def ready(self) -> bool:
+        """Whether every condition is met."""
         return not self.unmet()
 
     def conditions(self) -> dict[str, bool]:
+        """Every condition and whether it is met."""
         with self._lock:
             return dict(self._met)
 
@@ -165,9 +169,11 @@ class Observability:
 
     @property
     def port(self) -> int | None:
+        """The port the HTTP server listens on; None without a server."""
         return self.server.server_address[1] if self.server is not None else None
 
     def close(self) -> None:
+        """Stop the HTTP server, if there is one."""
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

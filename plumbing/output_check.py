@@ -23,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+
+from schemas.records import ModerationVerdict, OutputCheckResult
 
 REASON_CODE = "OUTPUT_MODERATED"
 CATEGORY = "sexual"  # every nudenet label is about nudity
@@ -55,6 +56,8 @@ class OutputVerdict:
     scores: dict[str, float] = field(default_factory=dict)
 
     def message(self, kind: str) -> str:
+        """The rejection's text for a request of ``kind`` (IMAGE or VIDEO): which frame shows what, and the
+        score against its threshold."""
         what = "video frame" if kind == "VIDEO" else "image"
         return (
             f"output moderated: {what} {self.frame_index} shows {self.reason} "
@@ -134,37 +137,37 @@ class OutputCheck:
         """The verdict on a request's frames, in frame order."""
         return decide([self.detector.detect(f) for f in frames], self.unsafe)
 
-    def moderation(self, verdict: OutputVerdict) -> dict[str, Any]:
+    def moderation(self, verdict: OutputVerdict) -> ModerationVerdict:
         """The Completion's ModerationVerdict record of ``verdict``."""
         return moderation_record(verdict, self.policy_version, self.detector.model_version)
 
 
-def moderation_record(verdict: OutputVerdict, policy_version: str, model_version: str) -> dict[str, Any]:
+def moderation_record(verdict: OutputVerdict, policy_version: str, model_version: str) -> ModerationVerdict:
     """The Completion's ModerationVerdict record of ``verdict``, made under ``policy_version`` by
     ``model_version``."""
-    return {
-        "category": CATEGORY,
-        "policy_version": policy_version,
-        "source": SOURCE,
-        "field": "output",
-        "reason": verdict.reason,
-        "model_version": model_version,
-        "score": verdict.score,
-        "scores": dict(verdict.scores),
-    }
+    return ModerationVerdict(
+        category=CATEGORY,
+        policy_version=policy_version,
+        source=SOURCE,
+        field="output",
+        reason=verdict.reason,
+        model_version=model_version,
+        score=verdict.score,
+        scores=dict(verdict.scores),
+    )
 
 
-def from_record(result: Mapping[str, Any]) -> tuple[OutputVerdict, dict[str, Any]] | None:
+def from_record(result: OutputCheckResult) -> tuple[OutputVerdict, ModerationVerdict] | None:
     """A renderer's check (FramesRendered ``output_check``): None when its frames may be published, else
     the verdict (``frame_index`` is the frame's index in the request) and its ModerationVerdict record."""
-    blocked = result.get("blocked")
+    blocked = result.blocked
     if blocked is None:
         return None
     verdict = OutputVerdict(
-        blocked["reason"],
-        blocked["score"],
-        blocked["frame_index"],
-        blocked["threshold"],
-        dict(result["scores"]),
+        blocked.reason,
+        blocked.score,
+        blocked.frame_index,
+        blocked.threshold,
+        dict(result.scores),
     )
-    return verdict, moderation_record(verdict, result["policy_version"], result["model_version"])
+    return verdict, moderation_record(verdict, result.policy_version, result.model_version)

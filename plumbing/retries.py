@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plumbing import metrics, tracing
-from plumbing.dead_letters import Failure, Original, dead_letter
+from plumbing.dead_letters import Failure, Original, dead_letter, original_headers
 from plumbing.errors import ErrorKind, PipelineError, classify
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, Headers
 from plumbing.settings import RetrySettings
 from plumbing.topics import Stage, Topics
 from schemas.codec import Codec
+from schemas.records import RetryEnvelope
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def route_failure(
     request_id: str | None = None,
     tenant_id: str | None = None,
 ) -> Routed | None:
+    """Where ``exc``, raised while handling ``original``, sends it: a retry, a dead letter, or nowhere
+    (None: back-pressure, try again in place); an exception `classify` does not know is raised again."""
     kind = classify(exc)
     if kind is None:
         raise exc
@@ -85,31 +88,29 @@ def route_failure(
         tracing.failure(original.headers, stage.value, "DEAD_LETTERED", topic, failure.code, exc)
         return Routed(topic, original.key, value, headers, dead=True)
     delay_s = retry.delays_s[min(attempts, len(retry.delays_s)) - 1]
-    envelope = {
-        "original_topic": original.topic,
-        "original_partition": original.partition,
-        "original_offset": original.offset,
-        "key": original.key,
-        "value": original.value,
-        "headers": [
-            {"key": k, "value": v} for k, v in original.headers if k not in (ATTEMPTS, FIRST_FAILED_AT)
-        ],
-        "stage": stage.value,
-        "error_kind": kind.value,
-        "error_code": _code(exc),
-        "error_message": failure.message,
-        "attempts": attempts,
-        "first_failed_at": first_failed_at,
-        "last_failed_at": now_ms,
-        "due_at": now_ms + int(delay_s * 1000),
-    }
+    envelope = RetryEnvelope(
+        original_topic=original.topic,
+        original_partition=original.partition,
+        original_offset=original.offset,
+        key=original.key,
+        value=original.value,
+        headers=[h for h in original_headers(original) if h.key not in (ATTEMPTS, FIRST_FAILED_AT)],
+        stage=stage.value,
+        error_kind=kind.value,
+        error_code=_code(exc),
+        error_message=failure.message,
+        attempts=attempts,
+        first_failed_at=first_failed_at,
+        last_failed_at=now_ms,
+        due_at=now_ms + int(delay_s * 1000),
+    )
     retry_headers: Headers = [("dlq.stage", stage.value.encode()), ("dlq.attempts", str(attempts).encode())]
     metrics.routed(stage.value, topics.retry(stage, delay_s), _code(exc))
     tracing.failure(original.headers, stage.value, "RETRYING", topics.retry(stage, delay_s), _code(exc), exc)
     return Routed(
         topics.retry(stage, delay_s),
         original.key,
-        codec.encode("RetryEnvelope", envelope),
+        codec.write(envelope),
         retry_headers,
         dead=False,
     )

@@ -26,6 +26,8 @@ class _Section(BaseModel):
 
 
 class KafkaSettings(_Section):
+    """How to reach Kafka and how the pipeline's topics are named and sized (``AIGC_KAFKA__*``)."""
+
     bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers, comma separated")
     topic_prefix: str = Field("aigc", description="first dotted segment of every topic name")
     request_partitions: int = Field(6, ge=1, description="partitions of each request topic")
@@ -37,12 +39,32 @@ class KafkaSettings(_Section):
         "at least one partition each",
     )
     partitions: int = Field(6, ge=1, description="partitions of the other topics")
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int = Field(
+        1,
+        ge=1,
+        description="replicas of each topic bootstrap creates (and faust's changelogs); unset, it follows "
+        "infra.brokers (3 with the 3-broker cluster)",
+    )
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="the topics' min.insync.replicas: replicas that must have an acks=all write before it "
+        "is acknowledged; unset, replication_factor - 1 from a replication factor of 3 (2 of 3, so one "
+        "broker may be down), else the broker's default (1)",
+    )
     client_id: str = Field("aigc", description="client.id prefix for every Kafka client")
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+
+    @property
+    def topic_min_insync_replicas(self) -> int | None:
+        """The min.insync.replicas bootstrap sets on every topic: the setting, else 2 from a replication
+        factor of 3 (acks=all writes go on with one replica down), else None (the broker's default, 1)."""
+        if self.min_insync_replicas is not None:
+            return self.min_insync_replicas
+        return 2 if self.replication_factor >= 3 else None
 
     def client_config(self) -> dict[str, str]:
         """librdkafka properties shared by every client (connection and security)."""
@@ -57,6 +79,8 @@ class KafkaSettings(_Section):
 
 
 class CassandraSettings(_Section):
+    """How to reach Cassandra, the metadata store, and which keyspace to use (``AIGC_CASSANDRA__*``)."""
+
     hosts: tuple[str, ...] = ("127.0.0.1",)
     port: int = 19042
     keyspace: str = Field("aigc", pattern=r"^[a-z][a-z0-9_]{0,47}$")
@@ -68,6 +92,8 @@ class CassandraSettings(_Section):
 
 
 class S3Settings(_Section):
+    """How to reach the S3 object store and which buckets hold what (``AIGC_S3__*``)."""
+
     endpoint_url: str = "http://127.0.0.1:19000"
     region: str = "us-east-1"
     access_key_id: str = "aigc"
@@ -85,14 +111,27 @@ def _loopback_port(url: str) -> int:
     return parsed.port
 
 
+BROKER_PORT_STEP = 10  # node i of the 3-broker cluster: client and controller ports + (i - 1) * 10
+CLUSTER_KAFKA_HEAP_MB = 768  # heap of each broker of the 3-broker cluster unless infra.kafka_heap_mb is set
+
+
 class InfraSettings(_Section):
     """Where and how `aigc infra` runs the local services. Client ports come from the client settings."""
 
+    brokers: int = Field(
+        1,
+        description="Kafka brokers `aigc infra up` runs: 1, or 3 (KRaft nodes 1..3, each broker and "
+        "controller, services kafka-1..kafka-3; node i listens on the first bootstrap port + (i - 1) * 10 "
+        "and kafka_controller_port + (i - 1) * 10). With 3 the bootstrap servers list all three and topics "
+        "get replication factor 3 and min.insync.replicas 2 unless set",
+    )
     run_dir: Path = Field(Path(".aigc/run"), description="data and logs of the local services")
     lib_dir: Path = Field(Path("infra/lib"), description="jars resolved by Maven")
     kafka_controller_port: int = 19093
     cassandra_storage_port: int = 17000
-    kafka_heap_mb: int = 1024  # a broker that has run the suite holds thousands of partitions; 512 ran out
+    # A broker that has run the suite holds thousands of partitions; 512 ran out. Each of 3 brokers gets
+    # CLUSTER_KAFKA_HEAP_MB unless this is set.
+    kafka_heap_mb: int = 1024
     cassandra_heap_mb: int = 768
     s3_heap_mb: int = 256
     prometheus_port: int = Field(19090, description="Prometheus's web UI and HTTP API on 127.0.0.1")
@@ -102,8 +141,25 @@ class InfraSettings(_Section):
     prometheus_retention: str = Field("7d", pattern=r"^[0-9]+[smhdwy]$", description="how long samples stay")
     ready_timeout_s: float = 180.0
 
+    @field_validator("brokers")
+    @classmethod
+    def _brokers(cls, brokers: int) -> int:
+        if brokers not in (1, 3):
+            raise ValueError(f"infra.brokers must be 1 or 3, not {brokers}")
+        return brokers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_heap(cls, data: object) -> object:
+        """Three brokers share the machine: each gets CLUSTER_KAFKA_HEAP_MB unless a heap is set."""
+        if isinstance(data, dict) and str(data.get("brokers", 1)) == "3" and "kafka_heap_mb" not in data:
+            return {**data, "kafka_heap_mb": CLUSTER_KAFKA_HEAP_MB}
+        return data
+
 
 class ModelSpec(_Section):
+    """One model the renderers serve: where its weights are, which pool renders it and with which backend."""
+
     path: Path = Field(description="folder saved with save_pretrained (a diffusers pipeline)")
     pool: str = Field("default", pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", description="renderer pool serving it")
     backend: Literal["diffusers", "synthetic"] = "diffusers"
@@ -150,6 +206,9 @@ MODERATION_CATEGORIES = (
 
 
 class GatekeeperSettings(_Section):
+    """The gatekeeper's admission rules: dedupe, fan-out, moderation, tiers, rate limits
+    (``AIGC_GATEKEEPER__*``)."""
+
     app_id: str = "aigc-gatekeeper"
     dedupe_window_s: float = Field(600.0, gt=0, description="a request_id seen within this window is dropped")
     frames_per_task: int = Field(4, ge=1, description="video frames per render task")
@@ -215,10 +274,13 @@ class GatekeeperSettings(_Section):
         return self
 
     def tier_of(self, tenant_id: str) -> Tier:
+        """The tier of ``tenant_id``: its entry in ``tenant_tiers``, else ``default_tier``."""
         return self.tiers[self.tenant_tiers.get(tenant_id, self.default_tier)]
 
 
 class RendererSettings(_Section):
+    """How renderers take, batch and render tasks (``AIGC_RENDERER__*``)."""
+
     weights: dict[str, float] = Field(
         default_factory=lambda: {"HIGH": 16.0, "NORMAL": 4.0, "LOW": 1.0},
         description="fair-share weights between classes (a busy LOW class keeps ~1/21 of frames)",
@@ -279,6 +341,8 @@ class RendererSettings(_Section):
 
 
 class AssemblerSettings(_Section):
+    """The assembler sink's identity, limits and storage of results (``AIGC_ASSEMBLER__*``)."""
+
     instance: str = Field(
         "0", pattern=r"^[a-z0-9-]{1,32}$", description="stable id of this sink (transactional.id)"
     )
@@ -341,6 +405,58 @@ class RetrySettings(_Section):
     max_attempts: int = Field(4, ge=1, description="attempts in all, the first included")
 
 
+class WebhookSettings(_Section):
+    """Webhook delivery (stream_processors/webhooks): Completions POSTed, signed, to each request's or
+    tenant's URL; retries follow ``retry`` (the shared retry topics and relay)."""
+
+    enabled: bool = Field(
+        True,
+        description="run the webhook delivery stage under `aigc run` / `aigc up` / `aigc demo` "
+        "(running_pipeline starts it only when asked: webhooks=True)",
+    )
+    allow_hosts: tuple[str, ...] = Field(
+        (),
+        description="hosts, addresses or networks (CIDR) a webhook may reach although they are loopback, "
+        "private, link-local or otherwise not global, e.g. '[\"127.0.0.1\"]'; everything else non-global "
+        "is refused (SSRF protection)",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=60, description="connect and response timeout of one POST")
+
+
+class GatewaySettings(_Section):
+    """The HTTP gateway (producers/gateway): the front door for HTTP clients and the web console."""
+
+    enabled: bool = Field(
+        True,
+        description="`aigc run`, `aigc up` and `aigc demo` start the gateway stage; `running_pipeline` "
+        "starts it only when its caller asks (gateway=True)",
+    )
+    host: str = Field("127.0.0.1", description="address the HTTP API and console listen on")
+    port: int = Field(19080, ge=0, le=65535, description="port of the HTTP API and the console")
+    public_url: str | None = Field(
+        None, description="base URL clients reach the gateway at (Location headers); default http://host:port"
+    )
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body; more is 413")
+    rate_per_s: float = Field(50.0, gt=0, description="submissions per second per API key (token bucket)")
+    rate_burst: float = Field(100.0, ge=1, description="burst of submissions per API key")
+    key_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="how long a looked-up API key is trusted before Cassandra is asked again "
+        "(a revoked key stops working within this)",
+    )
+    sse_keepalive_s: float = Field(15.0, gt=0, description="comment line sent on an idle event stream")
+    max_streams: int = Field(64, ge=1, description="event streams open at once; more are answered 503")
+    page_size: int = Field(20, ge=1, le=200, description="default page of GET /v1/generations")
+    linger_ms: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="how long the gateway's batching producer waits to fill a batch (librdkafka linger.ms); "
+        "it takes the submissions that find others in flight, so a lone one never waits; 0: one producer",
+    )
+
+
 class ObservabilitySettings(_Section):
     """Metrics, health endpoints and lag (plumbing/observability.py); spans (plumbing/tracing.py)."""
 
@@ -364,6 +480,10 @@ class ObservabilitySettings(_Section):
 
 
 class Settings(BaseSettings):
+    """Every setting of the pipeline, read once at the entry point from ``AIGC_*`` variables (nested sections
+    with ``__``) over the defaults, then passed down; frozen.
+    """
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=ENV_NESTED_DELIMITER,
@@ -389,6 +509,8 @@ class Settings(BaseSettings):
     renderer: RendererSettings = RendererSettings()
     assembler: AssemblerSettings = AssemblerSettings()
     output_check: OutputCheckSettings = OutputCheckSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    gateway: GatewaySettings = GatewaySettings()
     models: dict[str, ModelSpec] = Field(
         default_factory=lambda: {"tiny-sd": ModelSpec(path=Path(".aigc/models/tiny-sd"))},
         description="model name -> local folder and renderer pool",
@@ -423,21 +545,59 @@ class Settings(BaseSettings):
                 raise ValueError(f"model name {name!r} must be 1-64 of [A-Za-z0-9._-]")
         return models
 
+    @model_validator(mode="after")
+    def _cluster(self) -> Settings:
+        """With ``infra.brokers`` 3, a single bootstrap address stands for the cluster's first node: list
+        all three (node i at its port + (i - 1) * BROKER_PORT_STEP), so a client starts while any one
+        is down; an unset replication factor follows the broker count."""
+        brokers = self.infra.brokers
+        if brokers == 1:
+            return self
+        update: dict[str, object] = {}
+        servers = [s.strip() for s in self.kafka.bootstrap_servers.split(",") if s.strip()]
+        if len(servers) == 1:
+            host, _, port = servers[0].rpartition(":")
+            update["bootstrap_servers"] = ",".join(
+                f"{host}:{int(port) + i * BROKER_PORT_STEP}" for i in range(brokers)
+            )
+        if "replication_factor" not in self.kafka.model_fields_set:
+            update["replication_factor"] = brokers
+        if update:
+            # The object is frozen; this runs while it is being built, before anyone holds it.
+            object.__setattr__(self, "kafka", self.kafka.model_copy(update=update))
+        return self
+
     @classmethod
     def load(cls, **overrides: object) -> Settings:
         """Read the environment once; keyword overrides win (used by tests and CLI flags)."""
         return cls(**overrides)  # type: ignore[arg-type]
 
+    def for_brokers(self, brokers: int | None) -> Settings:
+        """These settings for ``brokers`` Kafka brokers (None: as they are), read again with that count so
+        that the bootstrap servers and the replication factor follow it (a command's ``--brokers``)."""
+        if brokers is None or brokers == self.infra.brokers:
+            return self
+        return Settings.load(infra={"brokers": brokers})
+
     @property
     def pools(self) -> tuple[str, ...]:
+        """The renderer pools the models name, sorted."""
         return tuple(sorted({spec.pool for spec in self.models.values()}))
 
     @property
     def kafka_port(self) -> int:
+        """The port of the first bootstrap server, which must be on loopback (for the local launcher)."""
         return _loopback_port(self.kafka.bootstrap_servers.split(",")[0])
 
     @property
+    def kafka_ports(self) -> tuple[int, ...]:
+        """The ports of every bootstrap server, in order, which must be on loopback (for the local
+        launcher: node i of the 3-broker cluster listens on the i-th)."""
+        return tuple(_loopback_port(server.strip()) for server in self.kafka.bootstrap_servers.split(","))
+
+    @property
     def s3_port(self) -> int:
+        """The port of the S3 endpoint, which must be on loopback (for the local launcher)."""
         return _loopback_port(self.s3.endpoint_url)
 
     def to_env(self) -> dict[str, str]:

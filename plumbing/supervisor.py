@@ -36,9 +36,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plumbing.backoff import Backoff
 from plumbing.settings import Settings
 
 STOP_GRACE_S = 30.0
+RESTART_FIRST_S = 0.5  # the wait before a crashed stage's first restart; it doubles with each restart after
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a stage up this long before it died starts its back-off afresh
 READY_RECHECK_S = 2.0  # how often a ready stage's /readyz is asked again
@@ -72,21 +74,50 @@ class _Child:
     log_offset: int = field(default=0)
 
 
-def pipeline_stages(settings: Settings, renderers: int, synthetic_ms: float | None = None) -> list[StageSpec]:
-    """The stages: one gatekeeper, ``renderers`` renderers per pool, one assembler, one retry relay and,
-    unless metrics are off (``observability.metrics=false``, to measure their cost), one lag exporter."""
-    stages = [StageSpec("gatekeeper", ["gatekeeper"], "gatekeeper")]
+def pipeline_stages(
+    settings: Settings,
+    renderers: int,
+    synthetic_ms: float | None = None,
+    webhooks: bool | None = None,
+    gateway: bool = False,
+    replicas: int = 1,
+) -> list[StageSpec]:
+    """The stages: ``replicas`` gatekeepers, ``renderers`` renderers per pool, ``replicas`` assemblers and
+    retry relays and, unless metrics are off (``observability.metrics=false``, to measure their cost), one
+    lag exporter; ``replicas`` webhook delivery stages when ``webhooks`` says so (None:
+    ``webhooks.enabled``); and, with ``gateway`` (and ``gateway.enabled``), the HTTP gateway.
+
+    Replicas share nothing but the settings: each joins its stage's consumer group (the assemblers each
+    with a transactional.id of their own, ``assembler.instance``), as processes on other hosts would. The
+    first of a stage keeps the stage's name, the others are ``<stage>-1``, ``<stage>-2``..."""
+
+    def replicated(name: str, verb: list[str], stage: str) -> list[StageSpec]:
+        return [
+            StageSpec(f"{name}-{i}" if i else name, verb, stage, _replica_env(stage, i))
+            for i in range(replicas)
+        ]
+
+    stages = replicated("gatekeeper", ["gatekeeper"], "gatekeeper")
     for pool in settings.pools:
         verb = ["render", "--pool", pool]
         if synthetic_ms is not None:
             verb += ["--synthetic-ms", str(synthetic_ms)]
         stages += [StageSpec(f"renderer-{pool}-{i}", verb, "renderer") for i in range(renderers)]
-    stages.append(StageSpec("assembler", ["assemble"], "assembler"))
-    stages.append(StageSpec("relay", ["relay"], "relay"))
+    stages += replicated("assembler", ["assemble"], "assembler")
+    stages += replicated("relay", ["relay"], "relay")
     if settings.observability.metrics:
         stages.append(StageSpec("lag-exporter", ["lag-exporter"], "lag_exporter"))
+    if settings.webhooks.enabled if webhooks is None else webhooks:
+        stages += replicated("webhooks", ["webhooks", "deliver"], "webhooks")
+    if gateway and settings.gateway.enabled:
+        stages.append(StageSpec("gateway", ["gateway"], "gateway"))
     # Each process keeps its identity across restarts (static group membership, see Settings.instance).
     return [dataclasses.replace(s, env={"AIGC_INSTANCE": s.name, **s.env}) for s in stages]
+
+
+def _replica_env(stage: str, index: int) -> dict[str, str]:
+    """Settings of replica ``index`` of ``stage``: an assembler's own transactional.id."""
+    return {"AIGC_ASSEMBLER__INSTANCE": str(index)} if stage == "assembler" and index else {}
 
 
 def _die_with_parent() -> None:
@@ -116,7 +147,7 @@ def probe_ready(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, li
     except urllib.error.HTTPError as exc:
         try:
             return False, list(json.loads(exc.read()).get("unmet", []))
-        except ValueError:
+        except (ValueError, OSError):  # OSError: the body did not come in time (a loaded machine)
             return False, [f"HTTP {exc.code}"]
     except (OSError, ValueError):
         return False, ["not answering"]
@@ -128,6 +159,10 @@ def targets_path(settings: Settings) -> Path:
 
 
 class Supervisor:
+    """The stage processes of one pipeline: starts them, reports and restarts the ones that die (after a
+    growing back-off, unless ``restart`` is off), keeps the Prometheus targets file current, stops them.
+    """
+
     def __init__(
         self,
         stages: list[StageSpec],
@@ -144,7 +179,7 @@ class Supervisor:
         self.log_dir = log_dir
         self.restart = restart
         self.echo = echo
-        self.max_backoff_s = max_backoff_s
+        self.backoff = Backoff(first_s=RESTART_FIRST_S, max_s=max_backoff_s)
         self.targets = targets  # Prometheus file-SD file kept current, when given
         self.pipeline = pipeline
         self.children: dict[str, _Child] = {}
@@ -157,7 +192,7 @@ class Supervisor:
         with log.open("ab") as out:
             offset = out.tell()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "plumbing.cli", *spec.verb],
+                [sys.executable, "-m", "aigc", *spec.verb],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -168,6 +203,7 @@ class Supervisor:
         return _Child(spec, proc, log, time.monotonic(), port, restarts=restarts, log_offset=offset)
 
     def start(self) -> None:
+        """Start every stage; each gets a port of its own for ``/metrics`` and ``/readyz``."""
         for spec in self.stages:
             child = self.children[spec.name] = self._spawn(spec)
             self.echo(
@@ -219,13 +255,14 @@ class Supervisor:
                     continue
                 if now - child.started >= STABLE_S:
                     child.restarts = 0
-                child.next_start = now + min(self.max_backoff_s, 0.5 * 2.0**child.restarts)
+                child.next_start = now + self.backoff.delay_s(child.restarts + 1)
             if now >= child.next_start:
                 self.children[name] = self._spawn(child.spec, child.restarts + 1, child.port)
                 self.echo(f"{name}: restarted (restart {child.restarts + 1})")
         self._write_targets()
 
     def wait_ready(self, timeout_s: float) -> bool:
+        """Poll until every stage is ready; False when ``timeout_s`` passed first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.poll()
@@ -235,9 +272,11 @@ class Supervisor:
         return False
 
     def alive(self) -> list[str]:
+        """The names of the stages whose process runs now."""
         return [name for name, c in self.children.items() if c.proc.poll() is None]
 
     def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to stage ``name``'s process."""
         self.children[name].proc.send_signal(sig)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int]:
@@ -275,6 +314,7 @@ class Supervisor:
         }
 
     def run_until(self, stop: Callable[[], bool], state_file: Path | None = None) -> None:
+        """Supervise until ``stop()`` says so, writing the stages' state to ``state_file`` when it changes."""
         written = None
         while not stop():
             self.poll()
@@ -303,7 +343,8 @@ def run_pipeline(
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    supervisor = Supervisor(pipeline_stages(settings, renderers, synthetic_ms), settings.to_env(),
+    stages = pipeline_stages(settings, renderers, synthetic_ms, gateway=True)
+    supervisor = Supervisor(stages, settings.to_env(),
                             log_dir or settings.home / "logs", restart=restart,
                             targets=targets_path(settings), pipeline=settings.kafka.topic_prefix)  # fmt: skip
     supervisor.start()

@@ -10,35 +10,36 @@ reaches a running gatekeeper within a poll (about a second).
 from __future__ import annotations
 
 import logging
-import time
 
+from plumbing import clock
 from plumbing.compacted import CompactedTopicFollower
 from plumbing.errors import DecodeError
 from plumbing.kafka_clients import make_producer, produce_sync
 from plumbing.settings import Settings, Tier
 from plumbing.topics import Topics
 from schemas.codec import Codec, default_codec
+from schemas.records import TenantQuota
 
 log = logging.getLogger(__name__)
 
 
-def quota_record(tenant_id: str, tier: Tier, now_ms: int | None = None) -> dict[str, object]:
-    """The `TenantQuota` record of ``tier`` for ``tenant_id``."""
-    return {
-        "tenant_id": tenant_id,
-        "requests_per_s": tier.requests_per_s,
-        "request_burst": tier.request_burst,
-        "cost_per_s": tier.cost_per_s,
-        "cost_burst": tier.cost_burst,
-        "updated_at": now_ms if now_ms is not None else time.time_ns() // 1_000_000,
-    }
+def quota_record(tenant_id: str, tier: Tier, now_ms: int | None = None) -> TenantQuota:
+    """The `TenantQuota` record of ``tier`` for ``tenant_id``, set at ``now_ms`` (default: now)."""
+    return TenantQuota(
+        tenant_id=tenant_id,
+        requests_per_s=tier.requests_per_s,
+        request_burst=tier.request_burst,
+        cost_per_s=tier.cost_per_s,
+        cost_burst=tier.cost_burst,
+        updated_at=now_ms if now_ms is not None else clock.now_ms(),
+    )
 
 
 def set_quota(settings: Settings, tenant_id: str, tier: Tier, codec: Codec | None = None) -> None:
     """Write ``tenant_id``'s quotas to the tenants topic and wait for the broker's acknowledgement."""
     codec = codec or default_codec()
     producer = make_producer(settings, "tenants")
-    value = codec.encode("TenantQuota", quota_record(tenant_id, tier))
+    value = codec.write(quota_record(tenant_id, tier))
     produce_sync(producer, Topics(settings).tenants, value, key=tenant_id.encode())
 
 
@@ -65,6 +66,7 @@ class TenantQuotas(CompactedTopicFollower):
         return tier if tier is not None else self._settings.gatekeeper.tier_of(tenant_id)
 
     def snapshot(self) -> dict[str, Tier]:
+        """Every tenant with quotas of its own, and those quotas, as they stand now."""
         with self._lock:
             return dict(self._tiers)
 
@@ -77,11 +79,11 @@ class TenantQuotas(CompactedTopicFollower):
                 self._tiers.pop(tenant_id, None)
             return
         try:
-            r = codec.decode(value, "TenantQuota")
-            tier = Tier(requests_per_s=r["requests_per_s"], request_burst=r["request_burst"],
-                        cost_per_s=r["cost_per_s"], cost_burst=r["cost_burst"])  # fmt: skip
+            quota = codec.read(value, TenantQuota)
+            tier = Tier(requests_per_s=quota.requests_per_s, request_burst=quota.request_burst,
+                        cost_per_s=quota.cost_per_s, cost_burst=quota.cost_burst)  # fmt: skip
         except (DecodeError, ValueError) as exc:
             log.warning("ignoring unusable quotas for tenant %r: %s", tenant_id, exc)
             return
         with self._lock:
-            self._tiers[r["tenant_id"]] = tier
+            self._tiers[quota.tenant_id] = tier

@@ -6,7 +6,7 @@ Names are lowercase and dotted: ``<prefix>.<family>[.<qualifier>...]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from plumbing.settings import Settings
@@ -23,12 +23,15 @@ MAX_ENVELOPE_BYTES = 20 * MIB
 
 
 class Priority(StrEnum):
+    """The three priority classes; every per-class topic ends with the class's lowercase name."""
+
     HIGH = "HIGH"
     NORMAL = "NORMAL"
     LOW = "LOW"
 
     @property
     def suffix(self) -> str:
+        """The class as the last part of a topic name: ``high``, ``normal`` or ``low``."""
         return self.value.lower()
 
     @property
@@ -46,10 +49,13 @@ class Stage(StrEnum):
     GATEKEEPER = "gatekeeper"
     RENDERER = "renderer"
     ASSEMBLER = "assembler"
+    WEBHOOKS = "webhooks"
 
 
 @dataclass(frozen=True)
 class TopicSpec:
+    """One topic as bootstrap creates it: its name, value schema, key, partitions and configs."""
+
     name: str
     schema: str  # Avro record name of the value
     key: str  # what the key holds
@@ -70,21 +76,27 @@ class Topics:
         self.prefix = settings.kafka.topic_prefix
 
     def requests(self, priority: Priority | str) -> str:
+        """The request topic of ``priority``: ``<prefix>.requests.<class>``."""
         return f"{self.prefix}.requests.{Priority(priority).suffix}"
 
     def render(self, pool: str, priority: Priority | str) -> str:
+        """The render topic of ``pool`` and ``priority``: ``<prefix>.render.<pool>.<class>``."""
         return f"{self.prefix}.render.{pool}.{Priority(priority).suffix}"
 
     def frames(self, priority: Priority | str) -> str:
+        """The rendered-frames topic of ``priority``: ``<prefix>.frames.<class>``."""
         return f"{self.prefix}.frames.{Priority(priority).suffix}"
 
     def decisions(self, priority: Priority | str) -> str:
+        """The gatekeeper's decisions topic of ``priority`` for the sink: ``<prefix>.decisions.<class>``."""
         return f"{self.prefix}.decisions.{Priority(priority).suffix}"
 
     def all_frames(self) -> list[str]:
+        """Every class's frames topic, most urgent first."""
         return [self.frames(p) for p in PRIORITIES]
 
     def all_decisions(self) -> list[str]:
+        """Every class's decisions topic, most urgent first."""
         return [self.decisions(p) for p in PRIORITIES]
 
     def sink_inputs(self) -> list[str]:
@@ -97,20 +109,26 @@ class Topics:
 
     @property
     def status(self) -> str:
+        """The StatusEvent topic: ``<prefix>.status``."""
         return f"{self.prefix}.status"
 
     @property
     def completions(self) -> str:
+        """The Completion topic: ``<prefix>.completions``."""
         return f"{self.prefix}.completions"
 
     @property
     def cancellations(self) -> str:
+        """The compacted CancelRequest topic: ``<prefix>.cancellations``."""
         return f"{self.prefix}.cancellations"
 
     def retry(self, stage: Stage | str, delay_s: float) -> str:
+        """The retry topic of ``stage`` for a wait of ``delay_s``: ``<prefix>.retry.<stage>.<delay>``
+        (``10s``, ``500ms``)."""
         return f"{self.prefix}.retry.{Stage(stage).value}.{_delay_label(delay_s)}"
 
     def dlq(self, stage: Stage | str) -> str:
+        """The dead-letter topic of ``stage``: ``<prefix>.dlq.<stage>``."""
         return f"{self.prefix}.dlq.{Stage(stage).value}"
 
     def gatekeeper_changelog(self, table: str) -> str:
@@ -118,7 +136,14 @@ class Topics:
         return f"{self.prefix}.gatekeeper.{table}.changelog"
 
     @property
+    def webhook_redeliveries(self) -> str:
+        """Completions whose webhook delivery failed, sent back by the retry relay when due (retrying a
+        delivery must not publish a Completion on aigc.completions a second time)."""
+        return f"{self.prefix}.webhooks.redeliveries"
+
+    @property
     def tenants(self) -> str:
+        """The compacted TenantQuota topic: ``<prefix>.tenants``."""
         return f"{self.prefix}.tenants"
 
     def reply_prefix(self, tenant_id: str) -> str:
@@ -211,6 +236,17 @@ class Topics:
                 "each tenant's quotas (aigc tenants add), compacted by tenant_id, read whole by gatekeepers",
             ),
         ]
+        specs.append(
+            TopicSpec(
+                self.webhook_redeliveries,
+                "Completion",
+                "request_id",
+                k.partitions,
+                {"retention.ms": str(7 * DAY_MS)},
+                "completions whose webhook POST is tried again (retry relay, `aigc dlq replay`), for the "
+                "webhook stage only",
+            )
+        )
         for stage in Stage:
             for delay in self._settings.retry.delays_s:
                 specs.append(
@@ -233,4 +269,7 @@ class Topics:
                     f"{stage.value} work that failed for good, for operators to inspect and replay",
                 )
             )
+        min_isr = k.topic_min_insync_replicas
+        if min_isr is not None:  # the 3-broker cluster: an acks=all write needs 2 of the 3 replicas
+            specs = [replace(s, config={**s.config, "min.insync.replicas": str(min_isr)}) for s in specs]
         return specs

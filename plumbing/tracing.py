@@ -26,7 +26,6 @@ import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -35,8 +34,10 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from plumbing import headers as _headers
+from plumbing.clock import now_ms
 from plumbing.headers import ATTEMPTS, TRACEPARENT
 from plumbing.settings import Settings
+from schemas.records import RenderTask
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,6 +104,7 @@ def install(tracer: Tracer | None) -> None:
 
 
 def enabled() -> bool:
+    """Whether this process records spans (`setup` made a tracer)."""
     return _Process.tracer is not None
 
 
@@ -204,7 +206,7 @@ def interval(name: str, start_ms: int, end_ms: int, **attributes: Any) -> None:
 
 @contextlib.contextmanager
 def render_task(
-    task_headers: Carrier, record: Mapping[str, Any], started_at: int, **attributes: Any
+    task_headers: Carrier, record: RenderTask, started_at: int, **attributes: Any
 ) -> Iterator[Span]:
     """The span of one render task, from the start of its batch's render: its queue wait (enqueued to
     started) as ``queue_wait_ms``, the render so far as a ``renderer.render`` child span."""
@@ -215,14 +217,14 @@ def render_task(
         "renderer.task",
         task_headers,
         start_ms=started_at,
-        priority=record.get("priority"),
-        task_id=record.get("task_id"),
-        attempt=record.get("attempt"),
-        frames=record.get("frame_count"),
-        queue_wait_ms=max(0, started_at - int(record.get("enqueued_at") or started_at)),
+        priority=record.priority,
+        task_id=record.task_id,
+        attempt=record.attempt,
+        frames=record.frame_count,
+        queue_wait_ms=max(0, started_at - (record.enqueued_at or started_at)),
         **attributes,
     ) as span:
-        interval("renderer.render", started_at, time.time_ns() // 1_000_000)
+        interval("renderer.render", started_at, now_ms())
         yield span
 
 

@@ -22,11 +22,14 @@ REARM_EVERY_S = 1.0
 
 
 class Watchdog:
+    """Exits the process, every thread's stack in its log, when `beat` was not called for ``timeout_s``."""
+
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._armed_at: float | None = None
 
     def beat(self) -> None:
+        """The loop made progress: restart the countdown (re-arming at most once a second)."""
         now = time.monotonic()
         if self._armed_at is None or now - self._armed_at >= REARM_EVERY_S:
             faulthandler.dump_traceback_later(self.timeout_s, exit=True)
@@ -43,5 +46,6 @@ class Watchdog:
             self.beat()
 
     def stop(self) -> None:
+        """Disarm: the process no longer exits for lack of beats."""
         faulthandler.cancel_dump_traceback_later()
         self._armed_at = None

@@ -16,41 +16,56 @@ checked: one that could never be a Cassandra key is simply not looked up. Produc
 - mismatched: ids whose row and completion disagree on the status.
 
 Used by ``aigc check`` and by the chaos, poison and replay tests. The bounded reader (`BoundedRead`) and
-the dead letter's request id (`dead_letter_ids`) are shared with ``producers.dlq``.
+the dead letter's request id (`dead_letter_ids`) are shared with ``producers.dlq``; ``aigc trace``
+(``producers.request_log``) reads its time window with `BoundedRead` too.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from cassandra.cluster import Session
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from plumbing.blobs import BlobStore
 from plumbing.errors import DecodeError
-from plumbing.kafka_clients import make_consumer
+from plumbing.kafka_clients import make_consumer, watermarks
 from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Stage, Topics
+from plumbing.validation import ID_PATTERN
 from schemas.codec import Codec, default_codec
-from schemas.validation import ID_PATTERN
+from schemas.records import (
+    CancelRequest,
+    Completion,
+    DeadLetter,
+    FramesRendered,
+    GenerationRequest,
+    Record,
+    RenderTask,
+    StatusEvent,
+    TenantQuota,
+)
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 METADATA_TIMEOUT_S = 10.0
 IN_CHUNK = 100  # ids per Cassandra IN query: small partitions fan out fine at this size
+R = TypeVar("R", bound=Record)
 
 
 class BoundedRead:
     """Iterate over the messages of ``topics`` from ``since_ms`` (or the beginning) up to the high
-    watermarks captured at the start, so the read ends even while producers keep writing.
+    watermarks captured at the start, so the read ends even while producers keep writing. With
+    ``until_ms``, a partition also ends at its first message stamped later than that.
 
     Partitions are assigned by hand (no group membership, nothing committed). The consumer reads
     committed data only; a partition ends at its captured watermark or at the end-of-partition event,
@@ -65,10 +80,12 @@ class BoundedRead:
         since_ms: int | None = None,
         timeout_s: float = 30.0,
         role: str = "checker",
+        until_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.topics = list(dict.fromkeys(topics))
         self.since_ms = since_ms
+        self.until_ms = until_ms
         self.timeout_s = timeout_s
         self.role = role
         self.unfinished: list[str] = []
@@ -97,6 +114,9 @@ class BoundedRead:
                 offset = msg.offset() or 0
                 if end is None or offset >= end:
                     continue  # written after the read started
+                if self.until_ms is not None and msg.timestamp()[1] > self.until_ms:
+                    self._done(consumer, ends, tp)
+                    continue
                 yield msg
                 if offset >= end - 1:
                     self._done(consumer, ends, tp)
@@ -121,7 +141,7 @@ class BoundedRead:
         ends: dict[tuple[str, int], int] = {}
         assignment = []
         for tp in partitions:
-            low, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S, cached=False)
+            low, high = watermarks(consumer, tp, METADATA_TIMEOUT_S)
             start = starts.get((tp.topic, tp.partition), low)
             start = high if start < 0 else max(start, low)
             if start < high:
@@ -137,24 +157,43 @@ class BoundedRead:
         consumer.pause([TopicPartition(*tp)])
 
 
-def dead_letter_ids(record: Mapping[str, Any], codec: Codec) -> tuple[str | None, str | None]:
+def dead_letter_ids(record: DeadLetter, codec: Codec) -> tuple[str | None, str | None]:
     """Request and tenant ids of a DeadLetter: its own fields, else from its decodable original value
     (every pipeline record but the envelopes carries request_id and tenant_id)."""
-    request_id, tenant_id = record.get("request_id"), record.get("tenant_id")
+    request_id, tenant_id = record.request_id, record.tenant_id
     if request_id is None or tenant_id is None:
         try:
-            _, original = codec.decode_any(record.get("value"))
+            original = codec.read_any(record.value)
         except DecodeError:
             return request_id, tenant_id
-        if request_id is None and isinstance(original.get("request_id"), str):
-            request_id = original["request_id"]
-        if tenant_id is None and isinstance(original.get("tenant_id"), str):
-            tenant_id = original["tenant_id"]
+        found_request, found_tenant = record_ids(original)
+        request_id = found_request if request_id is None else request_id
+        tenant_id = found_tenant if tenant_id is None else tenant_id
     return request_id, tenant_id
+
+
+def record_ids(record: Record) -> tuple[str | None, str | None]:
+    """The request and tenant ids a top-level record carries; None where it has none (the envelopes)."""
+    match record:
+        case (
+            GenerationRequest()
+            | RenderTask()
+            | FramesRendered()
+            | Completion()
+            | StatusEvent()
+            | CancelRequest()
+            | DeadLetter()
+        ):
+            return record.request_id, record.tenant_id
+        case TenantQuota():
+            return None, record.tenant_id
+    return None, None
 
 
 @dataclass(frozen=True)
 class DeliveryReport:
+    """What `check_delivery` found (see the module docstring); ``ok`` is the verdict."""
+
     submitted: int
     terminal: dict[str, int]  # status -> count, one per request id
     dead_lettered: int  # submitted ids in some aigc.dlq.* and without a completion
@@ -180,6 +219,7 @@ class DeliveryReport:
         )
 
     def summary(self) -> str:
+        """The verdict, the counts and up to 50 ids of each kind of problem, as ``aigc check`` prints them."""
         terminal = ", ".join(f"{s} {n}" for s, n in sorted(self.terminal.items())) or "none"
         lines = [
             f"delivery check: {'OK' if self.ok else 'NOT OK'}",
@@ -205,6 +245,52 @@ class DeliveryReport:
         return "\n".join(lines)
 
 
+class _Topics:
+    """The checker's bounded reads of a run's topics, sharing one deadline and one tally of what did not
+    decode or was not read to the end."""
+
+    def __init__(self, settings: Settings, since_ms: int | None, timeout_s: float) -> None:
+        self.settings, self.since_ms = settings, since_ms
+        self.codec = default_codec()
+        self.deadline = time.monotonic() + timeout_s
+        self.undecodable = 0
+        self.unfinished: list[str] = []
+
+    def read(self, names: list[str], cls: type[R]) -> Iterator[R]:
+        """The ``cls`` records on ``names``; undecodable messages are counted, other records skipped."""
+        timeout_s = max(1.0, self.deadline - time.monotonic())
+        reader = BoundedRead(self.settings, names, self.since_ms, timeout_s)
+        for msg in reader:
+            try:
+                record = self.codec.read_any(msg.value())
+            except DecodeError:
+                self.undecodable += 1
+                continue
+            if isinstance(record, cls):
+                yield record
+        self.unfinished.extend(reader.unfinished)
+
+    def dead_lettered(self, names: list[str], submitted: set[str]) -> tuple[set[str], set[str]]:
+        """The submitted ids with a dead letter on ``names``, and the tenants of those dead letters."""
+        dead: set[str] = set()
+        tenants: set[str] = set()
+        for letter in self.read(names, DeadLetter):
+            request_id, tenant_id = dead_letter_ids(letter, self.codec)
+            if request_id in submitted:
+                dead.add(request_id)
+                if tenant_id:
+                    tenants.add(tenant_id)
+        return dead, tenants
+
+    def last_status(self, name: str, submitted: set[str]) -> dict[str, str]:
+        """Submitted id -> "<stage> <state>" of its last status event on ``name``."""
+        return {
+            event.request_id: f"{event.stage} {event.state}"
+            for event in self.read([name], StatusEvent)
+            if event.request_id in submitted
+        }
+
+
 def check_delivery(
     settings: Settings,
     request_ids: Collection[str],
@@ -218,44 +304,18 @@ def check_delivery(
     ``tenants``: whose buckets and tenant rows to inspect (default: the tenants seen for the submitted
     ids). ``since_ms``: where the topic reads start and how far back rows and objects count.
     """
-    codec = default_codec()
     topics = Topics(settings)
     submitted = set(request_ids)
-    deadline = time.monotonic() + timeout_s
-    undecodable = 0
-    unfinished: list[str] = []
-
-    def read(names: list[str]) -> Iterator[dict[str, Any]]:
-        nonlocal undecodable
-        reader = BoundedRead(settings, names, since_ms, max(1.0, deadline - time.monotonic()))
-        for msg in reader:
-            try:
-                yield codec.decode_any(msg.value())[1]
-            except DecodeError:
-                undecodable += 1
-        unfinished.extend(reader.unfinished)
-
-    completions: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in read([topics.completions]):
-        if isinstance(record.get("request_id"), str) and "status" in record:
-            completions[record["request_id"]].append(record)
-    seen_tenants: set[str] = set()
-    dead: set[str] = set()
-    for record in read([topics.dlq(stage) for stage in Stage]):
-        request_id, tenant_id = dead_letter_ids(record, codec)
-        if request_id in submitted:
-            dead.add(request_id)
-            if tenant_id:
-                seen_tenants.add(tenant_id)
-    last_status: dict[str, str] = {}
-    if read_status:
-        for record in read([topics.status]):
-            if record.get("request_id") in submitted and "state" in record:
-                last_status[record["request_id"]] = f"{record.get('stage')} {record['state']}"
+    reads = _Topics(settings, since_ms, timeout_s)
+    completions: dict[str, list[Completion]] = defaultdict(list)
+    for completion in reads.read([topics.completions], Completion):
+        completions[completion.request_id].append(completion)
+    dead, seen_tenants = reads.dead_lettered([topics.dlq(stage) for stage in Stage], submitted)
+    last_status = reads.last_status(topics.status, submitted) if read_status else {}
 
     finished = submitted & completions.keys()
-    seen_tenants |= {completions[i][0]["tenant_id"] for i in finished}
-    terminal = Counter(str(completions[i][0]["status"]) for i in finished)
+    seen_tenants |= {completions[i][0].tenant_id for i in finished}
+    terminal = Counter(str(completions[i][0].status) for i in finished)
     lost = sorted(submitted - finished - dead)
     duplicates = {i: len(completions[i]) for i in sorted(finished) if len(completions[i]) > 1}
 
@@ -263,9 +323,9 @@ def check_delivery(
     seen_tenants |= {row.tenant_id for row in rows if row.tenant_id and row.request_id in submitted}
     orphan_rows = sorted(row.request_id for row in rows if row.request_id not in completions)
     mismatched = sorted(
-        f"{row.request_id}: row {row.status}, completion {completions[row.request_id][0]['status']}"
+        f"{row.request_id}: row {row.status}, completion {completions[row.request_id][0].status}"
         for row in rows
-        if row.request_id in completions and row.status != completions[row.request_id][0]["status"]
+        if row.request_id in completions and row.status != completions[row.request_id][0].status
     )
     objects = _orphan_objects(
         settings, sorted(set(tenants) if tenants is not None else seen_tenants), since_ms, completions
@@ -279,8 +339,8 @@ def check_delivery(
         orphan_rows=orphan_rows,
         orphan_objects=objects,
         mismatched=mismatched,
-        undecodable=undecodable,
-        unfinished=unfinished,
+        undecodable=reads.undecodable,
+        unfinished=reads.unfinished,
         last_status={i: last_status[i] for i in lost if i in last_status},
     )
 
@@ -290,7 +350,7 @@ def _rows(
     submitted: set[str],
     tenants: Collection[str] | None,
     since_ms: int | None,
-    completions: Mapping[str, list[dict[str, Any]]],
+    completions: Mapping[str, list[Completion]],
 ) -> list[Any]:
     """Terminal rows of the submitted ids, plus (when ``tenants`` is given) every row those tenants
     created since ``since_ms`` (else since the earliest submitted request seen), via the tenant index."""
@@ -299,7 +359,7 @@ def _rows(
     try:
         ids = set(submitted)
         if tenants:
-            created = [c[0].get("created_at") or 0 for i, c in completions.items() if i in submitted]
+            created = [c[0].created_at for i, c in completions.items() if i in submitted]
             start = since_ms if since_ms is not None else min((c for c in created if c), default=None)
             if start is not None:
                 by_tenant = session.prepare(
@@ -337,13 +397,17 @@ def _months(begin: datetime, end: datetime) -> list[str]:
     return months
 
 
+FRAME_NAME = re.compile(r"\d{5}\.[a-z0-9]+")  # a staged frame's file name (plumbing.blobs.frame_key)
+
+
 def _orphan_objects(
     settings: Settings,
     tenants: list[str],
     since_ms: int | None,
-    completions: Mapping[str, list[dict[str, Any]]],
+    completions: Mapping[str, list[Completion]],
 ) -> list[str]:
-    succeeded = {i for i, c in completions.items() if any(x["status"] == "SUCCEEDED" for x in c)}
+    """Objects left behind (see the module docstring) under the prefixes of ``tenants``."""
+    succeeded = {i for i, c in completions.items() if any(x.status == "SUCCEEDED" for x in c)}
     # S3 times have whole seconds: compare against the start of since_ms's second.
     floor = None if since_ms is None else since_ms // 1000 * 1000
     blobs = BlobStore(settings.s3)
@@ -357,14 +421,23 @@ def _orphan_objects(
             if len(parts) < 6 or parts[4] not in succeeded:
                 orphans.append(f"s3://{settings.s3.results_bucket}/{key}")
         # <tenant>/<request_id>/frames/<n>.<ext>: staged frames outlive their request only by mistake.
+        # Other names there are not frames: S3Proxy's filesystem store writes an upload to
+        # "<key>-<uuid>" and renames it when complete, so a server stopped mid-upload leaves that file
+        # (and lists it as an object); no frame was left behind.
         for key in _keys(blobs, settings.s3.staging_bucket, f"{tenant}/", floor):
             parts = key.split("/")
-            if len(parts) >= 4 and parts[2] == "frames" and parts[1] in completions:
+            if (
+                len(parts) == 4
+                and parts[2] == "frames"
+                and FRAME_NAME.fullmatch(parts[3])
+                and parts[1] in completions
+            ):
                 orphans.append(f"s3://{settings.s3.staging_bucket}/{key}")
     return sorted(orphans)
 
 
 def _keys(blobs: BlobStore, bucket: str, prefix: str, since_ms: int | None) -> Iterator[str]:
+    """Keys under ``prefix`` in ``bucket`` last modified at or after ``since_ms`` (all when None)."""
     for page in blobs.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             if since_ms is None or obj["LastModified"].timestamp() * 1000 >= since_ms:
@@ -381,9 +454,9 @@ def submitted_since(
     ids = set()
     for msg in BoundedRead(settings, [topics.requests(p) for p in PRIORITIES], since_ms, timeout_s):
         try:
-            request = codec.decode(msg.value(), "GenerationRequest")
+            request = codec.read(msg.value(), GenerationRequest)
         except DecodeError:
             continue  # poison: the gatekeeper dead-letters it without an id to follow
-        if wanted is None or request["tenant_id"] in wanted:
-            ids.add(request["request_id"])
+        if wanted is None or request.tenant_id in wanted:
+            ids.add(request.request_id)
     return ids

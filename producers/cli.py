@@ -6,49 +6,17 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any
 
+from plumbing.clock import now_ms
 from plumbing.settings import Settings
+from schemas.records import Completion, GenerationRequest, StatusEvent, VideoSpec
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
-    submit = verbs.add_parser(
-        "submit",
-        help="submit one generation request",
-        description="Validate a GenerationRequest, produce it to aigc.requests.<priority> keyed by tenant, "
-        "and print its request_id once the broker acknowledged it. Kafka comes from "
-        "AIGC_KAFKA__BOOTSTRAP_SERVERS.",
-    )
-    submit.add_argument("prompt", help="text prompt")
-    submit.add_argument("--request-id", help="idempotency key, ^[A-Za-z0-9_-]{1,64}$ (default: a new uuid)")
-    submit.add_argument("--tenant", default="demo", help="tenant id (default: %(default)s)")
-    submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
-    submit.add_argument("--model", help="model name from the registry (AIGC_MODELS; default: the first)")
-    submit.add_argument("--negative-prompt")
-    submit.add_argument("--width", type=int, default=64)
-    submit.add_argument("--height", type=int, default=64)
-    submit.add_argument("--steps", type=int, default=20)
-    submit.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
-    submit.add_argument("--seed", type=int)
-    submit.add_argument("--scheduler", choices=["ddim", "euler", "dpm", "pndm"])
-    submit.add_argument("--images", type=int, default=1, help="number of images (IMAGE requests)")
-    submit.add_argument("--frames", type=int, help="make a VIDEO request with this many frames")
-    submit.add_argument("--fps", type=int, default=8, help="video frames per second (default: %(default)s)")
-    submit.add_argument("--prompt-end", help="video: prompt of the last frame")
-    submit.add_argument("--seed-end", type=int, help="video: seed of the last frame's noise")
-    submit.add_argument("--format", choices=["PNG", "JPEG", "MP4"], help="output format (default by kind)")
-    submit.add_argument(
-        "--reply-topic", help="also send the completion here (must match the tenant's prefix)"
-    )
-    submit.add_argument("--deadline-s", type=float, help="give up if not done this many seconds from now")
-    submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
-    submit.add_argument("--wait", action="store_true", help="wait for the completion and print it")
-    submit.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds to --wait (default: %(default)s)"
-    )
-    submit.add_argument("--json", action="store_true", help="print the completion as JSON")
-    submit.set_defaults(handler=_submit, needs=("kafka",))
+    """Add the SDK's verbs (submit, watch, get, demo, chaos, trace, cancel) to the ``aigc`` command line."""
+    _register_submit(verbs)
 
     watch = verbs.add_parser("watch", help="tail completions and status events, human-readable")
     watch.add_argument("--request-id", action="append", help="only these requests (repeatable)")
@@ -79,22 +47,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results")
     demo.set_defaults(handler=_demo)
 
-    chaos = verbs.add_parser(
-        "chaos",
-        help="kill every stage and restart the broker under load; report lost, duplicate, orphaned results",
-        description="Runs the pipeline (synthetic renderers) on its own topics and keyspace, submits a "
-        "workload, SIGKILLs each stage and restarts the broker on a seeded schedule, then checks delivery. "
-        "Exit 0 only when nothing was lost, duplicated or orphaned.",
-    )
-    chaos.add_argument("--requests", type=int, default=200)
-    chaos.add_argument("--duration", type=float, default=90.0, help="seconds of submissions and faults")
-    chaos.add_argument("--kills", type=int, default=3, help="SIGKILLs per stage process")
-    chaos.add_argument("--broker-restarts", type=int, default=2)
-    chaos.add_argument("--broker-down", type=float, default=3.0, help="seconds the broker stays stopped")
-    chaos.add_argument("--renderers", type=int, default=2)
-    chaos.add_argument("--synthetic-ms", type=float, default=20.0, help="device time per frame")
-    chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
-    chaos.set_defaults(handler=_chaos)
+    _register_chaos(verbs)
 
     trace = verbs.add_parser(
         "trace",
@@ -121,45 +74,151 @@ def register(verbs: argparse._SubParsersAction) -> None:
     cancel.set_defaults(handler=_cancel, needs=("kafka",))
 
 
-def request_from_args(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from producers.client import now_ms
+def _register_chaos(verbs: argparse._SubParsersAction) -> None:
+    chaos = verbs.add_parser(
+        "chaos",
+        help="kill stages, brokers, Cassandra and S3 and pause stages under load; report lost, duplicate, "
+        "orphaned results and each fault's throughput and HIGH queue wait",
+        description="Runs the pipeline (synthetic renderers) on its own topics and keyspace, submits a "
+        "workload, SIGKILLs each stage and restarts the broker on a seeded schedule (and, when asked, kills "
+        "the busiest partitions' leader broker, stops Cassandra and the S3 server, and pauses stages past "
+        "their timeouts), then checks delivery and prints each fault window's throughput, HIGH queue wait "
+        "and longest gap between completions next to the steady state, and the watchdog restarts. --full "
+        "is the whole plan (make chaos); flags given with it override it. Exit 0 only when nothing was "
+        "lost, duplicated or orphaned.",
+    )
+    chaos.add_argument("--full", action="store_true", help="every fault kind: the plan of make chaos")
+    chaos.add_argument("--requests", type=int, help="requests submitted (default 200; --full 500)")
+    chaos.add_argument("--duration", type=float, dest="duration_s", help="seconds of submissions and faults")
+    chaos.add_argument("--kills", type=int, dest="kills_per_stage", help="SIGKILLs per stage process")
+    chaos.add_argument("--broker-restarts", type=int, help="broker stops and starts (default 2; --full 0)")
+    chaos.add_argument(
+        "--broker-down", type=float, dest="broker_down_s", help="seconds a restart keeps it down"
+    )
+    chaos.add_argument(
+        "--broker-kills", type=int, help="SIGKILLs of the busiest partitions' leader (--full 6)"
+    )
+    chaos.add_argument(
+        "--broker-kill-down", type=float, dest="broker_kill_down_s", help="seconds it stays dead"
+    )
+    chaos.add_argument("--cassandra-outages", type=int, help="Cassandra stops (--full 2)")
+    chaos.add_argument("--cassandra-down", type=float, dest="cassandra_down_s", help="seconds each lasts")
+    chaos.add_argument("--s3-outages", type=int, help="S3 server stops (--full 2)")
+    chaos.add_argument("--s3-down", type=float, dest="s3_down_s", help="seconds each lasts")
+    chaos.add_argument("--zombies", type=int, help="stage processes paused past their timeout (--full 2)")
+    chaos.add_argument(
+        "--zombie-s", type=float, help="seconds a zombie is paused (default: its timeout plus 3 s)"
+    )
+    chaos.add_argument("--overlaps", type=int, help="faults placed inside another's window (--full 2)")
+    chaos.add_argument("--renderers", type=int, help="renderers per pool (default 2)")
+    chaos.add_argument(
+        "--replicas", type=int, help="gatekeepers, assemblers and relays, each (default 1; --full 2)"
+    )
+    chaos.add_argument(
+        "--keep",
+        action="store_true",
+        default=None,
+        help="keep the run's topics and keyspace (for aigc trace); by default they are deleted once checked",
+    )
+    chaos.add_argument(
+        "--kill-one-of-each",
+        action="store_true",
+        default=None,
+        help="kill one process of each stage (drawn), not every process: with --replicas 2, its twin "
+        "keeps each stage working",
+    )
+    chaos.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        help="Kafka brokers of the infrastructure it brings up (default infra.brokers; make chaos: 3)",
+    )
+    chaos.add_argument("--synthetic-ms", type=float, help="device time per frame (default 20)")
+    chaos.add_argument("--seed", type=int, help="replay a run's fault schedule and workload")
+    chaos.set_defaults(handler=_chaos)
 
+
+def _register_submit(verbs: argparse._SubParsersAction) -> None:
+    """Add ``aigc submit``: one flag per GenerationRequest field."""
+    submit = verbs.add_parser(
+        "submit",
+        help="submit one generation request",
+        description="Validate a GenerationRequest, produce it to aigc.requests.<priority> keyed by tenant, "
+        "and print its request_id once the broker acknowledged it. Kafka comes from "
+        "AIGC_KAFKA__BOOTSTRAP_SERVERS.",
+    )
+    submit.add_argument("prompt", help="text prompt")
+    submit.add_argument("--request-id", help="idempotency key, ^[A-Za-z0-9_-]{1,64}$ (default: a new uuid)")
+    submit.add_argument("--tenant", default="demo", help="tenant id (default: %(default)s)")
+    submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
+    submit.add_argument("--model", help="model name from the registry (AIGC_MODELS; default: the first)")
+    submit.add_argument("--negative-prompt")
+    submit.add_argument("--width", type=int, default=64)
+    submit.add_argument("--height", type=int, default=64)
+    submit.add_argument("--steps", type=int, default=20)
+    submit.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--scheduler", choices=["ddim", "euler", "dpm", "pndm"])
+    submit.add_argument("--images", type=int, default=1, help="number of images (IMAGE requests)")
+    submit.add_argument("--frames", type=int, help="make a VIDEO request with this many frames")
+    submit.add_argument("--fps", type=int, default=8, help="video frames per second (default: %(default)s)")
+    submit.add_argument("--prompt-end", help="video: prompt of the last frame")
+    submit.add_argument("--seed-end", type=int, help="video: seed of the last frame's noise")
+    submit.add_argument("--format", choices=["PNG", "JPEG", "MP4"], help="output format (default by kind)")
+    submit.add_argument(
+        "--reply-topic", help="also send the completion here (must match the tenant's prefix)"
+    )
+    submit.add_argument(
+        "--webhook-url",
+        help="POST the completion here, signed with the tenant's webhook secret (aigc webhooks)",
+    )
+    submit.add_argument("--deadline-s", type=float, help="give up if not done this many seconds from now")
+    submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    submit.add_argument("--wait", action="store_true", help="wait for the completion and print it")
+    submit.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to --wait (default: %(default)s)"
+    )
+    submit.add_argument("--json", action="store_true", help="print the completion as JSON")
+    submit.set_defaults(handler=_submit, needs=("kafka",))
+
+
+def request_from_args(args: argparse.Namespace, settings: Settings) -> GenerationRequest:
+    """The GenerationRequest ``aigc submit`` sends, created now (a fresh request_id unless given)."""
     labels = {}
     for item in args.label:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"aigc submit: --label {item!r} is not KEY=VALUE")
         labels[key] = value
-    fields: dict[str, Any] = {
-        "tenant_id": args.tenant,
-        "priority": args.priority.upper(),
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "model": args.model or next(iter(settings.models), ""),
-        "width": args.width,
-        "height": args.height,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
-        "seed": args.seed,
-        "scheduler": args.scheduler,
-        "num_images": args.images,
-        "output_format": args.format,
-        "reply_topic": args.reply_topic,
-        "labels": labels,
-    }
-    if args.request_id:
-        fields["request_id"] = args.request_id
+    video = None
     if args.frames:
-        fields["kind"] = "VIDEO"
-        fields["video"] = {
-            "num_frames": args.frames,
-            "fps": args.fps,
-            "prompt_end": args.prompt_end,
-            "seed_end": args.seed_end,
-        }
-    if args.deadline_s is not None:
-        fields["deadline_ms"] = now_ms() + int(args.deadline_s * 1000)
-    return fields
+        video = VideoSpec(
+            num_frames=args.frames, fps=args.fps, prompt_end=args.prompt_end, seed_end=args.seed_end
+        )
+    created_at = now_ms()
+    return GenerationRequest(
+        request_id=args.request_id or uuid.uuid4().hex,
+        tenant_id=args.tenant,
+        priority=args.priority.upper(),
+        kind="VIDEO" if video else "IMAGE",
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        model=args.model or next(iter(settings.models), ""),
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        num_images=args.images,
+        video=video,
+        output_format=args.format,
+        scheduler=args.scheduler,
+        reply_topic=args.reply_topic,
+        deadline_ms=None if args.deadline_s is None else created_at + int(args.deadline_s * 1000),
+        labels=labels,
+        created_at=created_at,
+        webhook_url=args.webhook_url,
+    )
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -168,7 +227,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
     with Client(settings) as client:
         try:
-            request_id = client.submit(**request_from_args(args, settings))
+            request_id = client.submit(request_from_args(args, settings))
         except ValidationError as exc:
             print(f"aigc submit: invalid request: {exc} [{exc.code}]", file=sys.stderr)
             return 2
@@ -176,45 +235,40 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         if not args.wait:
             return 0
         completion = client.wait(request_id, timeout_s=args.timeout)
-    print(json.dumps(completion, indent=2) if args.json else format_completion(completion))
-    return 0 if completion["status"] == "SUCCEEDED" else 1
+    print(json.dumps(completion.to_avro(), indent=2) if args.json else format_completion(completion))
+    return 0 if completion.status == "SUCCEEDED" else 1
 
 
-def format_completion(c: dict[str, Any]) -> str:
-    t = c["timings"]
-    lines = [
-        f"{c['request_id']}  {c['status']}"
-        + (f"  {c['reason_code']}: {c['message']}" if c["reason_code"] else "")
-    ]
-    if c.get("retry_after_ms"):
-        lines.append(f"  retry after {c['retry_after_ms']} ms")
-    if c["status"] == "SUCCEEDED":
+def format_completion(c: Completion) -> str:
+    """A completion for a person: status and reason, timings when it succeeded, one line per output."""
+    t = c.timings
+    lines = [f"{c.request_id}  {c.status}" + (f"  {c.reason_code}: {c.message}" if c.reason_code else "")]
+    if c.retry_after_ms:
+        lines.append(f"  retry after {c.retry_after_ms} ms")
+    if c.status == "SUCCEEDED":
         lines.append(
-            f"  total {t['total_ms']} ms (queued {t['queued_ms']}, render {t['render_ms']}, "
-            f"assemble {t['assemble_ms']})"
+            f"  total {t.total_ms} ms (queued {t.queued_ms}, render {t.render_ms}, assemble {t.assemble_ms})"
         )
-    for out in c["outputs"]:
-        extra = f", {out['frames']} frames @ {out['fps']} fps" if out.get("frames") else ""
-        lines.append(
-            f"  {out['kind'].lower()} {out['width']}x{out['height']}{extra}, {out['bytes']} bytes: "
-            f"{out['uri']}"
-        )
+    for out in c.outputs:
+        extra = f", {out.frames} frames @ {out.fps} fps" if out.frames else ""
+        lines.append(f"  {out.kind.lower()} {out.width}x{out.height}{extra}, {out.bytes} bytes: {out.uri}")
     return "\n".join(lines)
 
 
-def format_event(kind: str, record: dict[str, Any], timestamp_ms: int) -> str:
+def format_event(record: Completion | StatusEvent, timestamp_ms: int) -> str:
+    """One line of ``aigc watch``: when, whose, and the completion or the state (with progress)."""
     clock = time.strftime("%H:%M:%S", time.localtime(timestamp_ms / 1000)) + f".{timestamp_ms % 1000:03d}"
-    head = f"{clock}  {record['request_id']:<34} {record['tenant_id']:<12}"
-    if kind == "completion":
+    head = f"{clock}  {record.request_id:<34} {record.tenant_id:<12}"
+    if isinstance(record, Completion):
         return f"{head} {format_completion(record)}"
-    progress = record.get("progress")
-    bar = f" {progress['done']}/{progress['total']}" if progress else ""
-    who = f" ({record['stage']}{' ' + record['worker_id'] if record.get('worker_id') else ''})"
-    return f"{head} {record['state']}{bar}{who}"
+    progress = record.progress
+    bar = f" {progress.done}/{progress.total}" if progress else ""
+    who = f" ({record.stage}{' ' + record.worker_id if record.worker_id else ''})"
+    return f"{head} {record.state}{bar}{who}"
 
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.client import Client, now_ms
+    from producers.client import Client
 
     since = now_ms() - int(args.since_s * 1000) if args.since_s is not None else None
     with Client(settings, known_models=None) as client:
@@ -226,7 +280,7 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
             from_beginning=args.from_beginning,
             timeout_s=args.timeout,
         ):
-            print(format_event(event.kind, event.record, event.timestamp_ms), flush=True)
+            print(format_event(event.record, event.timestamp_ms), flush=True)
     return 0
 
 
@@ -250,7 +304,6 @@ def _get(args: argparse.Namespace, settings: Settings) -> int:
 def _trace(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
 
-    from producers.client import now_ms
     from producers.request_log import read_request
     from producers.timeline import build, render
 
@@ -270,19 +323,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _chaos(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.chaos import ChaosPlan, run_chaos
+    from producers.chaos import plan_from_args, run_chaos
 
-    plan = ChaosPlan(
-        args.requests,
-        args.duration,
-        args.kills,
-        args.broker_restarts,
-        args.renderers,
-        args.synthetic_ms,
-        broker_down_s=args.broker_down,
-    )
-    if args.seed is not None:
-        plan = ChaosPlan(**{**plan.__dict__, "seed": args.seed})
-    report = run_chaos(settings, plan)
+    settings = settings.for_brokers(args.brokers)
+    report = run_chaos(settings, plan_from_args(args))
     print(report.summary())
     return 0 if report.ok else 1

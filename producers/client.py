@@ -3,107 +3,115 @@
 `Client.submit` validates a request before it leaves the process (the error names the field at fault),
 keys it by tenant, picks the request topic by priority and returns once the broker has acknowledged it.
 `Client.subscribe` tails the completions and status topics, filtered by request ids or tenant;
-`Client.wait` returns a request's Completion. The Client reads no offsets of its own: it consumes with
-manual partition assignment, so any number of clients can follow the same topics.
+`Client.wait` returns a request's `Completion`. The Client reads no offsets of its own: it consumes with
+manual partition assignment, so any number of clients can follow the same topics. Records are the typed
+classes of `schemas.records`: `new_request` builds a `GenerationRequest`, subscribers get `Completion` and
+`StatusEvent` records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
+from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.headers import new_traceparent, pipeline_headers
-from plumbing.kafka_clients import make_consumer, make_producer, produce_sync
+from plumbing.kafka_clients import (
+    make_consumer,
+    make_producer,
+    produce_sync,
+    retry_transient,
+    start_positions,
+)
 from plumbing.settings import Settings
 from plumbing.topics import Topics
+from plumbing.validation import validate_request
 from schemas.codec import Codec, default_codec
-from schemas.validation import validate_request
+from schemas.records import CancelRequest, Completion, GenerationRequest, StatusEvent, VideoSpec
+
+__all__ = ["Client", "Event", "new_request", "now_ms", "retry_transient"]
 
 POLL_S = 0.2
-T = TypeVar("T")
-# Errors one-shot requests (offsets_for_times, watermarks) report while a leader is being elected or
-# moved; librdkafka does not flag them retriable there.
-_TRANSIENT = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._TRANSPORT,
-        KafkaError._TIMED_OUT,
-        KafkaError.REQUEST_TIMED_OUT,
-    }
-)
 DEFAULT_WAIT_LOOKBACK_MS = 3600 * 1000
-_OPTIONAL_FIELDS = (
-    "negative_prompt",
-    "seed",
-    "video",
-    "output_format",
-    "scheduler",
-    "reply_topic",
-    "deadline_ms",
-)
 
 
-def retry_transient(call: Callable[[], T], timeout_s: float = 15.0) -> T:
-    """``call()``, again while it fails with a retriable Kafka error (a new topic's leader not yet
-    known to the broker, a leader moving): librdkafka retries these for produce and fetch itself, but
-    not for one-shot requests such as offsets_for_times."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return call()
-        except KafkaException as exc:
-            error = exc.args[0]
-            if not (error.retriable() or error.code() in _TRANSIENT) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def new_request(**fields: Any) -> dict[str, Any]:
-    """A GenerationRequest record with defaults filled in: a fresh request_id, created_at now,
-    NORMAL priority, one image, PNG or MP4 by kind. Unknown keyword arguments are rejected by the codec."""
-    request: dict[str, Any] = {
-        "request_id": uuid.uuid4().hex,
-        "priority": "NORMAL",
-        "kind": "VIDEO" if fields.get("video") else "IMAGE",
-        "num_images": 1,
-        "labels": {},
-        "created_at": now_ms(),
-        **{name: None for name in _OPTIONAL_FIELDS},
+def _required(cls: type[Any]) -> dict[str, None]:
+    """The fields of record class ``cls`` without a schema default, each None: a record built over these
+    holds None where the caller left a required field out, so `validate_request` names it (as it names a
+    field with a wrong value) instead of the constructor raising TypeError."""
+    return {
+        f.name: None
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
-    request.update(fields)
-    video = request.get("video")
+
+
+_REQUEST_REQUIRED = _required(GenerationRequest)
+_VIDEO_REQUIRED = _required(VideoSpec)
+
+
+def new_request(**fields: Any) -> GenerationRequest:
+    """A `GenerationRequest` of ``fields``, with a fresh request_id, created_at now and kind VIDEO when
+    ``video`` is given (IMAGE otherwise); the schema's defaults fill the rest (NORMAL priority, one
+    image, output format by kind).
+
+    ``video`` may be a `VideoSpec` or a mapping of its fields. A required field left out is None, for
+    `validate_request` to name; an unknown one raises TypeError.
+    """
+    video = fields.get("video")
     if isinstance(video, Mapping):
-        request["video"] = {"prompt_end": None, "seed_end": None, **video}
-    return request
+        fields["video"] = VideoSpec(**{**_VIDEO_REQUIRED, **video})
+    filled: dict[str, Any] = {
+        **_REQUEST_REQUIRED,
+        "request_id": uuid.uuid4().hex,
+        "kind": "VIDEO" if video else "IMAGE",
+        "created_at": now_ms(),
+    }
+    return GenerationRequest(**{**filled, **fields})
 
 
 @dataclass(frozen=True)
 class Event:
-    """A record seen by `Client.subscribe`: ``kind`` is "completion" or "status"."""
+    """A record `Client.subscribe` saw: a `Completion` or a `StatusEvent`, where and when it was appended."""
 
-    kind: str
-    record: dict[str, Any]
+    #: "completion" for a Completion, "status" for a StatusEvent.
+    kind: Literal["completion", "status"]
+    record: Completion | StatusEvent
+    #: The topic it was read from.
     topic: str
+    #: The Kafka timestamp of the message, epoch ms.
     timestamp_ms: int
 
     @property
     def request_id(self) -> str:
-        return str(self.record["request_id"])
+        """The request the record is about."""
+        return self.record.request_id
 
 
 class Client:
+    """A connection to the pipeline for one service: submits, cancels and follows generation requests.
+
+    ``Client(settings)`` opens a Kafka producer (closed by `close`, or by leaving a ``with`` block); each
+    `subscribe` or `wait` opens its own consumer for as long as it runs. ``known_models`` names the models
+    `submit` accepts: () checks against the settings' model registry, None skips the check (the gatekeeper
+    still makes it).
+
+    Example::
+
+        with Client(Settings.load()) as client:
+            request_id = client.submit(tenant_id="acme", prompt="a lighthouse at dusk", model="tiny-sd",
+                                       width=512, height=512, steps=20, guidance_scale=7.5)
+            completion = client.wait(request_id)
+            print(completion.status, [out.presigned_url for out in completion.outputs])
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -111,7 +119,6 @@ class Client:
         codec: Codec | None = None,
         known_models: Collection[str] | None = (),
     ) -> None:
-        """``known_models``: model names to check client-side; () means the settings' registry, None skips."""
         self.settings = settings
         self.topics = Topics(settings)
         self.codec = codec or default_codec()
@@ -121,55 +128,68 @@ class Client:
         self._errors: list[DeliveryError] = []
 
     def _prepare(
-        self, request: Mapping[str, Any] | None, fields: dict[str, Any]
-    ) -> tuple[dict[str, Any], bytes]:
-        record = new_request(**{**(request or {}), **fields})
+        self, request: GenerationRequest | Mapping[str, Any] | None, fields: dict[str, Any]
+    ) -> tuple[GenerationRequest, bytes]:
+        if isinstance(request, GenerationRequest):
+            record = dataclasses.replace(request, **fields) if fields else request
+        else:
+            record = new_request(**{**(request or {}), **fields})
         validate_request(record, self.settings.limits, self._models, self.topics.reply_prefix, now_ms())
-        return record, self.codec.encode("GenerationRequest", record)
+        return record, self.codec.write(record)
 
     def submit(
-        self, request: Mapping[str, Any] | None = None, /, timeout_s: float = 30.0, **fields: Any
+        self,
+        request: GenerationRequest | Mapping[str, Any] | None = None,
+        /,
+        timeout_s: float = 30.0,
+        **fields: Any,
     ) -> str:
         """Validate, produce and wait for the broker's acknowledgement; returns the request_id.
 
-        Raises ValidationError (naming the field) before anything is sent, DeliveryError if the broker
-        does not acknowledge in time.
+        ``request`` is a `GenerationRequest` (see `new_request`) or a mapping of its fields; keyword
+        ``fields`` are set on it (or make the whole request, as for `new_request`), e.g.
+        ``webhook_url="https://hooks.example.com/aigc"`` to have the Completion POSTed there, signed with
+        the tenant's webhook secret (README, Webhooks). Raises ValidationError (naming the field) before
+        anything is sent, DeliveryError if the broker does not acknowledge in time.
         """
         record, value = self._prepare(request, fields)
         produce_sync(
             self._producer,
-            self.topics.requests(record["priority"]),
+            self.topics.requests(record.priority),
             value,
-            key=record["tenant_id"],
-            headers=pipeline_headers(record["request_id"], record["tenant_id"], new_traceparent()),
+            key=record.tenant_id,
+            headers=pipeline_headers(record.request_id, record.tenant_id, new_traceparent()),
             timeout_s=timeout_s,
         )
-        self._submitted[record["request_id"]] = record["created_at"]
-        return str(record["request_id"])
+        self._submitted[record.request_id] = record.created_at
+        return record.request_id
 
-    def submit_nowait(self, request: Mapping[str, Any] | None = None, /, **fields: Any) -> str:
-        """Validate and enqueue without waiting; `flush` waits for every acknowledgement (high rates)."""
+    def submit_nowait(
+        self, request: GenerationRequest | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> str:
+        """Validate and enqueue without waiting, as `submit` takes a request; returns the request_id.
+        `flush` waits for every acknowledgement and raises the first delivery error (for high rates)."""
         record, value = self._prepare(request, fields)
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
-                self._errors.append(DeliveryError(f"{record['request_id']}: {err.str()}"))
+                self._errors.append(DeliveryError(f"{record.request_id}: {err.str()}"))
 
         while True:
             try:
                 self._producer.produce(
-                    self.topics.requests(record["priority"]),
+                    self.topics.requests(record.priority),
                     value,
-                    key=record["tenant_id"],
-                    headers=pipeline_headers(record["request_id"], record["tenant_id"], new_traceparent()),
+                    key=record.tenant_id,
+                    headers=pipeline_headers(record.request_id, record.tenant_id, new_traceparent()),
                     on_delivery=delivered,
                 )
                 break
             except BufferError:  # the local queue is full: let librdkafka drain it
                 self._producer.poll(0.05)
         self._producer.poll(0)
-        self._submitted[record["request_id"]] = record["created_at"]
-        return str(record["request_id"])
+        self._submitted[record.request_id] = record.created_at
+        return record.request_id
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for every `submit_nowait` acknowledgement; raise the first delivery error, if any."""
@@ -180,17 +200,18 @@ class Client:
             raise errors[0]
 
     def cancel(self, request_id: str, tenant_id: str, reason: str | None = None) -> None:
-        """Ask every stage to stop work on ``request_id``; the request ends CANCELLED unless already done."""
-        record = {
-            "request_id": request_id,
-            "tenant_id": tenant_id,
-            "reason": reason,
-            "requested_at": now_ms(),
-        }
+        """Ask every stage to stop work on ``request_id``; the request ends CANCELLED unless already done.
+
+        ``tenant_id`` must be the request's owner (a cancellation naming another tenant is ignored);
+        ``reason`` becomes the Completion's message. Returns once the broker has acknowledged it.
+        """
+        record = CancelRequest(
+            request_id=request_id, tenant_id=tenant_id, reason=reason, requested_at=now_ms()
+        )
         produce_sync(
             self._producer,
             self.topics.cancellations,
-            self.codec.encode("CancelRequest", record),
+            self.codec.write(record),
             key=request_id,
             headers=pipeline_headers(request_id, tenant_id, new_traceparent()),
         )
@@ -207,10 +228,12 @@ class Client:
         timeout_s: float | None = None,
         extra_topics: Collection[str] = (),
     ) -> Iterator[Event]:
-        """Yield completions and status events as they arrive, oldest first.
+        """Yield completions and status events as they arrive, oldest first, as `Event`s.
 
-        Starts at the end of the topics, at ``since_ms`` (a timestamp) or at the beginning; stops after
-        ``timeout_s`` without a matching event (never, when None). Undecodable records are skipped.
+        Only records of ``request_ids`` and of ``tenant_id`` are yielded, when given; ``extra_topics``
+        (a reply topic) are read too. Starts at the end of the topics, at ``since_ms`` (a timestamp) or at
+        the beginning; stops after ``timeout_s`` without a matching event (never, when None). Undecodable
+        records, and records that are neither a Completion nor a StatusEvent, are skipped.
         """
         topics = [t for t, on in ((self.topics.completions, completions), (self.topics.status, status)) if on]
         topics += list(extra_topics)
@@ -223,19 +246,30 @@ class Client:
                 msg = consumer.poll(POLL_S)
                 if msg is None or msg.error():
                     continue
-                try:
-                    name, record = self.codec.decode_any(msg.value())
-                except DecodeError:  # another producer's garbage is not this subscriber's problem
+                event = self._event(msg)
+                if event is None:
                     continue
-                if wanted is not None and record.get("request_id") not in wanted:
+                if wanted is not None and event.request_id not in wanted:
                     continue
-                if tenant_id is not None and record.get("tenant_id") != tenant_id:
+                if tenant_id is not None and event.record.tenant_id != tenant_id:
                     continue
                 idle_since = time.monotonic()
-                kind = "completion" if name == "Completion" else "status"
-                yield Event(kind, record, str(msg.topic()), msg.timestamp()[1])
+                yield event
         finally:
             consumer.close()
+
+    def _event(self, msg: Any) -> Event | None:
+        """The `Event` of a consumed message; None for one that holds no Completion or StatusEvent."""
+        try:
+            record = self.codec.read_any(msg.value())
+        except DecodeError:  # another producer's garbage is not this subscriber's problem
+            return None
+        topic, timestamp_ms = str(msg.topic()), msg.timestamp()[1]
+        if isinstance(record, Completion):
+            return Event("completion", record, topic, timestamp_ms)
+        if isinstance(record, StatusEvent):
+            return Event("status", record, topic, timestamp_ms)
+        return None
 
     def _start_positions(
         self, consumer: Any, topics: list[str], since_ms: int | None, from_beginning: bool
@@ -250,13 +284,10 @@ class Client:
             return [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
         if since_ms is None:
             return partitions
-        resolved = retry_transient(lambda: consumer.offsets_for_times(partitions, timeout=10))
-        return [
-            tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_END) for tp in resolved
-        ]
+        return start_positions(consumer, partitions)
 
-    def wait(self, request_id: str, timeout_s: float = 300.0, since_ms: int | None = None) -> dict[str, Any]:
-        """The Completion of ``request_id``; raises TimeoutError if none arrives within ``timeout_s``.
+    def wait(self, request_id: str, timeout_s: float = 300.0, since_ms: int | None = None) -> Completion:
+        """The `Completion` of ``request_id``; raises TimeoutError if none arrives within ``timeout_s``.
 
         Looks back to the request's submission time (or ``since_ms``, or an hour) so a result that came
         before the call is still found.
@@ -266,13 +297,14 @@ class Client:
         for event in self.subscribe(
             request_ids=[request_id], status=False, since_ms=start - 1000, timeout_s=timeout_s
         ):
-            if event.kind == "completion":
+            if isinstance(event.record, Completion):
                 return event.record
             if time.monotonic() > deadline:
                 break
         raise TimeoutError(f"no completion for {request_id} within {timeout_s} s")
 
     def close(self) -> None:
+        """Wait up to 10 s for the broker to acknowledge the messages still on their way (`submit_nowait`)."""
         self._producer.flush(10)
 
     def __enter__(self) -> Client:

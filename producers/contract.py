@@ -21,15 +21,24 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from plumbing import validation
 from plumbing.errors import ValidationError
 from plumbing.settings import RequestLimits, Settings
 from plumbing.topics import MAX_REQUEST_BYTES, Topics
-from schemas import validation
+from plumbing.validation import (
+    FUTURE_SKEW_MS,
+    ID_PATTERN,
+    IMAGE_FORMATS,
+    MAX_WEBHOOK_URL_CHARS,
+    SCHEDULERS,
+    TOPIC_PATTERN,
+)
 from schemas.codec import SCHEMA_DIR
-from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, IMAGE_FORMATS, SCHEDULERS, TOPIC_PATTERN
+from schemas.records import GenerationRequest, VideoSpec
 
 REPO = Path(__file__).resolve().parent.parent
 # The gatekeeper's source, read (never imported: stages do not import each other) for its reason codes.
@@ -119,6 +128,8 @@ def _limit_texts(settings: Settings) -> dict[str, str]:
         f"{lim.max_label_chars} characters",
         "created_at": f"epoch ms > 0, at most {FUTURE_SKEW_MS // 60_000} minutes ahead of the "
         "gatekeeper's clock",
+        "webhook_url": f"an absolute http or https URL with a host, no user:password@, at most "
+        f"{_n(MAX_WEBHOOK_URL_CHARS)} characters; the webhook stage refuses private addresses",
         "priority": "produce it to the request topic of the same class",
         "seed": "any long",
         "video.seed_end": "any long",
@@ -183,16 +194,20 @@ def limits_table(settings: Settings) -> str:
 
 
 # One broken request per rule of validate_request: (what is broken, the change to a valid request).
-Change = Callable[[dict[str, Any]], None]
+Change = Callable[[GenerationRequest], GenerationRequest]
+
+
+def _set(**fields: Any) -> Change:
+    """A change that sets ``fields`` on the request (every value here fits its field's type)."""
+    return lambda r: replace(r, **fields)
 
 
 def _as_video(video: dict[str, Any] | None = None, **fields: Any) -> Change:
     """A change that makes the request a valid VIDEO request, then applies ``video`` and ``fields``."""
 
-    def change(r: dict[str, Any]) -> None:
-        r.update(kind="VIDEO", output_format=None, video={"num_frames": 8, "fps": 8, "prompt_end": None})
-        r["video"].update(video or {})
-        r.update(fields)
+    def change(r: GenerationRequest) -> GenerationRequest:
+        spec = VideoSpec(**{"num_frames": 8, "fps": 8, "prompt_end": None, **(video or {})})
+        return replace(r, **{"kind": "VIDEO", "output_format": None, "video": spec, **fields})
 
     return change
 
@@ -200,57 +215,57 @@ def _as_video(video: dict[str, Any] | None = None, **fields: Any) -> Change:
 def _rule_cases(lim: RequestLimits) -> list[tuple[str, Change]]:
     long_text = "x" * (lim.max_prompt_chars + 1)
     return [
-        ("tenant_id with a space", lambda r: r.update(tenant_id="acme corp")),
-        ("blank prompt", lambda r: r.update(prompt="  ")),
-        ("prompt too long", lambda r: r.update(prompt=long_text)),
-        ("control character in the prompt", lambda r: r.update(prompt="a cat\x07")),
-        ("negative_prompt too long", lambda r: r.update(negative_prompt=long_text)),
-        ("model not in the registry", lambda r: r.update(model="sd-xl-unknown")),
-        ("width too large", lambda r: r.update(width=lim.max_size * 2)),
-        ("width not a multiple", lambda r: r.update(width=lim.min_size + lim.size_multiple // 2)),
-        ("height too small", lambda r: r.update(height=lim.min_size // 2)),
-        ("too many steps", lambda r: r.update(steps=lim.max_steps + 1)),
-        ("guidance_scale not finite", lambda r: r.update(guidance_scale=math.nan)),
-        ("unknown scheduler", lambda r: r.update(scheduler="lms")),
-        ("too many images", lambda r: r.update(num_images=lim.max_images + 1)),
-        ("video on an IMAGE request", lambda r: r.update(video={"num_frames": 8, "fps": 8})),
-        ("MP4 for an IMAGE request", lambda r: r.update(output_format="MP4")),
-        ("VIDEO without video", lambda r: r.update(kind="VIDEO", output_format=None)),
+        ("tenant_id with a space", _set(tenant_id="acme corp")),
+        ("blank prompt", _set(prompt="  ")),
+        ("prompt too long", _set(prompt=long_text)),
+        ("control character in the prompt", _set(prompt="a cat\x07")),
+        ("negative_prompt too long", _set(negative_prompt=long_text)),
+        ("model not in the registry", _set(model="sd-xl-unknown")),
+        ("width too large", _set(width=lim.max_size * 2)),
+        ("width not a multiple", _set(width=lim.min_size + lim.size_multiple // 2)),
+        ("height too small", _set(height=lim.min_size // 2)),
+        ("too many steps", _set(steps=lim.max_steps + 1)),
+        ("guidance_scale not finite", _set(guidance_scale=math.nan)),
+        ("unknown scheduler", _set(scheduler="lms")),
+        ("too many images", _set(num_images=lim.max_images + 1)),
+        ("video on an IMAGE request", _set(video=VideoSpec(num_frames=8, fps=8))),
+        ("MP4 for an IMAGE request", _set(output_format="MP4")),
+        ("VIDEO without video", _set(kind="VIDEO", output_format=None)),
         ("too many frames", _as_video({"num_frames": lim.max_frames + 1})),
         ("fps too high", _as_video({"fps": lim.max_fps + 1})),
         ("prompt_end with a control character", _as_video({"prompt_end": "\x00"})),
         ("num_images on a VIDEO request", _as_video(num_images=2)),
         ("PNG for a VIDEO request", _as_video(output_format="PNG")),
-        ("too many labels", lambda r: r.update(labels={f"k{i}": "v" for i in range(lim.max_labels + 1)})),
-        ("created_at not epoch ms", lambda r: r.update(created_at=0)),
-        ("created_at two hours ahead", lambda r: r.update(created_at=r["created_at"] + 2 * FUTURE_SKEW_MS)),
-        ("deadline_ms before created_at", lambda r: r.update(deadline_ms=r["created_at"] - 1)),
-        ("deadline_ms too far", lambda r: r.update(deadline_ms=r["created_at"] + lim.max_deadline_ms + 1)),
-        ("reply_topic not a topic name", lambda r: r.update(reply_topic="replies for acme")),
-        ("reply_topic of another tenant", lambda r: r.update(reply_topic="aigc.reply.globex")),
+        ("too many labels", _set(labels={f"k{i}": "v" for i in range(lim.max_labels + 1)})),
+        ("created_at not epoch ms", _set(created_at=0)),
+        ("created_at two hours ahead", lambda r: replace(r, created_at=r.created_at + 2 * FUTURE_SKEW_MS)),
+        ("deadline_ms before created_at", lambda r: replace(r, deadline_ms=r.created_at - 1)),
+        ("deadline_ms too far", lambda r: replace(r, deadline_ms=r.created_at + lim.max_deadline_ms + 1)),
+        ("reply_topic not a topic name", _set(reply_topic="replies for acme")),
+        ("reply_topic of another tenant", _set(reply_topic="aigc.reply.globex")),
+        ("webhook_url not http(s)", _set(webhook_url="ftp://hooks.example.com/aigc")),
     ]
 
 
 NOW_MS = 1_767_225_600_000  # a fixed clock (2026-01-01) keeps the generated messages stable
 
 
-def valid_request() -> dict[str, Any]:
+def valid_request() -> GenerationRequest:
     """A request every rule accepts under the default settings (the base the rule cases break)."""
-    return {
-        "request_id": "r-0001", "tenant_id": "acme", "priority": "NORMAL", "kind": "IMAGE",
-        "prompt": "a lighthouse at dusk", "negative_prompt": None, "model": "tiny-sd", "width": 256,
-        "height": 256, "steps": 20, "guidance_scale": 7.5, "seed": None, "num_images": 1, "video": None,
-        "output_format": "PNG", "scheduler": None, "reply_topic": None, "deadline_ms": None, "labels": {},
-        "created_at": NOW_MS,
-    }  # fmt: skip
+    return GenerationRequest(
+        request_id="r-0001", tenant_id="acme", priority="NORMAL", kind="IMAGE",
+        prompt="a lighthouse at dusk", negative_prompt=None, model="tiny-sd", width=256,
+        height=256, steps=20, guidance_scale=7.5, seed=None, num_images=1, video=None,
+        output_format="PNG", scheduler=None, reply_topic=None, deadline_ms=None, labels={},
+        created_at=NOW_MS, webhook_url=None,
+    )  # fmt: skip
 
 
 def rule_violations(settings: Settings) -> list[tuple[str, ValidationError]]:
     """What `validate_request` raises for each rule case, as the gatekeeper calls it."""
     topics, found = Topics(settings), []
     for what, change in _rule_cases(settings.limits):
-        request = valid_request()
-        change(request)
+        request = change(valid_request())
         try:
             validation.validate_request(
                 request, settings.limits, settings.models.keys(), topics.reply_prefix, NOW_MS
@@ -263,7 +278,7 @@ def rule_violations(settings: Settings) -> list[tuple[str, ValidationError]]:
 
 
 def validated_fields() -> set[str]:
-    """Field names that schemas/validation.py checks by name (its ValidationError and _check_* calls)."""
+    """Field names that plumbing/validation.py checks by name (its ValidationError and _check_* calls)."""
     tree = ast.parse(Path(validation.__file__).read_text(encoding="utf-8"))
     names = set()
     for node in ast.walk(tree):
@@ -349,10 +364,16 @@ _DEAD_LETTER_HELP = {
 }
 
 
-def _codes_in(path: Path) -> list[str]:
-    """String values of ``code=`` keyword arguments in a module, in source order."""
+def _codes_in(path: Path, function: str | None = None) -> list[str]:
+    """String values of ``code=`` keyword arguments in a module (or in one of its functions), in source
+    order."""
+    tree: ast.AST = ast.parse(path.read_text(encoding="utf-8"))
+    if function is not None:
+        tree = next(
+            node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function
+        )
     codes: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             for k in node.keywords:
                 if k.arg == "code" and isinstance(k.value, ast.Constant):
@@ -364,7 +385,11 @@ def dead_letters_table() -> str:
     """Reasons a request is dead-lettered at the gatekeeper (no Completion), from the codec and admission."""
     codes = list(
         dict.fromkeys(
-            _codes_in(SCHEMA_DIR / "codec.py") + _codes_in(SCHEMA_DIR / "canonical.py") + _codes_in(ADMISSION)
+            # The checks in the order a request's bytes meet them: the codec's decode, its strict pass,
+            # then admission.
+            _codes_in(SCHEMA_DIR / "codec.py", "decode_any")
+            + _codes_in(SCHEMA_DIR / "canonical.py")
+            + _codes_in(ADMISSION)
         )
     )
     rows = [(f"`{c}`", _DEAD_LETTER_HELP.get(c, "(not described yet: see the code)")) for c in codes]
@@ -372,6 +397,7 @@ def dead_letters_table() -> str:
 
 
 def example_block() -> str:
+    """docs/example_producer.py as a fenced block."""
     return "```python\n" + EXAMPLE.read_text(encoding="utf-8") + "```\n"
 
 
@@ -399,6 +425,7 @@ def render(doc: str, generated: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print, check or write the generated sections (see the module docstring); the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m producers.contract", description=__doc__.split("\n\n")[0]
     )

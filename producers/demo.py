@@ -2,11 +2,12 @@
 
 Brings the local infrastructure up if it is not running, installs the demo's trained shapes model (the
 weights shipped in gpu_consumers/shapes/model) unless AIGC_MODELS names other models, starts the pipeline
-(gatekeeper, one renderer, assembler) under the supervisor, submits two image requests (an English and a
-Chinese prompt) and one 16-frame video request that walks from one prompt to another through the SDK, shows
-live progress from the status topic (bars on a terminal, one line per state change in a file or a pipe),
-prints each completion, downloads the outputs, lays them out on one contact sheet and says where they are.
-Whatever it started, it stops at the end.
+(gatekeeper, one renderer, assembler, the HTTP gateway) under the supervisor, submits two image requests
+(an English and a Chinese prompt) and one 16-frame video request that walks from one prompt to another
+through the SDK, shows live progress from the status topic (bars on a terminal, one line per state change
+in a file or a pipe), prints each completion, downloads the outputs, lays them out on one contact sheet,
+says where they are and prints the web console's URL (with an API key of the demo tenant). Whatever it started, it stops at the end; with ``--keep`` the pipeline and the console
+keep running.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any
 
 from infra.launcher import down, status, up
 from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
 from infra.prometheus_server import prometheus_url
 from plumbing.blobs import BlobStore
+from plumbing.clock import now_ms
 from plumbing.settings import ModelSpec, Settings
 from plumbing.supervisor import Supervisor
 from producers.cli import format_completion
-from producers.client import Client, now_ms
+from producers.client import Client
 from producers.metrics_summary import print_summary
 from producers.progress import progress_view
+from schemas.records import Completion, GenerationRequest, VideoSpec
 
 TENANT = "demo"
 IMAGE_PROMPT = "a big red circle on the left on a blue background"
@@ -39,6 +42,7 @@ DEMO_MODEL = "shapes-sd"
 
 
 def _say(text: str) -> None:
+    """Print a step's heading."""
     print(f"\n== {text}", flush=True)
 
 
@@ -58,67 +62,77 @@ def ensure_models(settings: Settings) -> None:
         verb = "install-shapes" if name == DEMO_MODEL else "build-tiny"
         what = "the trained shapes model" if name == DEMO_MODEL else "the tiny random-weight model"
         print(f"{name}: putting {what} into {spec.path}", flush=True)
-        subprocess.run([sys.executable, "-m", "plumbing.cli", "models", verb, str(spec.path)], check=True)
+        subprocess.run([sys.executable, "-m", "aigc", "models", verb, str(spec.path)], check=True)
 
 
-def demo_requests(model: str) -> list[dict[str, Any]]:
-    """Two pictures of one English prompt, one of a Chinese prompt, and a clip from one prompt to another.
+def demo_requests(model: str) -> list[GenerationRequest]:
+    """The demo's requests, created now: two pictures of an English prompt, one of a Chinese prompt, and a
+    16-frame clip from one prompt to another.
 
     The shapes model draws 64x64 scenes; the clip keeps one seed for its whole length, so what changes
     from frame to frame is what the prompt says.
     """
+    def image(prompt: str, seed: int, label: str, num_images: int = 1) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=uuid.uuid4().hex, tenant_id=TENANT, kind="IMAGE", prompt=prompt, model=model,
+            width=64, height=64, steps=25, guidance_scale=7.5, num_images=num_images, seed=seed,
+            priority="HIGH", labels={"demo": label}, created_at=now_ms(),
+        )
+
     return [
-        {"tenant_id": TENANT, "prompt": IMAGE_PROMPT, "model": model, "width": 64, "height": 64,
-         "steps": 25, "guidance_scale": 7.5, "num_images": 2, "seed": 7, "priority": "HIGH",
-         "labels": {"demo": "image"}},
-        {"tenant_id": TENANT, "prompt": CHINESE_PROMPT, "model": model, "width": 64, "height": 64,
-         "steps": 25, "guidance_scale": 7.5, "seed": 3, "priority": "HIGH", "labels": {"demo": "image-zh"}},
-        {"tenant_id": TENANT, "prompt": VIDEO_PROMPTS[0], "model": model, "width": 64, "height": 64,
-         "steps": 20, "guidance_scale": 7.5, "seed": 5, "priority": "NORMAL", "labels": {"demo": "video"},
-         "video": {"num_frames": 16, "fps": 8, "prompt_end": VIDEO_PROMPTS[1], "seed_end": 5}},
+        image(IMAGE_PROMPT, 7, "image", num_images=2),
+        image(CHINESE_PROMPT, 3, "image-zh"),
+        GenerationRequest(
+            request_id=uuid.uuid4().hex, tenant_id=TENANT, kind="VIDEO", prompt=VIDEO_PROMPTS[0],
+            model=model, width=64, height=64, steps=20, guidance_scale=7.5, seed=5, priority="NORMAL",
+            labels={"demo": "video"},
+            video=VideoSpec(num_frames=16, fps=8, prompt_end=VIDEO_PROMPTS[1], seed_end=5),
+            created_at=now_ms(),
+        ),
     ]  # fmt: skip
 
 
-def follow(client: Client, requests: dict[str, dict[str, Any]], since_ms: int, timeout_s: float,
-           supervisor: Supervisor) -> dict[str, dict[str, Any]]:  # fmt: skip
+def follow(client: Client, requests: dict[str, GenerationRequest], since_ms: int, timeout_s: float,
+           supervisor: Supervisor) -> dict[str, Completion]:  # fmt: skip
     """Progress from status events until every request has its completion: bars on a terminal, one
     line per state change in a file or a pipe."""
     totals = {}
     for request_id, req in requests.items():
-        frames = req["video"]["num_frames"] if req.get("video") else req.get("num_images", 1)
-        label = f"{'video' if req.get('video') else 'image'} {request_id[:8]}"
-        totals[request_id] = (label, frames * req["steps"])
+        frames = req.video.num_frames if req.video else req.num_images
+        label = f"{'video' if req.video else 'image'} {request_id[:8]}"
+        totals[request_id] = (label, frames * req.steps)
     view = progress_view(totals)
-    done_by_task: dict[str, dict[str, int]] = {rid: {} for rid in requests}
-    completions: dict[str, dict[str, Any]] = {}
+    done_by_task: dict[str, dict[str | None, int]] = {rid: {} for rid in requests}
+    completions: dict[str, Completion] = {}
     deadline = time.monotonic() + timeout_s
     for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
         supervisor.poll()
-        rid = event.request_id
+        rid, record = event.request_id, event.record
         if rid in completions:
             continue  # a status event that lost the race with its completion (another topic)
-        if event.kind == "completion":
-            completions[rid] = event.record
-            succeeded = event.record["status"] == "SUCCEEDED"
-            view.update(rid, event.record["status"], totals[rid][1] if succeeded else None)
-        elif event.record["state"] == "RUNNING" and event.record.get("progress"):
-            done_by_task[rid][event.record["task_id"]] = event.record["progress"]["done"]
+        if isinstance(record, Completion):
+            completions[rid] = record
+            succeeded = record.status == "SUCCEEDED"
+            view.update(rid, record.status, totals[rid][1] if succeeded else None)
+        elif record.state == "RUNNING" and record.progress:
+            done_by_task[rid][record.task_id] = record.progress.done
             view.update(rid, "RUNNING", sum(done_by_task[rid].values()))
         else:
-            view.update(rid, event.record["state"])
+            view.update(rid, record.state)
         if len(completions) == len(requests) or time.monotonic() > deadline:
             break
     view.close()
     return completions
 
 
-def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> list[Path]:
+def download(settings: Settings, completion: Completion, out_dir: Path) -> list[Path]:
+    """The completion's outputs, fetched from S3 into ``out_dir/<request_id>/``; their paths."""
     blobs = BlobStore(settings.s3)
-    folder = out_dir / completion["request_id"]
+    folder = out_dir / completion.request_id
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for output in completion["outputs"]:
-        bucket, _, key = output["uri"].removeprefix("s3://").partition("/")
+    for output in completion.outputs:
+        bucket, _, key = output.uri.removeprefix("s3://").partition("/")
         path = folder / key.rsplit("/", 1)[-1]
         path.write_bytes(blobs.get(bucket, key))
         paths.append(path)
@@ -126,6 +140,7 @@ def download(settings: Settings, completion: dict[str, Any], out_dir: Path) -> l
 
 
 def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: float = 600.0) -> int:
+    """`aigc demo` (see the module docstring); the exit status: 0 when every request succeeded."""
     settings = demo_settings(settings)
     _say("infrastructure: Kafka (KRaft), Cassandra, S3Proxy on 127.0.0.1")
     was_running = all(s.ready for s in status(settings))
@@ -133,9 +148,14 @@ def run_demo(settings: Settings, out_dir: Path, keep: bool = False, timeout_s: f
     try:
         _say("models")
         ensure_models(settings)
-        _say("pipeline: gatekeeper, renderer, assembler")
-        with running_pipeline(settings) as pipeline:
+        _say("pipeline: gatekeeper, renderer, assembler, gateway")
+        with running_pipeline(
+            settings, webhooks=settings.webhooks.enabled, gateway=settings.gateway.enabled
+        ) as pipeline:
             code = _submit_and_show(pipeline, out_dir, timeout_s)
+            console = console_url(pipeline.settings)
+            if console:
+                print(f"\n  web console: {console}")
             if keep:
                 _keep(pipeline)
             return code
@@ -157,7 +177,7 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
     with Client(settings) as client:
         requests = {client.submit(req): req for req in demo_requests(model)}
         for request_id, req in requests.items():
-            print(f"{request_id}: {'video' if req.get('video') else 'image'} - {req['prompt']!r}")
+            print(f"{request_id}: {'video' if req.video else 'image'} - {req.prompt!r}")
         completions = follow(client, requests, since - 1000, timeout_s, pipeline.supervisor)
     _say("completions")
     for completion in completions.values():
@@ -178,7 +198,7 @@ def _submit_and_show(pipeline: RunningPipeline, out_dir: Path, timeout_s: float)
         "\n`aigc get <request_id>` shows a request's record in Cassandra, `aigc trace <request_id>` its "
         f"timeline; stage logs are in {pipeline.log_dir}"
     )
-    return 0 if all(c["status"] == "SUCCEEDED" for c in completions.values()) else 1
+    return 0 if all(c.status == "SUCCEEDED" for c in completions.values()) else 1
 
 
 def contact_sheet(paths: list[Path], out: Path, cell: int = 128, columns: int = 8) -> Path:
@@ -217,12 +237,32 @@ def contact_sheet(paths: list[Path], out: Path, cell: int = 128, columns: int = 
     return out
 
 
+def console_url(settings: Settings) -> str | None:
+    """The gateway's console, with a fresh API key of the demo tenant in its fragment (the browser keeps
+    it; a fragment never reaches a server or its logs); None when the gateway is switched off."""
+    if not settings.gateway.enabled:
+        return None
+    from plumbing.metadata import connect
+    from producers.gateway.keys import KeyStore
+
+    cluster, session = connect(settings.cassandra)
+    try:
+        _, key = KeyStore(session, settings.cassandra.keyspace).create(TENANT, label="aigc demo")
+    finally:
+        cluster.shutdown()
+    gw = settings.gateway
+    return f"{gw.public_url or f'http://{gw.host}:{gw.port}'}/console/#key={key}"
+
+
 def _keep(pipeline: RunningPipeline) -> None:
     """Leave the pipeline running (restarting what dies) until Ctrl-C, for a person to look at it."""
     settings = pipeline.settings
     _say("the pipeline keeps running until Ctrl-C")
     print(f"  Prometheus: {prometheus_url(settings)}   (alerts: {prometheus_url(settings)}/alerts)")
     print("  live view:  aigc top        one request:  aigc trace <request_id>      submit: aigc submit ...")
+    if settings.gateway.enabled:
+        gw = settings.gateway
+        print(f"  console:    http://{gw.host}:{gw.port}/console/ (the demo's key is in the URL above)")
     try:
         while True:
             pipeline.supervisor.poll()

@@ -16,7 +16,9 @@ Idempotency: replaying the same dead letters again never makes a second result. 
 skipped when
 1. its request already has a terminal row in ``<ks>.requests`` ("already finished"): the pipeline
    finished it (after an earlier replay or otherwise), and the sink would not publish a second result
-   anyway; or
+   anyway (a webhook dead letter: its completion is already in ``<ks>.webhook_deliveries``, "already
+   finished (webhook delivered)"; it goes back to ``aigc.webhooks.redeliveries``, never to the
+   completions topic); or
 2. its coordinate already appears as ``aigc.replayed_from`` on a message of its original topic written
    since its last failure ("already replayed"): an earlier replay is still in flight. If that copy fails
    again it becomes a new dead letter, which is the one to replay next.
@@ -30,20 +32,22 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError, ValidationError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, REPLAYED_FROM, Headers
 from plumbing.kafka_clients import header_list, make_admin, make_producer, produce_sync
 from plumbing.metadata import connect
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
+from plumbing.validation import validate_request
 from producers.checker import BoundedRead, dead_letter_ids, select_rows
 from schemas.codec import Codec, default_codec
-from schemas.validation import validate_request
+from schemas.records import DeadLetter, GenerationRequest, Header
 
 # Dead letters and replays are written after the failure they record, by clocks that may differ a little.
 CLOCK_SLACK_MS = 60_000
@@ -51,6 +55,7 @@ PREVIEW_BYTES = 200
 
 
 def iso(epoch_ms: int) -> str:
+    """Epoch milliseconds as an ISO 8601 UTC time to the millisecond."""
     return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
@@ -62,18 +67,20 @@ class DeadLetterEntry:
     partition: int
     offset: int
     timestamp_ms: int
-    record: dict[str, Any] | None
+    record: DeadLetter | None
     problem: str | None = None  # why ``record`` is None
     request_id: str | None = None
     tenant_id: str | None = None
 
     @property
     def coordinate(self) -> str:
+        """The dead letter's own ``topic:partition:offset``."""
         return f"{self.topic}:{self.partition}:{self.offset}"
 
     @property
     def stage(self) -> str:
-        return str(self.record["stage"]) if self.record else self.topic.rsplit(".", 1)[-1]
+        """The stage that gave up: the record's, else the last part of the topic's name."""
+        return self.record.stage if self.record else self.topic.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -90,9 +97,11 @@ class Filters:
     limit: int | None = None
 
     def topics(self, topics: Topics) -> list[str]:
+        """The dead-letter topics of the chosen stages."""
         return [topics.dlq(s) for s in Stage if not self.stages or s.value in self.stages]
 
     def matches(self, entry: DeadLetterEntry) -> bool:
+        """Whether ``entry`` passes every filter that is set."""
         if self.stages and entry.stage not in self.stages:
             return False
         r = entry.record
@@ -106,12 +115,12 @@ class Filters:
                 or self.until_ms is not None
             )
         return (
-            (not self.error_kinds or r["error_kind"] in self.error_kinds)
-            and (not self.error_codes or r["error_code"] in self.error_codes)
+            (not self.error_kinds or r.error_kind in self.error_kinds)
+            and (not self.error_codes or r.error_code in self.error_codes)
             and (not self.tenants or entry.tenant_id in self.tenants)
             and (not self.request_ids or entry.request_id in self.request_ids)
-            and (self.since_ms is None or r["last_failed_at"] >= self.since_ms)
-            and (self.until_ms is None or r["last_failed_at"] < self.until_ms)
+            and (self.since_ms is None or r.last_failed_at >= self.since_ms)
+            and (self.until_ms is None or r.last_failed_at < self.until_ms)
         )
 
 
@@ -126,7 +135,7 @@ def read_dead_letters(
     for msg in reader:
         coords = (str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0), msg.timestamp()[1])
         try:
-            record = codec.decode(msg.value(), "DeadLetter")
+            record = codec.read(msg.value(), DeadLetter)
         except DecodeError as exc:
             entry = DeadLetterEntry(*coords, None, f"not a DeadLetter ({exc.code}: {exc})")
         else:
@@ -141,6 +150,8 @@ def read_dead_letters(
 # -- ls and show --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DlqCounts:
+    """Dead letters counted by stage, error kind and code (`aigc dlq ls`)."""
+
     total: int
     by_stage_kind: dict[tuple[str, str], int]
     by_code: dict[str, int]
@@ -148,6 +159,7 @@ class DlqCounts:
     by_stage_reason: dict[tuple[str, str, str], int] = field(default_factory=dict)  # stage, kind, code
 
     def format(self) -> str:
+        """The counts as ``aigc dlq ls`` prints them, the most frequent first."""
         lines = [f"dead letters: {self.total}"]
         if self.not_dead_letters:
             lines[0] += f" ({self.not_dead_letters} not decodable as DeadLetter)"
@@ -162,12 +174,13 @@ class DlqCounts:
 
 
 def count(entries: Collection[DeadLetterEntry]) -> DlqCounts:
+    """The counts of ``entries`` by stage, error kind and code."""
     stage_reason: Counter[tuple[str, str, str]] = Counter()
     for e in entries:
         if e.record is None:
             kind = code = "(undecodable)"
         else:
-            kind, code = e.record["error_kind"], e.record["error_code"] or "(none)"
+            kind, code = e.record.error_kind, e.record.error_code or "(none)"
         stage_reason[(e.stage, kind, code)] += 1
     stage_kind: Counter[tuple[str, str]] = Counter()
     codes: Counter[str] = Counter()
@@ -181,7 +194,7 @@ def count(entries: Collection[DeadLetterEntry]) -> DlqCounts:
 def format_line(entry: DeadLetterEntry) -> str:
     """One line per dead letter (`dlq ls --verbose`): where, when, stage, reason and whose."""
     r = entry.record
-    reason = f"{r['error_kind']} {r['error_code'] or '(none)'}" if r else f"({entry.problem})"
+    reason = f"{r.error_kind} {r.error_code or '(none)'}" if r else f"({entry.problem})"
     return f"{entry.coordinate}  {iso(entry.timestamp_ms)}  {entry.stage}  {reason}  {_who(entry)}"
 
 
@@ -206,6 +219,8 @@ def _text(value: bytes | None) -> str:
 
 def describe_value(codec: Codec, value: bytes | None) -> str:
     """Pretty JSON of the decoded record, or why it does not decode and a preview of its bytes."""
+    # The original may be any record, or none, of any schema version: the tool prints the datum as it
+    # decodes (fastavro's dict), whatever the record, rather than a class that may not fit it.
     try:
         name, record = codec.decode_any(value)
     except DecodeError as exc:
@@ -219,26 +234,27 @@ def _json_default(value: object) -> str:
 
 
 def format_entry(entry: DeadLetterEntry, codec: Codec) -> str:
+    """A dead letter as ``aigc dlq show`` prints it: failure, original coordinates, headers and value."""
     r = entry.record
     if r is None:
         return f"{entry.coordinate}  {entry.problem}"
-    original = f"{r['original_topic']}:{r['original_partition']}:{r['original_offset']}"
     lines = [
-        f"{entry.coordinate}  stage {r['stage']}  {r['error_kind']} {r['error_code'] or '-'}  "
-        f"attempts {r['attempts']}",
-        f"  error: {r['error_message']}",
-        f"  failed: first {iso(r['first_failed_at'])}, last {iso(r['last_failed_at'])}",
-        f"  original: {original}  key {_text(r['key'])}  request {entry.request_id or '-'}  "
+        f"{entry.coordinate}  stage {r.stage}  {r.error_kind} {r.error_code or '-'}  attempts {r.attempts}",
+        f"  error: {r.error_message}",
+        f"  failed: first {iso(r.first_failed_at)}, last {iso(r.last_failed_at)}",
+        f"  original: {_original(r)}  key {_text(r.key)}  request {entry.request_id or '-'}  "
         f"tenant {entry.tenant_id or '-'}",
-        "  headers: " + (", ".join(f"{h['key']}={_text(h['value'])}" for h in r["headers"]) or "none"),
+        "  headers: " + (", ".join(f"{h.key}={_text(h.value)}" for h in r.headers) or "none"),
     ]
-    value = describe_value(codec, r["value"]).replace("\n", "\n    ")
+    value = describe_value(codec, r.value).replace("\n", "\n    ")
     lines.append(f"  value: {value}")
     return "\n".join(lines)
 
 
 # -- replay -------------------------------------------------------------------------------------------
 class ReplayAction(NamedTuple):
+    """What replay did, or would do, with one dead letter."""
+
     coordinate: str  # dead letter's topic:partition:offset
     action: str  # "would send" (dry run), "sent", "skip" or "failed"
     reason: str
@@ -249,14 +265,18 @@ class ReplayAction(NamedTuple):
 
 @dataclass(frozen=True)
 class ReplayReport:
+    """Every dead letter a replay considered and what it did with each."""
+
     dry_run: bool
     actions: list[ReplayAction]
 
     def of(self, action: str) -> list[ReplayAction]:
+        """The actions of one kind ("would send", "sent", "skip" or "failed")."""
         return [a for a in self.actions if a.action == action]
 
     @property
     def failed(self) -> bool:
+        """Whether a send failed (replay stops sending after the first)."""
         return bool(self.of("failed"))
 
     def summary(self) -> str:
@@ -291,6 +311,7 @@ class Pacer:
         self._next: float | None = None
 
     def wait(self) -> None:
+        """Return when this send's slot has come."""
         now = self.clock()
         if self._next is not None and now < self._next:
             self.sleep(self._next - now)
@@ -298,11 +319,11 @@ class Pacer:
         self._next = now + self.interval
 
 
-def replay_headers(headers: list[Mapping[str, Any]], coordinate: str, original: str) -> Headers:
+def replay_headers(headers: Sequence[Header], coordinate: str, original: str) -> Headers:
     """The original headers without the retry relay's attempt count, plus the input's identity
     (``aigc.origin``: kept if the original had one, else its coordinates ``original``, as the relay
     does) and the dead letter this copy came from."""
-    kept: Headers = [(h["key"], h["value"]) for h in headers if h["key"] not in (ATTEMPTS, FIRST_FAILED_AT)]
+    kept: Headers = [(h.key, h.value) for h in headers if h.key not in (ATTEMPTS, FIRST_FAILED_AT)]
     if not any(key == ORIGIN and value for key, value in kept):
         kept.append((ORIGIN, original.encode()))
     return [*kept, (REPLAYED_FROM, coordinate.encode())]
@@ -314,13 +335,13 @@ def revalidate(entry: DeadLetterEntry, settings: Settings, codec: Codec, now_ms:
         return entry.problem or "not a DeadLetter"
     topics = Topics(settings)
     try:
-        name, original = codec.decode_any(entry.record["value"])
+        original = codec.read_any(entry.record.value)
     except DecodeError as exc:
         return f"undecodable with today's schemas ({exc.code}: {exc})"
-    carries = {spec.name: spec.schema for spec in topics.all()}.get(entry.record["original_topic"])
-    if carries is not None and name != carries:
-        return f"{entry.record['original_topic']} carries {carries}, not {name}"
-    if name == "GenerationRequest":
+    carries = {spec.name: spec.schema for spec in topics.all()}.get(entry.record.original_topic)
+    if carries is not None and carries != original.SCHEMA:
+        return f"{entry.record.original_topic} carries {carries}, not {original.SCHEMA}"
+    if isinstance(original, GenerationRequest):
         try:
             validate_request(original, settings.limits, settings.models.keys(), topics.reply_prefix, now_ms)
         except ValidationError as exc:
@@ -338,12 +359,21 @@ def replay(
 ) -> ReplayReport:
     """Replay the matching dead letters (a dry run unless ``execute``); ``echo`` hears each action."""
     codec = default_codec()
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     entries = read_dead_letters(settings, filters, codec, timeout_s)
     problems = {e.coordinate: revalidate(e, settings, codec, now) for e in entries}
     live = [e for e in entries if problems[e.coordinate] is None]
-    finished = _terminal_rows(settings, {e.request_id for e in live if e.request_id})
-    replayed = _replayed(settings, [e for e in live if e.request_id not in finished], timeout_s)
+    hooks = Stage.WEBHOOKS.value
+    finished = _terminal_rows(settings, {e.request_id for e in live if e.request_id and e.stage != hooks})
+    delivered = _delivered_webhooks(
+        settings, {e.request_id for e in live if e.request_id and e.stage == hooks}
+    )
+
+    def done(entry: DeadLetterEntry) -> Mapping[str, str]:
+        """A webhook dead letter is done once delivered; any other once its request is finished."""
+        return delivered if entry.stage == hooks else finished
+
+    replayed = _replayed(settings, [e for e in live if e.request_id not in done(e)], timeout_s)
     existing = set(make_admin(settings).list_topics(timeout=10).topics) if live else set()
     producer = make_producer(settings, "dlq-replay") if execute and live else None
     pacer = Pacer(rate)
@@ -351,11 +381,11 @@ def replay(
     actions: list[ReplayAction] = []
     stopped: str | None = None
     for entry in entries:
-        action = _decide(entry, problems, finished, replayed, existing, sent_originals, stopped)
+        action = _decide(entry, problems, done(entry), replayed, existing, sent_originals, stopped)
         if action is None:
             record = entry.record
             assert record is not None  # revalidate passed
-            topic = record["original_topic"]
+            topic = record.original_topic
             sent_originals[_original(record)] = entry.coordinate
             if producer is None:
                 action = ReplayAction(entry.coordinate, "would send", f"to {topic} ({_who(entry)})")
@@ -365,9 +395,9 @@ def replay(
                     msg = produce_sync(
                         producer,
                         topic,
-                        record["value"],
-                        key=record["key"],
-                        headers=replay_headers(record["headers"], entry.coordinate, _original(record)),
+                        record.value,
+                        key=record.key,
+                        headers=replay_headers(record.headers, entry.coordinate, _original(record)),
                         timeout_s=timeout_s,
                     )
                 except DeliveryError as exc:
@@ -376,7 +406,7 @@ def replay(
                 else:
                     where = f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
                     action = ReplayAction(entry.coordinate, "sent", f"to {where} ({_who(entry)})")
-        code = (entry.record["error_code"] or "(none)") if entry.record else "(undecodable)"
+        code = (entry.record.error_code or "(none)") if entry.record else "(undecodable)"
         action = action._replace(stage=entry.stage, code=code)
         actions.append(action)
         if echo is not None:
@@ -408,8 +438,8 @@ def _decide(
         return skip(f"already finished ({status})", f"already finished ({status})")
     if entry.coordinate in replayed:
         return skip(f"already replayed as {replayed[entry.coordinate]}", "already replayed")
-    if record["original_topic"] not in existing:
-        return skip(f"original topic {record['original_topic']} does not exist", "original topic missing")
+    if record.original_topic not in existing:
+        return skip(f"original topic {record.original_topic} does not exist", "original topic missing")
     if _original(record) in sent_originals:
         return skip(f"same original message as {sent_originals[_original(record)]}", "same original")
     if stopped is not None:
@@ -426,11 +456,13 @@ def problem_kind(problem: str) -> str:
     return re.split(r" \(|: ", problem, maxsplit=1)[0]
 
 
-def _original(record: Mapping[str, Any]) -> str:
-    return f"{record['original_topic']}:{record['original_partition']}:{record['original_offset']}"
+def _original(record: DeadLetter) -> str:
+    """The original message's ``topic:partition:offset``."""
+    return f"{record.original_topic}:{record.original_partition}:{record.original_offset}"
 
 
 def _who(entry: DeadLetterEntry) -> str:
+    """Whose dead letter it is, for a report line."""
     return f"request {entry.request_id or '-'}, tenant {entry.tenant_id or '-'}"
 
 
@@ -447,12 +479,26 @@ def _terminal_rows(settings: Settings, request_ids: set[str]) -> dict[str, str]:
         cluster.shutdown()
 
 
+def _delivered_webhooks(settings: Settings, request_ids: set[str]) -> dict[str, str]:
+    """request_id -> "webhook delivered" for those in ``webhook_deliveries`` (infra/cql/003_webhooks.cql)."""
+    if not request_ids:
+        return {}
+    cluster, session = connect(settings.cassandra)
+    try:
+        query = session.prepare(
+            f"SELECT request_id FROM {settings.cassandra.keyspace}.webhook_deliveries WHERE request_id = ?"
+        )
+        return {i: "webhook delivered" for i in request_ids if session.execute(query, (i,)).one() is not None}
+    finally:
+        cluster.shutdown()
+
+
 def _replayed(settings: Settings, entries: list[DeadLetterEntry], timeout_s: float) -> dict[str, str]:
     """Dead-letter coordinate -> coordinate of its replay, for replays still in the original topics."""
     if not entries:
         return {}
-    since = min(e.record["last_failed_at"] for e in entries if e.record) - CLOCK_SLACK_MS
-    topics = sorted({e.record["original_topic"] for e in entries if e.record})
+    since = min(e.record.last_failed_at for e in entries if e.record) - CLOCK_SLACK_MS
+    topics = sorted({e.record.original_topic for e in entries if e.record})
     found: dict[str, str] = {}
     reader = BoundedRead(settings, topics, since, timeout_s, "dlq-replay-scan")
     for msg in reader:
@@ -464,6 +510,7 @@ def _replayed(settings: Settings, entries: list[DeadLetterEntry], timeout_s: flo
 
 
 def _read_to_the_end(reader: BoundedRead) -> None:
+    """Raise when the reader gave up on a partition before its end: the answer would be incomplete."""
     if reader.unfinished:
         raise RuntimeError(
             f"{', '.join(reader.unfinished)} not read to the end in {reader.timeout_s:g} s; raise --timeout"

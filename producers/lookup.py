@@ -12,6 +12,8 @@ from plumbing.settings import Settings
 
 @dataclass(frozen=True)
 class RequestState:
+    """What Cassandra knows of a request: its terminal row and outputs, or how many frames it has so far."""
+
     request_id: str
     status: str  # a terminal status, or IN_PROGRESS / UNKNOWN
     row: Any | None
@@ -20,6 +22,7 @@ class RequestState:
 
 
 def lookup(settings: Settings, request_id: str) -> RequestState:
+    """The request's state from its terminal row and frame rows, its outputs with fresh presigned URLs."""
     ks = settings.cassandra.keyspace
     cluster, session = connect(settings.cassandra)
     try:
@@ -41,6 +44,7 @@ def lookup(settings: Settings, request_id: str) -> RequestState:
 
 
 def describe(state: RequestState) -> str:
+    """``state`` as `aigc get` prints it: the outcome, the request's facts, timings and each output."""
     if state.row is None:
         if state.status == "IN_PROGRESS":
             return f"{state.request_id}: in progress ({state.frames_stored} frame(s) rendered so far)"

@@ -41,9 +41,11 @@ class Snapshot:
     series: dict[str, dict[Key, float]] = field(default_factory=lambda: defaultdict(dict))
 
     def add(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        """Record the value of series ``labels`` of metric ``name``."""
         self.series[name][_key(labels)] = value
 
     def values(self, name: str) -> dict[Key, float]:
+        """Every series of metric ``name`` (empty when it has none)."""
         return self.series.get(name, {})
 
 
@@ -80,6 +82,8 @@ def increase_by(
 def gauge_by(
     snapshot: Snapshot, name: str, by: Iterable[str], agg: Callable[[list[float]], float] = sum
 ) -> dict[tuple[str, ...], float]:
+    """Gauge ``name`` of the snapshot, its series combined by ``agg`` (sum by default) by the label names
+    ``by``."""
     by = tuple(by)
     groups: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for key, value in snapshot.values(name).items():
@@ -124,6 +128,8 @@ def quantile_by(
 def mean_by(
     old: Snapshot | None, new: Snapshot, histogram: str, by: Iterable[str]
 ) -> dict[tuple[str, ...], float]:
+    """The mean of histogram ``histogram``'s observations between the snapshots, by labels (groups with no
+    observation are left out)."""
     sums = increase_by(old, new, f"{histogram}_sum", by)
     counts = increase_by(old, new, f"{histogram}_count", by)
     return {k: sums.get(k, 0.0) / n for k, n in counts.items() if n > 0}
@@ -146,6 +152,8 @@ def prometheus_snapshot(client: PromClient, pipeline: str, at: float | None = No
 
 @dataclass(frozen=True)
 class Target:
+    """A stage's metrics endpoint (``host:port``) and its file-SD labels."""
+
     address: str
     labels: dict[str, str]
 
@@ -199,9 +207,11 @@ class Source:
 
     @property
     def uses_prometheus(self) -> bool:
+        """Whether the local Prometheus answers now."""
         return self.client.ready()
 
     def describe(self) -> str:
+        """Where the figures come from, for a heading."""
         if self.uses_prometheus:
             return f"Prometheus at {self.client.url}"
         return f"scraping the stages in {targets_dir(self.settings)} (no Prometheus at {self.client.url})"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from plumbing.clock import now_ms
 from plumbing.settings import Settings
 from plumbing.topics import Stage
 
@@ -82,6 +82,7 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the operators' verbs (dlq, tenants, up, status, down, check) to the ``aigc`` command line."""
     dlq = verbs.add_parser(
         "dlq",
         help="inspect and replay dead letters",
@@ -300,7 +301,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 def _check(args: argparse.Namespace, settings: Settings) -> int:
     from producers.checker import check_delivery, submitted_since
 
-    since = None if args.since_s is None else time.time_ns() // 1_000_000 - int(args.since_s * 1000)
+    since = None if args.since_s is None else now_ms() - int(args.since_s * 1000)
     if args.ids_file is not None:
         lines = args.ids_file.read_text(encoding="utf-8").splitlines()
         ids = {line.strip() for line in lines if line.strip()}

@@ -34,6 +34,7 @@ class StateLines:
         self.done: dict[str, int] = dict.fromkeys(totals, 0)
 
     def update(self, request_id: str, state: str, done: int | None = None) -> None:
+        """Print a line when ``request_id``'s state changed (progress alone prints nothing)."""
         if done is not None:
             self.done[request_id] = done
         if self.states.get(request_id) == state:
@@ -43,7 +44,7 @@ class StateLines:
         print(f"{label}: {state} ({self.done[request_id]}/{total} steps)", file=self.out, flush=True)
 
     def close(self) -> None:
-        pass
+        """Nothing to finish: every line is already out."""
 
 
 class Bars:
@@ -65,6 +66,7 @@ class Bars:
         }
 
     def update(self, request_id: str, state: str, done: int | None = None) -> None:
+        """Redraw ``request_id``'s bar with its state and steps done."""
         bar = self.bars[request_id]
         if done is not None:
             bar.n = min(bar.total, done)
@@ -72,6 +74,7 @@ class Bars:
         bar.refresh()
 
     def close(self) -> None:
+        """Close every bar, leaving its last state on the terminal."""
         for bar in self.bars.values():
             bar.close()
 

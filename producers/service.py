@@ -40,6 +40,8 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageState:
+    """A stage as `aigc status` shows it: its process, whether it is ready, and a note on why not."""
+
     name: str
     pid: int | None
     ready: bool
@@ -54,18 +56,22 @@ class PipelinePaths:
 
     @classmethod
     def of(cls, settings: Settings) -> PipelinePaths:
+        """The paths of the pipeline of ``settings``' run directory."""
         return cls(settings.infra.run_dir.resolve() / "pipeline")
 
     @property
     def pid_file(self) -> Path:
+        """The supervisor's pid."""
         return self.dir / "supervisor.pid"
 
     @property
     def state_file(self) -> Path:
+        """What the supervisor says each stage is doing (JSON)."""
         return self.dir / "stages.json"
 
     @property
     def log(self) -> Path:
+        """The supervisor's own log."""
         return self.dir / "supervisor.log"
 
 
@@ -95,7 +101,7 @@ def start_pipeline(
     else:
         paths.dir.mkdir(parents=True, exist_ok=True)
         paths.state_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "plumbing.cli", "run", "--renderers", str(renderers),
+        command = [sys.executable, "-m", "aigc", "run", "--renderers", str(renderers),
                    "--log-dir", str(paths.dir), "--state-file", str(paths.state_file)]  # fmt: skip
         if synthetic_ms is not None:
             command += ["--synthetic-ms", str(synthetic_ms)]
@@ -175,6 +181,12 @@ def up(settings: Settings, renderers: int = 1, synthetic_ms: float | None = None
         "\nsubmit with `.venv/bin/aigc submit 'a prompt' --wait`; `.venv/bin/aigc status` says what "
         "runs; `.venv/bin/aigc down` stops it all"
     )
+    if settings.gateway.enabled:
+        gw = settings.gateway
+        print(
+            f"HTTP API and console: http://{gw.host}:{gw.port}/console/ (API docs at /docs; "
+            "`.venv/bin/aigc keys create TENANT` makes a key)"
+        )
     return 0
 
 

@@ -19,6 +19,8 @@ from plumbing.topics import DAY_MS, Topics, TopicSpec
 
 @dataclass(frozen=True)
 class TenantInfo:
+    """A tenant as `aigc tenants ls` shows it: its tier (own quotas or the settings'), its reply topics."""
+
     tenant_id: str
     tier: Tier
     own_quotas: bool  # False: the tier from the settings applies

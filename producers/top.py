@@ -40,9 +40,13 @@ class Frame:
 
     @property
     def window_s(self) -> float:
+        """Seconds between the two snapshots (NaN without an earlier one)."""
         return max(self.new.at - self.old.at, 1e-9) if self.old is not None else math.nan
 
     def per_s(self, name: str, by: tuple[str, ...], **match: str) -> dict[tuple[str, ...], float]:
+        """Rate of counter ``name`` over the window, by the label names ``by``, of the series whose labels
+        equal ``match``."""
+
         def where(labels: dict[str, str]) -> bool:
             return all(labels.get(k) == v for k, v in match.items())
 
@@ -64,6 +68,7 @@ def _count(value: float | None) -> str:
 
 
 def classes_table(frame: Frame) -> Table:
+    """Per priority class: admitted and completed per second, lag, backlog, queue wait and end-to-end p99."""
     admitted = frame.per_s("aigc_gatekeeper_requests_total", ("priority",), decision="accepted")
     completed = frame.per_s("aigc_completions_total", ("priority",))
     backlog = gauge_by(frame.new, "aigc_share_group_backlog_messages", ("priority",))
@@ -88,6 +93,7 @@ def classes_table(frame: Frame) -> Table:
 
 
 def renderers_table(frame: Frame) -> Table:
+    """Per renderer: busy share, mean batch size and tasks per second."""
     busy = gauge_by(frame.new, "aigc_renderer_busy_ratio", ("instance_name",))
     batch = mean_by(frame.old, frame.new, "aigc_renderer_batch_size", ("instance_name",))
     tasks = frame.per_s("aigc_renderer_tasks_total", ("instance_name",))
@@ -106,6 +112,7 @@ def renderers_table(frame: Frame) -> Table:
 
 
 def failures_table(frame: Frame) -> Table:
+    """Rejections by reason and dead letters by stage and reason: totals, and rejections per second."""
     totals = increase_by(None, frame.new, "aigc_gatekeeper_requests_total", ("reason",),
                          lambda labels: labels.get("decision") == "rejected")  # fmt: skip
     rates = frame.per_s("aigc_gatekeeper_requests_total", ("reason",), decision="rejected")
@@ -123,6 +130,7 @@ def failures_table(frame: Frame) -> Table:
 
 
 def stages_table(frame: Frame) -> Table:
+    """Per stage process: whether it is up (scraped) and ready."""
     up = gauge_by(frame.new, "up", ("stage", "instance_name"), min)
     ready = gauge_by(frame.new, "aigc_stage_ready", ("stage", "instance_name"), min)
     table = Table(title="stages", title_justify="left")
@@ -140,12 +148,14 @@ def stages_table(frame: Frame) -> Table:
 
 
 def render(frame: Frame) -> Group:
+    """One refresh of `aigc top`: the heading and the four tables."""
     heading = Text(frame.title, style="bold")
     return Group(heading, classes_table(frame), renderers_table(frame), failures_table(frame),
                  stages_table(frame))  # fmt: skip
 
 
 def frame(source: Source, window_s: float) -> Frame:
+    """The figures of now, over about the last ``window_s`` seconds of ``source``."""
     old, new = source.pair(window_s)
     stamp = time.strftime("%H:%M:%S", time.localtime(new.at))
     window = f"rates over {new.at - old.at:.0f} s" if old is not None else "totals"
@@ -163,6 +173,8 @@ def run_top(
     window_s: float = 10.0,
     console: Console | None = None,
 ) -> int:
+    """Show `aigc top` on ``console``: one frame with ``once``, else a frame every ``interval_s`` until
+    Ctrl-C."""
     source = Source(settings, pipeline or settings.kafka.topic_prefix, prometheus)
     console = console or Console()
     if once:

@@ -8,6 +8,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the ``top`` verb to the ``aigc`` command line."""
     top = verbs.add_parser(
         "top",
         help="live view of throughput, lag, queue wait, renderers, rejections and dead letters per class",

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from plumbing.errors import DecodeError
+from schemas.errors import DecodeError
 
 # ``check(data, pos) -> pos after the value``; raises DecodeError.
 Check = Callable[[bytes, int], int]
@@ -122,19 +122,36 @@ def compile_check(schema: Any) -> Check:
 
 def _compile(schema: Any, names: dict[str, Check], where: str, namespace: str) -> Check:
     if isinstance(schema, list):
-        branches = [_compile(b, names, where, namespace) for b in schema]
-
-        def union(data: bytes, pos: int) -> int:
-            index, pos = _varint(data, pos, where)
-            if not 0 <= index < len(branches):
-                raise DecodeError(
-                    f"{where}: union branch {index} is not in 0..{len(branches) - 1}",
-                    code="BAD_UNION_INDEX",
-                )
-            return branches[index](data, pos)
-
-        return union
+        return _union([_compile(b, names, where, namespace) for b in schema], where)
     kind = schema if isinstance(schema, str) else schema["type"]
+    primitive = _primitive(kind, where)
+    if primitive is not None:
+        return primitive
+    if isinstance(schema, str):  # a named type defined earlier (or enclosing: records register first)
+        full = schema if "." in schema or not namespace else f"{namespace}.{schema}"
+        return names[full if full in names else schema]
+    if kind == "array":
+        return _blocks(_compile(schema["items"], names, f"{where}[]", namespace), where, keyed=False)
+    if kind == "map":
+        return _blocks(_compile(schema["values"], names, f"{where}{{}}", namespace), where, keyed=True)
+    return _named(schema, kind, names, where, namespace)
+
+
+def _union(branches: list[Check], where: str) -> Check:
+    def union(data: bytes, pos: int) -> int:
+        index, pos = _varint(data, pos, where)
+        if not 0 <= index < len(branches):
+            raise DecodeError(
+                f"{where}: union branch {index} is not in 0..{len(branches) - 1}",
+                code="BAD_UNION_INDEX",
+            )
+        return branches[index](data, pos)
+
+    return union
+
+
+def _primitive(kind: str, where: str) -> Check | None:
+    """The check of a primitive type; None for any other."""
     if kind == "null":
         return lambda data, pos: pos
     if kind in ("int", "long"):
@@ -159,13 +176,11 @@ def _compile(schema: Any, names: dict[str, Check], where: str, namespace: str) -
             return pos + size
 
         return text
-    if isinstance(schema, str):  # a named type defined earlier (or enclosing: records register first)
-        full = schema if "." in schema or not namespace else f"{namespace}.{schema}"
-        return names[full if full in names else schema]
-    if kind == "array":
-        return _blocks(_compile(schema["items"], names, f"{where}[]", namespace), where, keyed=False)
-    if kind == "map":
-        return _blocks(_compile(schema["values"], names, f"{where}{{}}", namespace), where, keyed=True)
+    return None
+
+
+def _named(schema: dict[str, Any], kind: str, names: dict[str, Check], where: str, namespace: str) -> Check:
+    """The check of an enum, fixed or record definition, registered under its full and short names."""
     name = schema["name"]
     namespace = schema.get("namespace", name.rpartition(".")[0] or namespace)
     full = name if "." in name or not namespace else f"{namespace}.{name}"

@@ -25,14 +25,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from plumbing.errors import DecodeError, EncodeError
 from schemas.canonical import Check, compile_check
+from schemas.errors import DecodeError, EncodeError
+from schemas.records import RECORDS, Record
 
+R = TypeVar("R", bound=Record)
 MARKER = b"\xc3\x01"
 HEADER_LEN = len(MARKER) + 8
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -60,6 +62,10 @@ DECODE_CODES = frozenset(
 
 @dataclass(frozen=True)
 class SchemaVersion:
+    """One version of a record's schema: its name, fingerprint, parsed form, file, whether it is the current
+    one, and its strict check.
+    """
+
     record: str  # short record name, e.g. "GenerationRequest"
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO
     parsed: Any  # fastavro's parsed form
@@ -105,10 +111,29 @@ class Codec:
 
     @property
     def records(self) -> tuple[str, ...]:
+        """The names of the records this codec writes, sorted."""
         return tuple(sorted(self._current))
 
     def schema(self, record: str) -> SchemaVersion:
+        """The current schema of ``record``."""
         return self._current[record]
+
+    def write(self, record: Record) -> bytes:
+        """Single-object encoding of a typed record (`schemas.records`) with its current schema."""
+        return self.encode(record.SCHEMA, record.to_avro())
+
+    def read(self, data: bytes | None, cls: type[R]) -> R:
+        """The ``cls`` record in ``data``; `DecodeError` (WRONG_SCHEMA) when the bytes hold another record."""
+        datum = self.decode(data, cls.SCHEMA)
+        try:
+            return cls.from_avro(datum)
+        except (KeyError, TypeError) as exc:  # a test's own schema folder may differ from the classes
+            raise DecodeError(f"{cls.SCHEMA}: {exc}", code="WRONG_SCHEMA") from exc
+
+    def read_any(self, data: bytes | None) -> Record:
+        """Whatever top-level record ``data`` holds, typed."""
+        name, datum = self.decode_any(data)
+        return RECORDS[name].from_avro(datum)
 
     def encode(self, record: str, datum: Mapping[str, Any]) -> bytes:
         """Single-object encoding of ``datum`` with the current schema of ``record``."""
@@ -129,6 +154,8 @@ class Codec:
         return self.decode_any(data, expect)[1]
 
     def decode_any(self, data: bytes | None, expect: str | None = None) -> tuple[str, dict[str, Any]]:
+        """(record name, datum) of ``data``, the datum in fastavro's dict shape; tools that must handle
+        any bytes (the dead-letter and poison tooling) read this way, stages use `read`."""
         if not data:
             raise DecodeError("empty message", code="EMPTY")
         if len(data) < HEADER_LEN:

@@ -1,0 +1,1 @@
+"""The pipeline's stream processors: the gatekeeper, the assembler sink, the retry relay and webhooks."""

@@ -8,6 +8,7 @@ from plumbing.settings import Settings
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the `gatekeeper`, `assemble` and `relay` verbs (and the webhook verbs) to the ``aigc`` CLI."""
     gatekeeper = verbs.add_parser(
         "gatekeeper",
         help="run the gatekeeper (faust): validate, dedupe, moderate, rate-limit, fan out",
@@ -28,6 +29,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Consumes every aigc.retry.<stage>.<delay> topic; delays come from AIGC_RETRY__DELAYS_S.",
     )
     relay.set_defaults(handler=_relay)
+    __import__("stream_processors.webhooks.cli", fromlist=["register"]).register(verbs)
 
 
 def _gatekeeper(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
 
 from plumbing import metrics, tracing
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, Headers
@@ -32,17 +32,16 @@ from plumbing.settings import Settings
 from plumbing.shutdown import stop_on_signals
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
+from schemas.records import RetryEnvelope
 
 log = logging.getLogger(__name__)
 BATCH = 200
 POLL_S = 0.1
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Relay:
+    """The retry relay's consumer loop: due envelopes sent back, the others held on paused partitions."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings)
@@ -58,6 +57,7 @@ class Relay:
         self.readiness = Readiness()  # `run` gives it the process's (served on /readyz)
 
     def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set, then flush the producer and leave the group."""
         self.readiness.require("assigned")
         self.consumer.subscribe(
             list(self.stage_of),
@@ -89,7 +89,7 @@ class Relay:
             if tp in held:
                 continue  # behind an envelope that is not due: fetched again after the resume
             try:
-                envelope = self.codec.decode(msg.value(), "RetryEnvelope")
+                envelope = self.codec.read(msg.value(), RetryEnvelope)
             except DecodeError as exc:
                 stage = self.stage_of[original.topic]
                 dlq = self.topics.dlq(stage)
@@ -99,9 +99,9 @@ class Relay:
                 self.producer.produce(dlq, value, original.key, headers=headers, on_delivery=self._delivered)
                 commit[tp] = original.offset + 1
                 continue
-            if envelope["due_at"] > now:
+            if envelope.due_at > now:
                 held.add(tp)
-                self.waiting[tp] = envelope["due_at"]
+                self.waiting[tp] = envelope.due_at
                 partition = TopicPartition(original.topic, original.partition, original.offset)
                 self.consumer.pause([partition])
                 self.consumer.seek(partition)
@@ -120,25 +120,24 @@ class Relay:
             offsets = [TopicPartition(t, p, o) for (t, p), o in commit.items()]
             self.consumer.commit(offsets=offsets, asynchronous=False)
 
-    def _send(self, envelope: dict[str, Any]) -> None:
-        kept = [
-            (h["key"], h["value"]) for h in envelope["headers"] if h["key"] not in (ATTEMPTS, FIRST_FAILED_AT)
-        ]
-        first = f"{envelope['original_topic']}:{envelope['original_partition']}:{envelope['original_offset']}"
+    def _send(self, envelope: RetryEnvelope) -> None:
+        """Produce the envelope's original message back to its topic, with the attempt headers."""
+        kept = [(h.key, h.value) for h in envelope.headers if h.key not in (ATTEMPTS, FIRST_FAILED_AT)]
+        first = f"{envelope.original_topic}:{envelope.original_partition}:{envelope.original_offset}"
         origin = next((v for k, v in kept if k == ORIGIN and v), first.encode())
         headers: Headers = [(k, v) for k, v in kept if k != ORIGIN]
         headers += [
-            (ATTEMPTS, str(envelope["attempts"]).encode()),
-            (FIRST_FAILED_AT, str(envelope["first_failed_at"]).encode()),
+            (ATTEMPTS, str(envelope.attempts).encode()),
+            (FIRST_FAILED_AT, str(envelope.first_failed_at).encode()),
             (ORIGIN, origin),
         ]
-        headers = tracing.relayed(headers, attempt=envelope["attempts"], error_code=envelope["error_code"])
+        headers = tracing.relayed(headers, attempt=envelope.attempts, error_code=envelope.error_code)
         while True:
             try:
                 self.producer.produce(
-                    envelope["original_topic"],
-                    envelope["value"],
-                    envelope["key"],
+                    envelope.original_topic,
+                    envelope.value,
+                    envelope.key,
                     headers=headers,
                     on_delivery=self._delivered,
                 )
@@ -146,7 +145,7 @@ class Relay:
             except BufferError:
                 self.producer.poll(0.05)
         self.sent += 1
-        metrics.routed("relay", envelope["original_topic"], envelope["error_code"])
+        metrics.routed("relay", envelope.original_topic, envelope.error_code)
 
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:

@@ -24,19 +24,20 @@ import io
 import json
 import random
 import string
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fastavro
 
+from plumbing.clock import now_ms as clock_ms
 from plumbing.errors import DecodeError, ValidationError
 from plumbing.headers import pipeline_headers
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
+from plumbing.validation import ID_PATTERN, validate_request
 from schemas.codec import HEADER_LEN, MARKER, Codec, default_codec
-from schemas.validation import ID_PATTERN, validate_request
+from schemas.records import GenerationRequest, VideoSpec
 
 MiB = 1024 * 1024
 MAX_MESSAGE = 7 * MiB  # the largest value in the corpus stays below this
@@ -89,36 +90,36 @@ class _Context:
         alphabet = string.ascii_lowercase + " "
         return "".join(self.rng.choices(alphabet, k=size))
 
-    def request(self, **fields: Any) -> dict[str, Any]:
-        """A valid GenerationRequest (64x64, 2 steps), then ``fields`` on top."""
+    def request(self, **fields: Any) -> GenerationRequest:
+        """A valid GenerationRequest (64x64, 2 steps), then ``fields`` on top (values of the field's type
+        that break the rules: the corpus's broken bytes are made from the encoding afterwards)."""
         created_at = self.now_ms - self.rng.randrange(1, 60_000)
-        record: dict[str, Any] = {
-            "request_id": self.rid(),
-            "tenant_id": self.tenant(),
-            "priority": self.rng.choice([p.value for p in PRIORITIES]),
-            "kind": "IMAGE",
-            "prompt": f"a poison test {self.words(12)}",
-            "negative_prompt": None,
-            "model": next(iter(self.settings.models)),
-            "width": 64,
-            "height": 64,
-            "steps": 2,
-            "guidance_scale": 7.5,
-            "seed": None,
-            "num_images": 1,
-            "video": None,
-            "output_format": None,
-            "scheduler": None,
-            "reply_topic": None,
-            "deadline_ms": None,
-            "labels": {"suite": "poison"},
-            "created_at": created_at,
-        }
-        record.update(fields)
-        return record
+        record = GenerationRequest(
+            request_id=self.rid(),
+            tenant_id=self.tenant(),
+            priority=self.rng.choice(PRIORITIES).value,
+            kind="IMAGE",
+            prompt=f"a poison test {self.words(12)}",
+            negative_prompt=None,
+            model=next(iter(self.settings.models)),
+            width=64,
+            height=64,
+            steps=2,
+            guidance_scale=7.5,
+            seed=None,
+            num_images=1,
+            video=None,
+            output_format=None,
+            scheduler=None,
+            reply_topic=None,
+            deadline_ms=None,
+            labels={"suite": "poison"},
+            created_at=created_at,
+        )
+        return replace(record, **fields)
 
-    def encode(self, record: dict[str, Any], name: str = "GenerationRequest") -> bytes:
-        return self.codec.encode(name, record)
+    def encode(self, record: GenerationRequest) -> bytes:
+        return self.codec.write(record)
 
 
 Made = tuple[bytes, str] | tuple[bytes, str, str | None]  # value, note[, source request id]
@@ -152,7 +153,7 @@ def truncated(ctx: _Context) -> Made:
     cut = ctx.rng.choice(
         [ctx.rng.randrange(HEADER_LEN, len(data)), ctx.rng.randrange(1, HEADER_LEN), len(data) - 1]
     )
-    return data[:cut], f"cut to {cut} of {len(data)}", record["request_id"]
+    return data[:cut], f"cut to {cut} of {len(data)}", record.request_id
 
 
 def wrong_marker(ctx: _Context) -> Made:
@@ -160,11 +161,11 @@ def wrong_marker(ctx: _Context) -> Made:
     data = ctx.encode(record)
     choice = ctx.rng.randrange(5)
     if choice == 0:  # what a JSON producer would send
-        return json.dumps(record).encode(), "JSON", record["request_id"]
+        return json.dumps(record.to_avro()).encode(), "JSON", record.request_id
     if choice == 1:  # a Confluent Schema Registry framed message (magic 0, schema id)
-        return b"\x00\x00\x00\x00\x2a" + data[HEADER_LEN:], "schema registry frame", record["request_id"]
+        return b"\x00\x00\x00\x00\x2a" + data[HEADER_LEN:], "schema registry frame", record.request_id
     marker = ctx.rng.choice([b"\xc3\x00", b"\xc3\x02", b"\x01\xc3", b"\x00\x00", b"\xff\xff"])
-    return marker + data[2:], f"marker {marker.hex()}", record["request_id"]
+    return marker + data[2:], f"marker {marker.hex()}", record.request_id
 
 
 def unknown_fingerprint(ctx: _Context) -> Made:
@@ -177,7 +178,7 @@ def unknown_fingerprint(ctx: _Context) -> Made:
         real = bytearray(data[2:HEADER_LEN])
         real[ctx.rng.randrange(8)] ^= 1 << ctx.rng.randrange(8)
         fp = bytes(real)
-    return MARKER + fp + data[HEADER_LEN:], f"fingerprint {fp.hex()}", record["request_id"]
+    return MARKER + fp + data[HEADER_LEN:], f"fingerprint {fp.hex()}", record.request_id
 
 
 def _minimal(schema: Any, names: dict[str, Any], fill: dict[str, Any]) -> Any:
@@ -212,7 +213,8 @@ def wrong_schema(ctx: _Context) -> Made:
     schema = json.loads(ctx.codec.schema(name).source.read_text(encoding="utf-8"))
     request_id = ctx.rid()
     datum = _minimal(schema, {}, {"request_id": request_id, "tenant_id": ctx.tenant(), "task_id": request_id})
-    return ctx.encode(datum, name), name, request_id
+    # A dict, not a record class: the datum is made from whichever schema was drawn, field by field.
+    return ctx.codec.encode(name, datum), name, request_id
 
 
 # Invalid UTF-8 of a fixed length: a lone byte, a lone continuation byte, an overlong "/", a UTF-16
@@ -225,16 +227,17 @@ def bad_utf8(ctx: _Context) -> Made:
     record = ctx.request(prompt=f"an utf8 target {ctx.words(20)}")
     field_name = ctx.rng.choice(["prompt", "request_id", "tenant_id", "model", "labels"])
     if field_name == "labels":
-        record["labels"] = {"utf8-target-key": "v"}
+        record.labels = {"utf8-target-key": "v"}
         text = "utf8-target-key"
     else:
-        text = record[field_name]
+        text = {"prompt": record.prompt, "request_id": record.request_id, "tenant_id": record.tenant_id,
+                "model": record.model}[field_name]  # fmt: skip
     data = ctx.encode(record)
     _, start = _string_at(data, text)
     bad = ctx.rng.choice(BAD_UTF8)
     at = start + ctx.rng.randrange(len(text.encode()) - len(bad) + 1)
     value = data[:at] + bad + data[at + len(bad) :]
-    return value, f"{bad.hex()} in {field_name}", record["request_id"]
+    return value, f"{bad.hex()} in {field_name}", record.request_id
 
 
 def huge_string(ctx: _Context) -> Made:
@@ -243,31 +246,31 @@ def huge_string(ctx: _Context) -> Made:
         return ctx.encode(ctx.request(prompt=ctx.words(6_000_000))), "6 MB prompt"
     record = ctx.request()
     data = ctx.encode(record)
-    prefix_at, start = _string_at(data, record["prompt"])
-    claim = ctx.rng.choice([2**31 - 1, 2**40, 2**62, len(record["prompt"]) + 1000, -1, -(2**62)])
+    prefix_at, start = _string_at(data, record.prompt)
+    claim = ctx.rng.choice([2**31 - 1, 2**40, 2**62, len(record.prompt) + 1000, -1, -(2**62)])
     value = data[:prefix_at] + _varint(claim) + data[start:]
-    return value, f"prompt length {claim}", record["request_id"]
+    return value, f"prompt length {claim}", record.request_id
 
 
 def huge_array(ctx: _Context) -> Made:
     """The labels map's block count absurdly large (or negative with a bogus byte size)."""
     record = ctx.request(labels={})
     data = ctx.encode(record)
-    at = len(data) - len(_varint(record["created_at"])) - 1
-    assert data[at] == 0, "the empty labels map is the byte before created_at"
+    at = _field_at(ctx, record, "labels")
+    assert data[at] == 0, "an empty map is a single zero byte (its end-of-blocks count)"
     count = ctx.rng.choice([2**62, 2**31 - 1, 10**9, -(2**62), -(10**9), 2**63 - 1])
     tail = ctx.rng.choice([b"", _varint(2) + b"kk" + _varint(2) + b"vv", _varint(2**40)])
     value = data[:at] + _varint(count) + tail + data[at + 1 :]
-    return value, f"labels block count {count}", record["request_id"]
+    return value, f"labels block count {count}", record.request_id
 
 
-def _field_at(ctx: _Context, record: dict[str, Any], field: str) -> int:
+def _field_at(ctx: _Context, record: GenerationRequest, field: str) -> int:
     """Where ``field`` starts in ``ctx.encode(record)``: the encoded length of the fields before it."""
     schema = ctx.codec.schema("GenerationRequest").parsed
     names = [f["name"] for f in schema["fields"]]
     before = {"type": "record", "name": "Before", "fields": schema["fields"][: names.index(field)]}
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, fastavro.parse_schema(before), record)
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(before), record.to_avro())
     return HEADER_LEN + len(buf.getvalue())
 
 
@@ -282,7 +285,7 @@ def bad_enum_index(ctx: _Context) -> Made:
     return (
         data[:at] + _varint(index) + data[at + 1 :],
         f"{field_name} enum index {index}",
-        record["request_id"],
+        record.request_id,
     )
 
 
@@ -299,7 +302,7 @@ def bad_union_index(ctx: _Context) -> Made:
     return (
         data[:at] + _varint(index) + data[at + 1 :],
         f"{field_name} union index {index}",
-        record["request_id"],
+        record.request_id,
     )
 
 
@@ -318,14 +321,14 @@ def random_bytes(ctx: _Context) -> Made:
 def trailing_bytes(ctx: _Context) -> Made:
     record = ctx.request()
     junk = ctx.rng.randbytes(ctx.rng.randrange(1, 64))
-    return ctx.encode(record) + junk, f"{len(junk)} bytes after the record", record["request_id"]
+    return ctx.encode(record) + junk, f"{len(junk)} bytes after the record", record.request_id
 
 
 def huge_undecodable(ctx: _Context) -> Made:
     """A multi-megabyte request cut one byte short: its dead letter is as big as it is."""
     record = ctx.request(prompt=ctx.words(3 * MiB))
     data = ctx.encode(record)
-    return data[:-1], f"{len(data) - 1} B, last byte cut", record["request_id"]
+    return data[:-1], f"{len(data) - 1} B, last byte cut", record.request_id
 
 
 # -- decodable kinds (rejected) ---------------------------------------------------------------------
@@ -339,7 +342,9 @@ def negative_or_absurd_sizes(ctx: _Context) -> Made:
     if field_name in ("num_frames", "fps"):
         if field_name == "num_frames" and value in (63, 65):
             value = 257
-        video = {"num_frames": 8, "fps": 8, "prompt_end": None, "seed_end": None, field_name: value}
+        video = VideoSpec(
+            **{"num_frames": 8, "fps": 8, "prompt_end": None, "seed_end": None, field_name: value}
+        )
         return ctx.encode(ctx.request(kind="VIDEO", video=video)), f"video.{field_name}={value}"
     if field_name == "guidance":
         scale = ctx.rng.choice([float("nan"), float("inf"), -float("inf"), -1.0, 30.5, 1e308])
@@ -433,7 +438,7 @@ def absurd_timestamps(ctx: _Context) -> Made:
         created = ctx.rng.choice([2**63 - 1, -(2**63), 0, -1, ctx.now_ms + 2 * HOUR_MS, 10**15])
         record = ctx.request(created_at=created)
         if ctx.rng.random() < 0.5:  # break an earlier field too, so created_at is never checked
-            record["width"] = 65
+            record.width = 65
         return ctx.encode(record), f"created_at={created}"
     deadline = ctx.rng.choice([-(2**63), 2**63 - 1, 0, ctx.now_ms + 30 * 24 * HOUR_MS])
     return ctx.encode(ctx.request(deadline_ms=deadline)), f"deadline_ms={deadline}"
@@ -445,7 +450,7 @@ def control_chars(ctx: _Context) -> Made:
     if field_name != "prompt" and not text.strip():  # blank is fine where the text is optional
         text = "nul\x00"
     if field_name == "prompt_end":
-        video = {"num_frames": 8, "fps": 8, "prompt_end": text, "seed_end": None}
+        video = VideoSpec(num_frames=8, fps=8, prompt_end=text, seed_end=None)
         return ctx.encode(ctx.request(kind="VIDEO", video=video)), f"video.prompt_end={text!r}"
     return ctx.encode(ctx.request(**{field_name: text})), f"{field_name}={text!r}"
 
@@ -512,10 +517,10 @@ def judge(
     """
     codec = codec or default_codec()
     try:
-        request = codec.decode(value, "GenerationRequest")
+        request = codec.read(value, GenerationRequest)
     except DecodeError as exc:
         return "dead_letter", None, None, None, exc.code
-    request_id, tenant_id = request["request_id"], request["tenant_id"]
+    request_id, tenant_id = request.request_id, request.tenant_id
     if not ID_PATTERN.fullmatch(request_id):
         return "dead_letter", request_id, tenant_id, None, "INVALID_REQUEST_ID"
     topics = Topics(settings)
@@ -523,7 +528,7 @@ def judge(
         validate_request(request, settings.limits, settings.models.keys(), topics.reply_prefix, now_ms)
     except ValidationError as exc:
         return "rejected", request_id, tenant_id, "REJECTED", exc.code
-    if request.get("deadline_ms") is not None and request["deadline_ms"] <= now_ms:
+    if request.deadline_ms is not None and request.deadline_ms <= now_ms:
         return "rejected", request_id, tenant_id, "EXPIRED", "DEADLINE_EXCEEDED"
     raise ValueError(f"{request_id!r} is a valid request, not poison")
 
@@ -565,7 +570,7 @@ def poison_corpus(
 ) -> list[PoisonEvent]:
     """At least ``n`` poison events over every kind in `GENERATORS`, shuffled; deterministic given
     ``seed`` and ``now_ms`` (default: the clock)."""
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now = clock_ms() if now_ms is None else now_ms
     codec = codec or default_codec()
     topics = Topics(settings)
     capped = sum(cap for _, cap in GENERATORS.values() if cap is not None)

@@ -62,6 +62,8 @@ class RenderBatch:
 
 
 class StepHook(Protocol):
+    """What a backend calls between denoising steps: the renderer's progress, preemption and cancellation."""
+
     def __call__(self, done: int, total: int) -> None:
         """Called by the backend after each denoising step; ``done`` = steps finished (1..total).
 
@@ -71,6 +73,8 @@ class StepHook(Protocol):
 
 
 class Backend(Protocol):
+    """A loaded model that renders batches of frames; ``name`` is the model it serves."""
+
     name: str
 
     def render(self, batch: RenderBatch, on_step: StepHook | None = None) -> list[numpy.ndarray]:

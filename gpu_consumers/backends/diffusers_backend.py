@@ -58,6 +58,7 @@ class DiffusersBackend:
         self.dtype: torch.dtype = self._pipe.unet.dtype
 
     def max_batch(self) -> int:
+        """The most frames rendered in one pipeline call (``max_batch`` of the model's registry entry)."""
         return self._max_batch
 
     def _pipeline_for(self, scheduler: str | None) -> Any:
@@ -101,6 +102,7 @@ class DiffusersBackend:
         return encode
 
     def render(self, batch: RenderBatch, on_step: StepHook | None = None) -> list[np.ndarray]:
+        """One HxWx3 uint8 RGB array per frame of ``batch``; `RenderOOM` when CUDA runs out of memory."""
         if batch.model != self.name:
             raise ValueError(f"batch is for model {batch.model!r}, this backend serves {self.name!r}")
         pipe = self._pipeline_for(batch.scheduler)

@@ -71,6 +71,7 @@ class SyntheticBackend:
         self._max_batch = max_batch
 
     def max_batch(self) -> int:
+        """The most frames in one call, as configured."""
         return self._max_batch
 
     def batch_cost_ms(self, frames: int) -> float:
@@ -78,6 +79,8 @@ class SyntheticBackend:
         return self.service_ms_per_frame * (1.0 + (frames - 1) * (1.0 - self.batch_efficiency))
 
     def render(self, batch: RenderBatch, on_step: StepHook | None = None) -> list[np.ndarray]:
+        """The placeholder frames of ``batch``, after sleeping its emulated time step by step (``on_step``
+        after each)."""
         total = self.steps if self.steps is not None else batch.steps
         step_seconds = self.batch_cost_ms(len(batch.frames)) / total / 1000.0
         for done in range(1, total + 1):

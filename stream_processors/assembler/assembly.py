@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,8 +23,10 @@ from numpy.typing import NDArray
 from plumbing import tracing
 from plumbing.blobs import BlobStore, StoredBlob, result_prefix
 from plumbing.errors import PermanentError
+from plumbing.metadata import OutputRow
+from schemas.records import Completion, CompletionStatus, FramesRendered, Kind, Output, Timings
 from stream_processors.assembler.metrics import ASSEMBLY, ENCODE, timed
-from stream_processors.assembler.store import FrameRow, moderation_verdict, ms
+from stream_processors.assembler.store import FrameRow, TerminalRow, moderation_verdict, ms
 from stream_processors.assembler.video import decode_png, encode_image, encode_mp4
 
 CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MP4": "video/mp4"}
@@ -32,6 +34,8 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MP4": "mp4"}
 
 
 class Assembler:
+    """Stores a request's final objects from its staged frames (or quarantines them), in a thread pool."""
+
     def __init__(
         self, blobs: BlobStore, results_bucket: str, quarantine_bucket: str, pool: ThreadPoolExecutor
     ) -> None:
@@ -59,16 +63,17 @@ class Assembler:
     @tracing.step("assembler.assemble")
     def assemble(
         self,
-        request: dict[str, Any],
+        request: FramesRendered,
         frames: Sequence[FrameRow],
         pixels: Sequence[NDArray[np.uint8]] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Store the final objects of ``request`` (a FramesRendered record) and describe them; a video is
-        encoded from ``pixels`` (the frames already decoded, in order) when given."""
+    ) -> list[OutputRow]:
+        """Store the final objects of ``request`` (the FramesRendered record that completed it) and
+        describe them as the row stores them; a video is encoded from ``pixels`` (the frames already
+        decoded, in order) when given."""
         ordered = sorted(frames, key=lambda f: f.frame_index)
-        prefix = result_prefix(request["tenant_id"], request["request_id"], request["created_at"])
-        fmt = request["output_format"]
-        if request["kind"] == "VIDEO":
+        prefix = result_prefix(request.tenant_id, request.request_id, request.created_at)
+        fmt = request.output_format
+        if request.kind == "VIDEO":
             return timed(ASSEMBLY, lambda: [self._video(request, ordered, prefix, pixels)], "video")
         return timed(
             ASSEMBLY,
@@ -76,10 +81,10 @@ class Assembler:
             "image",
         )
 
-    def quarantine(self, request: dict[str, Any], frames: Sequence[FrameRow]) -> str:
+    def quarantine(self, request: FramesRendered, frames: Sequence[FrameRow]) -> str:
         """Copy the staged frames of a blocked request to the quarantine bucket (server-side, same keys
         on a second try); return the ``s3://`` prefix that holds them."""
-        prefix = result_prefix(request["tenant_id"], request["request_id"], request["created_at"])
+        prefix = result_prefix(request.tenant_id, request.request_id, request.created_at)
 
         def copy(f: FrameRow) -> None:
             staged = StoredBlob(f.bucket, f.key, f.sha256, f.bytes)
@@ -89,7 +94,7 @@ class Assembler:
         list(self.pool.map(copy, frames))
         return f"s3://{self.quarantine_bucket}/{prefix}"
 
-    def _image(self, request: dict[str, Any], frame: FrameRow, prefix: str, fmt: str) -> dict[str, Any]:
+    def _image(self, request: FramesRendered, frame: FrameRow, prefix: str, fmt: str) -> OutputRow:
         key = f"{prefix}image-{frame.frame_index}.{EXTENSIONS[fmt]}"
         staged = StoredBlob(frame.bucket, frame.key, frame.sha256, frame.bytes)
         if fmt == "PNG":
@@ -98,83 +103,85 @@ class Assembler:
             pixels = decode_png(self.blobs.get(frame.bucket, frame.key))
             data = timed(ENCODE, lambda: encode_image(pixels, fmt))
             stored = self.blobs.put(self.bucket, key, data, CONTENT_TYPES[fmt])
-        return {
-            "kind": "IMAGE",
-            "bucket": stored.bucket,
-            "key": stored.key,
-            "content_type": CONTENT_TYPES[fmt],
-            "bytes": stored.bytes,
-            "sha256": stored.sha256,
-            "width": request["width"],
-            "height": request["height"],
-            "duration_ms": None,
-            "frames": None,
-            "fps": None,
-        }
+        return OutputRow(
+            "IMAGE",
+            stored.bucket,
+            stored.key,
+            CONTENT_TYPES[fmt],
+            stored.bytes,
+            stored.sha256,
+            request.width,
+            request.height,
+        )
 
     def _video(
         self,
-        request: dict[str, Any],
+        request: FramesRendered,
         frames: Sequence[FrameRow],
         prefix: str,
         pixels: Sequence[NDArray[np.uint8]] | None,
-    ) -> dict[str, Any]:
+    ) -> OutputRow:
         pixels = list(pixels) if pixels is not None else self.pixels(frames)
-        fps = int(request["fps"])
+        assert request.fps is not None, "a VIDEO request has fps (the gatekeeper validated it)"
+        fps = int(request.fps)
         data = timed(ENCODE, lambda: encode_mp4(pixels, fps))
         stored = self.blobs.put(self.bucket, f"{prefix}video.mp4", data, CONTENT_TYPES["MP4"])
-        return {
-            "kind": "VIDEO",
-            "bucket": stored.bucket,
-            "key": stored.key,
-            "content_type": CONTENT_TYPES["MP4"],
-            "bytes": stored.bytes,
-            "sha256": stored.sha256,
-            "width": request["width"],
-            "height": request["height"],
-            "duration_ms": round(len(frames) * 1000 / fps),
-            "frames": len(frames),
-            "fps": fps,
-        }
+        return OutputRow(
+            "VIDEO",
+            stored.bucket,
+            stored.key,
+            CONTENT_TYPES["MP4"],
+            stored.bytes,
+            stored.sha256,
+            request.width,
+            request.height,
+            duration_ms=round(len(frames) * 1000 / fps),
+            frames=len(frames),
+            fps=fps,
+        )
 
 
-def completion_from_row(row: Any, blobs: BlobStore, presign_ttl_s: int) -> dict[str, Any]:
-    """The Completion record of a terminal row, with fresh presigned URLs."""
+def completion_from_row(
+    row: TerminalRow, blobs: BlobStore, presign_ttl_s: int, webhook_url: str | None = None
+) -> Completion:
+    """The Completion of a terminal row, with fresh presigned URLs; ``webhook_url`` is the request's (from
+    the input that decided it), for the webhook stage."""
     outputs = []
     for out in row.outputs or []:
         url, expires_at = blobs.presign(out.bucket, out.key, presign_ttl_s)
         outputs.append(
-            {
-                "kind": out.kind,
-                "uri": f"s3://{out.bucket}/{out.key}",
-                "presigned_url": url,
-                "presigned_expires_at": expires_at,
-                "content_type": out.content_type,
-                "bytes": out.bytes,
-                "sha256": out.sha256 or "",
-                "width": out.width,
-                "height": out.height,
-                "duration_ms": out.duration_ms,
-                "frames": out.frames,
-                "fps": out.fps,
-            }
+            Output(
+                kind=cast(Kind, out.kind),
+                uri=f"s3://{out.bucket}/{out.key}",
+                presigned_url=url,
+                presigned_expires_at=expires_at,
+                content_type=out.content_type,
+                bytes=out.bytes,
+                sha256=out.sha256 or "",
+                width=out.width,
+                height=out.height,
+                duration_ms=out.duration_ms,
+                frames=out.frames,
+                fps=out.fps,
+            )
         )
-    return {
-        "request_id": row.request_id,
-        "tenant_id": row.tenant_id,
-        "status": row.status,
-        "reason_code": row.reason_code,
-        "message": row.message,
-        "retry_after_ms": row.retry_after_ms,
-        "moderation": moderation_verdict(row.moderation),
-        "outputs": outputs,
-        "timings": {
-            "queued_ms": row.queued_ms or 0,
-            "render_ms": row.render_ms or 0,
-            "assemble_ms": row.assemble_ms or 0,
-            "total_ms": row.total_ms or 0,
-        },
-        "labels": dict(row.labels or {}),
-        "created_at": ms(row.created_at),
-        "finished_at": ms(row.finished_at),
-    }
+    return Completion(
+        request_id=row.request_id,
+        tenant_id=row.tenant_id,
+        status=cast(CompletionStatus, row.status),
+        reason_code=row.reason_code,
+        message=row.message,
+        retry_after_ms=row.retry_after_ms,
+        moderation=moderation_verdict(row.moderation),
+        outputs=outputs,
+        timings=Timings(
+            queued_ms=row.queued_ms or 0,
+            render_ms=row.render_ms or 0,
+            assemble_ms=row.assemble_ms or 0,
+            total_ms=row.total_ms or 0,
+        ),
+        labels=dict(row.labels or {}),
+        created_at=ms(row.created_at),
+        finished_at=ms(row.finished_at),
+        webhook_url=webhook_url,
+    )

@@ -24,9 +24,15 @@ TopicPartitionKey = tuple[str, int]
 
 
 class Fetched(Protocol):
-    def topic(self) -> str | None: ...
+    """What the inbox needs of a fetched message (a confluent-kafka ``Message`` has it)."""
 
-    def partition(self) -> int | None: ...
+    def topic(self) -> str | None:
+        """The topic the message was fetched from."""
+        ...
+
+    def partition(self) -> int | None:
+        """The partition the message was fetched from."""
+        ...
 
 
 M = TypeVar("M", bound=Fetched)
@@ -44,6 +50,7 @@ class Inbox(Generic[M]):
         return sum(len(q) for q in self.queues.values())
 
     def add(self, messages: Iterable[M]) -> None:
+        """Queue fetched ``messages`` behind what waits for their partitions, in the order given."""
         for msg in messages:
             key = (msg.topic() or "", msg.partition() or 0)
             self.queues.setdefault(key, collections.deque()).append(msg)

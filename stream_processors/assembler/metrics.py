@@ -19,12 +19,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import Counter, Histogram
 
 from plumbing.observability import LATENCY_BUCKETS, PRIORITY_LABELS, Readiness, enabled
-from stream_processors.assembler.store import ms
+from stream_processors.assembler.store import TerminalRow, ms
+
+if TYPE_CHECKING:
+    from stream_processors.assembler.sink import Sink
 
 FRAMES = Counter("aigc_assembler_frames", "Frames announced to the sink by FramesRendered records")
 ASSEMBLY = Histogram(
@@ -59,14 +62,15 @@ class SinkMetrics:
         self.pending: list[tuple[str, str, float | None]] = []
 
     def frames(self, count: int) -> None:
+        """Count ``count`` frames announced by one FramesRendered record."""
         if enabled():
             FRAMES.inc(count)
 
-    def published(self, row: Any) -> None:
+    def published(self, row: TerminalRow) -> None:
         """The Completion of terminal ``row`` goes out in the open transaction."""
         if not enabled():
             return
-        priority = row.priority if getattr(row, "priority", None) in PRIORITY_LABELS else ""
+        priority = row.priority if row.priority in PRIORITY_LABELS else ""
         status = row.status if row.status in STATUSES else "other"
         created, finished = ms(row.created_at), ms(row.finished_at)
         e2e = (finished - created) / 1000 if created and finished and finished >= created else None
@@ -74,6 +78,7 @@ class SinkMetrics:
             self.pending.append((status, priority, e2e))
 
     def committed(self) -> None:
+        """The open transaction committed: count the Completions it published."""
         with self.lock:
             pending, self.pending = self.pending, []
         for status, priority, e2e in pending:
@@ -82,6 +87,7 @@ class SinkMetrics:
                 E2E.labels(priority).observe(e2e)
 
     def aborted(self) -> None:
+        """The open transaction aborted: forget its Completions (the batch publishes them again)."""
         with self.lock:
             self.pending = []
 
@@ -96,7 +102,7 @@ def timed(histogram: Histogram, call: Callable[[], T], *labels: str) -> T:
     return result
 
 
-def observe(readiness: Readiness, sink: Any) -> None:
+def observe(readiness: Readiness, sink: Sink) -> None:
     """Mark what a built sink has (Cassandra, the detector) and probe the results bucket."""
     readiness.require(*READINESS)
     readiness.mark("cassandra")

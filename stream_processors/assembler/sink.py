@@ -39,24 +39,27 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TypeVar
 
-from cassandra.cluster import ResponseFuture
+from cassandra.cluster import Cluster, ResponseFuture, Session
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from plumbing import tracing
+from plumbing.backoff import Backoff
 from plumbing.blobs import BlobStore
 from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.errors import DecodeError, classify
-from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
+from plumbing.headers import REPLY_TOPIC, Outgoing, continue_headers
 from plumbing.kafka_clients import consume_available, header_map, make_consumer, make_producer
 from plumbing.log_format import bind_message
-from plumbing.metadata import connect, register_types
+from plumbing.metadata import OutputRow, connect, connect_when_up, register_types
 from plumbing.observability import Readiness, serve
 from plumbing.output_check import REASON_CODE, NudeNetDetector, OutputCheck, OutputVerdict
 from plumbing.output_check import from_record as output_check_from_record
@@ -64,35 +67,39 @@ from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.shutdown import stop_on_signals
 from plumbing.topics import PRIORITIES, Stage, Topics
+from plumbing.validation import ID_PATTERN
 from plumbing.watchdog import Watchdog
 from schemas.codec import default_codec
-from schemas.validation import ID_PATTERN
+from schemas.records import Completion, FramesRendered, ModerationVerdict, Progress, Record, StatusEvent
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.inbox import Inbox
 from stream_processors.assembler.metrics import READINESS, SinkMetrics, observe
 from stream_processors.assembler.store import (
     AssemblyStore,
     FrameRow,
-    as_values,
+    TerminalRow,
     moderation_row,
-    output_rows,
     ts,
 )
 
 log = logging.getLogger(__name__)
 TOPIC_REFRESH_S = 30.0
-MAX_BACKOFF_S = 10.0
-TXN_CALL_S = 30.0  # timeout of each transactional call
-TXN_CALL_MARGIN_S = 30.0  # how long past it a call may block before the process ends
-Out = tuple[str, bytes | None, bytes, Headers]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+# The pause before fetching a failed batch again: 0.4 s after the first failure in a row, doubling to 10 s.
+BATCH_BACKOFF = Backoff(first_s=0.4, max_s=10.0)
+# Timeout of each transactional call; one that times out (retriable) is made again, so this bounds only how
+# long a call waits before it is asked again, not how long the sink retries.
+TXN_CALL_S = 10.0
+# How long past its timeout a call may block before the process ends: librdkafka #5511's hang (see `_call`)
+# costs this plus TXN_CALL_S of completions (60 s with 30 + 30, in a broker-kill run on the 3-broker cluster).
+TXN_CALL_MARGIN_S = 10.0
+R = TypeVar("R", bound=Record)
 
 
 class Sink:
-    def __init__(self, settings: Settings) -> None:
+    """The assembler sink: consumes frames and decisions, publishes each request's one Completion."""
+
+    def __init__(self, settings: Settings, cassandra: tuple[Cluster, Session] | None = None) -> None:
+        """``cassandra``: a connection made already (`run` waits for Cassandra); else one is made here."""
         conf = settings.assembler
         self.settings = settings
         self.topics = Topics(settings)
@@ -112,7 +119,7 @@ class Sink:
             },
         )
         counts = CallCounts.when_on(settings.call_counts_dir)
-        self.cluster, session = connect(settings.cassandra)
+        self.cluster, session = cassandra or connect(settings.cassandra)
         if counts is not None:
             counts.count_cql(session)
         register_types(self.cluster, settings.cassandra.keyspace)
@@ -138,10 +145,10 @@ class Sink:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
+        """Consume and handle batches until ``stop`` is set; the batch in hand is finished first."""
         conf = self.settings.assembler
         self.cancellations.start()
-        with self.watchdog.limit(TXN_CALL_S + TXN_CALL_MARGIN_S):
-            self.producer.init_transactions(TXN_CALL_S)
+        self._call(partial(self.producer.init_transactions, TXN_CALL_S), stop)
         inputs = self.topics.sink_inputs()
         self.consumer.subscribe(inputs, on_revoke=self._lose, on_lost=self._lose)
         log.info("assembler consuming %s", ", ".join(inputs))
@@ -209,8 +216,13 @@ class Sink:
         ever), and partitions that moved to another sink in the meantime are simply not fetched again."""
         self.producer.begin_transaction()
         try:
-            for topic, key, value, headers in self.handle(batch):
-                self.producer.produce(topic, value, key, headers=headers)
+            for out in self.handle(batch):
+                if out.partition is None:
+                    self.producer.produce(out.topic, out.value, out.key, headers=out.headers)
+                else:
+                    self.producer.produce(
+                        out.topic, out.value, out.key, partition=out.partition, headers=out.headers
+                    )
             group = self.consumer.consumer_group_metadata()
             send_offsets = self.producer.send_offsets_to_transaction
             ends = [TopicPartition(t, p, end) for (t, p), (_, end) in _offset_ranges(batch).items()]
@@ -226,7 +238,7 @@ class Sink:
             self._call(partial(self.producer.abort_transaction, TXN_CALL_S), stop)
             self.metrics.aborted()
             self.failures += 1
-            delay = min(MAX_BACKOFF_S, 0.2 * 2**self.failures)
+            delay = BATCH_BACKOFF.delay_s(self.failures)
             log.warning(
                 "batch of %d failed (%s, failure %d in a row); fetching it again in %.1f s: %s",
                 len(batch),
@@ -277,7 +289,7 @@ class Sink:
                 log.warning("%s; calling again", error.str())
 
     # -- one batch --------------------------------------------------------------------------------
-    def handle(self, batch: Iterable[Message]) -> list[Out]:
+    def handle(self, batch: Iterable[Message]) -> list[Outgoing]:
         """The outputs of a batch. The batch's requests are handled concurrently (each request's messages
         in order, by one worker); deferred chores (index rows, staged-frame deletions) are done once for
         the batch, before its transaction commits. A message that fails is routed (retry topic or dead
@@ -296,23 +308,15 @@ class Sink:
     @tracing.spanned(
         "assembler.request", lambda _self, messages, _chores: messages[0].headers(), outcome="COLLECTED"
     )
-    def _handle_request(self, messages: list[Message], chores: Chores) -> list[Out]:
-        outputs: list[Out] = []
+    def _handle_request(self, messages: list[Message], chores: Chores) -> list[Outgoing]:
+        outputs: list[Outgoing] = []
         for msg in messages:
             original = Original.of(msg)
             bind_message(original.headers)
-            record: dict[str, Any] | None = None
+            record: Record | None = None
             try:
-                name, record = self.codec.decode_any(msg.value(), None)
-                expected = "FramesRendered" if original.topic in self.frames_topics else "Completion"
-                if name != expected:
-                    raise DecodeError(
-                        f"expected {expected} on {original.topic}, got {name}", code="WRONG_SCHEMA"
-                    )
-                if name == "Completion":
-                    outputs += self._decision(record, msg, original.origin, chores)
-                else:
-                    outputs += self._frames(record, msg, original.origin, chores)
+                record = self.codec.read_any(msg.value())
+                outputs += self._handle(record, msg, original, chores)
             except Exception as exc:
                 routed = route_failure(
                     self.codec,
@@ -322,102 +326,118 @@ class Sink:
                     original,
                     exc,
                     now_ms(),
-                    record.get("request_id") if record else None,
-                    record.get("tenant_id") if record else None,
+                    getattr(record, "request_id", None),
+                    getattr(record, "tenant_id", None),
                 )  # raises exc again when it is unknown
                 if routed is None:
                     raise  # back-pressure: the batch is fetched again after a pause
                 log.warning(
                     "%s %s: %s", "dead-lettered" if routed.dead else "retrying", original.coordinates, exc
                 )
-                outputs.append((routed.topic, routed.key, routed.value, routed.headers))
+                outputs.append(Outgoing(routed.topic, routed.key, routed.value, routed.headers))
         return outputs
 
-    def _decision(self, completion: dict[str, Any], msg: Message, origin: str, chores: Chores) -> list[Out]:
-        """Record a decision made before rendering and publish it, once."""
-        moderation = completion.get("moderation")
-        values = {
-            "request_id": completion["request_id"],
-            "tenant_id": completion["tenant_id"],
-            "status": completion["status"],
-            "reason_code": completion.get("reason_code"),
-            "message": completion.get("message"),
-            "retry_after_ms": completion.get("retry_after_ms"),
-            "moderation": moderation_row(moderation),
-            "outputs": [],
-            "queued_ms": 0,
-            "render_ms": 0,
-            "assemble_ms": 0,
-            "total_ms": completion["timings"]["total_ms"],
-            "labels": completion.get("labels") or {},
-            "created_at": ts(completion.get("created_at") or None),
-            "finished_at": ts(completion["finished_at"]),
-            "decided_by": origin,
-            "kind": None,
-            "model": None,
-        }
+    def _handle(self, record: Record, msg: Message, original: Original, chores: Chores) -> list[Outgoing]:
+        """The outputs of one decoded input: a FramesRendered on a frames topic, else a Completion decided
+        before rendering (its reply topic in a header)."""
+        if original.topic in self.frames_topics:
+            fr = _expect(record, FramesRendered, original.topic)
+            return self._frames(fr, Input(msg, original.origin, chores, fr.reply_topic, fr.webhook_url))
+        completion = _expect(record, Completion, original.topic)
         reply = header_map(msg).get(REPLY_TOPIC)
-        return self._finish(values, msg, origin, reply.decode() if reply else None, chores)
+        source = Input(
+            msg, original.origin, chores, reply.decode() if reply else None, completion.webhook_url
+        )
+        return self._decision(completion, source)
 
-    def _frames(self, fr: dict[str, Any], msg: Message, origin: str, chores: Chores) -> list[Out]:
-        request_id = fr["request_id"]
-        tracing.annotate(priority=fr["priority"], frames_outcome=fr["outcome"])
-        if fr["outcome"] != "RENDERED":
-            values = self._values(fr, origin, fr["outcome"], fr.get("reason_code"), fr.get("message"), [], [])
-            return self._finish(values, msg, origin, fr.get("reply_topic"), chores)
+    def _decision(self, completion: Completion, source: Input) -> list[Outgoing]:
+        """Record a decision made before rendering and publish it, once."""
+        row = TerminalRow(
+            request_id=completion.request_id,
+            tenant_id=completion.tenant_id,
+            status=completion.status,
+            reason_code=completion.reason_code,
+            message=completion.message,
+            retry_after_ms=completion.retry_after_ms,
+            moderation=moderation_row(completion.moderation),
+            outputs=[],
+            queued_ms=0,
+            render_ms=0,
+            assemble_ms=0,
+            total_ms=completion.timings.total_ms,
+            labels=completion.labels or {},
+            created_at=ts(completion.created_at or None),
+            finished_at=ts(completion.finished_at),
+            decided_by=source.origin,
+        )
+        return self._finish(row, source)
+
+    def _frames(self, fr: FramesRendered, source: Input) -> list[Outgoing]:
+        """Record what a renderer did with one task; once every frame is in (or the request is decided
+        otherwise: a task that did not render, an output block, a cancellation), write the terminal row
+        and publish the Completion."""
+        request_id = fr.request_id
+        tracing.annotate(priority=fr.priority, frames_outcome=fr.outcome)
+        if fr.outcome != "RENDERED":
+            row = self._row(fr, source.origin, fr.outcome, fr.reason_code, fr.message, [], [])
+            return self._finish(row, source)
+        per_frame_ms = fr.render_ms // max(1, len(fr.blobs))
         arrived = [
             FrameRow(
-                b["frame_index"],
-                fr["task_id"],
-                b["bucket"],
-                b["key"],
-                b["sha256"],
-                b["bytes"],
-                fr["render_ms"] // max(1, len(fr["blobs"])),
-                fr["started_at"],
-                fr["finished_at"],
+                b.frame_index,
+                fr.task_id,
+                b.bucket,
+                b.key,
+                b.sha256,
+                b.bytes,
+                per_frame_ms,
+                fr.started_at,
+                fr.finished_at,
             )
-            for b in fr["blobs"]
+            for b in fr.blobs
         ]
         self.metrics.frames(len(arrived))
-        row = self.store.terminal(request_id)
-        if row is not None:
-            # Finished already. Its staged frames may be gone (deleted before an aborted commit), so
-            # nothing is assembled again: if this very input decided it, its transaction never
-            # committed and it publishes the stored result again; any other input is surplus.
-            chores.delete(f.key for f in [*arrived, *self.store.frames(request_id)])
-            if row.decided_by != origin:
-                return []
-            self._index(as_values(row), chores)
-            return self._publish(row, msg, fr.get("reply_topic"))
+        stored = self.store.terminal(request_id)
+        if stored is not None:
+            return self._finished_already(stored, arrived, source)
         # One message carrying every frame (any one-task request) needs no bookkeeping in the frames table.
-        whole = len({f.frame_index for f in arrived}) == fr["frame_count"]
+        whole = len({f.frame_index for f in arrived}) == fr.frame_count
         blocked = self._output_check(fr, arrived)
         if blocked is not None:  # no need to wait for the other tasks' frames: the request is decided
             so_far = arrived if whole else [*self.store.frames(request_id), *arrived]
-            return [self._status(fr, msg), *self._blocked(fr, so_far, *blocked, msg, origin, chores)]
+            return [self._status(fr, source.msg), *self._blocked(fr, so_far, *blocked, source)]
         if not whole:
             self.store.add_frames(request_id, arrived)
         frames = arrived if whole else self.store.frames(request_id)
-        if len({f.frame_index for f in frames}) < fr["frame_count"]:
+        if len({f.frame_index for f in frames}) < fr.frame_count:
             return []
-        if self.cancellations.is_cancelled(request_id, fr["tenant_id"]):
+        if self.cancellations.is_cancelled(request_id, fr.tenant_id):
             reason = self.cancellations.reason(request_id) or "cancelled by its owner"
-            values = self._values(fr, origin, "CANCELLED", "CANCELLED", reason, [], frames)
-            return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
-        out = [self._status(fr, msg)]
+            row = self._row(fr, source.origin, "CANCELLED", "CANCELLED", reason, [], frames)
+            return self._finish(row, source, staged=frames)
+        out = [self._status(fr, source.msg)]
         outputs = self.assembler.assemble(fr, frames)
-        values = self._values(fr, origin, "SUCCEEDED", None, None, outputs, frames)
-        return out + self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+        row = self._row(fr, source.origin, "SUCCEEDED", None, None, outputs, frames)
+        return out + self._finish(row, source, staged=frames)
+
+    def _finished_already(self, row: TerminalRow, arrived: list[FrameRow], source: Input) -> list[Outgoing]:
+        """Frames for a request that is finished already. Its staged frames may be gone (deleted before an
+        aborted commit), so nothing is assembled again: if this very input decided it, its transaction
+        never committed and it publishes the stored result again; any other input is surplus."""
+        source.chores.delete(f.key for f in [*arrived, *self.store.frames(row.request_id)])
+        if row.decided_by != source.origin:
+            return []
+        self._index(row, source.chores)
+        return self._publish(row, source)
 
     def _output_check(
-        self, fr: dict[str, Any], arrived: list[FrameRow]
-    ) -> tuple[OutputVerdict, dict[str, Any]] | None:
+        self, fr: FramesRendered, arrived: list[FrameRow]
+    ) -> tuple[OutputVerdict, ModerationVerdict] | None:
         """Whether ``fr``'s frames may be published: the renderer's check when it made one, else (output
         check on) the sink's own on the staged frames; None to publish, else the verdict (its
         ``frame_index`` the frame's index in the request) and its ModerationVerdict record."""
-        if fr.get("output_check") is not None:
-            return output_check_from_record(fr["output_check"])
+        if fr.output_check is not None:
+            return output_check_from_record(fr.output_check)
         conf = self.settings.output_check
         if not conf.enabled:
             return None
@@ -432,117 +452,114 @@ class Sink:
 
     def _blocked(
         self,
-        fr: dict[str, Any],
+        fr: FramesRendered,
         frames: list[FrameRow],
         verdict: OutputVerdict,
-        moderation: dict[str, Any],
-        msg: Message,
-        origin: str,
-        chores: Chores,
-    ) -> list[Out]:
+        moderation: ModerationVerdict,
+        source: Input,
+    ) -> list[Outgoing]:
         """Quarantine the frames so far of a request whose output moderation blocked, and end it REJECTED
         with the verdict."""
         where = self.assembler.quarantine(fr, frames)
-        message = verdict.message(fr["kind"])
-        values = self._values(fr, origin, "REJECTED", REASON_CODE, message, [], frames)
-        values["moderation"] = moderation_row(
+        message = verdict.message(fr.kind)
+        row = self._row(fr, source.origin, "REJECTED", REASON_CODE, message, [], frames)
+        row.moderation = moderation_row(
             moderation,
             frame_index=str(verdict.frame_index),
             threshold=repr(verdict.threshold),
             quarantine=where,
         )
-        log.warning("%s: %s; frames quarantined in %s", fr["request_id"], message, where)
-        return self._finish(values, msg, origin, fr.get("reply_topic"), chores, staged=frames)
+        log.warning("%s: %s; frames quarantined in %s", fr.request_id, message, where)
+        return self._finish(row, source, staged=frames)
 
-    def _values(
+    def _row(
         self,
-        fr: dict[str, Any],
+        fr: FramesRendered,
         origin: str,
         status: str,
         reason: str | None,
         message: str | None,
-        outputs: list[dict[str, Any]],
+        outputs: list[OutputRow],
         frames: list[FrameRow],
-    ) -> dict[str, Any]:
+    ) -> TerminalRow:
+        """The terminal row of ``fr``'s request ending with ``status`` now, decided by ``origin``."""
         finished = now_ms()
-        started = min((f.started_at for f in frames), default=fr["started_at"])
+        started = min((f.started_at for f in frames), default=fr.started_at)
         last_frame = max((f.rendered_at for f in frames), default=finished)
-        return {
-            "request_id": fr["request_id"],
-            "tenant_id": fr["tenant_id"],
-            "kind": fr["kind"],
-            "priority": fr["priority"],
-            "model": fr["model"],
-            "prompt": fr["prompt"],
-            "prompt_end": fr["prompt_end"],
-            "negative_prompt": fr["negative_prompt"],
-            "width": fr["width"],
-            "height": fr["height"],
-            "steps": fr["steps"],
-            "guidance_scale": fr["guidance_scale"],
-            "scheduler": fr["scheduler"],
-            "seed": fr["seed"],
-            "frame_count": fr["frame_count"],
-            "fps": fr["fps"],
-            "output_format": fr["output_format"],
-            "labels": fr["labels"],
-            "status": status,
-            "reason_code": reason,
-            "message": message,
-            "retry_after_ms": None,
-            "moderation": None,
-            "outputs": output_rows(outputs),
-            "queued_ms": max(0, started - fr["accepted_at"]) if frames else 0,
-            "render_ms": sum(f.render_ms for f in frames),
-            "assemble_ms": max(0, finished - last_frame) if frames else 0,
-            "total_ms": max(0, finished - fr["created_at"]),
-            "created_at": ts(fr["created_at"]),
-            "accepted_at": ts(fr["accepted_at"]),
-            "finished_at": ts(finished),
-            "decided_by": origin,
-        }
+        return TerminalRow(
+            request_id=fr.request_id,
+            tenant_id=fr.tenant_id,
+            kind=fr.kind,
+            priority=fr.priority,
+            model=fr.model,
+            prompt=fr.prompt,
+            prompt_end=fr.prompt_end,
+            negative_prompt=fr.negative_prompt,
+            width=fr.width,
+            height=fr.height,
+            steps=fr.steps,
+            guidance_scale=fr.guidance_scale,
+            scheduler=fr.scheduler,
+            seed=fr.seed,
+            frame_count=fr.frame_count,
+            fps=fr.fps,
+            output_format=fr.output_format,
+            labels=fr.labels,
+            status=status,
+            reason_code=reason,
+            message=message,
+            outputs=outputs,
+            queued_ms=max(0, started - fr.accepted_at) if frames else 0,
+            render_ms=sum(f.render_ms for f in frames),
+            assemble_ms=max(0, finished - last_frame) if frames else 0,
+            total_ms=max(0, finished - fr.created_at),
+            created_at=ts(fr.created_at),
+            accepted_at=ts(fr.accepted_at),
+            finished_at=ts(finished),
+            decided_by=origin,
+        )
 
     def _finish(
-        self,
-        values: dict[str, Any],
-        msg: Message,
-        origin: str,
-        reply_topic: str | None,
-        chores: Chores,
-        staged: list[FrameRow] | None = None,
-    ) -> list[Out]:
-        written = self.store.write_terminal(values)
+        self, row: TerminalRow, source: Input, staged: list[FrameRow] | None = None
+    ) -> list[Outgoing]:
+        """Write ``row`` once and publish the Completion of the row that holds the request's state, unless
+        another input decided it. ``staged``: the request's staged frames, when already read."""
+        written = self.store.write_terminal(row)
         # Whoever decided, the request is finished now: its staged frames have served their purpose.
-        chores.delete(
-            f.key for f in (staged if staged is not None else self.store.frames(values["request_id"]))
+        source.chores.delete(
+            f.key for f in (staged if staged is not None else self.store.frames(row.request_id))
         )
-        if not written.applied and written.row.decided_by != origin:
+        if not written.applied and written.row.decided_by != source.origin:
             log.info(
-                "%s is already %s; %s publishes nothing", values["request_id"], written.row.status, origin
+                "%s is already %s; %s publishes nothing", row.request_id, written.row.status, source.origin
             )
             return []
         # Written now, or by this input before its transaction aborted (then the index row may be missing).
-        self._index(values, chores)
-        return self._publish(written.row, msg, reply_topic)
+        self._index(row, source.chores)
+        return self._publish(written.row, source)
 
-    def _index(self, values: Mapping[str, Any], chores: Chores) -> None:
+    def _index(self, row: TerminalRow, chores: Chores) -> None:
         """The tenant's history row (an idempotent insert); a rejected request's tenant may be any string,
         and the history lists valid tenants only."""
-        if ID_PATTERN.fullmatch(values["tenant_id"] or ""):
-            chores.write(self.store.index_by_tenant_async(values))
+        if ID_PATTERN.fullmatch(row.tenant_id or ""):
+            chores.write(self.store.index_by_tenant_async(row))
 
     @tracing.step("assembler.publish")
-    def _publish(self, row: Any, msg: Message, reply_topic: str | None) -> list[Out]:
-        """The Completion of a terminal row, for the completions topic and the request's reply topic."""
+    def _publish(self, row: TerminalRow, source: Input) -> list[Outgoing]:
+        """The Completion of a terminal row, for the completions topic and the request's reply topic; it
+        carries the request's webhook_url (from the input that decided it) for webhook delivery."""
         tracing.annotate(outcome=row.status)
-        completion = completion_from_row(row, self.blobs, self.settings.s3.presign_ttl_s)
+        completion = completion_from_row(
+            row, self.blobs, self.settings.s3.presign_ttl_s, webhook_url=source.webhook_url
+        )
         self.metrics.published(row)
-        value = self.codec.encode("Completion", completion)
-        headers = continue_headers(header_map(msg), row.request_id, row.tenant_id)
+        value = self.codec.write(completion)
+        headers = continue_headers(header_map(source.msg), row.request_id, row.tenant_id)
         key = row.request_id.encode()
-        out: list[Out] = [(self.topics.completions, key, value, headers)]
+        out = [Outgoing(self.topics.completions, key, value, headers)]
+        reply_topic = source.reply_topic
         if reply_topic and self._topic_exists(reply_topic):
-            out.append((reply_topic, key, value, headers))
+            out.append(Outgoing(reply_topic, key, value, headers))
         elif reply_topic:
             log.warning(
                 "reply topic %s of %s does not exist; the completion went to %s only",
@@ -552,26 +569,25 @@ class Sink:
             )
         return out
 
-    def _status(self, fr: dict[str, Any], msg: Message) -> Out:
-        record = {
-            "request_id": fr["request_id"],
-            "tenant_id": fr["tenant_id"],
-            "stage": Stage.ASSEMBLER.value,
-            "state": "ASSEMBLING",
-            "progress": {"done": fr["frame_count"], "total": fr["frame_count"], "request_total": 0},
-            "task_id": None,
-            "worker_id": None,
-            "message": None,
-            "at": now_ms(),
-        }
-        return (
+    def _status(self, fr: FramesRendered, msg: Message) -> Outgoing:
+        """The ASSEMBLING status event of ``fr``'s request: all its frames are in."""
+        event = StatusEvent(
+            request_id=fr.request_id,
+            tenant_id=fr.tenant_id,
+            stage=Stage.ASSEMBLER.value,
+            state="ASSEMBLING",
+            progress=Progress(done=fr.frame_count, total=fr.frame_count, request_total=0),
+            at=now_ms(),
+        )
+        return Outgoing(
             self.topics.status,
-            fr["request_id"].encode(),
-            self.codec.encode("StatusEvent", record),
-            continue_headers(header_map(msg), fr["request_id"], fr["tenant_id"]),
+            fr.request_id.encode(),
+            self.codec.write(event),
+            continue_headers(header_map(msg), fr.request_id, fr.tenant_id),
         )
 
     def _topic_exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists (the broker's topic list, asked again when it is unknown or stale)."""
         if topic not in self._topics_seen or time.monotonic() - self._topics_checked_at > TOPIC_REFRESH_S:
             self._topics_seen = set(self.producer.list_topics(timeout=10).topics)
             self._topics_checked_at = time.monotonic()
@@ -588,18 +604,39 @@ class Chores:
         self.futures: list[ResponseFuture] = []
 
     def delete(self, keys: Iterable[str]) -> None:
+        """Delete the staged objects ``keys`` when the batch finishes."""
         with self.lock:
             self.keys.extend(keys)
 
     def write(self, future: ResponseFuture) -> None:
+        """Wait for the write ``future`` before the batch commits."""
         with self.lock:
             self.futures.append(future)
 
     def finish(self, blobs: BlobStore, bucket: str) -> None:
+        """Wait for every deferred write, then delete the staged objects from ``bucket``."""
         for future in self.futures:
             future.result()
         if self.keys:
             blobs.delete(bucket, self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One consumed message in hand: what deciding its request and publishing the Completion need."""
+
+    msg: Message
+    origin: str  # topic:partition:offset where it was first consumed: the terminal row's decided_by
+    chores: Chores
+    reply_topic: str | None  # the request's reply topic, where the Completion also goes
+    webhook_url: str | None  # the request's webhook URL, carried in the Completion
+
+
+def _expect(record: Record, cls: type[R], topic: str) -> R:
+    """``record`` as a ``cls`` record; `DecodeError` (WRONG_SCHEMA) when ``topic`` carried another one."""
+    if not isinstance(record, cls):
+        raise DecodeError(f"expected {cls.SCHEMA} on {topic}, got {record.SCHEMA}", code="WRONG_SCHEMA")
+    return record
 
 
 def _offset_ranges(batch: Iterable[Message]) -> dict[tuple[str, int], tuple[int, int]]:
@@ -617,7 +654,10 @@ def run(settings: Settings) -> None:
     """Run the sink until SIGINT or SIGTERM; the batch in hand is finished first."""
     stop = stop_on_signals()
     obs = serve(settings, Stage.ASSEMBLER.value, *READINESS)
-    sink = Sink(settings)
+    cassandra = connect_when_up(settings.cassandra, stop)
+    if cassandra is None:  # stopped while waiting for Cassandra
+        return
+    sink = Sink(settings, cassandra)
     sink.readiness = obs.readiness
     observe(obs.readiness, sink)
     sink.run(stop)

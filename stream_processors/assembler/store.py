@@ -14,11 +14,12 @@ rejected. The rows this module hands back carry the id as sent again, so the Com
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 from urllib.parse import quote, unquote
 
 from cassandra import ConsistencyLevel, WriteTimeout
@@ -28,45 +29,62 @@ from cassandra.query import BatchStatement, BatchType, SimpleStatement
 from plumbing import tracing
 from plumbing.metadata import OutputRow
 from plumbing.metrics import time_future, timed_storage
+from schemas.records import ModerationVerdict
 
-REQUEST_COLUMNS = (
-    "request_id",
-    "tenant_id",
-    "kind",
-    "priority",
-    "model",
-    "prompt",
-    "prompt_end",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "seed",
-    "frame_count",
-    "fps",
-    "output_format",
-    "labels",
-    "status",
-    "reason_code",
-    "message",
-    "retry_after_ms",
-    "moderation",
-    "outputs",
-    "queued_ms",
-    "render_ms",
-    "assemble_ms",
-    "total_ms",
-    "created_at",
-    "accepted_at",
-    "finished_at",
-    "decided_by",
-)
+
+@dataclass(slots=True, kw_only=True)
+class TerminalRow:
+    """A request's row in the ``requests`` table (infra/cql/002_tables.cql): its terminal state, written
+    once. Fields are in the table's column order; a decision made before rendering leaves the request's
+    own columns (kind, model, prompt, ...) empty."""
+
+    request_id: str
+    tenant_id: str
+    kind: str | None = None
+    priority: str | None = None
+    model: str | None = None
+    prompt: str | None = None
+    prompt_end: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int | None = None
+    frame_count: int | None = None
+    fps: int | None = None
+    output_format: str | None = None
+    labels: dict[str, str] | None = None
+    status: str
+    reason_code: str | None = None
+    message: str | None = None
+    retry_after_ms: int | None = None
+    moderation: dict[str, str] | None = None
+    outputs: list[OutputRow] | None = None
+    queued_ms: int | None = None
+    render_ms: int | None = None
+    assemble_ms: int | None = None
+    total_ms: int | None = None
+    created_at: datetime | None = None
+    accepted_at: datetime | None = None
+    finished_at: datetime | None = None
+    decided_by: str | None = None
+
+    @classmethod
+    def of(cls, row: Any) -> TerminalRow:
+        """The terminal row of a driver row (a SELECT's, or the one a lost ``IF NOT EXISTS`` answers)."""
+        values: dict[str, Any] = {column: getattr(row, column, None) for column in REQUEST_COLUMNS}
+        return cls(**values)
+
+
+REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(TerminalRow))
 
 
 @dataclass(frozen=True)
 class FrameRow:
+    """One staged frame of a request, as the ``frames`` table holds it."""
+
     frame_index: int
     task_id: str
     bucket: str
@@ -80,15 +98,19 @@ class FrameRow:
 
 @dataclass(frozen=True)
 class TerminalWrite:
-    applied: bool
-    row: Any  # the row that holds the terminal state now (ours when applied)
+    """The outcome of a write-once terminal insert."""
+
+    applied: bool  # this call's row won
+    row: TerminalRow  # the row that holds the terminal state now (ours when applied)
 
 
 def ts(epoch_ms: int | None) -> datetime | None:
+    """The Cassandra timestamp of epoch milliseconds (None stays None)."""
     return None if epoch_ms is None else datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
 
 
 def ms(value: datetime | None) -> int:
+    """Epoch milliseconds of a Cassandra timestamp (a naive one is UTC); 0 for none."""
     if value is None:
         return 0
     if value.tzinfo is None:
@@ -97,6 +119,8 @@ def ms(value: datetime | None) -> int:
 
 
 class AssemblyStore:
+    """The sink's prepared statements over the ``frames``, ``requests`` and ``requests_by_tenant`` tables."""
+
     def __init__(self, session: Session, keyspace: str) -> None:
         self.session = session
         ks = keyspace
@@ -153,6 +177,7 @@ class AssemblyStore:
 
     @timed_storage("cassandra", "frames")
     def frames(self, request_id: str) -> list[FrameRow]:
+        """The frames of ``request_id`` recorded so far, in frame order."""
         return [
             FrameRow(
                 r.frame_index,
@@ -169,52 +194,56 @@ class AssemblyStore:
         ]
 
     @timed_storage("cassandra", "terminal")
-    def terminal(self, request_id: str) -> Any:
+    def terminal(self, request_id: str) -> TerminalRow | None:
         """The terminal row of ``request_id``, or None while it is unfinished."""
-        return _as_sent(self.session.execute(self._terminal, (request_id,)).one())
+        row = self.session.execute(self._terminal, (request_id,)).one()
+        return None if row is None else _as_sent(row)
 
     @tracing.step("assembler.store")
     @timed_storage("cassandra", "write_terminal")
-    def write_terminal(self, values: dict[str, Any]) -> TerminalWrite:
+    def write_terminal(self, row: TerminalRow) -> TerminalWrite:
         """Write the terminal row once; tell whether this call won and which row holds the state.
 
         The row stores ``tenant_id`` escaped (`stored_tenant_id`); the rows handed back carry it as sent,
         so the Completion published from them echoes the producer's tenant id exactly."""
-        stored = {**values, "tenant_id": stored_tenant_id(values["tenant_id"])}
-        params = tuple(stored.get(column) for column in REQUEST_COLUMNS)
+        stored = dataclasses.replace(row, tenant_id=stored_tenant_id(row.tenant_id))
+        params = tuple(getattr(stored, column) for column in REQUEST_COLUMNS)
         try:
             result = self.session.execute(self._insert_terminal, params).one()
         except WriteTimeout:
             # Ambiguous: Paxos may have committed our row. A SERIAL read sees any accepted proposal.
-            row = self.session.execute(self._terminal_serial, (values["request_id"],)).one()
-            if row is None:
-                return self.write_terminal(values)  # nothing was accepted: safe to propose again
-            return TerminalWrite(row.decided_by == values["decided_by"], _as_sent(row))
+            found = self.session.execute(self._terminal_serial, (row.request_id,)).one()
+            if found is None:
+                return self.write_terminal(row)  # nothing was accepted: safe to propose again
+            return TerminalWrite(found.decided_by == row.decided_by, _as_sent(found))
         if result.applied:
-            return TerminalWrite(True, _Row(values))
+            return TerminalWrite(True, row)
         return TerminalWrite(False, _as_sent(result))
 
-    def index_by_tenant_async(self, values: Mapping[str, Any]) -> ResponseFuture:
-        created: datetime = values["created_at"] or values["finished_at"]
+    def index_by_tenant_async(self, row: TerminalRow) -> ResponseFuture:
+        """Insert the tenant's history row of ``row`` (idempotent); the future settles when it is written."""
+        created = row.created_at or row.finished_at
+        assert created is not None  # every terminal row has finished_at
         return time_future(
             "cassandra",
             "index_by_tenant",
             self.session.execute_async(
                 self._by_tenant,
                 (
-                    values["tenant_id"],
+                    row.tenant_id,
                     f"{created:%Y-%m}",
                     created,
-                    values["request_id"],
-                    values["kind"],
-                    values["model"],
-                    values["status"],
-                    values["finished_at"],
+                    row.request_id,
+                    row.kind,
+                    row.model,
+                    row.status,
+                    row.finished_at,
                 ),
             ),
         )
 
     def tenant_history(self, keyspace: str, tenant_id: str, month: str, limit: int = 20) -> list[Any]:
+        """The newest ``limit`` history rows of ``tenant_id`` in ``month`` (``YYYY-MM``)."""
         statement = SimpleStatement(
             "SELECT created_at, request_id, kind, model, status, finished_at "
             f"FROM {keyspace}.requests_by_tenant "
@@ -223,6 +252,10 @@ class AssemblyStore:
         return list(self.session.execute(statement, (tenant_id, month, limit)))
 
 
+@overload
+def stored_tenant_id(tenant_id: str) -> str: ...
+@overload
+def stored_tenant_id(tenant_id: None) -> None: ...
 def stored_tenant_id(tenant_id: str | None) -> str | None:
     """``tenant_id`` as the terminal row stores it: every character outside ``[A-Za-z0-9_.~-]``
     percent-encoded as UTF-8 (``urllib.parse.quote`` with nothing safe), so a valid id is unchanged and
@@ -230,83 +263,47 @@ def stored_tenant_id(tenant_id: str | None) -> str | None:
     return None if tenant_id is None else quote(tenant_id, safe="")
 
 
-def _as_sent(row: Any) -> Any:
+def _as_sent(row: Any) -> TerminalRow:
     """A stored row with its tenant id as the producer sent it (``unquote`` of what was stored)."""
-    if row is None or "%" not in (row.tenant_id or ""):
-        return row  # nothing escaped: the common case keeps the driver's row
-    return _Row({**as_values(row), "tenant_id": unquote(row.tenant_id)})
+    terminal = TerminalRow.of(row)
+    if "%" in (terminal.tenant_id or ""):
+        terminal.tenant_id = unquote(terminal.tenant_id)
+    return terminal
 
 
-class _Row:
-    """Attribute access over the values we just wrote, shaped like a driver row."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update({column: values.get(column) for column in REQUEST_COLUMNS})
-
-
-def as_values(row: Any) -> dict[str, Any]:
-    """A terminal row (from the driver, or the values just written) as column -> value."""
-    return {column: getattr(row, column, None) for column in REQUEST_COLUMNS}
-
-
-def output_rows(outputs: Sequence[dict[str, Any]]) -> list[OutputRow]:
-    return [
-        OutputRow(
-            o["kind"],
-            o["bucket"],
-            o["key"],
-            o["content_type"],
-            o["bytes"],
-            o["sha256"],
-            o["width"],
-            o["height"],
-            o.get("duration_ms"),
-            o.get("frames"),
-            o.get("fps"),
-        )
-        for o in outputs
-    ]
-
-
-# The moderation column is a map<text, text>; these fields of a ModerationVerdict are not text.
-_FLOAT_FIELDS = ("score",)
+# The moderation column is a map<text, text>; these fields of a ModerationVerdict are written as JSON.
 _JSON_FIELDS = ("scores",)
 
 
-def moderation_row(verdict: Mapping[str, Any] | None, **extra: str) -> dict[str, str] | None:
+def moderation_row(verdict: ModerationVerdict | None, **extra: str) -> dict[str, str] | None:
     """A ModerationVerdict (plus ``extra`` operator-only entries) as the row's text map: absent values are
     left out, a score is written with repr (exact round trip), scores as JSON."""
-    if not verdict:
+    if verdict is None:
         return None
     row = {}
-    for key, value in verdict.items():
+    for key, value in verdict.to_avro().items():
         if value is None:
             continue
         row[key] = json.dumps(value, sort_keys=True) if key in _JSON_FIELDS else str(value)
     return {**row, **extra}
 
 
-def moderation_verdict(row: Mapping[str, str] | None) -> dict[str, Any] | None:
+def moderation_verdict(row: Mapping[str, str] | None) -> ModerationVerdict | None:
     """The ModerationVerdict record of a row's moderation map (operator-only entries dropped; rows written
     before a field existed get its schema default)."""
     if not row:
         return None
-    verdict: dict[str, Any] = {
-        "category": row.get("category", ""),
-        "policy_version": row.get("policy_version", ""),
-        "source": row.get("source", "policy"),
-        "field": row.get("field", "prompt"),
-        "reason": row.get("reason", ""),
-        "model_version": row.get("model_version"),
-        "score": None,
-        "scores": {},
-    }
-    for key in _FLOAT_FIELDS:
-        if row.get(key) not in (None, "None"):
-            verdict[key] = float(row[key])
-    for key in _JSON_FIELDS:
-        if row.get(key):
-            verdict[key] = {k: float(v) for k, v in json.loads(row[key]).items()}
-    if verdict["model_version"] == "None":  # written by str(None) before this codec existed
-        verdict["model_version"] = None
-    return verdict
+    model_version = row.get("model_version")
+    score = row.get("score")
+    scores = row.get("scores")
+    return ModerationVerdict(
+        category=row.get("category", ""),
+        policy_version=row.get("policy_version", ""),
+        source=row.get("source", "policy"),
+        field=row.get("field", "prompt"),
+        reason=row.get("reason", ""),
+        # "None": written by str(None) before this codec existed
+        model_version=None if model_version == "None" else model_version,
+        score=None if score in (None, "None") else float(score),
+        scores={k: float(v) for k, v in json.loads(scores).items()} if scores else {},
+    )

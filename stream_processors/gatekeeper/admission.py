@@ -28,30 +28,30 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from plumbing.dead_letters import Failure, Original, dead_letter
 from plumbing.errors import DecodeError, ValidationError
-from plumbing.headers import REPLY_TOPIC, Headers, continue_headers
+from plumbing.headers import REPLY_TOPIC, Outgoing, continue_headers
 from plumbing.settings import RequestLimits, Settings, Tier
 from plumbing.topics import Stage, Topics
+from plumbing.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
 from schemas.codec import Codec
-from schemas.validation import FUTURE_SKEW_MS, ID_PATTERN, render_cost, validate_request
+from schemas.records import (
+    Completion,
+    CompletionStatus,
+    GenerationRequest,
+    ModerationVerdict,
+    RequestState,
+    StatusEvent,
+    Timings,
+)
 from stream_processors.gatekeeper import ratelimit
 from stream_processors.gatekeeper.fanout import plan_tasks, task_count
 from stream_processors.gatekeeper.inflight import BUSY_RETRY_AFTER_MS
 from stream_processors.gatekeeper.moderation import Moderator
+from stream_processors.gatekeeper.tables import Bucket, Decision, Seen
 
 MAX_MESSAGE_CHARS = 1000  # longest human-readable message a decision carries
-
-
-@dataclass(frozen=True)
-class Output:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: Headers
-    partition: int | None = None  # None: the key's partition
 
 
 def task_partitions(request_id: str, tasks: int, partitions: int) -> list[int | None]:
@@ -71,10 +71,12 @@ def task_partitions(request_id: str, tasks: int, partitions: int) -> list[int | 
 
 @dataclass
 class Admission:
-    verdict: str  # ACCEPTED, REJECTED, CANCELLED, EXPIRED, DUPLICATE, DEAD_LETTERED
-    outputs: list[Output] = field(default_factory=list)
-    seen: dict[str, Any] | None = None  # new entry for the request_id, when it is to be stored
-    bucket: dict[str, float] | None = None  # new token-bucket state for the tenant
+    """What `Gate.admit` decided for one message: the messages to send and the table entries to store."""
+
+    verdict: str  # ACCEPTED, REJECTED, CANCELLED, EXPIRED, DUPLICATE, DEAD_LETTERED (RETRYING: app.py)
+    outputs: list[Outgoing] = field(default_factory=list)
+    seen: Seen | None = None  # new entry for the request_id, when it is to be stored
+    bucket: Bucket | None = None  # new token-bucket state for the tenant
     reason: str | None = None
     request_id: str | None = None
     tenant_id: str | None = None
@@ -83,6 +85,8 @@ class Admission:
 
 
 class Gate:
+    """The admission rules of the gatekeeper, with the outside state they consult passed in as callables."""
+
     def __init__(
         self,
         settings: Settings,
@@ -106,13 +110,14 @@ class Gate:
     def admit(
         self,
         original: Original,
-        seen: Mapping[str, Any],
-        buckets: Mapping[str, Any],
+        seen: Mapping[str, Seen],
+        buckets: Mapping[str, Bucket],
         now_ms: int,
     ) -> Admission:
+        """Decide one consumed request (steps 1-8 of the module's docstring) from the tables' state."""
         try:
-            request = self.codec.decode(original.value, "GenerationRequest")
-            if not ID_PATTERN.fullmatch(request["request_id"]):
+            request = self.codec.read(original.value, GenerationRequest)
+            if not ID_PATTERN.fullmatch(request.request_id):
                 # Its id would key the Completion, the Cassandra row and the S3 keys: a request that has
                 # no usable id cannot be answered, so it goes to the operators, bytes intact.
                 raise ValidationError(
@@ -125,76 +130,92 @@ class Gate:
             value, headers = dead_letter(
                 self.codec, original, Failure.of(Stage.GATEKEEPER, exc, 1, now_ms, now_ms), topic=dlq
             )
-            return Admission(
-                "DEAD_LETTERED",
-                [Output(dlq, original.key, value, headers)],
-                reason=exc.code,
-            )
+            return Admission("DEAD_LETTERED", [Outgoing(dlq, original.key, value, headers)], reason=exc.code)
 
-        request_id, tenant_id = request["request_id"], request["tenant_id"]
+        request_id, tenant_id = request.request_id, request.tenant_id
         origin = original.origin
-        memo = seen.get(request_id) if ID_PATTERN.fullmatch(request_id) else None
-        if memo and memo["o"] != origin and now_ms - memo["t"] < self.window_ms:
+        memo = seen.get(request_id)
+        if memo and memo.origin != origin and now_ms - memo.first_seen < self.window_ms:
             return Admission("DUPLICATE", request_id=request_id, tenant_id=tenant_id)
         # The same offset again is a redelivery after a crash: replay the decision it had, unchanged.
-        replay = memo if memo and memo["o"] == origin else None
-        first_seen = replay["t"] if replay else now_ms
+        replay = memo if memo and memo.origin == origin else None
+        first_seen = replay.first_seen if replay else now_ms
         incoming = dict(original.headers)
-        if replay is not None and replay["d"] == "A":
+        if replay is not None and replay.decision is None:
             return self._accept(request, incoming, origin, first_seen, now_ms, None)
         decision, bucket = (
-            (replay["x"], None) if replay is not None else self._check(request, buckets, now_ms)
+            (replay.decision, None) if replay is not None else self._check(request, buckets, now_ms)
         )
         if decision is None:
             return self._accept(request, incoming, origin, first_seen, now_ms, bucket)
         return self._reject(request, incoming, origin, first_seen, now_ms, decision)
 
     def _check(
-        self, request: dict[str, Any], buckets: Mapping[str, Any], now_ms: int
-    ) -> tuple[dict[str, Any] | None, dict[str, float] | None]:
+        self, request: GenerationRequest, buckets: Mapping[str, Bucket], now_ms: int
+    ) -> tuple[Decision | None, Bucket | None]:
         """Steps 3-7: a terminal decision, or None and the tenant's new token-bucket state."""
-        request_id, tenant_id = request["request_id"], request["tenant_id"]
+        decision = self._refused(request, now_ms) or self._moderated(request) or self._shed(request)
+        if decision is not None:
+            return decision, None
+        return self._limited(request, buckets, now_ms)
+
+    def _refused(self, request: GenerationRequest, now_ms: int) -> Decision | None:
+        """Steps 3-4: invalid, cancelled before admission, or past its deadline."""
         try:
             validate_request(
                 request, self.settings.limits, self.settings.models.keys(), self.topics.reply_prefix, now_ms
             )
         except ValidationError as exc:
-            return _decision("REJECTED", exc.code, str(exc), validated=False), None
-        if self.is_cancelled(request_id, tenant_id):
-            return _decision("CANCELLED", "CANCELLED", "cancelled before it was admitted"), None
-        if request.get("deadline_ms") is not None and request["deadline_ms"] <= now_ms:
-            return _decision(
-                "EXPIRED", "DEADLINE_EXCEEDED", "the deadline passed before it was admitted"
-            ), None
-        video = request.get("video") or {}
+            return _decision("REJECTED", exc.code, str(exc), validated=False)
+        if self.is_cancelled(request.request_id, request.tenant_id):
+            return _decision("CANCELLED", "CANCELLED", "cancelled before it was admitted")
+        if request.deadline_ms is not None and request.deadline_ms <= now_ms:
+            return _decision("EXPIRED", "DEADLINE_EXCEEDED", "the deadline passed before it was admitted")
+        return None
+
+    def _moderated(self, request: GenerationRequest) -> Decision | None:
+        """Step 5: the prompt, negative prompt and video end prompt against the content policy."""
         verdict = self.moderator.check(
             {
-                "prompt": request["prompt"],
-                "negative_prompt": request.get("negative_prompt"),
-                "video.prompt_end": video.get("prompt_end"),
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "video.prompt_end": request.video.prompt_end if request.video else None,
             }
         )
-        if not verdict.allowed:
-            moderation = {
-                "category": verdict.category or "",
-                "policy_version": verdict.policy_version,
-                "source": verdict.source,
-                "field": verdict.field or "prompt",
-                "reason": verdict.reason,
-                "model_version": verdict.model_version,
-                "score": verdict.score,
-                "scores": dict(verdict.scores),
-            }
-            message = f"{verdict.field} was blocked by the content policy ({verdict.category})"
-            return _decision("REJECTED", "MODERATED", message, moderation=moderation), None
-        pool, priority = self.settings.models[request["model"]].pool, request.get("priority") or "NORMAL"
+        if verdict.allowed:
+            return None
+        moderation = ModerationVerdict(
+            category=verdict.category or "",
+            policy_version=verdict.policy_version,
+            source=verdict.source,
+            field=verdict.field or "prompt",
+            reason=verdict.reason,
+            model_version=verdict.model_version,
+            score=verdict.score,
+            scores=dict(verdict.scores),
+        )
+        message = f"{verdict.field} was blocked by the content policy ({verdict.category})"
+        return _decision("REJECTED", "MODERATED", message, moderation=moderation)
+
+    def _shed(self, request: GenerationRequest) -> Decision | None:
+        """Step 6: the class's render backlog over its bound, or the tenant at its in-flight cap."""
+        pool, priority = self.settings.models[request.model].pool, request.priority
         retry_after = self.overloaded(pool, priority)
         if retry_after is not None:
             message = f"the {priority} queue of pool {pool} is over its bound; retry later"
-            return _decision("REJECTED", "OVERLOADED", message, retry_after_ms=retry_after), None
-        if self.busy(tenant_id, priority, task_count(request, self.settings.gatekeeper.frames_per_task)):
+            return _decision("REJECTED", "OVERLOADED", message, retry_after_ms=retry_after)
+        if self.busy(
+            request.tenant_id, priority, task_count(request, self.settings.gatekeeper.frames_per_task)
+        ):
             message = f"the tenant has as much {priority} work in flight as it may; retry when some finishes"
-            return _decision("REJECTED", "TENANT_BUSY", message, retry_after_ms=BUSY_RETRY_AFTER_MS), None
+            return _decision("REJECTED", "TENANT_BUSY", message, retry_after_ms=BUSY_RETRY_AFTER_MS)
+        return None
+
+    def _limited(
+        self, request: GenerationRequest, buckets: Mapping[str, Bucket], now_ms: int
+    ) -> tuple[Decision | None, Bucket | None]:
+        """Step 7, the tenant's token buckets: a rejection, or None and the buckets' new state."""
+        tenant_id = request.tenant_id
         taken = ratelimit.take(buckets.get(tenant_id), self.tier_of(tenant_id), render_cost(request), now_ms)
         if taken.reason == "COST_EXCEEDS_TIER":
             message = "the request costs more than the tenant's tier allows at once"
@@ -206,79 +227,74 @@ class Gate:
 
     def _reject(
         self,
-        request: dict[str, Any],
+        request: GenerationRequest,
         incoming: Mapping[str, bytes | None],
         origin: str,
         first_seen: int,
         now_ms: int,
-        decision: dict[str, Any],
+        decision: Decision,
     ) -> Admission:
         """A terminal decision, sent to the sink as a Completion on the decisions topic."""
-        request_id, tenant_id = request["request_id"], request["tenant_id"]
-        created_at = _echoed_created_at(request.get("created_at"), now_ms)
-        completion = {
-            "request_id": request_id,
-            "tenant_id": tenant_id,
-            "status": decision["status"],
-            "reason_code": decision["reason_code"],
-            "message": decision["message"],
-            "retry_after_ms": decision.get("retry_after_ms"),
-            "moderation": decision.get("moderation"),
-            "outputs": [],
-            "timings": {
-                "queued_ms": 0,
-                "render_ms": 0,
-                "assemble_ms": 0,
-                "total_ms": max(0, now_ms - created_at) if created_at else 0,
-            },
-            "labels": _echoed_labels(request.get("labels"), self.settings.limits),
-            "created_at": created_at,
-            "finished_at": now_ms,
-        }
+        request_id, tenant_id = request.request_id, request.tenant_id
         headers = continue_headers(incoming, request_id, tenant_id)
-        if decision["validated"] and request.get("reply_topic"):
-            headers.append((REPLY_TOPIC, request["reply_topic"].encode()))
-        out = Output(
-            self.topics.decisions(request.get("priority") or "NORMAL"),
+        if decision.validated and request.reply_topic:
+            headers.append((REPLY_TOPIC, request.reply_topic.encode()))
+        out = Outgoing(
+            self.topics.decisions(request.priority),
             request_id.encode(),
-            self.codec.encode("Completion", completion),
+            self.codec.write(self._completion(request, decision, now_ms)),
             headers,
         )
-        store = (
-            {"o": origin, "t": first_seen, "d": "R", "x": decision}
-            if ID_PATTERN.fullmatch(request_id)
-            else None
-        )
         return Admission(
-            decision["status"],
+            decision.status,
             [out],
-            seen=store,
-            reason=decision["reason_code"],
+            seen=Seen(origin=origin, first_seen=first_seen, decision=decision),
+            reason=decision.reason_code,
             request_id=request_id,
             tenant_id=tenant_id,
         )
 
+    def _completion(self, request: GenerationRequest, decision: Decision, now_ms: int) -> Completion:
+        """The Completion that answers ``request`` with a terminal ``decision`` of the gatekeeper."""
+        created_at = _echoed_created_at(request.created_at, now_ms)
+        return Completion(
+            request_id=request.request_id,
+            tenant_id=request.tenant_id,
+            status=decision.status,
+            reason_code=decision.reason_code,
+            message=decision.message,
+            retry_after_ms=decision.retry_after_ms,
+            moderation=decision.moderation,
+            outputs=[],
+            timings=Timings(total_ms=max(0, now_ms - created_at) if created_at else 0),
+            labels=_echoed_labels(request.labels, self.settings.limits),
+            created_at=created_at,
+            finished_at=now_ms,
+            webhook_url=request.webhook_url if decision.validated else None,
+        )
+
     def _accept(
         self,
-        request: dict[str, Any],
+        request: GenerationRequest,
         incoming: Mapping[str, bytes | None],
         origin: str,
         first_seen: int,
         now_ms: int,
-        bucket: dict[str, float] | None,
+        bucket: Bucket | None,
     ) -> Admission:
-        request_id, tenant_id = request["request_id"], request["tenant_id"]
-        spec = self.settings.models[request["model"]]
+        """Step 8: the render tasks, framed by the ACCEPTED and QUEUED status events."""
+        request_id, tenant_id = request.request_id, request.tenant_id
+        spec = self.settings.models[request.model]
         tasks = plan_tasks(request, spec.pool, self.settings.gatekeeper.frames_per_task, now_ms, now_ms)
-        topic = self.topics.render(spec.pool, request.get("priority") or "NORMAL")
+        topic = self.topics.render(spec.pool, request.priority)
         key = request_id.encode()
         outputs = [self._status(request, "ACCEPTED", incoming, now_ms)]
         partitions = task_partitions(request_id, len(tasks), self.settings.kafka.render_partitions)
         outputs += [
-            Output(
+            Outgoing(
                 topic,
                 key,
-                self.codec.encode("RenderTask", task),
+                self.codec.write(task),
                 continue_headers(incoming, request_id, tenant_id),
                 partition,
             )
@@ -288,46 +304,43 @@ class Gate:
         return Admission(
             "ACCEPTED",
             outputs,
-            seen={"o": origin, "t": first_seen, "d": "A"},
+            seen=Seen(origin=origin, first_seen=first_seen),
             bucket=bucket,
             request_id=request_id,
             tenant_id=tenant_id,
             tasks=len(tasks),
-            priority=request.get("priority") or "NORMAL",
+            priority=request.priority,
         )
 
     def _status(
         self,
-        request: dict[str, Any],
-        state: str,
+        request: GenerationRequest,
+        state: RequestState,
         incoming: Mapping[str, bytes | None],
         now_ms: int,
         message: str | None = None,
-    ) -> Output:
-        record = {
-            "request_id": request["request_id"],
-            "tenant_id": request["tenant_id"],
-            "stage": Stage.GATEKEEPER.value,
-            "state": state,
-            "progress": None,
-            "task_id": None,
-            "worker_id": None,
-            "message": message,
-            "at": now_ms,
-        }
-        return Output(
+    ) -> Outgoing:
+        """A StatusEvent of the gatekeeper about ``request``, on the status topic."""
+        event = StatusEvent(
+            request_id=request.request_id,
+            tenant_id=request.tenant_id,
+            stage=Stage.GATEKEEPER.value,
+            state=state,
+            message=message,
+            at=now_ms,
+        )
+        return Outgoing(
             self.topics.status,
-            request["request_id"].encode(),
-            self.codec.encode("StatusEvent", record),
-            continue_headers(incoming, request["request_id"], request["tenant_id"]),
+            request.request_id.encode(),
+            self.codec.write(event),
+            continue_headers(incoming, request.request_id, request.tenant_id),
         )
 
 
-def _echoed_labels(labels: Any, limits: RequestLimits) -> dict[str, str]:
+def _echoed_labels(labels: Mapping[str, str], limits: RequestLimits) -> dict[str, str]:
     """The request's labels as its Completion echoes them: all of them when they keep the request limits,
     none otherwise. A rejected request's labels may never have been checked, and megabytes of them would
     make a decision larger than the gatekeeper's producer sends (about 1 MB: the worker crashes on it)."""
-    labels = labels or {}
     if len(labels) > limits.max_labels or any(
         len(k) > limits.max_label_chars or len(v) > limits.max_label_chars for k, v in labels.items()
     ):
@@ -335,7 +348,7 @@ def _echoed_labels(labels: Any, limits: RequestLimits) -> dict[str, str]:
     return dict(labels)
 
 
-def _echoed_created_at(value: Any, now_ms: int) -> int:
+def _echoed_created_at(value: int, now_ms: int) -> int:
     """The request's created_at as its Completion echoes it, or 0 when it is not a plausible epoch-ms time.
 
     A rejected request's created_at may never have been checked (validation stops at the first broken
@@ -347,10 +360,24 @@ def _echoed_created_at(value: Any, now_ms: int) -> int:
     return value
 
 
-def _decision(status: str, reason: str, message: str, validated: bool = True, **extra: Any) -> dict[str, Any]:
+def _decision(
+    status: CompletionStatus,
+    reason: str,
+    message: str,
+    validated: bool = True,
+    retry_after_ms: int | None = None,
+    moderation: ModerationVerdict | None = None,
+) -> Decision:
     """A terminal decision as stored in the ``seen`` entry, so a redelivery can replay it.
 
     The message is cut to MAX_MESSAGE_CHARS: some validation messages quote the offending value, which
     may be megabytes long (a scheduler name), and the decision must stay small enough to send."""
     message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
-    return {"status": status, "reason_code": reason, "message": message, "validated": validated, **extra}
+    return Decision(
+        status=status,
+        reason_code=reason,
+        message=message,
+        validated=validated,
+        retry_after_ms=retry_after_ms,
+        moderation=moderation,
+    )

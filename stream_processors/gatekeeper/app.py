@@ -11,10 +11,12 @@ are idempotent downstream; terminal decisions are written once by the sink).
 
 Tables (in memory, changelogged to compacted topics, partitioned like the request topics since
 requests are keyed by tenant):
-- ``seen``: request_id -> {o: origin topic:partition:offset, t: first seen ms, d: decision, p: partition}.
-  Entries older than the dedupe window are deleted while the agent handles later events of the same
-  partition (faust writes a key's changelog to the partition of the event being processed).
-- ``buckets``: tenant -> token-bucket state.
+- ``seen``: request_id -> `tables.Seen` (origin topic:partition:offset, first seen ms, the decision, the
+  partition). Entries older than the dedupe window are deleted while the agent handles later events of
+  the same partition (faust writes a key's changelog to the partition of the event being processed).
+- ``buckets``: tenant -> `tables.Bucket` (token-bucket state).
+
+Values are stored as JSON objects (`tables.TypedTable` converts them on the way in and out).
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ import asyncio
 import collections
 import logging
 import os
-import time
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, cast
 
 import faust
 
 from plumbing import tracing
+from plumbing.backoff import Backoff
 from plumbing.call_counts import CallCounts
 from plumbing.cancellations import CancellationWatcher
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
+from plumbing.headers import Outgoing
 from plumbing.log_format import bind_message
 from plumbing.observability import serve
 from plumbing.retries import route_failure
@@ -40,19 +46,19 @@ from plumbing.shutdown import exit_after
 from plumbing.tenants import TenantQuotas
 from plumbing.topics import MAX_ENVELOPE_BYTES, PRIORITIES, Stage, Topics
 from schemas.codec import default_codec
-from stream_processors.gatekeeper.admission import Admission, Gate, Output
+from stream_processors.gatekeeper import faust_fixes
+from stream_processors.gatekeeper.admission import Admission, Gate
 from stream_processors.gatekeeper.backlog import BacklogMonitor
 from stream_processors.gatekeeper.inflight import CompletionFollower, InflightCaps
 from stream_processors.gatekeeper.metrics import GatekeeperMetrics, observe
 from stream_processors.gatekeeper.moderation import build_moderator
 from stream_processors.gatekeeper.stall import StallGuard
+from stream_processors.gatekeeper.tables import Bucket, Seen, TypedTable
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0  # a stop with the broker reachable takes about a second
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+# Waits between tries of a request under back-pressure (`admit_or_route`): 0.5 s, doubling up to 30 s.
+BACK_PRESSURE_BACKOFF = Backoff(first_s=0.5, max_s=30.0)
 
 
 def make_gate(
@@ -62,6 +68,8 @@ def make_gate(
     caps: InflightCaps | None = None,
     quotas: TenantQuotas | None = None,
 ) -> Gate:
+    """The `Gate` of a running gatekeeper: the default codec, the moderator its settings describe, and the
+    cancellation, backlog, in-flight and quota state it consults (each optional: absent, it never refuses)."""
     conf = settings.gatekeeper
     return Gate(
         settings,
@@ -77,14 +85,18 @@ def make_gate(
 def create_app(
     settings: Settings, gate: Gate, caps: InflightCaps | None = None, metrics: GatekeeperMetrics | None = None
 ) -> faust.App:
+    """The gatekeeper's faust app: its two tables and one agent per request topic, each running `Handler`."""
     topics = Topics(settings)
     conf = settings.gatekeeper
     partitions = settings.kafka.request_partitions
+    # faust's local state folder (default: ./<app_id>-data), one per process on a host
+    datadir = settings.home / "gatekeeper" / (settings.instance or "gatekeeper")
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         conf.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap_servers.split(",")],
         store="memory://",
-        datadir=str(settings.home / "gatekeeper"),  # faust's local state folder (default: ./<app_id>-data)
+        datadir=str(datadir),
         processing_guarantee="at_least_once",
         key_serializer="raw",
         value_serializer="raw",
@@ -104,9 +116,9 @@ def create_app(
         web_enabled=conf.web_port is not None,
         web_port=conf.web_port or 6066,
     )
+    deliveries = faust_fixes.install(app)
 
     sources = {p: app.topic(topics.requests(p)) for p in PRIORITIES}
-    outputs: dict[str, faust.types.TopicT] = {}
 
     def changelog(table: str) -> faust.types.TopicT:
         return app.topic(
@@ -127,73 +139,117 @@ def create_app(
 
     seen = app.Table("seen", partitions=partitions, changelog_topic=changelog("seen"))
     buckets = app.Table("buckets", partitions=partitions, changelog_topic=changelog("buckets"))
-    expiry = SeenExpiry(seen, int(conf.dedupe_window_s * 1000))
+    typed_seen = TypedTable(seen, Seen)
+    expiry = SeenExpiry(typed_seen, int(conf.dedupe_window_s * 1000))
+    handler = Handler(app, gate, typed_seen, TypedTable(buckets, Bucket), expiry, caps, metrics, deliveries)
 
     async def admit(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            msg = event.message
-            original = Original(
-                msg.topic,
-                msg.partition,
-                msg.offset,
-                int(msg.timestamp * 1000),
-                msg.key,
-                msg.value,
-                _header_list(msg.headers),
-            )
-            bind_message(original.headers)
-            clock = now_ms()
-            expiry.purge(msg.partition, clock)
-            with tracing.consuming("gatekeeper.admit", original.headers) as span:
-                admission = await admit_or_route(gate, original, seen, buckets, clock)
-                priority = msg.topic.rpartition(".")[2].upper()
-                tracing.annotate(
-                    span, request_id=admission.request_id, priority=priority, outcome=admission.verdict
-                )
-            if admission.seen is not None and admission.request_id:
-                seen[admission.request_id] = {**admission.seen, "p": msg.partition}
-                expiry.track(msg.partition, admission.request_id, clock)
-            if admission.bucket is not None and admission.tenant_id:
-                buckets[admission.tenant_id] = admission.bucket
-            if caps is not None and admission.verdict == "ACCEPTED":
-                caps.admitted(
-                    admission.request_id or "",
-                    admission.tenant_id or "",
-                    admission.priority or "NORMAL",
-                    admission.tasks,
-                )
-            try:
-                for out in admission.outputs:
-                    topic = outputs.get(out.topic) or outputs.setdefault(out.topic, app.topic(out.topic))
-                    await topic.send(
-                        key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
-                    )
-            except Exception:
-                log.critical(
-                    "could not send the outputs of %s; exiting so it is redelivered",
-                    original.origin,
-                    exc_info=True,
-                )
-                os._exit(70)
-            if metrics is not None:
-                metrics.decided(admission, msg.topic, msg.timestamp)
-            if admission.verdict == "DEAD_LETTERED":
-                log.warning(
-                    "dead-lettered %s:%s:%s (%s)", msg.topic, msg.partition, msg.offset, admission.reason
-                )
+            await handler.handle(event.message)
 
     for priority, source in sources.items():
         app.agent(source, name=f"{Stage.GATEKEEPER.value}.{priority.suffix}")(admit)
     return app
 
 
-async def admit_or_route(gate: Gate, original: Original, seen: Any, buckets: Any, clock: int) -> Admission:
+class Handler:
+    """What an agent does with one consumed request: `Gate.admit`, then the decision carried out.
+
+    The table entries are stored before the outputs are sent (faust flushes both before it commits the
+    offset); a send that fails, at once or on delivery (checked before each commit:
+    `faust_fixes.Deliveries`), ends the process so the request is redelivered.
+    """
+
+    def __init__(
+        self,
+        app: faust.App,
+        gate: Gate,
+        seen: TypedTable[Seen],
+        buckets: TypedTable[Bucket],
+        expiry: SeenExpiry,
+        caps: InflightCaps | None,
+        metrics: GatekeeperMetrics | None,
+        deliveries: faust_fixes.Deliveries,
+    ) -> None:
+        self.app = app
+        self.deliveries = deliveries
+        self.gate = gate
+        self.seen = seen
+        self.buckets = buckets
+        self.caps = caps
+        self.metrics = metrics
+        self.expiry = expiry
+        self.topics: dict[str, faust.types.TopicT] = {}
+
+    async def handle(self, msg: Any) -> None:
+        """Decide the request in ``msg`` (a faust message) and carry the decision out."""
+        original = Original(
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            int(msg.timestamp * 1000),
+            msg.key,
+            msg.value,
+            _header_list(msg.headers),
+        )
+        bind_message(original.headers)
+        clock = now_ms()
+        self.expiry.purge(msg.partition, clock)
+        with tracing.consuming("gatekeeper.admit", original.headers) as span:
+            admission = await admit_or_route(self.gate, original, self.seen, self.buckets, clock)
+            priority = msg.topic.rpartition(".")[2].upper()
+            tracing.annotate(
+                span, request_id=admission.request_id, priority=priority, outcome=admission.verdict
+            )
+        self._store(admission, msg.partition, clock)
+        await self._send(admission.outputs, original.origin)
+        if self.metrics is not None:
+            self.metrics.decided(admission, msg.topic, msg.timestamp)
+        if admission.verdict == "DEAD_LETTERED":
+            log.warning("dead-lettered %s:%s:%s (%s)", msg.topic, msg.partition, msg.offset, admission.reason)
+
+    def _store(self, admission: Admission, partition: int, clock: int) -> None:
+        """The admission's table entries, and its tasks counted against the tenant's in-flight cap."""
+        if admission.seen is not None and admission.request_id:
+            self.seen[admission.request_id] = replace(admission.seen, partition=partition)
+            self.expiry.track(partition, admission.request_id, clock)
+        if admission.bucket is not None and admission.tenant_id:
+            self.buckets[admission.tenant_id] = admission.bucket
+        if self.caps is not None and admission.verdict == "ACCEPTED":
+            self.caps.admitted(
+                admission.request_id or "",
+                admission.tenant_id or "",
+                admission.priority or "NORMAL",
+                admission.tasks,
+            )
+
+    async def _send(self, outputs: list[Outgoing], origin: str) -> None:
+        """Send ``outputs`` in order; on any failure exit the process, so the request is redelivered."""
+        try:
+            for out in outputs:
+                topic = self.topics.get(out.topic) or self.topics.setdefault(
+                    out.topic, self.app.topic(out.topic)
+                )
+                sent = await topic.send(
+                    key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
+                )
+                self.deliveries.track(cast(Any, sent))  # its delivery is checked before the next commit
+        except Exception:
+            log.critical(
+                "could not send the outputs of %s; exiting so it is redelivered", origin, exc_info=True
+            )
+            os._exit(70)
+
+
+async def admit_or_route(
+    gate: Gate, original: Original, seen: Mapping[str, Seen], buckets: Mapping[str, Bucket], clock: int
+) -> Admission:
     """`Gate.admit`, with a failure routed like every stage routes one (retry topic or dead letter).
 
     Back-pressure waits and tries again. An unknown error exits the worker at once: faust would restart
     the agent and count the event as done, skipping it; exiting before the next commit gets it redelivered.
     """
-    delay = 0.5
+    failures = 0
     while True:
         try:
             return gate.admit(original, seen, buckets, clock)
@@ -211,33 +267,36 @@ async def admit_or_route(gate: Gate, original: Original, seen: Any, buckets: Any
                 log.warning("%s %s: %s", "dead-lettered" if routed.dead else "retrying", original.origin, exc)
                 return Admission(
                     "DEAD_LETTERED" if routed.dead else "RETRYING",
-                    [Output(routed.topic, routed.key, routed.value, routed.headers)],
+                    [Outgoing(routed.topic, routed.key, routed.value, routed.headers)],
                 )
+            failures += 1
+            delay = BACK_PRESSURE_BACKOFF.delay_s(failures)
             log.warning("back-pressure on %s: %s; trying again in %.1f s", original.origin, exc, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 class SeenExpiry:
     """Deletes ``seen`` entries older than the dedupe window, partition by partition, inside the agent."""
 
-    def __init__(self, seen: Any, window_ms: int) -> None:
+    def __init__(self, seen: TypedTable[Seen], window_ms: int) -> None:
         self.seen = seen
         self.window_ms = window_ms
         self.queues: dict[int, collections.deque[tuple[int, str]]] = {}
 
     def track(self, partition: int, request_id: str, at_ms: int) -> None:
+        """Remember that ``request_id``'s entry, stored while handling ``partition``, dates from ``at_ms``."""
         self.queues[partition].append((at_ms, request_id))
 
     def purge(self, partition: int, now: int) -> None:
+        """Delete the entries of ``partition`` that are older than the window at ``now`` (epoch ms)."""
         queue = self.queues.get(partition)
         if queue is None:  # first event of this partition since start: rebuild from recovered state
-            entries = [(v["t"], k) for k, v in self.seen.items() if v.get("p") == partition]
+            entries = [(v.first_seen, k) for k, v in self.seen.entries() if v.partition == partition]
             queue = self.queues[partition] = collections.deque(sorted(entries))
         while queue and now - queue[0][0] >= self.window_ms:
             _, request_id = queue.popleft()
             entry = self.seen.get(request_id)
-            if entry is not None and now - entry["t"] >= self.window_ms:
+            if entry is not None and now - entry.first_seen >= self.window_ms:
                 del self.seen[request_id]
 
 

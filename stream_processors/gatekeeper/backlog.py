@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
-from plumbing.kafka_clients import group_offsets, make_admin
+from plumbing.kafka_clients import OffsetReader
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 
@@ -32,6 +31,8 @@ MAX_RETRY_AFTER_MS = 300_000
 
 @dataclass(frozen=True)
 class Backlog:
+    """The render work waiting in one pool and class, and how fast it drains."""
+
     tasks: int
     drained_per_s: float  # committed tasks per second over the last refresh (0 when unknown)
 
@@ -45,6 +46,8 @@ def retry_after_ms(backlog: Backlog, bound: int) -> int:
 
 
 class BacklogMonitor:
+    """The backlog of every pool and class, refreshed by a thread every `REFRESH_S` (thread-safe reads)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings)
@@ -56,14 +59,17 @@ class BacklogMonitor:
         self._thread = threading.Thread(target=self._run, name="backlog", daemon=True)
 
     def start(self) -> BacklogMonitor:
+        """Start refreshing (only when some class has a bound); returns self."""
         if self.bounds:
             self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Ask the thread to stop; it does within a refresh."""
         self._stop.set()
 
     def backlog(self, pool: str, priority: str) -> Backlog | None:
+        """The last figures of ``pool`` and ``priority``; None until a refresh has seen its topic."""
         with self._lock:
             return self._backlogs.get((pool, priority))
 
@@ -76,20 +82,21 @@ class BacklogMonitor:
         return retry_after_ms(backlog, bound)
 
     def _run(self) -> None:
-        admin = make_admin(self.settings)
+        reader = OffsetReader(self.settings)
         while not self._stop.wait(REFRESH_S):
             try:
-                self.refresh(admin)
+                self.refresh(reader)
             except KafkaException as exc:  # a broker outage: keep the last figures and ask again later
                 log.warning("backlog: %s", exc)
 
-    def refresh(self, admin: AdminClient) -> None:
+    def refresh(self, reader: OffsetReader) -> None:
+        """Ask the broker for every pool's render offsets and replace the figures with what it answers."""
         now = time.monotonic()
         backlogs = {}
         for pool in self.settings.pools:
             topics = {priority.value: self.topics.render(pool, priority) for priority in PRIORITIES}
             group = f"{self.settings.kafka.topic_prefix}.renderer.{pool}"
-            offsets = group_offsets(admin, group, list(topics.values()))
+            offsets = reader.group_offsets(group, list(topics.values()))
             for priority, topic in topics.items():
                 partitions = [both for (t, _), both in offsets.items() if t == topic]
                 if not partitions:

@@ -58,6 +58,7 @@ class Row:
     prompt: str
 
     def as_dict(self) -> dict[str, str]:
+        """The row as one line of a labelled JSONL file holds it."""
         return {k: getattr(self, k) for k in ("id", "lang", "label", "category", "evasion", "prompt")}
 
 

@@ -9,8 +9,10 @@ Everything here is a pure function of the request, so a redelivered request yiel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from typing import Any
+
+from schemas.records import GenerationRequest, LatentRecipe, OutputFormat, RenderTask
 
 INT64_MAX = 2**63 - 1
 
@@ -25,79 +27,88 @@ def _wrap(seed: int) -> int:
     return (seed + 2**63) % 2**64 - 2**63
 
 
-def output_format(request: dict[str, Any]) -> str:
-    return request.get("output_format") or ("MP4" if request["kind"] == "VIDEO" else "PNG")
+def output_format(request: GenerationRequest) -> OutputFormat:
+    """The request's output format, or its kind's default (MP4 for a video, PNG for images)."""
+    return request.output_format or ("MP4" if request.kind == "VIDEO" else "PNG")
 
 
-def task_count(request: dict[str, Any], frames_per_task: int) -> int:
+def task_count(request: GenerationRequest, frames_per_task: int) -> int:
     """How many tasks `plan_tasks` makes of ``request``, without making them."""
-    video = request.get("video")
+    video = request.video
     if video:
-        return -(-video["num_frames"] // frames_per_task)
-    return request.get("num_images") or 1
+        return -(-video.num_frames // frames_per_task)
+    return request.num_images
 
 
 def plan_tasks(
-    request: dict[str, Any], pool: str, frames_per_task: int, accepted_at: int, enqueued_at: int
-) -> list[dict[str, Any]]:
+    request: GenerationRequest, pool: str, frames_per_task: int, accepted_at: int, enqueued_at: int
+) -> list[RenderTask]:
     """The RenderTask records of ``request``, in frame order."""
-    seed = request["seed"] if request.get("seed") is not None else derive_seed(request["request_id"])
-    video = request.get("video")
-    common = {
-        "request_id": request["request_id"],
-        "tenant_id": request["tenant_id"],
-        "priority": request.get("priority") or "NORMAL",
-        "kind": request["kind"],
-        "pool": pool,
-        "model": request["model"],
-        "prompt": request["prompt"],
-        "prompt_end": video.get("prompt_end") if video else None,
-        "negative_prompt": request.get("negative_prompt"),
-        "width": request["width"],
-        "height": request["height"],
-        "steps": request["steps"],
-        "guidance_scale": request["guidance_scale"],
-        "scheduler": request.get("scheduler"),
-        "seed": seed,
-        "fps": video["fps"] if video else None,
-        "output_format": output_format(request),
-        "reply_topic": request.get("reply_topic"),
-        "labels": dict(request.get("labels") or {}),
-        "created_at": request["created_at"],
-        "accepted_at": accepted_at,
-        "enqueued_at": enqueued_at,
-        "deadline_ms": request.get("deadline_ms"),
-        "attempt": 0,
-    }
+    seed = request.seed if request.seed is not None else derive_seed(request.request_id)
+    video = request.video
+    common = RenderTask(
+        task_id="",
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        priority=request.priority,
+        kind=request.kind,
+        pool=pool,
+        model=request.model,
+        prompt=request.prompt,
+        prompt_end=video.prompt_end if video else None,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        scheduler=request.scheduler,
+        seed=seed,
+        frame_start=0,
+        frame_end=0,
+        frame_count=0,
+        recipe=LatentRecipe(seed_start=seed, seed_end=seed, positions=[]),
+        fps=video.fps if video else None,
+        output_format=output_format(request),
+        reply_topic=request.reply_topic,
+        webhook_url=request.webhook_url,
+        labels=dict(request.labels),
+        created_at=request.created_at,
+        accepted_at=accepted_at,
+        enqueued_at=enqueued_at,
+        deadline_ms=request.deadline_ms,
+        attempt=0,
+    )
     tasks = []
     if video:
-        frames = video["num_frames"]
-        seed_end = video["seed_end"] if video.get("seed_end") is not None else _wrap(seed + 1)
+        frames = video.num_frames
+        seed_end = video.seed_end if video.seed_end is not None else _wrap(seed + 1)
         for start in range(0, frames, frames_per_task):
             end = min(frames, start + frames_per_task)
             positions = [i / (frames - 1) for i in range(start, end)]
             tasks.append(
-                {
-                    **common,
-                    "task_id": f"{request['request_id']}.{start}",
-                    "frame_start": start,
-                    "frame_end": end,
-                    "frame_count": frames,
-                    "recipe": {"seed_start": seed, "seed_end": seed_end, "positions": positions},
-                }
+                dataclasses.replace(
+                    common,
+                    task_id=f"{request.request_id}.{start}",
+                    frame_start=start,
+                    frame_end=end,
+                    frame_count=frames,
+                    recipe=LatentRecipe(seed_start=seed, seed_end=seed_end, positions=positions),
+                    labels=dict(common.labels),
+                )
             )
     else:
-        images = request.get("num_images") or 1
+        images = request.num_images
         for j in range(images):
             image_seed = _wrap(seed + j)
             tasks.append(
-                {
-                    **common,
-                    "task_id": f"{request['request_id']}.{j}",
-                    "frame_start": j,
-                    "frame_end": j + 1,
-                    "frame_count": images,
-                    "recipe": {"seed_start": image_seed, "seed_end": image_seed, "positions": [0.0]},
-                }
+                dataclasses.replace(
+                    common,
+                    task_id=f"{request.request_id}.{j}",
+                    frame_start=j,
+                    frame_end=j + 1,
+                    frame_count=images,
+                    recipe=LatentRecipe(seed_start=image_seed, seed_end=image_seed, positions=[0.0]),
+                    labels=dict(common.labels),
+                )
             )
     return tasks

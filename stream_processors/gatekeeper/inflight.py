@@ -27,6 +27,7 @@ from plumbing.kafka_clients import make_consumer
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from schemas.codec import default_codec
+from schemas.records import Completion
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -35,6 +36,8 @@ BUSY_RETRY_AFTER_MS = 2_000
 
 
 class InflightCaps:
+    """Render tasks queued and not finished, per tenant and class, against each class's cap (thread-safe)."""
+
     def __init__(self, caps: dict[str, int]) -> None:
         self.caps = caps
         self.lock = threading.Lock()
@@ -42,6 +45,8 @@ class InflightCaps:
         self.counts: Counter[tuple[str, str]] = Counter()
 
     def would_exceed(self, tenant_id: str, priority: str, tasks: int) -> bool:
+        """Whether ``tasks`` more would take the tenant past its cap in ``priority`` (never for a class
+        without a cap, nor for a tenant with nothing in flight there)."""
         cap = self.caps.get(priority)
         if cap is None:
             return False
@@ -51,6 +56,7 @@ class InflightCaps:
         return current > 0 and current + tasks > cap
 
     def admitted(self, request_id: str, tenant_id: str, priority: str, tasks: int) -> None:
+        """Count an accepted request's tasks (once per request_id, however often it is redelivered)."""
         with self.lock:
             if request_id in self.requests:  # a redelivered request is counted once
                 return
@@ -58,6 +64,7 @@ class InflightCaps:
             self.counts[(tenant_id, priority)] += tasks
 
     def finished(self, request_id: str) -> None:
+        """Release a request's tasks; a request not counted here is ignored."""
         with self.lock:
             entry = self.requests.pop(request_id, None)
             if entry is not None:
@@ -67,6 +74,7 @@ class InflightCaps:
                     del self.counts[(tenant_id, priority)]
 
     def in_flight(self, tenant_id: str, priority: str) -> int:
+        """The tenant's tasks counted in ``priority`` now."""
         with self.lock:
             return self.counts[(tenant_id, priority)]
 
@@ -82,11 +90,13 @@ class CompletionFollower:
         self._thread = threading.Thread(target=self._run, name="inflight", daemon=True)
 
     def start(self) -> CompletionFollower:
+        """Start following (only when some class has a cap); returns self."""
         if self.caps.caps:
             self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Ask the thread to stop; it does within a poll."""
         self._stop.set()
 
     def _run(self) -> None:
@@ -108,7 +118,7 @@ class CompletionFollower:
                 if msg is None or msg.error():
                     continue
                 try:
-                    self.caps.finished(codec.decode(msg.value(), "Completion")["request_id"])
+                    self.caps.finished(codec.read(msg.value(), Completion).request_id)
                 except DecodeError:
                     continue
         finally:

@@ -25,10 +25,12 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from plumbing.clock import now_ms
 from plumbing.observability import LATENCY_BUCKETS, Readiness, bounded, enabled
 from plumbing.settings import MODERATION_CATEGORIES, Tier
 from stream_processors.gatekeeper import ratelimit
 from stream_processors.gatekeeper.admission import Admission
+from stream_processors.gatekeeper.tables import Bucket
 
 REQUESTS = Counter(
     "aigc_gatekeeper_requests",
@@ -68,10 +70,11 @@ class BucketLevels(Collector):
     def __init__(self, top_n: int, tier_of: Callable[[str], Tier]) -> None:
         self.top_n = top_n
         self.tier_of = tier_of
-        self.states: collections.OrderedDict[str, dict[str, float]] = collections.OrderedDict()
+        self.states: collections.OrderedDict[str, Bucket] = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def update(self, tenant_id: str, state: dict[str, float]) -> None:
+    def update(self, tenant_id: str, state: Bucket) -> None:
+        """Remember ``state`` as the tenant's latest buckets (forgetting the least recently seen tenant)."""
         with self.lock:
             self.states[tenant_id] = state
             self.states.move_to_end(tenant_id)
@@ -92,18 +95,21 @@ class BucketLevels(Collector):
         return [(tenant, requests, cost) for _, tenant, requests, cost in rows[: self.top_n]]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        """The gauge family of the emptiest tenants' tokens, refilled to now (prometheus_client calls it)."""
         family = GaugeMetricFamily(
             "aigc_gatekeeper_bucket_tokens",
             "Tokens left in the buckets of the tenants closest to their limits (top N only)",
             labels=["tenant", "kind"],
         )
-        for tenant, requests, cost in self.levels(time.time() * 1000):
+        for tenant, requests, cost in self.levels(now_ms()):
             family.add_metric([tenant, "requests"], requests)
             family.add_metric([tenant, "cost"], cost)
         yield family
 
 
 class GatekeeperMetrics:
+    """The gatekeeper's decision metrics, and the bucket gauges when a tier lookup is given."""
+
     def __init__(self, top_n: int = 20, tier_of: Callable[[str], Tier] | None = None) -> None:
         self.buckets = BucketLevels(top_n, tier_of) if tier_of is not None and top_n > 0 else None
         if self.buckets is not None:
@@ -117,9 +123,10 @@ class GatekeeperMetrics:
         decision = DECISIONS.get(admission.verdict, "other")
         reason = (admission.reason or "") if decision != "accepted" else ""
         REQUESTS.labels(priority, decision, reason if len(reason) <= 64 else "other").inc()
-        if admission.reason == "MODERATED" and admission.seen is not None:
-            moderation = (admission.seen.get("x") or {}).get("moderation") or {}
-            MODERATION_BLOCKS.labels(bounded(moderation.get("category"), MODERATION_CATEGORIES)).inc()
+        terminal = admission.seen.decision if admission.seen is not None else None
+        if admission.reason == "MODERATED" and terminal is not None:
+            category = terminal.moderation.category if terminal.moderation is not None else None
+            MODERATION_BLOCKS.labels(bounded(category, MODERATION_CATEGORIES)).inc()
         if timestamp_s:
             ADMISSION_SECONDS.labels(priority).observe(max(0.0, time.time() - timestamp_s))
         if self.buckets is not None and admission.bucket is not None and admission.tenant_id:
@@ -134,10 +141,12 @@ class ReadinessSensor(faust.Sensor):
         self.readiness = readiness
 
     def on_rebalance_start(self, app: Any) -> dict[str, Any]:
+        """Mark ``assigned`` unmet: the partitions are being handed out again."""
         self.readiness.mark("assigned", False)
         return super().on_rebalance_start(app)
 
     def on_rebalance_end(self, app: Any, state: dict[str, Any]) -> None:
+        """Mark ``assigned`` met: the rebalance and table recovery are over."""
         self.readiness.mark("assigned")
 
 

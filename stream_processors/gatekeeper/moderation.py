@@ -58,7 +58,9 @@ class Classifier(Protocol):
 
     name: str
 
-    def classify(self, text: str) -> tuple[str, float] | None: ...
+    def classify(self, text: str) -> tuple[str, float] | None:
+        """The category ``text`` most likely belongs to and its score (0..1), or None for no opinion."""
+        ...
 
 
 class Moderator:

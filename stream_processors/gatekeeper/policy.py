@@ -172,6 +172,7 @@ class Policy:
         return (rules.reason if rules is not None else "") or category.upper()
 
     def strict(self, category: str) -> bool:
+        """Whether a rule of ``category`` blocks even in a framed text, without asking the model."""
         rules = self.rules.get(category)
         return rules is not None and rules.strict
 
@@ -190,27 +191,7 @@ class Policy:
         raw_categories = data.get("categories")
         if not isinstance(raw_categories, Mapping) or not raw_categories:
             raise ValueError("policy key 'categories': must be a non-empty mapping of name to terms/patterns")
-        categories: dict[str, Rules] = {}
-        for name, body in raw_categories.items():
-            where = f"categories.{name}"
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"policy key {where!r}: a category name must be a non-empty string")
-            if not isinstance(body, Mapping):
-                raise ValueError(f"policy key {where!r}: must be a mapping with terms and/or patterns")
-            extra = sorted(str(key) for key in body if key not in _CATEGORY_KEYS)
-            if extra:
-                expected = ", ".join(_CATEGORY_KEYS)
-                raise ValueError(f"policy key '{where}.{extra[0]}': unknown (expected {expected})")
-            terms = _terms(body.get("terms"), f"{where}.terms")
-            patterns = _patterns(body.get("patterns"), f"{where}.patterns")
-            homophones = _strings(body.get("homophones"), f"{where}.homophones")
-            if not terms and not patterns and not homophones:
-                raise ValueError(f"policy key {where!r}: needs at least one term or pattern")
-            reason, strict = body.get("reason", ""), body.get("strict", False)
-            if not isinstance(reason, str) or not isinstance(strict, bool):
-                raise ValueError(f"policy key {where!r}: reason must be a string and strict true or false")
-            cues = _terms(body.get("cues"), f"{where}.cues")
-            categories[name] = Rules(terms, patterns, homophones, cues, reason, strict)
+        categories = {name: _category(name, body) for name, body in raw_categories.items()}
         context = data.get("context") or {}
         if not isinstance(context, Mapping) or set(context) - {"framing", "aggravating"}:
             raise ValueError("policy key 'context': must be a mapping with framing and/or aggravating")
@@ -322,3 +303,26 @@ def _patterns(value: Any, where: str) -> list[str]:
         if compiled.fullmatch("") is not None:
             raise ValueError(f"{key}: {pattern!r} matches the empty string")
     return patterns
+
+
+def _category(name: Any, body: Any) -> Rules:
+    """The compiled rules of one entry of ``categories``; ValueError names the offending key."""
+    where = f"categories.{name}"
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"policy key {where!r}: a category name must be a non-empty string")
+    if not isinstance(body, Mapping):
+        raise ValueError(f"policy key {where!r}: must be a mapping with terms and/or patterns")
+    extra = sorted(str(key) for key in body if key not in _CATEGORY_KEYS)
+    if extra:
+        expected = ", ".join(_CATEGORY_KEYS)
+        raise ValueError(f"policy key '{where}.{extra[0]}': unknown (expected {expected})")
+    terms = _terms(body.get("terms"), f"{where}.terms")
+    patterns = _patterns(body.get("patterns"), f"{where}.patterns")
+    homophones = _strings(body.get("homophones"), f"{where}.homophones")
+    if not terms and not patterns and not homophones:
+        raise ValueError(f"policy key {where!r}: needs at least one term or pattern")
+    reason, strict = body.get("reason", ""), body.get("strict", False)
+    if not isinstance(reason, str) or not isinstance(strict, bool):
+        raise ValueError(f"policy key {where!r}: reason must be a string and strict true or false")
+    cues = _terms(body.get("cues"), f"{where}.cues")
+    return Rules(terms, patterns, homophones, cues, reason, strict)

@@ -2,12 +2,13 @@
 
 faust can leave a partition unread after a restart that overlaps a broker restart (aigc chaos caught
 one: the last request of a partition stayed uncommitted for five minutes while the worker looked idle
-and healthy). A thread asks the broker every few seconds for the log-end offset of each request
-partition and the offset the gatekeeper group committed there. A partition whose committed offset
-trails its end and has not moved for ``gatekeeper.stall_timeout_s`` is stuck: the guard logs it and
-ends the process, and the restarted worker reads the partition from its committed offset (nothing is
-lost; `Gate.admit` makes a repeat harmless). With several gatekeepers each may restart for a stuck
-partition of another; the restarts are cheap and the partition gets read.
+and healthy), and with `faust_fixes` a record faust failed to hand to the agent stops the partition's
+commits instead of being committed over. A thread asks the broker every few seconds for the log-end
+offset of each request partition and the offset the gatekeeper group committed there. A partition whose
+committed offset trails its end and has not moved for ``gatekeeper.stall_timeout_s`` is stuck: the guard
+logs it and ends the process, and the restarted worker reads the partition from its committed offset
+(nothing is lost; `Gate.admit` makes a repeat harmless). With several gatekeepers each may restart for a
+stuck partition of another; the restarts are cheap and the partition gets read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 from confluent_kafka import KafkaException
 
-from plumbing.kafka_clients import group_offsets, make_admin
+from plumbing.kafka_clients import OffsetReader
 from plumbing.settings import Settings
 from plumbing.topics import PRIORITIES, Topics
 
@@ -52,6 +53,8 @@ class Progress:
 
 
 class StallGuard:
+    """The thread that watches the gatekeeper group's request partitions and exits the process on a stall."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = [Topics(settings).requests(p) for p in PRIORITIES]
@@ -60,17 +63,19 @@ class StallGuard:
         self._thread = threading.Thread(target=self._run, name="stall-guard", daemon=True)
 
     def start(self) -> StallGuard:
+        """Start watching; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Ask the thread to stop; it does within a check."""
         self._stop.set()
 
     def _run(self) -> None:
-        admin = make_admin(self.settings)
+        reader = OffsetReader(self.settings)
         while not self._stop.wait(CHECK_EVERY_S):
             try:
-                offsets = group_offsets(admin, self.settings.gatekeeper.app_id, self.topics)
+                offsets = reader.group_offsets(self.settings.gatekeeper.app_id, self.topics)
             except KafkaException as exc:  # a broker outage: the clock of each partition keeps running
                 log.warning("stall guard: %s", exc)
                 continue

@@ -100,6 +100,7 @@ def save(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the test and dev splits, train the prompt model on the train split and save its artefact."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

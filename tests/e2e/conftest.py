@@ -30,7 +30,7 @@ IDLE_S = 4.0
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    subprocess.run([sys.executable, "-m", "plumbing.cli", "models", "build-tiny", str(path)], check=True,
+    subprocess.run([sys.executable, "-m", "aigc", "models", "build-tiny", str(path)], check=True,
                    capture_output=True)  # fmt: skip
     return path
 

@@ -70,7 +70,7 @@ def test_every_panel_has_data_and_the_lag_alert_fires_when_the_renderers_stop(
             assert [r.describe() for r in panels if not r.ok] == []
 
             start, screen = tmux
-            argv = [sys.executable, "-m", "plumbing.cli", "top", "--pipeline", name, "--window", "5"]
+            argv = [sys.executable, "-m", "aigc", "top", "--pipeline", name, "--window", "5"]
             start(shlex.join(argv), aigc_env(run, prometheus.infra.prometheus_port))
             stages = [("gatekeeper", "gatekeeper", "yes", "yes"), ("assembler", "assembler", "yes", "yes")]
             stages += [("renderer", r, "yes", "yes") for r in renderers]

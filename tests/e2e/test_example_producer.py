@@ -13,16 +13,19 @@ import sys
 import time
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from confluent_kafka import Producer
 
 from infra.bootstrap import ensure_topics
+from plumbing.clock import now_ms
 from plumbing.kafka_clients import make_consumer
 from plumbing.settings import Settings
 from plumbing.topics import Topics, TopicSpec
 from producers.contract import EXAMPLE, valid_request
 from schemas.codec import SCHEMA_DIR, default_codec
+from schemas.records import Completion
 from stream_processors.assembler.video import decode_png
 
 EXAMPLE_TIMEOUT_S = 150
@@ -86,12 +89,10 @@ def test_the_example_refuses_a_reply_topic_that_does_not_exist(pipeline: Setting
 def test_a_request_without_headers_is_answered_with_the_pipelines_headers(pipeline: Settings):
     """Headers are optional for producers; the pipeline sets traceparent, request_id and tenant_id."""
     codec, topics = default_codec(), Topics(pipeline)
-    request = {**valid_request(), "request_id": f"nohdr-{uuid.uuid4().hex[:12]}", "tenant_id": TENANT,
-               "width": 64, "height": 64, "steps": 4, "created_at": int(time.time() * 1000)}  # fmt: skip
+    request = replace(valid_request(), request_id=f"nohdr-{uuid.uuid4().hex[:12]}", tenant_id=TENANT,
+                      width=64, height=64, steps=4, created_at=now_ms())  # fmt: skip
     producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers})
-    producer.produce(
-        topics.requests("NORMAL"), codec.encode("GenerationRequest", request), key=TENANT.encode()
-    )
+    producer.produce(topics.requests("NORMAL"), codec.write(request), key=TENANT.encode())
     assert producer.flush(30) == 0
     consumer = make_consumer(pipeline, f"e2e-{uuid.uuid4().hex}", "e2e")
     consumer.subscribe([topics.completions])
@@ -99,14 +100,14 @@ def test_a_request_without_headers_is_answered_with_the_pipelines_headers(pipeli
     try:
         while time.monotonic() < deadline:
             msg = consumer.poll(0.2)
-            if msg is None or msg.error() or msg.key() != request["request_id"].encode():
+            if msg is None or msg.error() or msg.key() != request.request_id.encode():
                 continue
             headers = dict(msg.headers() or [])
-            assert codec.decode(msg.value(), "Completion")["status"] == "SUCCEEDED"
-            assert headers["request_id"] == request["request_id"].encode()
+            assert codec.read(msg.value(), Completion).status == "SUCCEEDED"
+            assert headers["request_id"] == request.request_id.encode()
             assert headers["tenant_id"] == TENANT.encode()
             assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", headers["traceparent"])
             return
     finally:
         consumer.close()
-    raise AssertionError(f"no Completion for {request['request_id']} within {RESULT_TIMEOUT_S} s")
+    raise AssertionError(f"no Completion for {request.request_id} within {RESULT_TIMEOUT_S} s")

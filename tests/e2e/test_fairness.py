@@ -16,9 +16,6 @@ from producers.client import Client
 from tests.e2e.conftest import collect, completions_of
 
 SERVICE_MS = 400.0
-# A task's hand-off between renders: in share mode the renderer acknowledges the last task once its
-# FramesRendered is acknowledged and then polls the next; a fresh clone measured 2,011 ms for 4 tasks.
-HANDOFF_MS = 150.0
 CAP = 3
 
 
@@ -54,14 +51,18 @@ def test_a_flooding_tenant_holds_at_most_its_cap_of_the_queue(infra: Settings, t
     assert len(busy) == len(flood) - CAP  # the rest of the burst waits outside the queue
     assert all(c["retry_after_ms"] > 0 for c in busy)
     assert {outcomes[r]["status"] for r in newcomer} == {"SUCCEEDED"}
-    # The newcomer's tasks waited behind at most the flooder's CAP tasks (one renderer, one at a time).
-    tasks = collect(
+    # What rendered: the flooder's CAP queued requests and the newcomer's two, nothing else of the burst.
+    rendered = collect(
         settings,
         Topics(settings).all_frames(),
-        lambda r: r["request_id"] in newcomer,
-        lambda found: len(found) >= 2,
+        lambda r: r["request_id"] in flood | newcomer,
+        lambda found: {r["request_id"] for r in found} >= newcomer,
     )
-    worst_wait_ms = max(t["started_at"] - t["enqueued_at"] for t in tasks)
-    # At most CAP flooder tasks and the other newcomer task, each with a hand-off (acknowledge, next
-    # poll); behind the whole burst it would be 15 tasks, over 6 s.
-    assert worst_wait_ms < (CAP + 1) * (SERVICE_MS + HANDOFF_MS)
+    assert len({r["request_id"] for r in rendered} & flood) == CAP
+    # So a newcomer task waited behind at most CAP flooder tasks and the other newcomer task (one
+    # renderer, one at a time): about 4 services and hand-offs (a fresh clone measured 2,011 ms; one run
+    # on a loaded machine 2,271). Behind the whole burst it would be 15 services, over 6 s; half of that
+    # is the bound, so load on the machine does not fail it.
+    worst_wait_ms = max(t["started_at"] - t["enqueued_at"] for t in rendered if t["request_id"] in newcomer)
+    print(f"worst newcomer wait {worst_wait_ms} ms")
+    assert worst_wait_ms < len(flood) * SERVICE_MS / 2

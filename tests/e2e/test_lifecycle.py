@@ -1,5 +1,6 @@
 """Lifecycle on the real stack: cancellation mid-render, deadlines in the queue, state across a restart,
-and renders that outlast the consumer's poll interval.
+renders that outlast the consumer's poll interval, and `infra.pipeline.running_pipeline` itself (its
+isolated run leaves no process, topic or keyspace behind).
 
 One synthetic renderer renders 12 s per frame in 24 steps (0.5 s a step) with max.poll.interval.ms at
 10 s, so every render here outlasts the poll interval, and cancellation is honoured between steps.
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from infra.pipeline import READY_TIMEOUT_S, running_pipeline
+from plumbing.kafka_clients import make_admin
+from plumbing.metadata import connect
 from plumbing.settings import ModelSpec, Settings, Tier
 from plumbing.supervisor import Supervisor
 from plumbing.topics import Topics
@@ -24,6 +27,7 @@ from tests.e2e.conftest import collect, completions_of
 
 SERVICE_MS = 12_000.0
 STEPS = 24
+DELETE_TIMEOUT_S = 30.0  # the broker deletes topics asynchronously; its metadata follows shortly after
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,42 @@ def slow(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         }
     )
     with running_pipeline(settings, synthetic_ms=SERVICE_MS, isolate="life", drop=True) as pipe:
-        yield pipe.settings, pipe.supervisor
+        run = pipe.settings
+        assert (
+            run.kafka.topic_prefix.startswith("life") and run.kafka.topic_prefix != infra.kafka.topic_prefix
+        )
+        assert run.cassandra.keyspace != infra.cassandra.keyspace
+        assert sorted(pipe.supervisor.alive()) == sorted(s.name for s in pipe.supervisor.stages)
+        yield run, pipe.supervisor
+        assert run_topics(run) and keyspace_exists(run)
+        pids = [child.proc.pid for child in pipe.supervisor.children.values()]
+    # `running_pipeline` leaves nothing behind: no stage process, and (drop=True) no topic or keyspace.
+    assert pipe.supervisor.alive() == []
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # exited and reaped
+    deadline = time.monotonic() + DELETE_TIMEOUT_S
+    while (left := run_topics(run)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == []
+    assert not keyspace_exists(run)
+    assert (settings.home / "logs" / run.kafka.topic_prefix / "gatekeeper.log").exists()
+
+
+def run_topics(settings: Settings) -> list[str]:
+    names = make_admin(settings).list_topics(timeout=30).topics
+    owned = (f"{settings.kafka.topic_prefix}.", f"{settings.gatekeeper.app_id}-")
+    return [name for name in names if name.startswith(owned)]
+
+
+def keyspace_exists(settings: Settings) -> bool:
+    cluster, session = connect(settings.cassandra)
+    try:
+        rows = session.execute(
+            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = %s",
+            (settings.cassandra.keyspace,),
+        )
+        return bool(list(rows))
+    finally:
+        cluster.shutdown()
 
 
 def image(**extra):

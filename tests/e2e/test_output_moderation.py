@@ -23,6 +23,7 @@ from plumbing.settings import ModelSpec, Settings
 from plumbing.topics import Topics
 from producers.client import Client
 from schemas.codec import default_codec
+from schemas.records import ModerationVerdict
 from stream_processors.assembler.store import moderation_verdict, ms
 from tests.e2e.conftest import collect, completions_of
 from tests.e2e.test_pipeline import row_of
@@ -125,7 +126,7 @@ def test_a_detector_verdict_quarantines_the_output_and_a_clean_image_is_publishe
 
         row = row_of(settings, request_id)
         assert (row.status, row.reason_code, row.outputs) == ("REJECTED", "OUTPUT_MODERATED", None)
-        assert moderation_verdict(row.moderation) == verdict
+        assert moderation_verdict(row.moderation) == ModerationVerdict.from_avro(verdict)
         prefix = result_prefix("acme", request_id, ms(row.created_at))
         assert row.moderation["quarantine"] == f"s3://{settings.assembler.quarantine_bucket}/{prefix}"
         frames = 6 if kind == "video frame" else 1

@@ -117,7 +117,7 @@ def test_rejections_carry_the_reason_and_render_nothing(pipeline: Settings):
         for request_id in limited:
             client.submit(**image(request_id=request_id, tenant_id="limited-tenant"))
     # An invalid size can only arrive from a producer that skips the SDK's own validation.
-    produce_raw(pipeline, new_request(**image(request_id=invalid, width=1030)))
+    produce_raw(pipeline, new_request(**image(request_id=invalid, width=1030)).to_avro())
     ids = {moderated, invalid, *limited}
     by_id = {c["request_id"]: c for c in completions_of(pipeline, ids)}
     assert by_id[moderated]["status"] == "REJECTED"

@@ -30,6 +30,7 @@ import pytest
 from cassandra.concurrent import execute_concurrent_with_args
 
 from plumbing.blobs import BlobStore
+from plumbing.clock import now_ms
 from plumbing.kafka_clients import make_consumer, make_producer
 from plumbing.metadata import connect
 from plumbing.settings import Settings
@@ -37,6 +38,7 @@ from plumbing.topics import Stage, Topics
 from producers.checker import check_delivery
 from producers.client import Client
 from schemas.codec import default_codec
+from schemas.records import Completion, DeadLetter, GenerationRequest, Priority
 from tests.poison import PoisonEvent, poison_corpus
 
 CORPUS_SIZE = 1000
@@ -53,11 +55,13 @@ ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STRICT_KINDS = {"bad_enum_index": "BAD_ENUM_INDEX", "bad_union_index": "BAD_UNION_INDEX"}
 
 
-def valid_request(tenant_id: str, request_id: str, priority: str = "NORMAL") -> dict[str, Any]:
-    """A small valid image request (64x64, 2 steps)."""
-    fields = {"prompt": "a quiet harbour at dawn", "model": "tiny-sd", "width": 64, "height": 64, "steps": 2}
-    return {"request_id": request_id, "tenant_id": tenant_id, "priority": priority, "guidance_scale": 7.5,
-            **fields}  # fmt: skip
+def valid_request(tenant_id: str, request_id: str, priority: Priority = "NORMAL") -> GenerationRequest:
+    """A small valid image request (64x64, 2 steps), created now."""
+    return GenerationRequest(
+        request_id=request_id, tenant_id=tenant_id, priority=priority, kind="IMAGE",
+        prompt="a quiet harbour at dawn", model="tiny-sd", width=64, height=64, steps=2, guidance_scale=7.5,
+        created_at=now_ms(),
+    )  # fmt: skip
 
 
 @dataclass
@@ -69,9 +73,9 @@ class Outcome:
     coordinates: list[tuple[str, int, int]]  # (topic, partition, offset) of events[i]
     valid_tenant: str
     valid_ids: list[str]
-    completions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    dead_letters: dict[tuple[str, int, int], list[dict[str, Any]]] = field(default_factory=dict)
-    sink_dead_letters: dict[str | None, list[dict[str, Any]]] = field(default_factory=dict)
+    completions: dict[str, list[Completion]] = field(default_factory=dict)
+    dead_letters: dict[tuple[str, int, int], list[DeadLetter]] = field(default_factory=dict)
+    sink_dead_letters: dict[str | None, list[DeadLetter]] = field(default_factory=dict)
     stages_before: dict[int, str] = field(default_factory=dict)
     produce_s: float = 0.0
     drain_s: float = 0.0
@@ -93,10 +97,8 @@ def stage_processes() -> dict[int, str]:
         except OSError:
             continue
         state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == me and state != "Z" and b"plumbing.cli" in cmdline:
-            found[int(entry.name)] = " ".join(
-                a.decode() for a in cmdline[cmdline.index(b"plumbing.cli") + 1 :]
-            )
+        if int(ppid) == me and state != "Z" and b"aigc" in cmdline:
+            found[int(entry.name)] = " ".join(a.decode() for a in cmdline[cmdline.index(b"aigc") + 1 :])
     return found
 
 
@@ -186,22 +188,18 @@ def drain(outcome: Outcome, deadline: float) -> None:
             for msg in messages:
                 if msg.error():
                     continue
-                record = codec.decode(msg.value())
                 if msg.topic() == gatekeeper_dlq:
-                    coords = (
-                        record["original_topic"],
-                        record["original_partition"],
-                        record["original_offset"],
-                    )
-                    outcome.dead_letters.setdefault(coords, []).append(record)
+                    letter = codec.read(msg.value(), DeadLetter)
+                    coords = (letter.original_topic, letter.original_partition, letter.original_offset)
+                    outcome.dead_letters.setdefault(coords, []).append(letter)
                 elif msg.topic() == assembler_dlq:
-                    outcome.sink_dead_letters.setdefault(record.get("request_id"), []).append(record)
-                elif (
-                    record["request_id"] in rejected
-                    or record["request_id"] in outcome.valid_ids
-                    or record["request_id"] in ghosts
-                ):
-                    outcome.completions.setdefault(record["request_id"], []).append(record)
+                    letter = codec.read(msg.value(), DeadLetter)
+                    outcome.sink_dead_letters.setdefault(letter.request_id, []).append(letter)
+                else:
+                    completion = codec.read(msg.value(), Completion)
+                    rid = completion.request_id
+                    if rid in rejected or rid in outcome.valid_ids or rid in ghosts:
+                        outcome.completions.setdefault(rid, []).append(completion)
                 last_new = time.monotonic()
             quiet = time.monotonic() - last_new
             if (accounted() and quiet >= IDLE_S) or quiet >= STALL_S:  # done, or stuck: the tests judge
@@ -252,14 +250,14 @@ def test_every_undecodable_event_is_dead_lettered_byte_for_byte(outcome: Outcome
             continue
         [letter] = letters
         if (
-            letter["value"] != event.value
-            or letter["key"] != event.key
-            or not letter["error_code"]
-            or letter["stage"] != "gatekeeper"
-            or letter["error_code"] != event.reason_code
-            or [(h["key"], h["value"]) for h in letter["headers"]] != event.headers
+            letter.value != event.value
+            or letter.key != event.key
+            or not letter.error_code
+            or letter.stage != "gatekeeper"
+            or letter.error_code != event.reason_code
+            or [(h.key, h.value) for h in letter.headers] != event.headers
         ):
-            wrong.append((event, letter["error_code"], len(letter["value"] or b"")))
+            wrong.append((event, letter.error_code, len(letter.value or b"")))
     assert not missing, (
         f"not dead-lettered: {_summary(missing)}\n--- stage logs ---\n{log_excerpt(outcome.settings)}"
     )
@@ -281,7 +279,7 @@ def test_invalid_enum_and_union_indices_are_dead_lettered_unanswered(outcome: Ou
     coordinates = dict(zip(map(id, outcome.events), outcome.coordinates, strict=True))
     for event in events:  # bytes, key and headers intact: checked for every dead letter above
         [letter] = outcome.dead_letters[coordinates[id(event)]]
-        assert letter["error_code"] == STRICT_KINDS[event.kind], (event.describe(), letter["error_code"])
+        assert letter.error_code == STRICT_KINDS[event.kind], (event.describe(), letter.error_code)
     answered = [e.describe() for e in events if e.source_request_id in outcome.completions]
     assert not answered, f"completions for undecodable requests: {answered}"
 
@@ -325,12 +323,12 @@ def test_every_decodable_poison_event_ends_with_exactly_one_rejection(outcome: O
             duplicated.append(event)
         else:
             [completion] = found
-            if (completion["status"], completion["reason_code"]) != (event.status, event.reason_code):
-                wrong.append((event.describe(), completion["status"], completion["reason_code"]))
-            elif completion["tenant_id"] != event.tenant_id or completion["outputs"]:
-                wrong.append((event.describe(), "tenant/outputs", completion["tenant_id"][:80]))
+            if (completion.status, completion.reason_code) != (event.status, event.reason_code):
+                wrong.append((event.describe(), completion.status, completion.reason_code))
+            elif completion.tenant_id != event.tenant_id or completion.outputs:
+                wrong.append((event.describe(), "tenant/outputs", completion.tenant_id[:80]))
     sink_letters = {
-        e.describe(): [d["error_code"] for d in outcome.sink_dead_letters.get(e.request_id, [])]
+        e.describe(): [d.error_code for d in outcome.sink_dead_letters.get(e.request_id, [])]
         for e in unanswered[:12]
     }
     assert not unanswered, (
@@ -342,7 +340,7 @@ def test_every_decodable_poison_event_ends_with_exactly_one_rejection(outcome: O
 
 
 def test_every_valid_request_in_between_succeeds(outcome: Outcome) -> None:
-    statuses = {rid: [c["status"] for c in outcome.completions.get(rid, [])] for rid in outcome.valid_ids}
+    statuses = {rid: [c.status for c in outcome.completions.get(rid, [])] for rid in outcome.valid_ids}
     assert all(s == ["SUCCEEDED"] for s in statuses.values()), (
         f"{statuses}\n--- stage logs ---\n{log_excerpt(outcome.settings)}"
     )
@@ -355,14 +353,15 @@ def test_no_stage_died_and_fresh_requests_still_complete(outcome: Outcome) -> No
     assert not died, f"stages died during the corpus: {died}\n{log_excerpt(outcome.settings)}"
     probes = [f"probe-{uuid.uuid4().hex[:8]}-{p.lower()}" for p in ("HIGH", "NORMAL", "LOW")]
     with Client(outcome.settings) as client:
-        for request_id, priority in zip(probes, ("HIGH", "NORMAL", "LOW"), strict=True):
+        priorities: tuple[Priority, ...] = ("HIGH", "NORMAL", "LOW")
+        for request_id, priority in zip(probes, priorities, strict=True):
             client.submit(valid_request(outcome.valid_tenant, request_id, priority))
         deadline = time.monotonic() + PROBE_TIMEOUT_S
         results: dict[str, Any] = {}
         for request_id in probes:
             try:
                 wait_s = max(1.0, deadline - time.monotonic())
-                results[request_id] = client.wait(request_id, timeout_s=wait_s)["status"]
+                results[request_id] = client.wait(request_id, timeout_s=wait_s).status
             except TimeoutError:
                 results[request_id] = "no completion"
     assert set(results.values()) == {"SUCCEEDED"}, f"{results}\n{log_excerpt(outcome.settings)}"

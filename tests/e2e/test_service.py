@@ -20,10 +20,10 @@ import pytest
 
 from infra.launcher import down as infra_down
 from plumbing.settings import Settings
+from plumbing.supervisor import STOP_GRACE_S
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 600.0
-PROMPT_STOP_S = 20.0  # below the supervisor's 30 s grace: no stage waited out its kill
 
 
 def free_ports(n: int) -> list[int]:
@@ -59,7 +59,7 @@ def test_up_status_submit_down(tmp_path: Path) -> None:
     }
 
     def aigc(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "plumbing.cli", *args], env=env, cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "aigc", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
     started = time.monotonic()
@@ -97,7 +97,9 @@ def test_up_status_submit_down(tmp_path: Path) -> None:
         assert down.returncode == 0, down.stdout + down.stderr
         print(f"aigc down with Kafka already gone took {took:.1f} s:\n{down.stdout}")
         stages_s = float(re.search(r"pipeline: stopped in ([0-9.]+) s", down.stdout)[1])  # type: ignore[index]
-        assert stages_s < PROMPT_STOP_S, down.stdout
+        # Each stage stops on its own, within the supervisor's grace: none had to be killed. (How long a
+        # client's close waits for an absent broker varies: one CI run's stages took 20.3 s.)
+        assert stages_s < STOP_GRACE_S, down.stdout
         assert "did not stop" not in down.stdout
 
         after = aigc("status")

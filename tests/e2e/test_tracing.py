@@ -140,7 +140,7 @@ def test_trace_timeline_and_otlp_spans_of_one_request(settings: Settings, collec
     root = trace_id(request_traceparent(settings, request_id))
 
     # (a) `aigc trace`: every stage and the terminal state, from the pipeline's records
-    command = [sys.executable, "-m", "plumbing.cli", "trace", request_id]
+    command = [sys.executable, "-m", "aigc", "trace", request_id]
     text = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert text.returncode == 0, text.stderr
     for word in (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from confluent_kafka import TopicPartition
 
-from plumbing.kafka_clients import make_admin, make_consumer, make_producer
+from plumbing.kafka_clients import OffsetReader, make_consumer, make_producer
 from plumbing.settings import Settings
 from plumbing.topics import Topics
 from stream_processors.gatekeeper.backlog import BacklogMonitor
@@ -25,8 +25,7 @@ def test_backlog_is_what_the_renderer_group_has_not_committed(isolated: Settings
     group.close()
 
     monitor = BacklogMonitor(settings)
-    admin = make_admin(settings)
-    monitor.refresh(admin)
+    monitor.refresh(OffsetReader(settings))
     backlog = monitor.backlog("default", "LOW")
     assert backlog is not None and backlog.tasks == 8
     assert monitor.overloaded("default", "LOW") is not None  # 8 waiting > bound 5

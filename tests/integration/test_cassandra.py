@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import unquote
@@ -11,7 +12,7 @@ import pytest
 from infra.bootstrap import cql_statements, ensure_schema
 from plumbing.metadata import OutputRow, connect, register_types
 from plumbing.settings import Settings
-from stream_processors.assembler.store import AssemblyStore, stored_tenant_id
+from stream_processors.assembler.store import AssemblyStore, TerminalRow, stored_tenant_id
 from tests.conftest import unique
 
 
@@ -98,9 +99,17 @@ def test_a_rejected_requests_tenant_id_is_stored_escaped_and_handed_back_as_sent
     try:
         store = AssemblyStore(session, ks)
         now = datetime.now(UTC).replace(microsecond=0)
-        values = {"request_id": "rej-1", "tenant_id": tenant, "status": "REJECTED",
-                  "reason_code": "INVALID_TENANT_ID", "message": "tenant_id: must match the id pattern",
-                  "outputs": [], "created_at": now, "finished_at": now, "decided_by": "t:0:1"}  # fmt: skip
+        values = TerminalRow(
+            request_id="rej-1",
+            tenant_id=tenant,
+            status="REJECTED",
+            reason_code="INVALID_TENANT_ID",
+            message="tenant_id: must match the id pattern",
+            outputs=[],
+            created_at=now,
+            finished_at=now,
+            decided_by="t:0:1",
+        )
         written = store.write_terminal(values)
         assert written.applied and written.row.tenant_id == tenant
         raw = session.execute(
@@ -111,8 +120,9 @@ def test_a_rejected_requests_tenant_id_is_stored_escaped_and_handed_back_as_sent
         assert row.tenant_id.isascii() and row.tenant_id.isprintable()
         assert row.reason_code == "INVALID_TENANT_ID" and "tenant_id" in row.message
         # A second decision loses, and the row it is shown, like a read, carries the id as sent.
-        again = store.write_terminal({**values, "status": "FAILED", "decided_by": "t:0:2"})
+        again = store.write_terminal(dataclasses.replace(values, status="FAILED", decided_by="t:0:2"))
         assert not again.applied and again.row.tenant_id == tenant and again.row.status == "REJECTED"
-        assert store.terminal("rej-1").tenant_id == tenant
+        stored = store.terminal("rej-1")
+        assert stored is not None and stored.tenant_id == tenant
     finally:
         cluster.shutdown()

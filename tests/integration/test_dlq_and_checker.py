@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -20,18 +21,19 @@ from confluent_kafka import TopicPartition
 
 from infra.bootstrap import ensure_schema
 from plumbing.blobs import BlobStore, frame_key, result_prefix
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.errors import DecodeError, PermanentError, RetryableError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, REPLAYED_FROM, pipeline_headers
-from plumbing.kafka_clients import header_list, make_consumer, make_producer, produce_sync
+from plumbing.kafka_clients import header_list, make_consumer, make_producer, produce_sync, watermarks
 from plumbing.metadata import connect
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from producers.checker import BoundedRead, check_delivery
-from producers.client import new_request, now_ms
 from producers.dlq import Filters, count, format_entry, read_dead_letters, replay
 from schemas.codec import default_codec
+from schemas.records import Completion, GenerationRequest, Timings
 from stream_processors.gatekeeper.fanout import plan_tasks
 from tests.conftest import REPO, unique
 
@@ -63,22 +65,23 @@ class World:
         self.blobs = BlobStore(settings.s3)
         self.tenant = unique("tenant")
 
-    def request(self, **fields: Any) -> dict[str, Any]:
-        base = dict(tenant_id=self.tenant, prompt="a lighthouse at dusk", model="tiny-sd")
-        return new_request(**{**base, "width": 64, "height": 64, "steps": 4, "guidance_scale": 7.0, **fields})
+    def request(self, **fields: Any) -> GenerationRequest:
+        base = dict(request_id=uuid.uuid4().hex, tenant_id=self.tenant, kind="IMAGE", model="tiny-sd")
+        sizes = dict(width=64, height=64, steps=4, guidance_scale=7.0, created_at=now_ms())
+        return GenerationRequest(**{**base, "prompt": "a lighthouse at dusk", **sizes, **fields})
 
     def publish(self, topic: str, value: bytes, key: bytes | None, headers: list) -> Original:
         msg = produce_sync(self.producer, topic, value, key=key, headers=headers)
         return Original(topic, msg.partition(), msg.offset(), msg.timestamp()[1], key, value, headers)
 
-    def publish_request(self, request: dict[str, Any], extra_headers: list | None = None) -> Original:
+    def publish_request(self, request: GenerationRequest, extra_headers: list | None = None) -> Original:
         headers = pipeline_headers(
-            request["request_id"], request["tenant_id"], "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+            request.request_id, request.tenant_id, "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
         )
         return self.publish(
-            self.topics.requests(request["priority"]),
-            self.codec.encode("GenerationRequest", request),
-            request["tenant_id"].encode(),
+            self.topics.requests(request.priority),
+            self.codec.write(request),
+            request.tenant_id.encode(),
             [*headers, *(extra_headers or [])],
         )
 
@@ -108,16 +111,16 @@ class World:
         return f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
 
     def complete(self, request_id: str, status: str = "SUCCEEDED") -> None:
-        record = {
-            "request_id": request_id,
-            "tenant_id": self.tenant,
-            "status": status,
-            "outputs": [],
-            "timings": {"queued_ms": 1, "render_ms": 2, "assemble_ms": 3, "total_ms": 6},
-            "created_at": now_ms() - 1000,
-            "finished_at": now_ms(),
-        }
-        value = self.codec.encode("Completion", record)
+        record = Completion(
+            request_id=request_id,
+            tenant_id=self.tenant,
+            status=status,
+            outputs=[],
+            timings=Timings(queued_ms=1, render_ms=2, assemble_ms=3, total_ms=6),
+            created_at=now_ms() - 1000,
+            finished_at=now_ms(),
+        )
+        value = self.codec.write(record)
         produce_sync(self.producer, self.topics.completions, value, key=request_id.encode())
 
     def row(self, request_id: str, status: str = "SUCCEEDED", indexed: bool = False) -> None:
@@ -155,13 +158,13 @@ def world(env: Settings) -> Iterator[World]:
     w.close()
 
 
-def watermarks(settings: Settings) -> dict[tuple[str, int], int]:
+def high_watermarks(settings: Settings) -> dict[tuple[str, int], int]:
     consumer = make_consumer(settings, unique("g"), "test")
     try:
         names = [spec.name for spec in Topics(settings).all()]
         metadata = consumer.list_topics(timeout=10).topics
         return {
-            (t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10, cached=False)[1]
+            (t, p): watermarks(consumer, TopicPartition(t, p))[1]
             for t in names
             for p in metadata[t].partitions
         }
@@ -177,7 +180,7 @@ def poison(w: World) -> dict[str, Any]:
     """Five dead letters of four kinds, as the stages would have written them."""
     garbage = w.publish(w.topics.requests("NORMAL"), b"\x00garbage\xff" * 30, w.tenant.encode(), [])
     try:
-        w.codec.decode(garbage.value, "GenerationRequest")
+        w.codec.read(garbage.value, GenerationRequest)
     except DecodeError as exc:
         decode_error = exc
     old = now_ms() - 2 * HOUR_MS
@@ -189,17 +192,15 @@ def poison(w: World) -> dict[str, Any]:
     [task] = plan_tasks(task_request, "default", 4, now_ms(), now_ms())
     render = w.publish(
         w.topics.render("default", "NORMAL"),
-        w.codec.encode("RenderTask", task),
-        task["request_id"].encode(),
-        pipeline_headers(task["request_id"], w.tenant, "00-" + "c" * 32 + "-" + "d" * 16 + "-01"),
+        w.codec.write(task),
+        task.request_id.encode(),
+        pipeline_headers(task.request_id, w.tenant, "00-" + "c" * 32 + "-" + "d" * 16 + "-01"),
     )
     store_down = RetryableError("cassandra unavailable", code="STORE_UNAVAILABLE")
     coords = {
         "garbage": w.fail(Stage.GATEKEEPER, garbage, decode_error, at=old),
-        "exhausted": w.fail(
-            Stage.GATEKEEPER, retried, store_down, request_id=exhausted_request["request_id"]
-        ),
-        "retired": w.fail(Stage.GATEKEEPER, retired, store_down, request_id=retired_request["request_id"]),
+        "exhausted": w.fail(Stage.GATEKEEPER, retried, store_down, request_id=exhausted_request.request_id),
+        "retired": w.fail(Stage.GATEKEEPER, retired, store_down, request_id=retired_request.request_id),
         # The renderer knows no ids when it fails: the tools find them in the original value.
         "render": w.fail(Stage.RENDERER, render, PermanentError("diffusers blew up", code="RENDER_FAILED")),
     }
@@ -209,9 +210,9 @@ def poison(w: World) -> dict[str, Any]:
         "coords": coords,
         "originals": {"exhausted": retried, "render": render, "garbage": garbage},
         "ids": {
-            "exhausted": exhausted_request["request_id"],
-            "retired": retired_request["request_id"],
-            "render": task_request["request_id"],
+            "exhausted": exhausted_request.request_id,
+            "retired": retired_request.request_id,
+            "render": task_request.request_id,
         },
         "old": old,
     }
@@ -261,9 +262,9 @@ def test_show_decodes_a_decodable_original_and_previews_an_undecodable_one(world
 # -- dlq replay -----------------------------------------------------------------------------------------
 def test_dry_run_sends_nothing_and_says_what_would_happen(world: World):
     p = poison(world)
-    before = watermarks(world.settings)
+    before = high_watermarks(world.settings)
     report = replay(world.settings, Filters(), execute=False)
-    assert watermarks(world.settings) == before
+    assert high_watermarks(world.settings) == before
     assert report.dry_run
     actions = {a.coordinate: (a.action, a.reason) for a in report.actions}
     c = p["coords"]
@@ -300,9 +301,9 @@ def test_execute_sends_the_original_back_and_a_second_run_sends_nothing(world: W
     assert dict(header_list(task_copy))[REPLAYED_FROM] == c["render"].encode()
 
     # Again, while the copies are still in flight: nothing new.
-    before = watermarks(world.settings)
+    before = high_watermarks(world.settings)
     again = replay(world.settings, Filters(), execute=True, rate=1000)
-    assert watermarks(world.settings) == before
+    assert high_watermarks(world.settings) == before
     assert not again.of("sent")
     reasons = {a.coordinate: a.reason for a in again.actions}
     copy_at = f"{copy.topic()}:{copy.partition()}:{copy.offset()}"
@@ -312,7 +313,7 @@ def test_execute_sends_the_original_back_and_a_second_run_sends_nothing(world: W
     # Once the request is finished, that is the reason.
     world.row(ids["exhausted"], "SUCCEEDED")
     third = replay(world.settings, Filters(), execute=True, rate=1000)
-    assert watermarks(world.settings) == before
+    assert high_watermarks(world.settings) == before
     assert {a.coordinate: a.reason for a in third.actions}[c["exhausted"]] == "already finished (SUCCEEDED)"
 
 
@@ -345,7 +346,7 @@ def test_replay_is_paced_to_the_rate(world: World):
             Stage.GATEKEEPER,
             original,
             PermanentError("bad luck", code="TEST"),
-            request_id=request["request_id"],
+            request_id=request.request_id,
         )
         originals.append(original)
     started = time.monotonic()
@@ -365,20 +366,18 @@ def test_replay_is_paced_to_the_rate(world: World):
 def test_a_clean_run_is_ok_and_a_dead_lettered_request_is_not_lost(world: World):
     since = now_ms() - 1000
     ok, rejected = world.request(), world.request()
-    world.complete(ok["request_id"], "SUCCEEDED")
-    world.row(ok["request_id"], "SUCCEEDED")
-    world.result(ok["request_id"])
-    world.complete(rejected["request_id"], "REJECTED")
-    world.row(rejected["request_id"], "REJECTED")
+    world.complete(ok.request_id, "SUCCEEDED")
+    world.row(ok.request_id, "SUCCEEDED")
+    world.result(ok.request_id)
+    world.complete(rejected.request_id, "REJECTED")
+    world.row(rejected.request_id, "REJECTED")
     dead = world.request()
     [task] = plan_tasks(dead, "default", 4, now_ms(), now_ms())
-    original = world.publish(
-        world.topics.render("default", "NORMAL"), world.codec.encode("RenderTask", task), b"k", []
-    )
+    original = world.publish(world.topics.render("default", "NORMAL"), world.codec.write(task), b"k", [])
     world.fail(Stage.RENDERER, original, PermanentError("no", code="RENDER_FAILED"))  # ids from the value
     produce_sync(world.producer, world.topics.completions, b"\x00not avro")
 
-    ids = [ok["request_id"], rejected["request_id"], dead["request_id"]]
+    ids = [ok.request_id, rejected.request_id, dead.request_id]
     report = check_delivery(world.settings, ids, since_ms=since, timeout_s=30)
     assert report.ok, report.summary()
     assert report.submitted == 3
@@ -391,12 +390,19 @@ def test_a_clean_run_is_ok_and_a_dead_lettered_request_is_not_lost(world: World)
 
 def test_lost_duplicated_orphaned_and_mismatched_requests_are_reported(world: World):
     since = now_ms() - 1000
-    lost, dup, row_only, unsubmitted, obj, mismatch = (world.request()["request_id"] for _ in range(6))
-    stray = world.request()["request_id"]
+    lost, dup, row_only, unsubmitted, obj, mismatch = (world.request().request_id for _ in range(6))
+    stray = world.request().request_id
     world.complete(dup)
     world.complete(dup)
     world.row(dup)
     staged = world.staged(dup)  # the sink deletes staged frames once a request is recorded
+    # what S3Proxy's filesystem store leaves of an upload cut short by its stop: no frame, no orphan
+    world.blobs.put(
+        world.settings.s3.staging_bucket,
+        f"{frame_key(world.tenant, dup, 1)}-{uuid.uuid4()}",
+        b"x",
+        "image/png",
+    )
     world.row(row_only, indexed=True)
     world.row(unsubmitted, "FAILED", indexed=True)  # found through the tenant index only
     world.complete(obj, "REJECTED")
@@ -430,7 +436,7 @@ def test_lost_duplicated_orphaned_and_mismatched_requests_are_reported(world: Wo
 def aigc(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_")} | settings.to_env()
     return subprocess.run(
-        [sys.executable, "-m", "plumbing.cli", *args],
+        [sys.executable, "-m", "aigc", *args],
         env=env,
         cwd=REPO,
         check=False,
@@ -468,7 +474,7 @@ def test_cli_dlq_and_check(world: World, tmp_path):
     assert p["coords"]["render"] in listed_verbose.stdout and p["coords"]["render"] not in listed.stdout
     assert aigc(world.settings, "dlq", "replay", "--since", "yesterday-ish").returncode == 2
 
-    done, missing = world.request()["request_id"], world.request()["request_id"]
+    done, missing = world.request().request_id, world.request().request_id
     world.complete(done)
     world.row(done)
     ids = tmp_path / "ids.txt"
@@ -491,20 +497,20 @@ def test_cli_dlq_and_check(world: World, tmp_path):
 def test_reads_end_at_transaction_markers_and_skip_aborted_completions(world: World):
     """The sink publishes completions in transactions: the last offset of a partition is then a commit
     or abort marker that no consumer ever sees, and the read must still end (at end of partition)."""
-    committed, aborted = world.request()["request_id"], world.request()["request_id"]
+    committed, aborted = world.request().request_id, world.request().request_id
     tx = make_producer(world.settings, "test-tx", **{"transactional.id": unique("tx")})
     tx.init_transactions(30)
     for request_id, commit in ((committed, True), (aborted, False)):
         tx.begin_transaction()
-        record = {
-            "request_id": request_id,
-            "tenant_id": world.tenant,
-            "status": "SUCCEEDED",
-            "outputs": [],
-            "timings": {},
-            "finished_at": now_ms(),
-        }
-        tx.produce(world.topics.completions, world.codec.encode("Completion", record), request_id.encode())
+        record = Completion(
+            request_id=request_id,
+            tenant_id=world.tenant,
+            status="SUCCEEDED",
+            outputs=[],
+            timings=Timings(),
+            finished_at=now_ms(),
+        )
+        tx.produce(world.topics.completions, world.codec.write(record), request_id.encode())
         # Delivered before the transaction ends: an abort racing an in-flight produce is refused
         # (INVALID_TXN_STATE, fatal to the producer) by Kafka 4's transactions (KIP-890).
         tx.flush(30)
@@ -514,7 +520,7 @@ def test_reads_end_at_transaction_markers_and_skip_aborted_completions(world: Wo
             tx.abort_transaction(30)
     started = time.monotonic()
     reader = BoundedRead(world.settings, [world.topics.completions], timeout_s=20)
-    seen = [world.codec.decode(m.value())["request_id"] for m in reader]
+    seen = [world.codec.read(m.value(), Completion).request_id for m in reader]
     assert seen == [committed]
     assert reader.unfinished == []
     assert time.monotonic() - started < 10  # ended by the end-of-partition events, not the timeout

@@ -30,7 +30,7 @@ def closed_port() -> int:
 def aigc(*args: str, env: dict[str, str]) -> tuple[int, str, str, float]:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "plumbing.cli", *args],
+        [sys.executable, "-m", "aigc", *args],
         env={**os.environ, "AIGC_HOME": "/nonexistent-aigc-home", **env},
         capture_output=True,
         text=True,

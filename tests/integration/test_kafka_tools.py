@@ -16,7 +16,7 @@ from tests.conftest import unique
 
 def aigc(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "plumbing.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "aigc", *args], env=env, capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
 
 

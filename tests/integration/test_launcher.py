@@ -107,7 +107,7 @@ def test_a_killed_service_is_reported_with_its_log(own: Settings):
         "AIGC_CASSANDRA__PORT": str(PORTS["cql"]),
     }
     cli = subprocess.run(
-        [sys.executable, "-m", "plumbing.cli", "infra", "status"],
+        [sys.executable, "-m", "aigc", "infra", "status"],
         env=env,
         cwd=REPO,
         capture_output=True,

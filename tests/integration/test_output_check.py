@@ -56,9 +56,9 @@ def test_a_real_detection_is_blocked_only_from_the_threshold_a_setting_gives(
     assert verdict.score == pytest.approx(found["BUTTOCKS_EXPOSED"])
     assert check.check([flagged]) == check.check([flagged])  # deterministic: a retry decides the same
     moderation = check.moderation(verdict)
-    assert moderation["source"] == "nudenet" and moderation["field"] == "output"
-    assert moderation["model_version"].startswith("nudenet-3.")
-    assert moderation["model_version"].endswith("/320n")
+    assert moderation.source == "nudenet" and moderation.field == "output"
+    assert moderation.model_version is not None and moderation.model_version.startswith("nudenet-3.")
+    assert moderation.model_version.endswith("/320n")
 
 
 def test_an_unknown_label_in_the_settings_is_refused(detector: NudeNetDetector) -> None:

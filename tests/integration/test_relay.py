@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.errors import RetryableError
 from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN
@@ -15,7 +16,7 @@ from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
 from schemas.codec import default_codec
-from stream_processors.relay import Relay, now_ms
+from stream_processors.relay import Relay
 from tests.conftest import unique
 
 WAIT_S = 20.0

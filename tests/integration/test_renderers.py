@@ -27,8 +27,7 @@ from confluent_kafka import AcknowledgeType
 from gpu_consumers.renderer import Renderer
 from infra.bootstrap import ensure_buckets, ensure_share_groups, ensure_topics
 from plumbing.kafka_clients import (
-    group_offsets,
-    make_admin,
+    OffsetReader,
     make_consumer,
     make_producer,
     make_share_consumer,
@@ -39,6 +38,7 @@ from plumbing.supervisor import free_port, probe_ready
 from plumbing.topics import Stage, Topics
 from producers.client import new_request, now_ms
 from schemas.codec import default_codec
+from schemas.records import DeadLetter, FramesRendered, Record, RenderTask, StatusEvent
 from stream_processors.gatekeeper.fanout import plan_tasks
 from tests.conftest import REPO, unique
 
@@ -67,7 +67,7 @@ def renderer_settings(infra: Settings, mode: str, tmp_path: Path, **renderer: An
     return settings
 
 
-def task(priority: str = "NORMAL", tenant: str = "t1", steps: int = 4) -> dict[str, Any]:
+def task(priority: str = "NORMAL", tenant: str = "t1", steps: int = 4) -> RenderTask:
     request = new_request(tenant_id=tenant, model="m", prompt=f"p {uuid.uuid4().hex[:6]}", width=16,
                           height=16, steps=steps, guidance_scale=7.5, output_format="PNG", seed=7,
                           priority=priority)  # fmt: skip
@@ -75,45 +75,42 @@ def task(priority: str = "NORMAL", tenant: str = "t1", steps: int = 4) -> dict[s
     return one
 
 
-def send(settings: Settings, *tasks: dict[str, Any]) -> list[bytes]:
+def send(settings: Settings, *tasks: RenderTask) -> list[bytes]:
     """Produce each task in its own producer batch (acquisition follows batches); their bytes."""
     producer = make_producer(settings, "test", **{"linger.ms": 0})
     values = []
     for t in tasks:
-        value = codec.encode("RenderTask", t)
-        producer.produce(Topics(settings).render(POOL, t["priority"]), value, t["request_id"].encode())
+        value = codec.write(t)
+        producer.produce(Topics(settings).render(POOL, t.priority), value, t.request_id.encode())
         assert producer.flush(10) == 0
         values.append(value)
     return values
 
 
 class Reader:
-    """Follows topics from the beginning and keeps decoded records (with ``_topic``)."""
+    """Follows topics from the beginning and keeps the decoded records, in order."""
 
     def __init__(self, settings: Settings, topics: list[str]) -> None:
         self.consumer = make_consumer(settings, f"test-{uuid.uuid4().hex}", "test")
         self.consumer.subscribe(topics)
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
 
-    def until(
-        self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = RESULT_TIMEOUT_S
-    ) -> None:
+    def until(self, done: Callable[[list[Record]], bool], timeout_s: float = RESULT_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while not done(self.records):
             assert time.monotonic() < deadline, f"timed out with {len(self.records)} records"
-            msg = self.consumer.poll(0.2)
-            if msg is not None and msg.error() is None:
-                _, record = codec.decode_any(msg.value())
-                self.records.append({**record, "_topic": msg.topic(), "_value": msg.value()})
+            self._read_one()
 
     def settle(self, idle_s: float) -> None:
         """Read on for ``idle_s`` more seconds (a stray extra record would be seen)."""
         deadline = time.monotonic() + idle_s
         while time.monotonic() < deadline:
-            msg = self.consumer.poll(0.2)
-            if msg is not None and msg.error() is None:
-                _, record = codec.decode_any(msg.value())
-                self.records.append({**record, "_topic": msg.topic(), "_value": msg.value()})
+            self._read_one()
+
+    def _read_one(self) -> None:
+        msg = self.consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            self.records.append(codec.read_any(msg.value()))
 
     def close(self) -> None:
         self.consumer.close()
@@ -137,7 +134,7 @@ def warm_up(settings: Settings, reader: Reader, workers: set[str]) -> None:
     """Send pairs of HIGH tasks until every one of ``workers`` has rendered one: a member new to a share
     group gets its assignment at its next heartbeat (``group.share.heartbeat.interval.ms``, >= 5 s)."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while {r["worker_id"] for r in frames(reader.records)} != workers:
+    while {r.worker_id for r in frames(reader.records)} != workers:
         assert time.monotonic() < deadline, "not every renderer took a task"
         sent = len(frames(reader.records)) + 2
         send(settings, task("HIGH"), task("HIGH"))
@@ -176,14 +173,25 @@ def renderers() -> Iterator[Callable[[Settings, str], InThread]]:
             r.close()
 
 
-def frames(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if "outcome" in r]
+def frames(records: list[Record]) -> list[FramesRendered]:
+    return [r for r in records if isinstance(r, FramesRendered)]
 
 
-def rendered_by(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+def running(records: list[Record], worker: str | None = None) -> bool:
+    """True once a RUNNING status event (of ``worker``, when given) was read."""
+    return any(
+        isinstance(r, StatusEvent) and r.state == "RUNNING" and worker in (None, r.worker_id) for r in records
+    )
+
+
+def dead_letters(records: list[Record]) -> list[DeadLetter]:
+    return [r for r in records if isinstance(r, DeadLetter)]
+
+
+def rendered_by(records: list[Record]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in frames(records):
-        out.setdefault(r["worker_id"], []).append(r["task_id"])
+        out.setdefault(r.worker_id, []).append(r.task_id)
     return out
 
 
@@ -201,23 +209,24 @@ def test_two_renderers_share_one_partition(
     send(settings, *tasks)
     reader.until(lambda rs: len(frames(rs)) >= len(tasks))
     reader.settle(2.0)
-    reader.records = [r for r in reader.records if r.get("task_id") in {t["task_id"] for t in tasks}]
+    ids = {t.task_id for t in tasks}
+    reader.records = [r for r in reader.records if getattr(r, "task_id", None) in ids]
     done = frames(reader.records)
-    assert sorted(r["task_id"] for r in done) == sorted(t["task_id"] for t in tasks)
-    assert {r["outcome"] for r in done} == {"RENDERED"}
+    assert sorted(r.task_id for r in done) == sorted(ids)
+    assert {r.outcome for r in done} == {"RENDERED"}
     by = rendered_by(reader.records)
     assert set(by) == {"a", "b"}, by
     # No renderer idled while a task waited: renders of the two workers overlapped in time.
-    spans = {w: [(r["started_at"], r["finished_at"]) for r in done if r["worker_id"] == w] for w in by}
+    spans = {w: [(r.started_at, r.finished_at) for r in done if r.worker_id == w] for w in by}
     overlap = sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in spans["a"] for s2, e2 in spans["b"])
     assert overlap > 0.5 * sum(e - s for s, e in spans["a"]), spans
     # Backlog readers (the gatekeeper's shedding) see the queue drained, as with a consumer group.
-    admin = make_admin(settings)
+    reader = OffsetReader(settings)
     high = Topics(settings).render(POOL, "HIGH")
     deadline = time.monotonic() + 10.0
     while True:
-        [(committed, end)] = group_offsets(
-            admin, renderer_group(settings, POOL, share=False), [high]
+        [(committed, end)] = reader.group_offsets(
+            renderer_group(settings, POOL, share=False), [high]
         ).values()
         if committed == end:
             break
@@ -236,27 +245,26 @@ def test_high_first_under_low_backlog(
     lows = [task("LOW", tenant=f"t{i % 3}") for i in range(16)]
     send(settings, *lows)
     renderers(settings, "a")
-    reader.until(lambda rs: any(r.get("state") == "RUNNING" for r in rs))  # a LOW batch is rendering
+    reader.until(running)  # a LOW batch is rendering
     [high] = [task("HIGH")]
     send(settings, high)
     reader.until(lambda rs: len(frames(rs)) >= 17)
-    order = [r["task_id"] for r in frames(reader.records)]
-    assert sorted(order) == sorted(t["task_id"] for t in [*lows, high])
+    order = [r.task_id for r in frames(reader.records)]
+    assert sorted(order) == sorted(t.task_id for t in [*lows, high])
     # At most one LOW batch (4 tasks) finishes before HIGH, and at most one more is suspended under it:
     # the other LOW tasks (Kafka's backlog, or buffered) start only after HIGH is done.
-    assert order.index(high["task_id"]) <= 4, order
-    high_done = next(r for r in frames(reader.records) if r["task_id"] == high["task_id"])
-    lows_done = [r for r in frames(reader.records) if r["priority"] == "LOW"]
-    assert sum(r["started_at"] > high_done["finished_at"] for r in lows_done) >= 8
+    assert order.index(high.task_id) <= 4, order
+    high_done = next(r for r in frames(reader.records) if r.task_id == high.task_id)
+    lows_done = [r for r in frames(reader.records) if r.priority == "LOW"]
+    assert sum(r.started_at > high_done.finished_at for r in lows_done) >= 8
     # Step-level preemption: HIGH rendered nested inside the LOW batch it found running.
     assert any(
-        r["started_at"] < high_done["started_at"] and r["finished_at"] > high_done["finished_at"]
-        for r in lows_done
+        r.started_at < high_done.started_at and r.finished_at > high_done.finished_at for r in lows_done
     ), (high_done, lows_done[:4])
     # Micro-batching: LOW tasks were rendered in batches of up to max_batch (4) frames.
-    assert max(r["batch_size"] for r in lows_done) == 4
+    assert max(r.batch_size for r in lows_done) == 4
     # Tenant turns inside LOW: the first four LOW tasks rendered come from three tenants.
-    assert len({r["tenant_id"] for r in lows_done[:4]}) == 3
+    assert len({r.tenant_id for r in lows_done[:4]}) == 3
 
 
 def test_kill_9_redelivers_to_the_other(infra: Settings, tmp_path: Path, frames_reader: Any) -> None:
@@ -269,7 +277,7 @@ def test_kill_9_redelivers_to_the_other(infra: Settings, tmp_path: Path, frames_
         wait_ready(victim, settings, "victim")
         [t] = [task()]
         send(settings, t)
-        reader.until(lambda rs: any(r.get("state") == "RUNNING" and r["worker_id"] == "victim" for r in rs))
+        reader.until(lambda rs: running(rs, "victim"))
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         survivor = spawn(settings, "survivor")
@@ -284,7 +292,7 @@ def test_kill_9_redelivers_to_the_other(infra: Settings, tmp_path: Path, frames_
         if victim.poll() is None:
             victim.kill()
     [done] = frames(reader.records)
-    assert (done["task_id"], done["worker_id"], done["outcome"]) == (t["task_id"], "survivor", "RENDERED")
+    assert (done.task_id, done.worker_id, done.outcome) == (t.task_id, "survivor", "RENDERED")
 
 
 def test_graceful_stop_releases(infra: Settings, tmp_path: Path, renderers: Any, frames_reader: Any) -> None:
@@ -296,14 +304,14 @@ def test_graceful_stop_releases(infra: Settings, tmp_path: Path, renderers: Any,
     first = renderers(settings, "first")
     tasks = [task("LOW") for _ in range(3)]
     send(settings, *tasks)
-    reader.until(lambda rs: any(r.get("state") == "RUNNING" for r in rs))
+    reader.until(running)
     stopped_at = time.monotonic()
     first.close()  # grace 0: the batch is abandoned between two steps and released
     renderers(settings, "second")
     reader.until(lambda rs: len(frames(rs)) >= 3, timeout_s=40.0)
     assert time.monotonic() - stopped_at < 40.0
-    assert sorted(r["task_id"] for r in frames(reader.records)) == sorted(t["task_id"] for t in tasks)
-    assert {r["worker_id"] for r in frames(reader.records)} == {"second"}
+    assert sorted(r.task_id for r in frames(reader.records)) == sorted(t.task_id for t in tasks)
+    assert {r.worker_id for r in frames(reader.records)} == {"second"}
 
 
 def test_last_delivery_is_dead_lettered(
@@ -328,11 +336,11 @@ def test_last_delivery_is_dead_lettered(
     other.acknowledge(taken[0], AcknowledgeType.RELEASE)
     other.close()
     renderers(settings, "a")
-    reader.until(lambda rs: any(r["_topic"] == Topics(settings).dlq(Stage.RENDERER) for r in rs))
+    reader.until(lambda rs: bool(dead_letters(rs)))
     reader.settle(3.0)
     assert frames(reader.records) == []
-    [dead] = [r for r in reader.records if r["_topic"] == Topics(settings).dlq(Stage.RENDERER)]
-    assert dead["value"] == value and dead["error_code"] == "DELIVERY_LIMIT"
+    [dead] = dead_letters(reader.records)
+    assert (dead.stage, dead.value, dead.error_code) == (Stage.RENDERER.value, value, "DELIVERY_LIMIT")
     # REJECTed: a fresh member of the group is never given it again.
     again = make_share_consumer(settings, group, "test")
     again.subscribe([Topics(settings).render(POOL, "NORMAL")])
@@ -356,12 +364,12 @@ def test_render_longer_than_default_lock_keeps_it(
     first = renderers(settings, "first")
     [t] = [task()]
     send(settings, t)
-    reader.until(lambda rs: any(r.get("state") == "RUNNING" for r in rs))
+    reader.until(running)
     renderers(settings, "second")
     reader.until(lambda rs: len(frames(rs)) >= 1, timeout_s=60.0)
     reader.settle(3.0)
     [done] = frames(reader.records)
-    assert (done["worker_id"], done["outcome"]) == ("first", "RENDERED")
+    assert (done.worker_id, done.outcome) == ("first", "RENDERED")
     assert first.renderer.intake.refused == 0  # type: ignore[attr-defined]
 
 
@@ -374,7 +382,7 @@ def spawn(settings: Settings, worker: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.to_env(), "AIGC_RENDERER__WORKER_ID": worker,
            "AIGC_METRICS_PORT": str(PORTS[worker])}  # fmt: skip
     log = (settings.home / f"{worker}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "plumbing.cli", "render", "--pool", POOL], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "aigc", "render", "--pool", POOL], cwd=REPO,
                             env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 

@@ -116,7 +116,7 @@ def test_cli_tenants_add_and_ls(infra: Settings):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_")} | settings.to_env()
 
     def aigc(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "plumbing.cli", *args], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "aigc", *args], env=env, capture_output=True,
                               text=True, timeout=120, check=False)  # fmt: skip
 
     added = aigc("tenants", "add", "acme", "--rate", "2", "--burst", "5")

@@ -77,7 +77,7 @@ def test_top_live_through_prometheus(prometheus: Settings, tmux):
         argv = [
             sys.executable,
             "-m",
-            "plumbing.cli",
+            "aigc",
             "top",
             "--pipeline",
             pipeline,
@@ -105,7 +105,7 @@ def test_top_once_reads_the_stages_without_prometheus(prometheus: Settings, tmp_
     pipeline = unique("top")
     nobody = prometheus.infra.prometheus_port + 7  # no Prometheus listens there
     with contract_exporter(prometheus, pipeline):
-        argv = [sys.executable, "-m", "plumbing.cli", "top", "--once", "--pipeline", pipeline]
+        argv = [sys.executable, "-m", "aigc", "top", "--once", "--pipeline", pipeline]
         start(f"{shlex.join(argv)}; sleep 60", aigc_env(prometheus, nobody))
         text = wait_for_screen(screen, expected_rows(pipeline), f"pipeline {pipeline}")
     assert "scraping the stages" in text

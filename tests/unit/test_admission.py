@@ -1,19 +1,21 @@
 """The gatekeeper's admission decision (`Gate.admit`) over real encoded requests and plain-dict tables.
 
-Tables are applied between calls the way the faust agent in ``stream_processors/gatekeeper/app.py`` does.
+Tables are applied between calls the way the faust agent in ``stream_processors/gatekeeper/app.py`` does,
+through `TypedTable` over plain dicts of JSON objects (what faust stores).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from plumbing.dead_letters import Original
-from plumbing.headers import REPLY_TOPIC, TRACEPARENT, pipeline_headers, trace_id
+from plumbing.headers import REPLY_TOPIC, TRACEPARENT, Outgoing, pipeline_headers, trace_id
 from plumbing.settings import (
     MODERATION_CATEGORIES,
     GatekeeperSettings,
@@ -24,12 +26,23 @@ from plumbing.settings import (
     Tier,
 )
 from plumbing.topics import Stage, Topics
-from producers.client import new_request
+from plumbing.validation import render_cost
 from schemas.codec import default_codec
-from schemas.validation import render_cost
-from stream_processors.gatekeeper.admission import Admission, Gate, Output
+from schemas.records import (
+    Completion,
+    DeadLetter,
+    GenerationRequest,
+    Header,
+    ModerationVerdict,
+    RenderTask,
+    StatusEvent,
+    Timings,
+    VideoSpec,
+)
+from stream_processors.gatekeeper.admission import Admission, Gate
 from stream_processors.gatekeeper.fanout import plan_tasks
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy, build_moderator
+from stream_processors.gatekeeper.tables import Bucket, Seen, TypedTable
 
 NOW = 1_700_000_000_000
 WINDOW_S = 60.0
@@ -76,10 +89,11 @@ def make_gate(is_cancelled: Callable[[str, str], bool] | None = None) -> Gate:
     return Gate(SETTINGS, codec, moderator, is_cancelled)
 
 
-def request(**fields: Any) -> dict[str, Any]:
+def request(**fields: Any) -> GenerationRequest:
     base: dict[str, Any] = {
         "request_id": "req-1",
         "tenant_id": TENANT,
+        "kind": "VIDEO" if fields.get("video") else "IMAGE",
         "prompt": "a lighthouse at dusk",
         "model": "tiny-sd",
         "width": 64,
@@ -89,58 +103,60 @@ def request(**fields: Any) -> dict[str, Any]:
         "seed": 42,
         "created_at": NOW - 1_000,
     }
-    return new_request(**{**base, **fields})
+    if fields.get("video") is not None:
+        fields["video"] = VideoSpec(**fields["video"])
+    return GenerationRequest(**{**base, **fields})
 
 
 def original(
-    record: dict[str, Any], offset: int = 0, partition: int = 0, value: bytes | None = None
+    record: GenerationRequest, offset: int = 0, partition: int = 0, value: bytes | None = None
 ) -> Original:
     headers: list[tuple[str, bytes | None]] = [
         (k, v if isinstance(v, bytes) or v is None else v.encode())
-        for k, v in pipeline_headers(record["request_id"], record["tenant_id"], INCOMING_TRACEPARENT)
+        for k, v in pipeline_headers(record.request_id, record.tenant_id, INCOMING_TRACEPARENT)
     ]
     return Original(
-        TOPICS.requests(record.get("priority") or "NORMAL"),
+        TOPICS.requests(record.priority),
         partition,
         offset,
         NOW - 500,
-        record["tenant_id"].encode(),
-        codec.encode("GenerationRequest", record) if value is None else value,
+        record.tenant_id.encode(),
+        codec.write(record) if value is None else value,
         headers,
     )
 
 
 class Tables:
-    """The gatekeeper's two tables as plain dicts, updated like the faust agent does."""
+    """The gatekeeper's two tables as plain dicts of JSON objects, updated like the faust agent does."""
 
     def __init__(self) -> None:
-        self.seen: dict[str, Any] = {}
-        self.buckets: dict[str, Any] = {}
+        self.seen: TypedTable[Seen] = TypedTable({}, Seen)
+        self.buckets: TypedTable[Bucket] = TypedTable({}, Bucket)
 
     def admit(self, gate: Gate, message: Original, now_ms: int = NOW) -> Admission:
         admission = gate.admit(message, self.seen, self.buckets, now_ms)
         if admission.seen is not None and admission.request_id:
-            self.seen[admission.request_id] = {**admission.seen, "p": message.partition}
+            self.seen[admission.request_id] = replace(admission.seen, partition=message.partition)
         if admission.bucket is not None and admission.tenant_id:
             self.buckets[admission.tenant_id] = admission.bucket
         return admission
 
 
-def only_decision(admission: Admission) -> tuple[Output, dict[str, Any]]:
+def only_decision(admission: Admission) -> tuple[Outgoing, Completion]:
     """The single Completion on the decisions topic, decoded."""
     assert len(admission.outputs) == 1
     out = admission.outputs[0]
     assert out.topic in TOPICS.all_decisions()
-    return out, codec.decode(out.value, "Completion")
+    return out, codec.read(out.value, Completion)
 
 
-def header(out: Output, name: str) -> Any:
+def header(out: Outgoing, name: str) -> Any:
     values = [v for k, v in out.headers if k == name]
     assert len(values) <= 1, f"{name} appears {len(values)} times"
     return values[0] if values else None
 
 
-def assert_continues_trace(out: Output, request_id: str) -> None:
+def assert_continues_trace(out: Outgoing, request_id: str) -> None:
     parent = header(out, TRACEPARENT)
     assert trace_id(parent) == TRACE_ID
     assert parent != INCOMING_TRACEPARENT.encode()  # a new span of the same trace
@@ -170,14 +186,14 @@ def test_undecodable_bytes_are_dead_lettered_untouched(value: bytes, code: str) 
     out = admission.outputs[0]
     assert out.topic == TOPICS.dlq(Stage.GATEKEEPER)
     assert out.key == message.key
-    letter = codec.decode(out.value, "DeadLetter")
-    assert letter["value"] == value
-    assert letter["key"] == message.key
-    assert letter["original_topic"] == message.topic
-    assert letter["original_offset"] == 17
-    assert letter["stage"] == Stage.GATEKEEPER.value
-    assert letter["error_code"] == code
-    assert letter["headers"] == [{"key": k, "value": v} for k, v in message.headers]
+    letter = codec.read(out.value, DeadLetter)
+    assert letter.value == value
+    assert letter.key == message.key
+    assert letter.original_topic == message.topic
+    assert letter.original_offset == 17
+    assert letter.stage == Stage.GATEKEEPER.value
+    assert letter.error_code == code
+    assert letter.headers == [Header(key=k, value=v) for k, v in message.headers]
     names = [k for k, _ in out.headers]
     assert names[: len(message.headers)] == [k for k, _ in message.headers]
     assert header(out, "dlq.original.topic") == message.topic.encode()
@@ -187,19 +203,14 @@ def test_undecodable_bytes_are_dead_lettered_untouched(value: bytes, code: str) 
 
 
 def test_a_record_of_another_schema_is_dead_lettered() -> None:
-    completion = {
-        "request_id": "r",
-        "tenant_id": "t",
-        "status": "FAILED",
-        "outputs": [],
-        "timings": {"queued_ms": 0, "render_ms": 0, "assemble_ms": 0, "total_ms": 0},
-        "finished_at": NOW,
-    }
-    value = codec.encode("Completion", completion)
+    completion = Completion(
+        request_id="r", tenant_id="t", status="FAILED", timings=Timings(), finished_at=NOW
+    )
+    value = codec.write(completion)
     admission = Tables().admit(make_gate(), original(request(), value=value))
     assert admission.verdict == "DEAD_LETTERED"
     assert admission.reason == "WRONG_SCHEMA"
-    assert codec.decode(admission.outputs[0].value, "DeadLetter")["value"] == value
+    assert codec.read(admission.outputs[0].value, DeadLetter).value == value
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -229,16 +240,16 @@ def test_an_invalid_request_is_rejected_naming_the_field(
     assert admission.reason == code
     out, completion = only_decision(admission)
     assert out.key == b"req-1"
-    assert completion["status"] == "REJECTED"
-    assert completion["reason_code"] == code
-    assert field in completion["message"]
-    assert completion["finished_at"] == NOW
-    assert completion["timings"]["total_ms"] == 1_000
-    assert completion["outputs"] == []
+    assert completion.status == "REJECTED"
+    assert completion.reason_code == code
+    assert completion.message is not None and field in completion.message
+    assert completion.finished_at == NOW
+    assert completion.timings.total_ms == 1_000
+    assert completion.outputs == []
     assert header(out, REPLY_TOPIC) is None
     assert_continues_trace(out, "req-1")
     # The decision is remembered, and no tokens were taken.
-    assert tables.seen["req-1"]["d"] == "R"
+    assert not tables.seen["req-1"].accepted
     assert tables.buckets == {}
 
 
@@ -251,13 +262,37 @@ def test_a_request_without_a_usable_id_is_dead_lettered_intact_and_not_remembere
     assert admission.reason == "INVALID_REQUEST_ID"
     [out] = admission.outputs
     assert out.topic == TOPICS.dlq(Stage.GATEKEEPER)
-    assert codec.decode(out.value, "DeadLetter")["value"] == message.value
+    assert codec.read(out.value, DeadLetter).value == message.value
     assert tables.seen == {}
 
 
 def test_labels_are_echoed_on_a_decision() -> None:
     admission = Tables().admit(make_gate(), original(request(width=65, labels={"user": "u7"})))
-    assert only_decision(admission)[1]["labels"] == {"user": "u7"}
+    assert only_decision(admission)[1].labels == {"user": "u7"}
+
+
+def test_the_webhook_url_of_a_valid_request_travels_with_its_tasks_not_that_of_an_invalid_one() -> None:
+    hook = "https://hooks.example.com/aigc"
+    valid_but_rejected = Tables().admit(make_gate(), original(request(prompt="", webhook_url=hook)))
+    assert only_decision(valid_but_rejected)[1].webhook_url is None  # invalid (prompt): not carried
+    tables, gate = Tables(), make_gate()
+    tasks = tables.admit(gate, original(request(webhook_url=hook)))
+    assert {codec.read(o.value, RenderTask).webhook_url for o in tasks.outputs if "render" in o.topic} == {
+        hook
+    }
+
+
+def test_a_rejection_of_a_valid_request_carries_its_webhook_url() -> None:
+    hook = "https://hooks.example.com/aigc"
+    tables, gate = Tables(), make_gate()
+    for offset in range(60):  # over the tier's burst: RATE_LIMITED, a rejection of a valid request
+        admission = tables.admit(
+            gate, original(request(request_id=f"r-{offset}", webhook_url=hook), offset=offset)
+        )
+        if admission.reason == "RATE_LIMITED":
+            break
+    assert admission.reason == "RATE_LIMITED"
+    assert only_decision(admission)[1].webhook_url == hook
 
 
 # -- cancellation and deadlines ---------------------------------------------------------------------
@@ -275,7 +310,7 @@ def test_a_request_cancelled_before_admission_is_cancelled() -> None:
     admission = tables.admit(gate, original(request()))
     assert admission.verdict == "CANCELLED"
     _, completion = only_decision(admission)
-    assert (completion["status"], completion["reason_code"]) == ("CANCELLED", "CANCELLED")
+    assert (completion.status, completion.reason_code) == ("CANCELLED", "CANCELLED")
     assert asked == [("req-1", TENANT)]
     assert tables.buckets == {}  # nothing charged
     # Another request of the same tenant is not affected.
@@ -288,7 +323,7 @@ def test_a_request_past_its_deadline_expires(deadline: int) -> None:
     admission = tables.admit(make_gate(), original(request(deadline_ms=deadline)))
     assert admission.verdict == "EXPIRED"
     _, completion = only_decision(admission)
-    assert (completion["status"], completion["reason_code"]) == ("EXPIRED", "DEADLINE_EXCEEDED")
+    assert (completion.status, completion.reason_code) == ("EXPIRED", "DEADLINE_EXCEEDED")
     assert tables.buckets == {}
 
 
@@ -317,18 +352,18 @@ def test_a_blocked_text_is_rejected_as_moderated(fields: dict[str, Any], field: 
     assert admission.verdict == "REJECTED"
     assert admission.reason == "MODERATED"
     _, completion = only_decision(admission)
-    assert completion["reason_code"] == "MODERATED"
-    assert completion["moderation"] == {
-        "category": "violence_gore",
-        "policy_version": policy.version,
-        "source": "policy",
-        "field": field,
-        "reason": "VIOLENCE_GORE",
-        "model_version": None,
-        "score": None,
-        "scores": {},
-    }
-    assert field in completion["message"]
+    assert completion.reason_code == "MODERATED"
+    assert completion.moderation == ModerationVerdict(
+        category="violence_gore",
+        policy_version=policy.version,
+        source="policy",
+        field=field,
+        reason="VIOLENCE_GORE",
+        model_version=None,
+        score=None,
+        scores={},
+    )
+    assert completion.message is not None and field in completion.message
     assert tables.buckets == {}  # moderation comes before the rate limiter
 
 
@@ -338,19 +373,16 @@ def test_a_model_decision_carries_the_model_version_score_and_scores() -> None:
     gate = Gate(SETTINGS, codec, build_moderator(SETTINGS.gatekeeper))
     admission = Tables().admit(gate, original(request(prompt="a nude figure")))
     _, completion = only_decision(admission)
-    verdict = completion["moderation"]
-    assert (verdict["category"], verdict["reason"], verdict["source"]) == (
-        "sexual",
-        "SEXUAL_CONTENT",
-        "prompt-linear",
-    )
-    assert verdict["model_version"].startswith("prompt-linear-")
+    verdict = completion.moderation
+    assert verdict is not None
+    assert (verdict.category, verdict.reason, verdict.source) == ("sexual", "SEXUAL_CONTENT", "prompt-linear")
+    assert verdict.model_version is not None and verdict.model_version.startswith("prompt-linear-")
     assert (
-        verdict["score"]
-        == max(verdict["scores"].values())
+        verdict.score
+        == max(verdict.scores.values())
         >= SETTINGS.gatekeeper.moderation_cue_thresholds["sexual"]
     )
-    assert set(verdict["scores"]) == set(MODERATION_CATEGORIES)
+    assert set(verdict.scores) == set(MODERATION_CATEGORIES)
 
 
 # -- rate limits ------------------------------------------------------------------------------------
@@ -361,16 +393,16 @@ def test_a_tenant_over_its_rate_is_rejected_with_retry_after() -> None:
     gate = make_gate()
     first = tables.admit(gate, original(request(tenant_id=LIMITED), offset=0))
     assert first.verdict == "ACCEPTED"
-    bucket = dict(tables.buckets[LIMITED])
+    bucket = tables.buckets[LIMITED]
     second = tables.admit(gate, original(request(request_id="req-2", tenant_id=LIMITED), offset=1))
     assert second.verdict == "REJECTED"
     assert second.reason == "RATE_LIMITED"
     assert second.bucket is None
     assert tables.buckets[LIMITED] == bucket  # the refusal took nothing
     _, completion = only_decision(second)
-    assert completion["reason_code"] == "RATE_LIMITED"
+    assert completion.reason_code == "RATE_LIMITED"
     # 0.01 request tokens/s: one token is back after 100 s.
-    assert completion["retry_after_ms"] == 100_000
+    assert completion.retry_after_ms == 100_000
     # Other tenants have their own buckets.
     assert tables.admit(gate, original(request(request_id="req-3"), offset=2)).verdict == "ACCEPTED"
     # After the retry-after, the tenant is admitted again.
@@ -385,7 +417,7 @@ def test_the_cost_bucket_is_charged_with_the_render_cost() -> None:
     record = request(tenant_id="tenant-cheap", num_images=2)
     assert tables.admit(make_gate(), original(record)).verdict == "ACCEPTED"
     tier = SETTINGS.gatekeeper.tiers["cheap"]
-    assert tables.buckets["tenant-cheap"]["c"] == tier.cost_burst - render_cost(record)
+    assert tables.buckets["tenant-cheap"].cost == tier.cost_burst - render_cost(record)
     again = tables.admit(
         make_gate(), original(request(request_id="req-2", tenant_id="tenant-cheap"), offset=1)
     )
@@ -399,8 +431,8 @@ def test_a_request_costlier_than_the_tier_allows_is_rejected_for_good() -> None:
     assert admission.verdict == "REJECTED"
     assert admission.reason == "COST_EXCEEDS_TIER"
     _, completion = only_decision(admission)
-    assert completion["reason_code"] == "COST_EXCEEDS_TIER"
-    assert completion["retry_after_ms"] is None
+    assert completion.reason_code == "COST_EXCEEDS_TIER"
+    assert completion.retry_after_ms is None
     assert tables.buckets == {}
 
 
@@ -415,35 +447,35 @@ def test_an_accepted_image_request_fans_out_on_its_pool_and_priority(priority: s
     assert admission.verdict == "ACCEPTED"
     assert (admission.request_id, admission.tenant_id) == ("req-1", TENANT)
     first, *tasks, last = admission.outputs
-    statuses = [codec.decode(first.value, "StatusEvent"), codec.decode(last.value, "StatusEvent")]
+    statuses = [codec.read(first.value, StatusEvent), codec.read(last.value, StatusEvent)]
     assert [first.topic, last.topic] == [TOPICS.status, TOPICS.status]
-    assert [s["state"] for s in statuses] == ["ACCEPTED", "QUEUED"]
-    assert all(s["stage"] == "gatekeeper" and s["at"] == NOW for s in statuses)
+    assert [s.state for s in statuses] == ["ACCEPTED", "QUEUED"]
+    assert all(s.stage == "gatekeeper" and s.at == NOW for s in statuses)
+    assert all((s.progress, s.task_id, s.worker_id) == (None, None, None) for s in statuses)
+    assert statuses[0].message is None
     render_topic = TOPICS.render(POOL, priority)
     assert render_topic == f"aigc.render.{POOL}.{priority.lower()}"
-    assert render_topic in statuses[1]["message"]
+    assert statuses[1].message == f"3 task(s) on {render_topic}"
     assert len(tasks) == 3
     assert all(out.topic == render_topic for out in tasks)
-    decoded = [codec.decode(out.value, "RenderTask") for out in tasks]
+    decoded = [codec.read(out.value, RenderTask) for out in tasks]
     assert decoded == plan_tasks(record, POOL, FRAMES_PER_TASK, NOW, NOW)
-    assert [t["priority"] for t in decoded] == [priority] * 3
+    assert [t.priority for t in decoded] == [priority] * 3
     for out in admission.outputs:
         assert out.key == b"req-1"
         assert_continues_trace(out, "req-1")
         assert header(out, "tenant_id") == TENANT.encode()
     origin = f"{TOPICS.requests(priority)}:2:5"
-    assert tables.seen["req-1"] == {"o": origin, "t": NOW, "d": "A", "p": 2}
-    assert tables.buckets[TENANT]["r"] == SETTINGS.gatekeeper.tiers["standard"].request_burst - 1
+    assert tables.seen["req-1"] == Seen(origin=origin, first_seen=NOW, decision=None, partition=2)
+    assert tables.buckets[TENANT].requests == SETTINGS.gatekeeper.tiers["standard"].request_burst - 1
 
 
 def test_an_accepted_video_is_split_into_tasks_of_frames_per_task() -> None:
     record = request(kind="VIDEO", video={"num_frames": 10, "fps": 8})
     admission = Tables().admit(make_gate(), original(record))
-    tasks = [
-        codec.decode(o.value, "RenderTask") for o in admission.outputs if o.topic.startswith("aigc.render")
-    ]
+    tasks = [codec.read(o.value, RenderTask) for o in admission.outputs if o.topic.startswith("aigc.render")]
     assert len(tasks) == math.ceil(10 / FRAMES_PER_TASK)
-    assert [(t["frame_start"], t["frame_end"]) for t in tasks] == [(0, 4), (4, 8), (8, 10)]
+    assert [(t.frame_start, t.frame_end) for t in tasks] == [(0, 4), (4, 8), (8, 10)]
 
 
 @pytest.mark.parametrize("request_id", ["req-1", "a", "video-0042"])
@@ -483,7 +515,7 @@ def test_a_duplicate_request_id_at_another_offset_is_dropped() -> None:
     tables = Tables()
     gate = make_gate()
     assert tables.admit(gate, original(request(), offset=0)).verdict == "ACCEPTED"
-    seen, buckets = dict(tables.seen), {k: dict(v) for k, v in tables.buckets.items()}
+    seen, buckets = dict(tables.seen), dict(tables.buckets)
     # Same request_id, even with other content, at another offset inside the window.
     dup = tables.admit(gate, original(request(prompt="something else"), offset=9), NOW + 1_000)
     assert dup.verdict == "DUPLICATE"
@@ -509,8 +541,8 @@ def test_the_same_request_id_after_the_window_is_processed_again() -> None:
     after = tables.admit(gate, original(request(), offset=2), NOW + window_ms)
     assert after.verdict == "ACCEPTED"
     assert len(after.outputs) == 3
-    assert tables.seen["req-1"]["o"].endswith(":0:2")
-    assert tables.seen["req-1"]["t"] == NOW + window_ms
+    assert tables.seen["req-1"].origin.endswith(":0:2")
+    assert tables.seen["req-1"].first_seen == NOW + window_ms
 
 
 def test_a_redelivered_accepted_request_is_accepted_again_without_charging_the_tenant() -> None:
@@ -519,18 +551,16 @@ def test_a_redelivered_accepted_request_is_accepted_again_without_charging_the_t
     message = original(request(tenant_id=LIMITED), offset=3)
     first = tables.admit(gate, message)
     assert first.verdict == "ACCEPTED"
-    bucket = dict(tables.buckets[LIMITED])
+    bucket = tables.buckets[LIMITED]
     # The same origin again (a crash before the offset was committed). With a burst of one, a second
     # charge would be refused.
     again = tables.admit(gate, message, NOW + 10)
     assert again.verdict == "ACCEPTED"
     assert again.bucket is None
     assert tables.buckets[LIMITED] == bucket
-    first_tasks = [codec.decode(o.value, "RenderTask") for o in first.outputs[1:-1]]
-    again_tasks = [codec.decode(o.value, "RenderTask") for o in again.outputs[1:-1]]
-    assert [(t["task_id"], t["recipe"]) for t in again_tasks] == [
-        (t["task_id"], t["recipe"]) for t in first_tasks
-    ]
+    first_tasks = [codec.read(o.value, RenderTask) for o in first.outputs[1:-1]]
+    again_tasks = [codec.read(o.value, RenderTask) for o in again.outputs[1:-1]]
+    assert [(t.task_id, t.recipe) for t in again_tasks] == [(t.task_id, t.recipe) for t in first_tasks]
     # The tenant's one token really is spent: a new request is refused.
     other = tables.admit(gate, original(request(request_id="req-2", tenant_id=LIMITED), offset=4), NOW + 20)
     assert other.reason == "RATE_LIMITED"
@@ -543,7 +573,7 @@ def test_a_redelivered_rejection_is_decided_again_not_dropped() -> None:
     assert tables.admit(gate, message).verdict == "REJECTED"
     again = tables.admit(gate, message, NOW + 10)
     assert again.verdict == "REJECTED"
-    assert only_decision(again)[1]["reason_code"] == "INVALID_WIDTH"
+    assert only_decision(again)[1].reason_code == "INVALID_WIDTH"
 
 
 # -- reply topics -----------------------------------------------------------------------------------
@@ -569,14 +599,14 @@ def test_accepted_outputs_carry_no_reply_topic_header() -> None:
     admission = Tables().admit(make_gate(), original(request(reply_topic=f"aigc.reply.{TENANT}")))
     assert admission.verdict == "ACCEPTED"
     assert all(header(out, REPLY_TOPIC) is None for out in admission.outputs)
-    task = codec.decode(admission.outputs[1].value, "RenderTask")
-    assert task["reply_topic"] == f"aigc.reply.{TENANT}"
+    task = codec.read(admission.outputs[1].value, RenderTask)
+    assert task.reply_topic == f"aigc.reply.{TENANT}"
 
 
-def decided(admission: Admission) -> dict[str, Any]:
+def decided(admission: Admission) -> Completion:
     [out] = admission.outputs
     assert out.topic in TOPICS.all_decisions()
-    return codec.decode(out.value, "Completion")
+    return codec.read(out.value, Completion)
 
 
 def test_a_redelivered_rejection_replays_the_same_decision_even_after_the_bucket_refilled():
@@ -588,7 +618,7 @@ def test_a_redelivered_rejection_replays_the_same_decision_even_after_the_bucket
     # Much later the bucket is full again, but this is the same message after a crash: same answer.
     again = tables.admit(gate, throttled, now_ms=NOW + 1_000_000)
     assert again.verdict == "REJECTED" and again.reason == "RATE_LIMITED"
-    assert decided(again)["retry_after_ms"] == decided(first)["retry_after_ms"]
+    assert decided(again).retry_after_ms == decided(first).retry_after_ms
     assert all(out.topic != TOPICS.render(POOL, "NORMAL") for out in again.outputs)
 
 
@@ -601,7 +631,7 @@ def test_a_redelivered_acceptance_stays_accepted_after_its_deadline_or_a_cancell
     assert (
         again.verdict == "ACCEPTED"
     )  # its tasks are already on the render topic; stages downstream skip them
-    assert tables.seen["late"]["d"] == "A"
+    assert tables.seen["late"].accepted
 
 
 def test_a_redelivery_does_not_extend_the_dedupe_window():
@@ -609,7 +639,7 @@ def test_a_redelivery_does_not_extend_the_dedupe_window():
     message = original(request(request_id="once"), offset=4)
     tables.admit(gate, message)
     tables.admit(gate, message, now_ms=NOW + 30_000)
-    assert tables.seen["once"]["t"] == NOW
+    assert tables.seen["once"].first_seen == NOW
 
 
 def test_an_overloaded_class_is_shed_with_a_retry_after_and_no_tokens_taken() -> None:
@@ -622,7 +652,7 @@ def test_an_overloaded_class_is_shed_with_a_retry_after_and_no_tokens_taken() ->
         gate, original(request(request_id="low-1", tenant_id=LIMITED, priority="LOW"), offset=1)
     )
     assert (low.verdict, low.reason) == ("REJECTED", "OVERLOADED")
-    assert only_decision(low)[1]["retry_after_ms"] == 3_000
+    assert only_decision(low)[1].retry_after_ms == 3_000
     assert tables.buckets == {}  # shed before the token buckets: nothing charged
     high = tables.admit(
         gate, original(request(request_id="high-1", tenant_id=LIMITED, priority="HIGH"), offset=2)
@@ -638,7 +668,8 @@ def test_a_tenant_at_its_in_flight_cap_is_told_to_come_back_and_is_not_charged()
     tables = Tables()
     busy = tables.admit(gate, original(request(request_id="busy-1", tenant_id=LIMITED), offset=1))
     assert (busy.verdict, busy.reason) == ("REJECTED", "TENANT_BUSY")
-    assert only_decision(busy)[1]["retry_after_ms"] > 0
+    retry_after_ms = only_decision(busy)[1].retry_after_ms
+    assert retry_after_ms is not None and retry_after_ms > 0
     assert tables.buckets == {}
     assert tables.admit(gate, original(request(request_id="free-1"), offset=2)).verdict == "ACCEPTED"
 
@@ -648,5 +679,40 @@ def test_a_decision_goes_to_its_class_s_decisions_topic(priority: str) -> None:
     """The sink takes terminal work most urgent class first, so a rejection travels in its request's class."""
     admission = Tables().admit(make_gate(), original(request(priority=priority, steps=0)))
     out, completion = only_decision(admission)
-    assert completion["status"] == "REJECTED"
+    assert completion.status == "REJECTED"
     assert out.topic == TOPICS.decisions(priority)
+
+
+# -- tables written before their values had names ---------------------------------------------------
+
+
+def test_a_redelivery_replays_a_rejection_stored_in_the_old_single_letter_shape() -> None:
+    message = original(request(request_id="old", tenant_id=LIMITED), offset=7)
+    # A RATE_LIMITED rejection as the gatekeeper stored it before (``{**seen, "p": partition}``).
+    old = {
+        "o": message.origin,
+        "t": NOW - 5_000,
+        "d": "R",
+        "x": {
+            "status": "REJECTED",
+            "reason_code": "RATE_LIMITED",
+            "message": "the tenant is over its rate limit; retry later",
+            "validated": True,
+            "retry_after_ms": 1_234,
+        },
+        "p": 0,
+    }
+    admission = make_gate().admit(message, TypedTable({"old": old}, Seen), TypedTable({}, Bucket), NOW)
+    assert (admission.verdict, admission.reason) == ("REJECTED", "RATE_LIMITED")
+    assert decided(admission).retry_after_ms == 1_234
+    assert admission.seen is not None and admission.seen.first_seen == NOW - 5_000
+
+
+def test_old_single_letter_entries_still_dedupe_and_rate_limit() -> None:
+    accepted = {"o": "aigc.requests.normal:0:1", "t": NOW - 1_000, "d": "A", "p": 0}
+    empty = {"r": 0.0, "c": 1e9, "t": float(NOW)}  # LIMITED's bucket with no request token left
+    seen, buckets = TypedTable({"req-1": accepted}, Seen), TypedTable({LIMITED: empty}, Bucket)
+    gate = make_gate()
+    assert gate.admit(original(request(), offset=2), seen, buckets, NOW).verdict == "DUPLICATE"
+    limited = gate.admit(original(request(request_id="req-2", tenant_id=LIMITED)), seen, buckets, NOW)
+    assert limited.reason == "RATE_LIMITED"

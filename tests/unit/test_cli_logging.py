@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from plumbing.cli import LIBRDKAFKA, _demote_to_debug
+from aigc.cli import LIBRDKAFKA, _demote_to_debug
 
 
 @pytest.mark.parametrize("root_level", [logging.INFO, logging.DEBUG])

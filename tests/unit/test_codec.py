@@ -31,7 +31,7 @@ def image_request(**fields):
         steps=4,
         guidance_scale=7.5,
     )
-    return new_request(**{**base, **fields})
+    return new_request(**{**base, **fields}).to_avro()
 
 
 def test_fingerprints_match_the_avro_spec_vectors():

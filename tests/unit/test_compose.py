@@ -1,11 +1,11 @@
 """docker-compose.yml stays in step with the code it runs.
 
 The compose file repeats facts that live in the code: setting names (plumbing/settings.py), CLI verbs
-(plumbing/cli.py), the local launcher's broker, Cassandra and S3Proxy settings (infra/services.py) and the
-model path the init job builds. Each test here reads the compose file with PyYAML and compares one of those
-facts with the code, so renaming a setting or a verb, or changing a launcher setting, fails here until the
-compose file follows. No Docker engine is needed; the last test also runs ``docker compose config`` when
-the CLI is installed.
+(aigc/cli.py), the local launcher's broker, Cassandra and S3Proxy settings (infra/services.py) and the
+model path the init job builds; its brokers are the launcher's 3-broker cluster (kafka-1..kafka-3). Each
+test here reads the compose file with PyYAML and compares one of those facts with the code, so renaming a
+setting or a verb, or changing a launcher setting, fails here until the compose file follows. No Docker
+engine is needed; the last test also runs ``docker compose config`` when the CLI is installed.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from infra.services import Cassandra, Kafka, S3Proxy
-from plumbing.cli import build_parser
+from aigc.cli import build_parser
+from infra.services import Cassandra, Kafka, S3Proxy, all_services
 from plumbing.settings import (
+    CLUSTER_KAFKA_HEAP_MB,
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
     CassandraSettings,
@@ -57,6 +58,8 @@ KAFKA_ADDRESS_KEYS = {
 # (run-docker-container.sh) has no variable for.
 S3PROXY_UNMIRRORED_KEYS = {"s3proxy.endpoint", "jclouds.filesystem.basedir", "s3proxy.jetty.max-threads"}
 CASSANDRA_OVERRIDE = re.compile(r"-Dcassandra\.settings\.([a-z0-9_]+)=(\S+)")
+# The brokers: compose runs the local launcher's 3-broker cluster, node i as service kafka-<i>.
+KAFKA_NODES = {node_id: f"kafka-{node_id}" for node_id in (1, 2, 3)}
 
 
 @pytest.fixture(autouse=True)
@@ -186,8 +189,13 @@ def mount_target(volume: str | dict[str, Any]) -> PurePosixPath:
     return PurePosixPath(volume["target"] if isinstance(volume, dict) else volume.split(":")[1])
 
 
-def local_settings(tmp_path: Path) -> Settings:
-    return Settings.load(infra={"run_dir": tmp_path / "run"})
+def local_settings(tmp_path: Path, brokers: int = 1) -> Settings:
+    return Settings.load(infra={"run_dir": tmp_path / "run", "brokers": brokers})
+
+
+def broker_config(service: dict[str, Any]) -> dict[str, str]:
+    """The server.properties the apache/kafka image writes for a compose Kafka service."""
+    return {kafka_image_property(k): v for k, v in environment(service).items() if k.startswith("KAFKA_")}
 
 
 def test_aigc_environment_variables_are_settings_fields(services: dict[str, dict[str, Any]]):
@@ -221,8 +229,11 @@ def test_every_pipeline_service_loads_valid_settings(
     for name, service in pipeline_services(services).items():
         with monkeypatch.context() as m:
             settings = settings_from(service, m)
-        host = settings.kafka.bootstrap_servers.rpartition(":")[0]
-        assert host in services, f"{name}: Kafka host {host!r} is not a compose service"
+        hosts = [server.rpartition(":")[0] for server in settings.kafka.bootstrap_servers.split(",")]
+        assert hosts == list(KAFKA_NODES.values()), f"{name}: Kafka hosts {hosts} are not the brokers"
+        assert settings.infra.brokers == len(KAFKA_NODES), name
+        assert settings.kafka.replication_factor == len(KAFKA_NODES), name
+        assert settings.kafka.topic_min_insync_replicas == 2, name
         assert all(h in services for h in settings.cassandra.hosts), f"{name}: {settings.cassandra.hosts}"
         assert urlsplit(settings.s3.endpoint_url).hostname in services, name
 
@@ -246,7 +257,7 @@ def test_image_entrypoint_is_the_aigc_command():
     assert entrypoints, "Dockerfile has no ENTRYPOINT"
     assert json.loads(entrypoints[-1]) == ["aigc"]
     scripts = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    assert re.search(r'^aigc = "plumbing\.cli:main"$', scripts, re.MULTILINE)
+    assert re.search(r'^aigc = "aigc\.cli:main"$', scripts, re.MULTILINE)
 
 
 def test_startup_order(services: dict[str, dict[str, Any]]):
@@ -255,7 +266,7 @@ def test_startup_order(services: dict[str, dict[str, Any]]):
     assert len(inits) == 1
     init = services[inits[0]]
     assert str(init.get("restart", "no")) == "no"
-    for infra in ("kafka", "cassandra", "s3"):
+    for infra in (*KAFKA_NODES.values(), "cassandra", "s3"):
         assert init["depends_on"][infra]["condition"] == "service_healthy", infra
         assert services[infra].get("healthcheck", {}).get("test"), f"{infra} has no healthcheck"
     for name, service in stages.items():
@@ -264,56 +275,78 @@ def test_startup_order(services: dict[str, dict[str, Any]]):
             assert condition == "service_completed_successfully", name
 
 
-def test_kafka_broker_matches_the_local_launcher(services: dict[str, dict[str, Any]], tmp_path: Path):
-    settings = local_settings(tmp_path)
-    kafka = Kafka(settings)
-    kafka.prepare()
-    launcher = read_properties(kafka.properties_file)
-    env = environment(services["kafka"])
-    image = {kafka_image_property(k): v for k, v in env.items() if k.startswith("KAFKA_")}
-    for key in (
-        "auto.create.topics.enable",
-        "group.initial.rebalance.delay.ms",
-        "offsets.topic.replication.factor",
-        "transaction.state.log.replication.factor",
-        "transaction.state.log.min.isr",
-    ):
-        assert key in launcher, f"the launcher no longer sets {key}; revisit this test"
-    for key, value in launcher.items():
-        if key in KAFKA_ADDRESS_KEYS:
-            continue
-        assert key in image, f"compose kafka lacks {key}={value} (KAFKA_{key.upper().replace('.', '_')})"
-        assert image[key] == value, f"{key}: compose {image[key]!r}, launcher {value!r}"
+def test_kafka_brokers_match_the_local_launcher(services: dict[str, dict[str, Any]], tmp_path: Path):
+    settings = local_settings(tmp_path, brokers=3)
+    assert {s.name for s in all_services(settings)} >= set(KAFKA_NODES.values())
+    for node_id, name in KAFKA_NODES.items():
+        kafka = Kafka(settings, node_id)
+        assert kafka.name == name
+        kafka.prepare()
+        launcher = read_properties(kafka.properties_file)
+        image = broker_config(services[name])
+        for key in (
+            "auto.create.topics.enable",
+            "group.initial.rebalance.delay.ms",
+            "offsets.topic.replication.factor",
+            "transaction.state.log.replication.factor",
+            "transaction.state.log.min.isr",
+            "min.insync.replicas",
+            "node.id",
+        ):
+            assert key in launcher, f"the launcher no longer sets {key}; revisit this test"
+        for key, value in launcher.items():
+            if key in KAFKA_ADDRESS_KEYS:
+                continue
+            assert key in image, f"compose {name} lacks {key}={value} (KAFKA_{key.upper().replace('.', '_')})"
+            assert image[key] == value, f"{name} {key}: compose {image[key]!r}, launcher {value!r}"
+        heap = environment(services[name])["KAFKA_HEAP_OPTS"].split()
+        assert f"-Xmx{settings.infra.kafka_heap_mb}m" in heap, name
+    assert settings.infra.kafka_heap_mb == CLUSTER_KAFKA_HEAP_MB
+    # Every node is formatted with one cluster id.
+    assert len({environment(services[name])["CLUSTER_ID"] for name in KAFKA_NODES.values()}) == 1
 
 
 def test_kafka_listeners_fit_the_clients(services: dict[str, dict[str, Any]]):
-    kafka = {kafka_image_property(k): v for k, v in environment(services["kafka"]).items()}
-    names = {entry.split(":", 1)[0] for entry in kafka["listener.security.protocol.map"].split(",")}
-    listeners = {entry.split("://")[0] for entry in kafka["listeners"].split(",")}
-    advertised = dict(entry.split("://") for entry in kafka["advertised.listeners"].split(","))
-    assert listeners <= names
-    assert kafka["controller.listener.names"] in listeners
-    assert set(advertised) <= listeners - {kafka["controller.listener.names"]}
-    # The pipeline containers bootstrap from the inter-broker listener's advertised address.
+    inter_broker = []
+    voters = []
+    for node_id, name in KAFKA_NODES.items():
+        kafka = broker_config(services[name])
+        names = {entry.split(":", 1)[0] for entry in kafka["listener.security.protocol.map"].split(",")}
+        listeners = {entry.split("://")[0] for entry in kafka["listeners"].split(",")}
+        advertised = dict(entry.split("://") for entry in kafka["advertised.listeners"].split(","))
+        assert listeners <= names
+        assert kafka["controller.listener.names"] in listeners
+        assert set(advertised) <= listeners - {kafka["controller.listener.names"]}
+        assert kafka["node.id"] == str(node_id)
+        inter_broker.append(advertised[kafka["inter.broker.listener.name"]])
+        assert inter_broker[-1].rpartition(":")[0] == name
+        controller_port = next(
+            e.rsplit(":", 1)[1] for e in kafka["listeners"].split(",") if e.startswith("CONTROLLER://")
+        )
+        voters.append(f"{node_id}@{name}:{controller_port}")
+    # Every node names the same voters: each node's controller listener.
+    for name in KAFKA_NODES.values():
+        assert broker_config(services[name])["controller.quorum.voters"] == ",".join(voters), name
+    # The pipeline containers bootstrap from every broker's inter-broker listener.
     for name, service in pipeline_services(services).items():
         bootstrap = environment(service)["AIGC_KAFKA__BOOTSTRAP_SERVERS"]
-        assert advertised[kafka["inter.broker.listener.name"]] == bootstrap, name
-    controller_port = next(
-        e.rsplit(":", 1)[1] for e in kafka["listeners"].split(",") if e.startswith("CONTROLLER://")
-    )
-    assert kafka["controller.quorum.voters"] == f"{kafka['node.id']}@kafka:{controller_port}"
+        assert bootstrap == ",".join(inter_broker), name
 
 
-def test_host_ports_are_the_local_defaults(services: dict[str, dict[str, Any]]):
-    """The README promises that the host CLI reaches the containers with no AIGC_* variables set."""
-    kafka = {kafka_image_property(k): v for k, v in environment(services["kafka"]).items()}
+def test_host_ports_are_the_local_defaults(services: dict[str, dict[str, Any]], tmp_path: Path):
+    """The README promises that the host CLI reaches the containers with no AIGC_* variables set; with
+    AIGC_INFRA__BROKERS=3 it lists the three brokers at the ports `aigc infra up --brokers 3` uses."""
     default_bootstrap = KafkaSettings().bootstrap_servers
-    host_listeners = [
-        e.split("://")[1] for e in kafka["advertised.listeners"].split(",") if e.endswith(default_bootstrap)
-    ]
-    assert host_listeners == [default_bootstrap]
-    port = int(default_bootstrap.rsplit(":", 1)[1])
-    assert published(services["kafka"], port) == ("127.0.0.1", port)
+    cluster = local_settings(tmp_path, brokers=3)
+    assert cluster.kafka.bootstrap_servers.split(",")[0] == default_bootstrap
+    for (node_id, name), port in zip(KAFKA_NODES.items(), cluster.kafka_ports, strict=True):
+        kafka = broker_config(services[name])
+        host_listeners = [
+            e.split("://")[1] for e in kafka["advertised.listeners"].split(",") if e.endswith(f":{port}")
+        ]
+        assert host_listeners == [f"127.0.0.1:{port}"], name
+        assert published(services[name], port) == ("127.0.0.1", port), name
+        assert Kafka(cluster, node_id).ports[0] == port
     cql_port = int(environment(services["init"])["AIGC_CASSANDRA__PORT"])
     assert published(services["cassandra"], cql_port) == ("127.0.0.1", CassandraSettings().port)
     s3_port = urlsplit(environment(services["init"])["AIGC_S3__ENDPOINT_URL"]).port
@@ -432,3 +465,21 @@ def test_docker_compose_accepts_the_file(profiles: list[str]):
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_prometheus_scrapes_every_stage_service_on_its_metrics_port(
+    services: dict[str, dict[str, Any]],
+):
+    config = yaml.safe_load(
+        (REPO / "infra" / "prometheus" / "prometheus.compose.yml").read_text(encoding="utf-8")
+    )
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "aigc"]
+    (discovery,) = job["dns_sd_configs"]
+    stages = {
+        name
+        for name, service in pipeline_services(services).items()
+        if "healthcheck" in service and aigc_invocations(name, service) != [[]]
+    }
+    assert stages and stages <= set(discovery["names"]), stages - set(discovery["names"])
+    ports = {environment(services[name]).get("AIGC_METRICS_PORT") for name in stages}
+    assert ports == {str(discovery["port"])}

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from plumbing.settings import ModelSpec, Settings
-from producers.client import new_request
+from plumbing.validation import validate_request
 from producers.demo import DEMO_MODEL, demo_requests, demo_settings
 from schemas.codec import Codec
-from schemas.validation import validate_request
 
 
 def test_the_demo_uses_the_shapes_model_unless_the_registry_names_others() -> None:
@@ -22,9 +21,9 @@ def test_the_demo_uses_the_shapes_model_unless_the_registry_names_others() -> No
 def test_every_demo_request_is_valid_and_encodes() -> None:
     settings = demo_settings(Settings.load())
     codec = Codec()
-    requests = [new_request(**fields) for fields in demo_requests(DEMO_MODEL)]
+    requests = demo_requests(DEMO_MODEL)
     for record in requests:
         validate_request(record, settings.limits, set(settings.models), lambda t: f"aigc.reply.{t}")
-        codec.encode("GenerationRequest", record)
-    video = next(r for r in requests if r["video"])
-    assert video["video"]["seed_end"] == video["seed"]  # one noise: only the prompt walks
+        codec.encode("GenerationRequest", record.to_avro())
+    video = next(r for r in requests if r.video)
+    assert video.video is not None and video.video.seed_end == video.seed  # one noise: only the prompt walks

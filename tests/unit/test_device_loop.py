@@ -18,6 +18,7 @@ from gpu_consumers.executor import DeviceLoop, Rendered, RenderFailed
 from gpu_consumers.scheduler import Pick, Scheduler
 from gpu_consumers.tasks import Task
 from plumbing.errors import RetryableError
+from schemas.records import LatentRecipe, RenderTask
 
 WEIGHTS = {"HIGH": 16.0, "NORMAL": 4.0, "LOW": 1.0}
 WAIT_S = 10.0  # how long a test waits for something the loop should do within a second
@@ -28,28 +29,36 @@ _ids = itertools.count()
 
 def make_task(priority: str, frames: int = 1, steps: int = 2, model: str = "m", tenant: str = "t1") -> Task:
     n = next(_ids)
-    record: dict[str, Any] = {
-        "task_id": f"r{n}.0",
-        "request_id": f"r{n}",
-        "tenant_id": tenant,
-        "priority": priority,
-        "model": model,
-        "width": SIZE,
-        "height": SIZE,
-        "steps": steps,
-        "guidance_scale": 7.5,
-        "scheduler": None,
-        "prompt": f"prompt {n}",
-        "prompt_end": None,
-        "negative_prompt": None,
-        "frame_start": 0,
-        "frame_end": frames,
-        "recipe": {
-            "seed_start": 1000 + n,
-            "seed_end": 2000 + n,
-            "positions": [i / max(1, frames - 1) for i in range(frames)],
-        },
-    }
+    record = RenderTask(
+        task_id=f"r{n}.0",
+        request_id=f"r{n}",
+        tenant_id=tenant,
+        priority=priority,
+        kind="VIDEO" if frames > 1 else "IMAGE",
+        pool="gpu",
+        model=model,
+        prompt=f"prompt {n}",
+        prompt_end=None,
+        negative_prompt=None,
+        width=SIZE,
+        height=SIZE,
+        steps=steps,
+        guidance_scale=7.5,
+        scheduler=None,
+        seed=n,
+        frame_start=0,
+        frame_end=frames,
+        frame_count=frames,
+        recipe=LatentRecipe(
+            seed_start=1000 + n,
+            seed_end=2000 + n,
+            positions=[i / max(1, frames - 1) for i in range(frames)],
+        ),
+        output_format="MP4" if frames > 1 else "PNG",
+        created_at=0,
+        accepted_at=0,
+        enqueued_at=0,
+    )
     return Task(record, f"aigc.render.gpu.{priority.lower()}", 0, n, {}, time.monotonic())
 
 

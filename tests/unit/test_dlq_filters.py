@@ -12,7 +12,6 @@ from plumbing.headers import ATTEMPTS, FIRST_FAILED_AT, ORIGIN, REPLAYED_FROM
 from plumbing.settings import KafkaSettings, Settings
 from plumbing.topics import Stage, Topics
 from producers.checker import DeliveryReport, _months, dead_letter_ids
-from producers.client import new_request
 from producers.dlq import (
     DeadLetterEntry,
     Filters,
@@ -25,6 +24,7 @@ from producers.dlq import (
 )
 from producers.ops_cli import parse_time
 from schemas.codec import default_codec
+from schemas.records import DeadLetter, GenerationRequest, Header, StatusEvent
 
 NOW = 1_800_000_000_000
 SETTINGS = Settings.load(kafka=KafkaSettings(topic_prefix="aigc"))
@@ -32,9 +32,10 @@ TOPICS = Topics(SETTINGS)
 codec = default_codec()
 
 
-def request(**fields: Any) -> dict[str, Any]:
-    base = dict(tenant_id="acme", prompt="a kite", model="tiny-sd", width=64, height=64, steps=4)
-    return new_request(**{**base, "guidance_scale": 7.0, "created_at": NOW - 1000, **fields})
+def request(**fields: Any) -> GenerationRequest:
+    base = dict(request_id="r0", tenant_id="acme", kind="IMAGE", prompt="a kite", model="tiny-sd")
+    sizes = dict(width=64, height=64, steps=4, guidance_scale=7.0, created_at=NOW - 1000)
+    return GenerationRequest(**{**base, **sizes, **fields})
 
 
 def entry(
@@ -51,7 +52,7 @@ def entry(
 ) -> DeadLetterEntry:
     original = Original(topic, 1, 17, NOW - 5000, b"acme", value, headers or [])
     failure = Failure(stage, kind, code, "boom", 1, last - 10, last)
-    record = codec.decode(dead_letter(codec, original, failure, *ids)[0], "DeadLetter")
+    record = codec.read(dead_letter(codec, original, failure, *ids)[0], DeadLetter)
     return DeadLetterEntry(
         f"aigc.dlq.{stage}", 0, offset, last, record, None, *dead_letter_ids(record, codec)
     )
@@ -78,7 +79,7 @@ def test_other_times_are_refused(text: str) -> None:
 
 
 def test_filters_match_each_field_and_combine() -> None:
-    valid = codec.encode("GenerationRequest", request(request_id="r1"))
+    valid = codec.write(request(request_id="r1"))
     by_value = entry(valid, kind="retryable", code="STORE_UNAVAILABLE")  # ids found in the value
     assert (by_value.request_id, by_value.tenant_id) == ("r1", "acme")
     garbage = entry(b"\x00junk", last=NOW - 10_000)
@@ -120,7 +121,7 @@ def test_preview_shows_printable_bytes_and_escapes_the_rest() -> None:
 
 
 def test_describe_value_decodes_with_the_codec_or_previews() -> None:
-    text = describe_value(codec, codec.encode("GenerationRequest", request(prompt="一只猫")))
+    text = describe_value(codec, codec.write(request(prompt="一只猫")))
     assert text.startswith("GenerationRequest\n{")
     assert '"prompt": "一只猫"' in text  # readable, not \\u-escaped
     assert describe_value(codec, b"\xc3\x01\x00").startswith("undecodable (TRUNCATED")
@@ -148,10 +149,10 @@ def test_pacing_spaces_sends_by_one_over_the_rate() -> None:
 
 def test_replay_headers_drop_attempts_keep_the_rest_and_name_the_dead_letter() -> None:
     headers = [
-        {"key": "traceparent", "value": b"00-abc"},
-        {"key": ATTEMPTS, "value": b"3"},
-        {"key": FIRST_FAILED_AT, "value": b"123"},
-        {"key": "empty", "value": None},
+        Header(key="traceparent", value=b"00-abc"),
+        Header(key=ATTEMPTS, value=b"3"),
+        Header(key=FIRST_FAILED_AT, value=b"123"),
+        Header(key="empty", value=None),
     ]
     assert replay_headers(headers, "aigc.dlq.gatekeeper:0:9", "aigc.requests.high:1:4") == [
         ("traceparent", b"00-abc"),
@@ -159,7 +160,7 @@ def test_replay_headers_drop_attempts_keep_the_rest_and_name_the_dead_letter() -
         (ORIGIN, b"aigc.requests.high:1:4"),
         (REPLAYED_FROM, b"aigc.dlq.gatekeeper:0:9"),
     ]
-    retried = [*headers, {"key": ORIGIN, "value": b"aigc.requests.high:0:1"}]
+    retried = [*headers, Header(key=ORIGIN, value=b"aigc.requests.high:0:1")]
     assert replay_headers(retried, "d:0:1", "aigc.requests.high:1:4")[-2:] == [
         (ORIGIN, b"aigc.requests.high:0:1"),  # the input's first coordinates survive
         (REPLAYED_FROM, b"d:0:1"),
@@ -167,16 +168,15 @@ def test_replay_headers_drop_attempts_keep_the_rest_and_name_the_dead_letter() -
 
 
 def test_revalidation_against_todays_schemas_and_rules() -> None:
-    good = entry(codec.encode("GenerationRequest", request()))
+    good = entry(codec.write(request()))
     assert revalidate(good, SETTINGS, codec, NOW) is None
-    retired = entry(codec.encode("GenerationRequest", request(model="retired")))
+    retired = entry(codec.write(request(model="retired")))
     assert (revalidate(retired, SETTINGS, codec, NOW) or "").startswith("invalid request (UNKNOWN_MODEL")
     assert (revalidate(entry(b"\x00junk-junk-junk"), SETTINGS, codec, NOW) or "").startswith(
         "undecodable with today's schemas (BAD_MARKER"
     )
-    status = codec.encode(
-        "StatusEvent",
-        {"request_id": "r", "tenant_id": "t", "stage": "gatekeeper", "state": "ACCEPTED", "at": NOW},
+    status = codec.write(
+        StatusEvent(request_id="r", tenant_id="t", stage="gatekeeper", state="ACCEPTED", at=NOW)
     )
     assert revalidate(entry(status), SETTINGS, codec, NOW) == (
         "aigc.requests.normal carries GenerationRequest, not StatusEvent"

@@ -15,6 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from plumbing.errors import DecodeError, ValidationError
 from plumbing.headers import pipeline_headers
 from plumbing.settings import GatekeeperSettings, ModelSpec, RequestLimits, Settings, Tier
 from plumbing.topics import Stage, Topics
+from plumbing.validation import validate_request
 from schemas.codec import DECODE_CODES, HEADER_LEN, MARKER, Codec
-from schemas.validation import validate_request
+from schemas.records import Completion, DeadLetter, GenerationRequest, Header, RenderTask, VideoSpec
 from stream_processors.gatekeeper.admission import Gate
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy
 
@@ -377,7 +379,7 @@ EDGE_CREATED_AT = st.one_of(
 
 
 @st.composite
-def generation_requests(draw: st.DrawFn) -> dict[str, Any]:
+def generation_requests(draw: st.DrawFn) -> GenerationRequest:
     """A record that fits the GenerationRequest schema: a valid request with up to three fields (and the
     kind, output format and created_at) pushed to the validator's edges, so each rule is met alone and in
     company, and some requests pass."""
@@ -398,52 +400,50 @@ def generation_requests(draw: st.DrawFn) -> dict[str, Any]:
         if "kind" not in broken
         else st.sampled_from([None, "PNG", "JPEG", "MP4"])
     )
-    return {
-        "request_id": value["request_id"],
-        "tenant_id": value["tenant_id"],
-        "priority": draw(st.sampled_from(["HIGH", "NORMAL", "LOW"])),
-        "kind": kind,
-        "prompt": value["prompt"],
-        "negative_prompt": value["negative_prompt"],
-        "model": value["model"],
-        "width": value["width"],
-        "height": value["height"],
-        "steps": value["steps"],
-        "guidance_scale": value["guidance_scale"],
-        "seed": value["seed"],
-        "num_images": value["num_images"] if kind == "IMAGE" or "num_images" in broken else 1,
-        "video": {
-            "num_frames": value["num_frames"],
-            "fps": value["fps"],
-            "prompt_end": value["prompt_end"],
-            "seed_end": value["seed_end"],
-        }
+    return GenerationRequest(
+        request_id=value["request_id"],
+        tenant_id=value["tenant_id"],
+        priority=draw(st.sampled_from(["HIGH", "NORMAL", "LOW"])),
+        kind=kind,
+        prompt=value["prompt"],
+        negative_prompt=value["negative_prompt"],
+        model=value["model"],
+        width=value["width"],
+        height=value["height"],
+        steps=value["steps"],
+        guidance_scale=value["guidance_scale"],
+        seed=value["seed"],
+        num_images=value["num_images"] if kind == "IMAGE" or "num_images" in broken else 1,
+        video=VideoSpec(
+            num_frames=value["num_frames"],
+            fps=value["fps"],
+            prompt_end=value["prompt_end"],
+            seed_end=value["seed_end"],
+        )
         if spec
         else None,
-        "output_format": fmt,
-        "scheduler": value["scheduler"],
-        "reply_topic": value["reply_topic"],
-        "deadline_ms": value["deadline_ms"],
-        "labels": value["labels"],
-        "created_at": created_at,
-    }
+        output_format=fmt,
+        scheduler=value["scheduler"],
+        reply_topic=value["reply_topic"],
+        deadline_ms=value["deadline_ms"],
+        labels=value["labels"],
+        created_at=created_at,
+    )
 
 
 HUGE = 2_000_000
 
 
 @st.composite
-def huge_field_requests(draw: st.DrawFn) -> dict[str, Any]:
+def huge_field_requests(draw: st.DrawFn) -> GenerationRequest:
     """A valid request but for one field of megabytes: what a rejection must not echo back in full."""
     record = draw(generation_requests())
     field = draw(
         st.sampled_from(["prompt", "negative_prompt", "model", "scheduler", "labels", "reply_topic"])
     )
     if field == "labels":
-        record["labels"] = draw(st.sampled_from([{"big": "v" * HUGE}, {"k" * HUGE: "v"}]))
-    else:
-        record[field] = "x" * HUGE
-    return record
+        return replace(record, labels=draw(st.sampled_from([{"big": "v" * HUGE}, {"k" * HUGE: "v"}])))
+    return replace(record, **{field: "x" * HUGE})
 
 
 # Mostly requests near the rules; some with a huge field; some anything the schema allows.
@@ -451,49 +451,51 @@ requests = st.one_of(
     generation_requests(),
     generation_requests(),
     huge_field_requests(),
-    RECORD_STRATEGIES["GenerationRequest"],
+    RECORD_STRATEGIES["GenerationRequest"].map(GenerationRequest.from_avro),
 )
 
 
 def check_valid_request_is_safe(
-    record: dict[str, Any], allowed_reply_prefix: Callable[[str], str] = reply_prefix
+    record: GenerationRequest, allowed_reply_prefix: Callable[[str], str] = reply_prefix
 ) -> None:
     """What a request that passed validation guarantees downstream (S3 keys, Cassandra keys, topics)."""
     from plumbing.blobs import frame_key, result_prefix
 
-    for field in ("request_id", "tenant_id"):
-        assert SAFE_ID.match(record[field]), (field, record[field])
-    for field in ("width", "height"):
-        size = record[field]
+    for field, value in (("request_id", record.request_id), ("tenant_id", record.tenant_id)):
+        assert SAFE_ID.match(value), (field, value)
+    for size in (record.width, record.height):
         assert type(size) is int and LIMITS.min_size <= size <= LIMITS.max_size and size % 8 == 0
-    assert type(record["steps"]) is int and 1 <= record["steps"] <= LIMITS.max_steps
-    assert math.isfinite(record["guidance_scale"])
-    assert LIMITS.min_guidance <= record["guidance_scale"] <= LIMITS.max_guidance
-    assert record["model"] in MODELS
-    assert record["prompt"].strip() and len(record["prompt"]) <= LIMITS.max_prompt_chars
-    if record["kind"] == "VIDEO":
-        assert 2 <= record["video"]["num_frames"] <= LIMITS.max_frames
-        assert LIMITS.min_fps <= record["video"]["fps"] <= LIMITS.max_fps
+    assert type(record.steps) is int and 1 <= record.steps <= LIMITS.max_steps
+    assert math.isfinite(record.guidance_scale)
+    assert LIMITS.min_guidance <= record.guidance_scale <= LIMITS.max_guidance
+    assert record.model in MODELS
+    assert record.prompt.strip() and len(record.prompt) <= LIMITS.max_prompt_chars
+    if record.kind == "VIDEO":
+        assert record.video is not None
+        assert 2 <= record.video.num_frames <= LIMITS.max_frames
+        assert LIMITS.min_fps <= record.video.fps <= LIMITS.max_fps
     else:
-        assert record["video"] is None and 1 <= record["num_images"] <= LIMITS.max_images
-    assert 0 < record["created_at"] <= NOW + HOUR_MS
-    if record["deadline_ms"] is not None:
-        assert record["created_at"] < record["deadline_ms"]
-    assert len(record["labels"]) <= LIMITS.max_labels
-    if record["reply_topic"] is not None:
-        assert record["reply_topic"].startswith(allowed_reply_prefix(record["tenant_id"]))
+        assert record.video is None and 1 <= record.num_images <= LIMITS.max_images
+    assert 0 < record.created_at <= NOW + HOUR_MS
+    if record.deadline_ms is not None:
+        assert record.created_at < record.deadline_ms
+    assert len(record.labels) <= LIMITS.max_labels
+    if record.reply_topic is not None:
+        assert record.reply_topic.startswith(allowed_reply_prefix(record.tenant_id))
     # The keys the renderer and the assembler derive from the ids stay inside the tenant's prefix.
     for key in (
-        frame_key(record["tenant_id"], record["request_id"], 0),
-        result_prefix(record["tenant_id"], record["request_id"], record["created_at"]) + "image-0.png",
+        frame_key(record.tenant_id, record.request_id, 0),
+        result_prefix(record.tenant_id, record.request_id, record.created_at) + "image-0.png",
     ):
-        assert SAFE_KEY.match(key) and key.startswith(record["tenant_id"] + "/"), key
+        assert SAFE_KEY.match(key) and key.startswith(record.tenant_id + "/"), key
         assert ".." not in key.split("/") and "//" not in key
 
 
 @FUZZ
 @given(requests)
-def test_validation_returns_none_or_raises_validation_error_naming_the_field(record: dict[str, Any]) -> None:
+def test_validation_returns_none_or_raises_validation_error_naming_the_field(
+    record: GenerationRequest,
+) -> None:
     error: ValidationError | None = None
     try:
         result = validate_request(record, LIMITS, MODELS, reply_prefix, NOW)
@@ -532,7 +534,7 @@ def _original(value: bytes, key: bytes | None = b"tenant") -> Original:
 def assert_admission_is_sound(value: bytes) -> None:
     message = _original(value)
     try:
-        decoded: dict[str, Any] | None = codec.decode(value, "GenerationRequest")
+        decoded: GenerationRequest | None = codec.read(value, GenerationRequest)
     except DecodeError:
         decoded = None
     admission = gate.admit(message, {}, {}, NOW)  # must not raise, whatever the bytes
@@ -540,27 +542,27 @@ def assert_admission_is_sound(value: bytes) -> None:
     assert admission.verdict in VERDICTS
     # Undecodable bytes, and requests without a usable id (nothing could be answered under it), go to
     # the dead-letter topic intact; everything else is answered.
-    if decoded is None or not SAFE_ID.match(decoded["request_id"]):
+    if decoded is None or not SAFE_ID.match(decoded.request_id):
         assert admission.verdict == "DEAD_LETTERED"
         [out] = admission.outputs
         assert out.topic == TOPICS.dlq(Stage.GATEKEEPER)
         assert out.key == message.key
-        letter = codec.decode(out.value, "DeadLetter")
-        assert letter["value"] == value  # byte for byte
-        assert letter["key"] == message.key
-        assert letter["headers"] == [{"key": k, "value": v} for k, v in message.headers]
-        assert (letter["original_topic"], letter["original_offset"]) == (message.topic, message.offset)
-        assert letter["error_code"]
+        letter = codec.read(out.value, DeadLetter)
+        assert letter.value == value  # byte for byte
+        assert letter.key == message.key
+        assert letter.headers == [Header(key=k, value=v) for k, v in message.headers]
+        assert (letter.original_topic, letter.original_offset) == (message.topic, message.offset)
+        assert letter.error_code
         assert (admission.seen, admission.bucket) == (None, None)
         return
     assert admission.verdict != "DEAD_LETTERED"
-    assert admission.request_id == decoded["request_id"]
+    assert admission.request_id == decoded.request_id
     if admission.verdict == "ACCEPTED":
-        tasks = [codec.decode(o.value, "RenderTask") for o in admission.outputs if ".render." in o.topic]
+        tasks = [codec.read(o.value, RenderTask) for o in admission.outputs if ".render." in o.topic]
         assert tasks
         for task in tasks:
-            assert SAFE_ID.match(task["request_id"]) and SAFE_ID.match(task["tenant_id"])
-            assert task["request_id"] == decoded["request_id"]
+            assert SAFE_ID.match(task.request_id) and SAFE_ID.match(task.tenant_id)
+            assert task.request_id == decoded.request_id
         check_valid_request_is_safe(decoded, TOPICS.reply_prefix)
     elif admission.verdict in {"REJECTED", "EXPIRED", "CANCELLED"}:
         [out] = admission.outputs
@@ -569,10 +571,10 @@ def assert_admission_is_sound(value: bytes) -> None:
         # it refuses crashes the worker: whatever a request carries, its answer must stay well below.
         size = len(out.value) + len(out.key or b"") + sum(len(k) + len(v or b"") for k, v in out.headers)
         assert size < MAX_DECISION_BYTES, size
-        completion = codec.decode(out.value, "Completion")
-        assert completion["status"] == admission.verdict
-        assert completion["reason_code"]
-        assert completion["request_id"] == decoded["request_id"]
+        completion = codec.read(out.value, Completion)
+        assert completion.status == admission.verdict
+        assert completion.reason_code
+        assert completion.request_id == decoded.request_id
 
 
 @FUZZ
@@ -583,5 +585,5 @@ def test_admission_of_arbitrary_bytes_never_raises(value: bytes) -> None:
 
 @FUZZ
 @given(requests)
-def test_admission_of_schema_valid_requests_never_raises(record: dict[str, Any]) -> None:
-    assert_admission_is_sound(codec.encode("GenerationRequest", record))
+def test_admission_of_schema_valid_requests_never_raises(record: GenerationRequest) -> None:
+    assert_admission_is_sound(codec.write(record))

@@ -23,6 +23,7 @@ from plumbing.settings import Settings, Tier
 from schemas.codec import default_codec
 from stream_processors.gatekeeper.metrics import BucketLevels
 from stream_processors.gatekeeper.metrics import topic_priority as request_topic_priority
+from stream_processors.gatekeeper.tables import Bucket
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -113,7 +114,7 @@ def test_bucket_gauge_exports_only_the_emptiest_tenants() -> None:
     levels = BucketLevels(top_n=3, tier_of=lambda tenant: tier)
     now = 1_000_000.0
     for i in range(30):
-        levels.update(f"tenant-{i}", {"r": float(i % 10), "c": 10.0, "t": now})
+        levels.update(f"tenant-{i}", Bucket(float(i % 10), 10.0, now))
     rows = levels.levels(now)
     assert len(rows) == 3
     assert {tenant for tenant, _, _ in rows} == {"tenant-0", "tenant-10", "tenant-20"}

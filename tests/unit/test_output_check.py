@@ -17,6 +17,7 @@ from plumbing.errors import ErrorKind, PermanentError, classify
 from plumbing.output_check import Detection, OutputVerdict, decide, from_record, policy_version
 from plumbing.settings import OutputCheckSettings
 from schemas.codec import default_codec
+from schemas.records import ModerationVerdict, OutputCheckResult
 from stream_processors.assembler.assembly import Assembler, completion_from_row
 from stream_processors.assembler.store import FrameRow, moderation_row, moderation_verdict
 from stream_processors.assembler.video import encode_image
@@ -101,16 +102,19 @@ OUTPUT_VERDICT = {
 
 
 def test_a_verdict_round_trips_through_the_row_exactly_and_operator_entries_stay_in_the_row() -> None:
-    row = moderation_row(OUTPUT_VERDICT, quarantine="s3://q/t/2026/12/06/r/", frame_index="0")
+    verdict = ModerationVerdict(**OUTPUT_VERDICT)
+    row = moderation_row(verdict, quarantine="s3://q/t/2026/12/06/r/", frame_index="0")
     assert row is not None
     assert all(isinstance(v, str) for v in row.values())
     assert row["quarantine"] == "s3://q/t/2026/12/06/r/"
-    assert moderation_verdict(row) == OUTPUT_VERDICT
+    assert moderation_verdict(row) == verdict
 
 
 def test_a_prompt_verdict_without_scores_round_trips_with_its_defaults() -> None:
-    prompt = {**OUTPUT_VERDICT, "source": "policy", "field": "prompt", "model_version": None}
-    prompt.update(score=None, scores={})
+    prompt = ModerationVerdict(
+        **{**OUTPUT_VERDICT, "source": "policy", "field": "prompt", "model_version": None}
+    )
+    prompt.score, prompt.scores = None, {}
     assert moderation_verdict(moderation_row(prompt)) == prompt
     assert moderation_row(None) is None and moderation_verdict(None) is None
     assert moderation_verdict({}) is None
@@ -119,7 +123,7 @@ def test_a_prompt_verdict_without_scores_round_trips_with_its_defaults() -> None
 def test_rows_written_before_the_new_fields_read_with_their_defaults() -> None:
     old = {"category": "violence", "policy_version": "p1", "source": "policy", "field": "prompt"}
     defaults = {"reason": "", "model_version": None, "score": None, "scores": {}}
-    assert moderation_verdict(old) == {**old, **defaults}
+    assert moderation_verdict(old) == ModerationVerdict(**old, **defaults)
     # Rows written with str() on every value, as the sink did before this codec.
     stringly = {**old, "reason": "", "model_version": "None", "score": "None", "scores": "{}"}
     assert moderation_verdict(stringly) == moderation_verdict(old)
@@ -133,14 +137,14 @@ def test_the_completion_of_a_blocked_row_encodes_with_the_verdict_and_no_outputs
         tenant_id="t1",
         status="REJECTED",
         reason_code="OUTPUT_MODERATED",
-        moderation=moderation_row(OUTPUT_VERDICT, quarantine="s3://q/x/"),
+        moderation=moderation_row(ModerationVerdict(**OUTPUT_VERDICT), quarantine="s3://q/x/"),
         outputs=[],
         labels={},
         **fields,
     )
     completion = completion_from_row(row, blobs=None, presign_ttl_s=60)  # type: ignore[arg-type]
     codec = default_codec()
-    _, decoded = codec.decode_any(codec.encode("Completion", completion))
+    _, decoded = codec.decode_any(codec.write(completion))
     assert decoded["moderation"] == OUTPUT_VERDICT
     assert decoded["outputs"] == []
     assert (decoded["status"], decoded["reason_code"]) == ("REJECTED", "OUTPUT_MODERATED")
@@ -181,19 +185,19 @@ def test_a_renderer_s_check_record_becomes_the_verdict_and_its_moderation_record
         "blocked": None,
         "scores": {},
     }
-    assert from_record(clean) is None
+    assert from_record(OutputCheckResult.from_avro(clean)) is None
     blocked = {
         **clean,
         "blocked": {"reason": "BUTTOCKS_EXPOSED", "score": 0.62, "threshold": 0.5, "frame_index": 9},
         "scores": {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8},
     }
-    found = from_record(blocked)
+    found = from_record(OutputCheckResult.from_avro(blocked))
     assert found is not None
     verdict, moderation = found
     assert verdict == OutputVerdict(
         "BUTTOCKS_EXPOSED", 0.62, 9, 0.5, {"BUTTOCKS_EXPOSED": 0.62, "FACE_FEMALE": 0.8}
     )
-    assert moderation == {
+    assert moderation.to_avro() == {
         "category": "sexual",
         "policy_version": "output-abc",
         "source": "nudenet",

@@ -9,6 +9,7 @@ import json
 import re
 import struct
 import sys
+from dataclasses import replace
 from types import ModuleType
 
 import pytest
@@ -17,6 +18,7 @@ from plumbing.dead_letters import Original
 from plumbing.settings import Settings
 from producers import contract
 from schemas.codec import HEADER_LEN, SCHEMA_DIR, default_codec
+from schemas.records import Completion, DeadLetter, GenerationRequest, StatusEvent, Timings
 from stream_processors.gatekeeper.admission import Gate
 from stream_processors.gatekeeper.moderation import DEFAULT_POLICY_PATH, Moderator, Policy
 from tests.unit.test_codec_strict import zigzag
@@ -77,27 +79,26 @@ def test_the_example_writes_single_object_encoding_the_pipeline_reads():
     example = load_example()
     schemas = example.load_schemas(SCHEMA_DIR)
     request = contract.valid_request()
-    data = example.encode(schemas, "GenerationRequest", request)
+    data = example.encode(schemas, "GenerationRequest", request.to_avro())
     raw = json.loads((SCHEMA_DIR / "generation_request.avsc").read_text(encoding="utf-8"))
     from fastavro.schema import to_parsing_canonical_form
 
     canonical = to_parsing_canonical_form(raw).encode()
     assert data[:HEADER_LEN] == b"\xc3\x01" + struct.pack("<Q", crc64_avro(canonical))
-    assert codec.decode(data, "GenerationRequest") == request
+    assert codec.read(data, GenerationRequest) == request
 
 
 def test_the_example_reads_what_the_pipeline_writes():
     example = load_example()
     schemas = example.load_schemas(SCHEMA_DIR)
-    completion = {
-        "request_id": "r-0001", "tenant_id": "acme", "status": "REJECTED", "reason_code": "RATE_LIMITED",
-        "message": "retry later", "retry_after_ms": 50, "moderation": None, "outputs": [],
-        "timings": {"queued_ms": 0, "render_ms": 0, "assemble_ms": 0, "total_ms": 3}, "labels": {"a": "b"},
-        "created_at": 1, "finished_at": 4,
-    }  # fmt: skip
-    name, record = example.decode(schemas, codec.encode("Completion", completion))
+    completion = Completion(
+        request_id="r-0001", tenant_id="acme", status="REJECTED", reason_code="RATE_LIMITED",
+        message="retry later", retry_after_ms=50, timings=Timings(total_ms=3), labels={"a": "b"},
+        created_at=1, finished_at=4,
+    )  # fmt: skip
+    name, record = example.decode(schemas, codec.write(completion))
     assert name == "Completion"
-    assert record == codec.decode(codec.encode("Completion", completion))
+    assert record == completion.to_avro()
     assert example.decode(schemas, b"\xc3\x01" + bytes(8) + b"\x00") is None  # a schema it lacks
 
 
@@ -116,27 +117,28 @@ def test_each_rule_in_the_doc_is_what_the_gatekeeper_answers_a_producer():
     violations = contract.rule_violations(Settings.model_construct())
     assert len(violations) >= 20
     for what, exc in violations:
-        request = contract.valid_request()
-        dict(contract._rule_cases(Settings.model_construct().limits))[what](request)
-        admission = admit(codec.encode("GenerationRequest", request))
+        request = dict(contract._rule_cases(Settings.model_construct().limits))[what](
+            contract.valid_request()
+        )
+        admission = admit(codec.write(request))
         assert admission.verdict == "REJECTED", what
         [decision] = admission.outputs
-        completion = codec.decode(decision.value, "Completion")
-        assert (completion["reason_code"], completion["message"]) == (exc.code, str(exc)), what
+        completion = codec.read(decision.value, Completion)
+        assert (completion.reason_code, completion.message) == (exc.code, str(exc)), what
 
 
 def test_the_valid_base_request_is_accepted():
-    assert admit(codec.encode("GenerationRequest", contract.valid_request())).verdict == "ACCEPTED"
+    assert admit(codec.write(contract.valid_request())).verdict == "ACCEPTED"
 
 
 def _strict_bytes(code: str) -> bytes:
     """A GenerationRequest that fastavro alone would read, broken the way the strict pass names ``code``."""
-    request = {**contract.valid_request(), "prompt": "PPPP", "labels": {"a": "1", "b": "2"}}
-    data = codec.encode("GenerationRequest", request)
+    request = replace(contract.valid_request(), prompt="PPPP", labels={"a": "1", "b": "2"})
+    data = codec.write(request)
     prompt = data.index(zigzag(4) + b"PPPP")  # the prompt's length, then its bytes
     after_prompt = prompt + 5  # negative_prompt's union index (null)
     model = after_prompt + 1
-    width = model + 1 + len(request["model"])
+    width = model + 1 + len(request.model)
     labels = zigzag(2) + b"".join(zigzag(1) + c.encode() for c in "a1b2") + b"\x00"
     split = zigzag(1) + b"\x02a\x021" + zigzag(1) + b"\x02b\x022\x00"
     patches = {
@@ -144,7 +146,7 @@ def _strict_bytes(code: str) -> bytes:
         "BAD_ENUM_INDEX": (HEADER_LEN + 2 + 6 + 1 + 4, 1, zigzag(-1)),  # priority after two strings
         "BAD_UNION_INDEX": (after_prompt, 1, zigzag(-1)),
         "BAD_VARINT": (after_prompt, 1, b"\x80" * 10 + b"\x00"),
-        "INT_OUT_OF_RANGE": (width, len(zigzag(request["width"])), zigzag(2**40)),
+        "INT_OUT_OF_RANGE": (width, len(zigzag(request.width)), zigzag(2**40)),
         "BAD_LENGTH": (prompt, 1, zigzag(10_000)),
         "NON_CANONICAL": (data.index(labels), len(labels), split),
         "DUPLICATE_KEY": (data.index(labels), len(labels), labels.replace(b"\x02b", b"\x02a")),
@@ -154,14 +156,12 @@ def _strict_bytes(code: str) -> bytes:
 
 
 def _bad_bytes(code: str) -> bytes:
-    valid = codec.encode("GenerationRequest", contract.valid_request())
+    valid = codec.write(contract.valid_request())
     if code in STRICT_CODES:
         return _strict_bytes(code)
-    status = codec.encode(
-        "StatusEvent",
-        {"request_id": "r", "tenant_id": "t", "stage": "gatekeeper", "state": "ACCEPTED", "progress": None,
-         "task_id": None, "worker_id": None, "message": None, "at": 1},
-    )  # fmt: skip
+    status = codec.write(
+        StatusEvent(request_id="r", tenant_id="t", stage="gatekeeper", state="ACCEPTED", at=1)
+    )
     return {
         "EMPTY": b"",
         "TRUNCATED": valid[:5],
@@ -169,9 +169,7 @@ def _bad_bytes(code: str) -> bytes:
         "UNKNOWN_SCHEMA": valid[:2] + bytes(8) + valid[HEADER_LEN:],
         "WRONG_SCHEMA": status,
         "TRAILING_BYTES": valid + b"\x00",
-        "INVALID_REQUEST_ID": codec.encode(
-            "GenerationRequest", {**contract.valid_request(), "request_id": "a b"}
-        ),
+        "INVALID_REQUEST_ID": codec.write(replace(contract.valid_request(), request_id="a b")),
     }[code]
 
 
@@ -186,7 +184,7 @@ def test_each_described_dead_letter_code_is_what_the_gatekeeper_dead_letters(cod
     assert (admission.verdict, admission.reason) == ("DEAD_LETTERED", code)
     [letter] = admission.outputs
     assert letter.topic == "aigc.dlq.gatekeeper"
-    assert codec.decode(letter.value, "DeadLetter")["value"] == _bad_bytes(code)
+    assert codec.read(letter.value, DeadLetter).value == _bad_bytes(code)
     assert contract._DEAD_LETTER_HELP[code] in contract.dead_letters_table()
 
 

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plumbing import cli
+from aigc import cli
 from plumbing.settings import MODERATION_CATEGORIES, GatekeeperSettings
+from schemas.records import ModerationVerdict
 from stream_processors.assembler.store import moderation_row, moderation_verdict
 from stream_processors.gatekeeper.corpus import generate
 from stream_processors.gatekeeper.evaluation import evaluate
@@ -355,17 +356,17 @@ def test_eval_refuses_a_malformed_line_with_status_2(
     ],
 )
 def test_a_verdict_survives_the_row_of_the_sink(verdict: dict[str, Any]) -> None:
-    row = moderation_row(verdict)
+    row = moderation_row(ModerationVerdict(**verdict))
     assert row is not None and all(isinstance(v, str) for v in row.values())  # map<text, text>
-    assert moderation_verdict(row) == verdict
+    assert moderation_verdict(row) == ModerationVerdict(**verdict)
 
 
 def test_a_row_written_before_the_typed_fields_still_reads() -> None:
     old = {"category": "violence", "policy_version": "2026-11-01", "source": "policy", "field": "prompt"}
-    assert moderation_verdict(old) == {
+    assert moderation_verdict(old) == ModerationVerdict(
         **old,
-        "reason": "",
-        "model_version": None,
-        "score": None,
-        "scores": {},
-    }
+        reason="",
+        model_version=None,
+        score=None,
+        scores={},
+    )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plumbing.settings import Tier
 from stream_processors.gatekeeper.ratelimit import take
+from stream_processors.gatekeeper.tables import Bucket
 
 T0 = 1_700_000_000_000  # an epoch-ms "now", large like the real clock
 
@@ -19,9 +18,7 @@ REQUEST_TIER = Tier(requests_per_s=4.0, request_burst=3.0, cost_per_s=1e12, cost
 COST_TIER = Tier(requests_per_s=1000.0, request_burst=1000.0, cost_per_s=1000.0, cost_burst=2000.0)
 
 
-def drain_from(
-    state: dict[str, Any] | None, tier: Tier, cost: float, now_ms: int
-) -> tuple[dict[str, Any], int]:
+def drain_from(state: Bucket | None, tier: Tier, cost: float, now_ms: int) -> tuple[Bucket, int]:
     """Take until refused at ``now_ms``; the last admitted state and how many were admitted."""
     admitted = 0
     while True:
@@ -33,7 +30,7 @@ def drain_from(
         admitted += 1
 
 
-def drain(tier: Tier, cost: float, now_ms: int) -> tuple[dict[str, Any], int]:
+def drain(tier: Tier, cost: float, now_ms: int) -> tuple[Bucket, int]:
     """A new tenant's bucket, drained at ``now_ms``."""
     return drain_from(None, tier, cost, now_ms)
 
@@ -50,9 +47,9 @@ def test_a_new_tenant_gets_the_full_burst_then_is_refused() -> None:
 def test_an_admitted_request_takes_one_request_token_and_its_cost() -> None:
     first = take(None, COST_TIER, 300.0, T0)
     assert first.allowed
-    assert first.state == {"r": 999.0, "c": 1700.0, "t": float(T0)}
+    assert first.state == Bucket(999.0, 1700.0, float(T0))
     second = take(first.state, COST_TIER, 200.0, T0)
-    assert second.state == {"r": 998.0, "c": 1500.0, "t": float(T0)}
+    assert second.state == Bucket(998.0, 1500.0, float(T0))
 
 
 def test_tokens_refill_with_time_at_the_tier_rate() -> None:
@@ -73,7 +70,7 @@ def test_refill_never_exceeds_the_burst() -> None:
     assert admitted == 3
     cost_state = take(None, COST_TIER, 2000.0, T0).state
     later = take(cost_state, COST_TIER, 0.0, T0 + 3_600_000)
-    assert later.state["c"] == COST_TIER.cost_burst
+    assert later.state.cost == COST_TIER.cost_burst
 
 
 @pytest.mark.parametrize(
@@ -116,7 +113,7 @@ def test_retry_after_survives_float_rounding() -> None:
     # 0.1 + 0.3 * 3 == 0.9999999999999999 in binary floating point: waiting exactly the naive
     # ceil((1 - 0.1) / 3 s) = 300 ms would leave the bucket a hair short of one token.
     tier = Tier(requests_per_s=3.0, request_burst=5.0, cost_per_s=1e12, cost_burst=1e12)
-    state = {"r": 0.1, "c": 1e12, "t": float(T0)}
+    state = Bucket(0.1, 1e12, float(T0))
     refused = take(state, tier, 1.0, T0)
     assert refused.retry_after_ms is not None
     assert take(state, tier, 1.0, T0 + refused.retry_after_ms).allowed
@@ -141,7 +138,7 @@ def test_waiting_retry_after_is_always_enough(
     elapsed_ms: int,
 ) -> None:
     tier = Tier(requests_per_s=requests_per_s, request_burst=4.0, cost_per_s=cost_per_s, cost_burst=5e6)
-    state = {"r": request_tokens, "c": budget_fraction * tier.cost_burst, "t": float(T0)}
+    state = Bucket(request_tokens, budget_fraction * tier.cost_burst, float(T0))
     cost = cost_fraction * tier.cost_burst
     now = T0 + elapsed_ms
     decision = take(state, tier, cost, now)
@@ -157,16 +154,16 @@ def test_waiting_retry_after_is_always_enough(
 
 def test_a_refused_request_takes_no_tokens() -> None:
     state, _ = drain(COST_TIER, 700.0, T0)  # 2000 -> 1300 -> 600 cost tokens
-    assert state["c"] == 600.0
+    assert state.cost == 600.0
     refused = take(state, COST_TIER, 700.0, T0)
     assert not refused.allowed
     # The state handed back is the refilled state, untouched by the refused request...
-    assert refused.state["c"] == 600.0
-    assert refused.state["r"] == state["r"]
+    assert refused.state.cost == 600.0
+    assert refused.state.requests == state.requests
     # ...so a cheaper request right after still fits, and takes only its own cost.
     cheap = take(refused.state, COST_TIER, 600.0, T0)
     assert cheap.allowed
-    assert cheap.state["c"] == 0.0
+    assert cheap.state.cost == 0.0
 
 
 def test_cost_above_the_burst_is_refused_for_good_without_retry_after() -> None:
@@ -175,8 +172,8 @@ def test_cost_above_the_burst_is_refused_for_good_without_retry_after() -> None:
     assert decision.reason == "COST_EXCEEDS_TIER"
     assert decision.retry_after_ms is None
     # No tokens taken: the full burst is still there.
-    assert decision.state["r"] == COST_TIER.request_burst
-    assert decision.state["c"] == COST_TIER.cost_burst
+    assert decision.state.requests == COST_TIER.request_burst
+    assert decision.state.cost == COST_TIER.cost_burst
     # A cost equal to the burst is fine.
     assert take(None, COST_TIER, COST_TIER.cost_burst, T0).allowed
 
@@ -185,14 +182,14 @@ def test_request_rate_limits_cheap_requests_while_cost_is_plentiful() -> None:
     tier = Tier(requests_per_s=1.0, request_burst=2.0, cost_per_s=1e9, cost_burst=1e9)
     state, admitted = drain(tier, 1.0, T0)
     assert admitted == 2
-    assert state["c"] == 1e9 - 2.0
+    assert state.cost == 1e9 - 2.0
     assert take(state, tier, 1.0, T0).retry_after_ms == 1000
 
 
 def test_cost_limits_expensive_requests_while_request_tokens_are_plentiful() -> None:
     state, admitted = drain(COST_TIER, 1000.0, T0)
     assert admitted == 2
-    assert state["r"] == COST_TIER.request_burst - 2
+    assert state.requests == COST_TIER.request_burst - 2
     refused = take(state, COST_TIER, 1000.0, T0)
     assert refused.reason == "RATE_LIMITED"
     assert refused.retry_after_ms == 1000
@@ -202,12 +199,12 @@ def test_a_clock_going_backwards_adds_nothing_and_does_not_crash() -> None:
     state, _ = drain(REQUEST_TIER, 1.0, T0)
     earlier = take(state, REQUEST_TIER, 1.0, T0 - 60_000)
     assert not earlier.allowed
-    assert earlier.state["r"] == state["r"] == 0.0
+    assert earlier.state.requests == state.requests == 0.0
     # No promise can be exact while the clock is behind the stored state; it stays about one token's time.
     assert earlier.retry_after_ms in (250, 251)
     # A full bucket seen from the past stays at the burst.
-    full = {"r": REQUEST_TIER.request_burst, "c": REQUEST_TIER.cost_burst, "t": float(T0)}
+    full = Bucket(REQUEST_TIER.request_burst, REQUEST_TIER.cost_burst, float(T0))
     back = take(full, REQUEST_TIER, 0.0, T0 - 3_600_000)
     assert back.allowed
-    assert back.state["r"] == REQUEST_TIER.request_burst - 1
-    assert back.state["r"] <= REQUEST_TIER.request_burst
+    assert back.state.requests == REQUEST_TIER.request_burst - 1
+    assert back.state.requests <= REQUEST_TIER.request_burst

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Any
 
 import pytest
 
 from gpu_consumers.scheduler import CLASSES, Pick, Scheduler
 from gpu_consumers.tasks import Task
+from schemas.records import LatentRecipe, RenderTask
 
 WEIGHTS = {"HIGH": 16.0, "NORMAL": 4.0, "LOW": 1.0}
 AGING_S = 30.0
@@ -38,22 +38,30 @@ def make_task(
     topic: str | None = None,
 ) -> Task:
     n = next(_ids)
-    record: dict[str, Any] = {
-        "task_id": f"r{n}.0",
-        "request_id": f"r{n}",
-        "tenant_id": tenant,
-        "priority": priority,
-        "model": model,
-        "width": width,
-        "height": 64,
-        "steps": steps,
-        "guidance_scale": 7.5,
-        "scheduler": None,
-        "prompt": "p",
-        "frame_start": 0,
-        "frame_end": frames,
-        "recipe": {"seed_start": n, "seed_end": n, "positions": [0.0] * frames},
-    }
+    record = RenderTask(
+        task_id=f"r{n}.0",
+        request_id=f"r{n}",
+        tenant_id=tenant,
+        priority=priority,
+        kind="IMAGE",
+        pool="gpu",
+        model=model,
+        prompt="p",
+        width=width,
+        height=64,
+        steps=steps,
+        guidance_scale=7.5,
+        scheduler=None,
+        seed=n,
+        frame_start=0,
+        frame_end=frames,
+        frame_count=frames,
+        recipe=LatentRecipe(seed_start=n, seed_end=n, positions=[0.0] * frames),
+        output_format="PNG",
+        created_at=0,
+        accepted_at=0,
+        enqueued_at=0,
+    )
     return Task(record, topic or f"aigc.render.gpu.{priority.lower()}", partition, n, {}, received_at)
 
 

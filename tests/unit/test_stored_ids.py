@@ -6,7 +6,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from schemas.validation import ID_PATTERN
+from plumbing.validation import ID_PATTERN
 from stream_processors.assembler.store import stored_tenant_id
 
 BAD_TENANTS = ["%", "tenant:*", "del\x7f", "\U0010ffff", "", "../x", "a/b", "%41", "x" * 65, "é\x00\n"]

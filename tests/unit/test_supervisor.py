@@ -11,7 +11,8 @@ import signal
 import time
 from pathlib import Path
 
-from plumbing.supervisor import StageSpec, Supervisor, free_port, probe_ready
+from plumbing.settings import Settings, WebhookSettings
+from plumbing.supervisor import StageSpec, Supervisor, free_port, pipeline_stages, probe_ready
 
 
 def until(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -62,3 +63,31 @@ def test_readiness_and_discovery_follow_the_processes(tmp_path: Path) -> None:
 
 def test_probe_of_a_closed_port_is_not_ready() -> None:
     assert probe_ready(free_port()) == (False, ["not answering"])
+
+
+def test_the_webhook_stage_follows_its_setting_unless_the_caller_decides():
+    def names(settings: Settings, **kwargs: bool) -> list[str]:
+        return [s.name for s in pipeline_stages(settings, renderers=1, **kwargs)]
+
+    on, off = Settings(), Settings(webhooks=WebhookSettings(enabled=False))
+    assert "webhooks" in names(on) and "webhooks" not in names(off)
+    assert "webhooks" not in names(on, webhooks=False) and "webhooks" in names(off, webhooks=True)
+    (spec,) = [s for s in pipeline_stages(on, renderers=1) if s.name == "webhooks"]
+    assert spec.verb == ["webhooks", "deliver"] and spec.stage == "webhooks"
+
+
+def test_replicas_are_separate_members_with_identities_of_their_own():
+    stages = pipeline_stages(Settings(), renderers=2, replicas=2, webhooks=True)
+    names = [s.name for s in stages]
+    for stage in ("gatekeeper", "assembler", "relay", "webhooks"):
+        assert names.count(stage) == 1 and names.count(f"{stage}-1") == 1, names
+    assert names.count("lag-exporter") == 1  # one reader of the lags is enough
+    assert len(set(names)) == len(names)
+    # static group membership: each process its own group.instance.id
+    assert len({s.env["AIGC_INSTANCE"] for s in stages}) == len(stages)
+    sinks = [s for s in stages if s.stage == "assembler"]
+    # a transactional.id each: the two sinks must not fence each other
+    assert [s.env.get("AIGC_ASSEMBLER__INSTANCE", "0") for s in sinks] == ["0", "1"]
+    assert [s.name for s in pipeline_stages(Settings(), renderers=1)] == [
+        s.name for s in pipeline_stages(Settings(), renderers=1, replicas=1)
+    ]

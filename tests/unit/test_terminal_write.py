@@ -13,7 +13,7 @@ from typing import Any
 from cassandra import ConsistencyLevel, WriteTimeout
 from cassandra.policies import WriteType
 
-from stream_processors.assembler.store import AssemblyStore
+from stream_processors.assembler.store import AssemblyStore, TerminalRow
 
 
 class Session:
@@ -46,7 +46,7 @@ def cas_timeout() -> WriteTimeout:
     )
 
 
-VALUES = {"request_id": "r1", "tenant_id": "t", "status": "SUCCEEDED", "decided_by": "frames:0:7"}
+VALUES = TerminalRow(request_id="r1", tenant_id="t", status="SUCCEEDED", decided_by="frames:0:7")
 
 
 def test_a_timeout_that_did_commit_is_recognised_by_the_serial_read():

@@ -12,6 +12,16 @@ from rich.console import Console
 from plumbing.settings import Settings
 from producers.request_log import topic_families
 from producers.timeline import Seen, build, render
+from schemas.records import (
+    Completion,
+    DeadLetter,
+    FramesRendered,
+    GenerationRequest,
+    Record,
+    RetryEnvelope,
+    StatusEvent,
+    Timings,
+)
 
 T0 = 1_760_000_000_000
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -21,36 +31,43 @@ HEADERS = {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01".encode(), "request_i
 OFFSETS = itertools.count()
 
 
-def seen(family: str, at: int, record: dict[str, Any], topic: str | None = None) -> Seen:
+def seen(family: str, at: int, record: Record, topic: str | None = None) -> Seen:
     return Seen(family, topic or f"aigc.{family}", 0, next(OFFSETS), at, record, HEADERS)
 
 
 def status(state: str, at: int, stage: str, **extra: Any) -> Seen:
-    record = {"request_id": "r1", "tenant_id": "acme", "stage": stage, "state": state, "at": at, **extra}
+    record = StatusEvent(request_id="r1", tenant_id="acme", stage=stage, state=state, at=at, **extra)
     return seen("status", at, record)
 
 
 def frames(task: str, start: int, enqueued: int, started: int, finished: int, attempt: int = 0) -> Seen:
-    record = {
-        "request_id": "r1", "tenant_id": "acme", "task_id": task, "outcome": "RENDERED", "kind": "VIDEO",
-        "priority": "HIGH", "frame_start": start, "frame_end": start + 4, "created_at": T0,
-        "enqueued_at": enqueued, "started_at": started, "finished_at": finished,
-        "render_ms": finished - started, "batch_size": 4, "worker_id": "w-1", "attempt": attempt,
-    }  # fmt: skip
+    record = FramesRendered(
+        request_id="r1", tenant_id="acme", task_id=task, outcome="RENDERED", kind="VIDEO",
+        priority="HIGH", frame_start=start, frame_end=start + 4, frame_count=8, width=64, height=64,
+        output_format="MP4", created_at=T0, accepted_at=T0 + 20, enqueued_at=enqueued, started_at=started,
+        finished_at=finished, render_ms=finished - started, batch_size=4, worker_id="w-1", attempt=attempt,
+    )  # fmt: skip
     return seen("frames", finished, record)
 
 
+def completion(request_id: str, status: str, **fields: Any) -> Completion:
+    return Completion(
+        request_id=request_id, tenant_id="acme", status=status, timings=Timings(), finished_at=0, **fields
+    )
+
+
 def video_records() -> list[Seen]:
-    retry = {
-        "stage": "renderer", "error_code": "CUDA_OOM", "error_message": "out of memory", "attempts": 1,
-        "first_failed_at": T0 + 300, "last_failed_at": T0 + 300, "due_at": T0 + 1300, "headers": [],
-    }  # fmt: skip
+    retry = RetryEnvelope(
+        original_topic="aigc.render.default.high", original_partition=0, original_offset=7,
+        stage="renderer", error_kind="RetryableError", error_code="CUDA_OOM", error_message="out of memory",
+        attempts=1, first_failed_at=T0 + 300, last_failed_at=T0 + 300, due_at=T0 + 1300,
+    )  # fmt: skip
+    request = GenerationRequest(
+        request_id="r1", tenant_id="acme", created_at=T0, priority="HIGH", kind="VIDEO", prompt="waves",
+        model="tiny-sd", width=64, height=64, steps=4, guidance_scale=7.5,
+    )  # fmt: skip
     return [
-        seen(
-            "requests",
-            T0 + 5,
-            {"request_id": "r1", "tenant_id": "acme", "created_at": T0, "priority": "HIGH"},
-        ),
+        seen("requests", T0 + 5, request),
         status("ACCEPTED", T0 + 20, "gatekeeper"),
         status("QUEUED", T0 + 20, "gatekeeper", message="2 task(s) on aigc.render.default.high"),
         status("RUNNING", T0 + 60, "renderer", task_id="r1-0", worker_id="w-1"),
@@ -58,7 +75,7 @@ def video_records() -> list[Seen]:
         frames("r1-0", 0, T0 + 20, T0 + 50, T0 + 250),
         frames("r1-1", 4, T0 + 20, T0 + 1400, T0 + 1700, attempt=1),
         status("ASSEMBLING", T0 + 1750, "assembler"),
-        seen("completions", T0 + 1900, {"request_id": "r1", "status": "SUCCEEDED"}),
+        seen("completions", T0 + 1900, completion("r1", "SUCCEEDED")),
     ]
 
 
@@ -120,7 +137,7 @@ def test_a_request_still_rendering_is_in_progress_with_its_running_task() -> Non
     records = [
         r
         for r in video_records()
-        if r.family in ("requests", "status") and r.record.get("state") != "ASSEMBLING"
+        if r.family == "requests" or (isinstance(r.record, StatusEvent) and r.record.state != "ASSEMBLING")
     ]
     t = build("r1", records)
     assert t.status == "IN_PROGRESS"
@@ -129,14 +146,15 @@ def test_a_request_still_rendering_is_in_progress_with_its_running_task() -> Non
 
 
 def test_a_rejection_and_a_dead_letter() -> None:
-    decision = {
-        "request_id": "r2", "tenant_id": "acme", "status": "REJECTED", "reason_code": "MODERATION_BLOCKED",
-        "message": "blocked", "finished_at": T0 + 15, "created_at": T0,
-    }  # fmt: skip
-    dead = {
-        "stage": "assembler", "error_code": "UNDECODABLE_FRAME", "error_message": "not an image",
-        "attempts": 1, "last_failed_at": T0 + 40,
-    }  # fmt: skip
+    decision = Completion(
+        request_id="r2", tenant_id="acme", status="REJECTED", reason_code="MODERATION_BLOCKED",
+        message="blocked", finished_at=T0 + 15, created_at=T0, timings=Timings(),
+    )  # fmt: skip
+    dead = DeadLetter(
+        original_topic="aigc.frames.normal", original_partition=0, original_offset=3, stage="assembler",
+        error_kind="PermanentError", error_code="UNDECODABLE_FRAME", error_message="not an image",
+        attempts=1, first_failed_at=T0 + 40, last_failed_at=T0 + 40,
+    )  # fmt: skip
     t = build("r2", [seen("decisions", T0 + 15, decision), seen("dlq", T0 + 40, dead, "aigc.dlq.assembler")])
     assert [s.event for s in t.steps] == ["created", "decided", "dead-lettered"]
     assert "MODERATION_BLOCKED" in t.steps[1].detail and t.steps[1].wait_ms == 15

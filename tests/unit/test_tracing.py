@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from plumbing import headers, tracing
 from plumbing.headers import TRACEPARENT, continue_headers, pipeline_headers, trace_id
 from plumbing.settings import ObservabilitySettings, Settings
+from schemas.records import LatentRecipe, RenderTask
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
@@ -132,7 +133,12 @@ def test_an_unsampled_parent_records_nothing(spans: InMemorySpanExporter) -> Non
 
 
 def test_a_render_task_span_starts_with_its_batch_and_records_its_wait(spans: InMemorySpanExporter) -> None:
-    record = {"priority": "LOW", "task_id": "r1-0", "attempt": 0, "frame_count": 1, "enqueued_at": 1_000}
+    record = RenderTask(
+        task_id="r1-0", request_id="r1", tenant_id="t", priority="LOW", kind="IMAGE", pool="gpu", model="m",
+        prompt="p", width=64, height=64, steps=1, guidance_scale=1.0, seed=1, frame_start=0, frame_end=1,
+        frame_count=1, recipe=LatentRecipe(seed_start=1, seed_end=1, positions=[0.0]), output_format="PNG",
+        created_at=900, accepted_at=950, enqueued_at=1_000,
+    )  # fmt: skip
     with tracing.render_task(consumed(), record, 1_250, batch_size=2, outcome="RENDERED"):
         pass
     by_name = {s.name: s for s in spans.get_finished_spans()}

@@ -6,8 +6,8 @@ import pytest
 
 from plumbing.errors import ValidationError
 from plumbing.settings import RequestLimits
-from producers.client import new_request
-from schemas.validation import render_cost, validate_request
+from plumbing.validation import render_cost, validate_request
+from schemas.records import GenerationRequest, VideoSpec
 
 LIMITS = RequestLimits()
 MODELS = {"tiny-sd"}
@@ -17,6 +17,7 @@ NOW = 1_800_000_000_000
 def request(**fields):
     base = dict(
         request_id="req-1",
+        kind="VIDEO" if fields.get("video") else "IMAGE",
         tenant_id="acme",
         prompt="a lighthouse at dusk",
         model="tiny-sd",
@@ -26,7 +27,9 @@ def request(**fields):
         guidance_scale=7.5,
         created_at=NOW,
     )
-    return new_request(**{**base, **fields})
+    if fields.get("video") is not None:
+        fields["video"] = VideoSpec(**fields["video"])
+    return GenerationRequest(**{**base, **fields})
 
 
 def video(**video_fields):
@@ -110,3 +113,31 @@ def test_model_check_can_be_skipped_by_clients_without_the_registry():
 def test_render_cost_counts_frames_steps_and_pixels():
     assert render_cost(request(num_images=2)) == 2 * 4 * 64 * 64
     assert render_cost(video()) == 16 * 4 * 64 * 64
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hooks.example.com/aigc?x=1", "http://127.0.0.1:8080/hook", "https://[2001:db8::1]/h"]
+)
+def test_a_webhook_url_that_is_an_http_url_passes(url):
+    check(request(webhook_url=url))
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("ftp://hooks.example.com/aigc", "http or https"),
+        ("hooks.example.com/aigc", "http or https"),
+        ("https:///path-only", "no host"),
+        ("https://user:pw@hooks.example.com/", "credentials"),
+        ("https://hooks.example.com:99999/", "not a URL"),
+        ("https://hooks.example.com/a b", "spaces"),
+        ("https://hooks.example.com/\x00", "control"),
+        ("https://hooks.example.com/" + "a" * 2100, "more than 2048"),
+        ("", "non-empty"),
+    ],
+)
+def test_a_bad_webhook_url_is_rejected_naming_the_field(url, says):
+    with pytest.raises(ValidationError) as err:
+        check(request(webhook_url=url))
+    assert err.value.field == "webhook_url" and err.value.code == "INVALID_WEBHOOK_URL"
+    assert says in str(err.value)

@@ -1,5 +1,8 @@
 """The `aigc` command: one entry point, verbs contributed by each package.
 
+This module is the top of the layer order (tests/unit/test_layers.py): it may import every package, and
+no package imports it. The supervisor starts each stage as ``python -m aigc <verb>``, a new process.
+
 Each package's ``cli`` module has ``register(subparsers)``; verbs import their heavy modules only when
 they run, so ``aigc --help`` works with nothing installed beyond the standard library and pydantic.
 Settings are read once here and passed down. Exit status: 0 success, 1 failure, 2 usage.
@@ -32,6 +35,7 @@ def env_help(text: str, env: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every verb: the root's own, then each package's ``register``, in a fixed order."""
     from infra import cli as infra_cli
     from producers import cli as producers_cli
 
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gpu_consumers.cli",
         "producers.ops_cli",
         "producers.top_cli",
+        "producers.gateway.cli",
         "bench.cli",
     ):
         try:
@@ -126,6 +131,7 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the verb ``argv`` names (default: the command line); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings.load()

@@ -1,0 +1,156 @@
+"""Five repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
+
+`aigc chaos` lost a request this way (CI, seed 20261123: the gatekeeper restarted while requests waited):
+
+1. faust's recovery resumes the request partitions while its fetcher runs, awaits the seek to the
+   committed offsets, then calls ``flow_control.resume()`` again. mode's ``FlowControlEvent.resume``
+   clears every stream buffer even when flow is already on, so records delivered in that window are
+   thrown away unacknowledged, and the fetch loop's read offset has already moved past them, so the
+   re-read after the seek skips them too. `FlowControl` clears only on a real resume (flow was
+   suspended: the buffers then hold records of a revoked assignment, which faust re-reads anyway).
+2. ``Consumer._new_offset`` commits over one unacknowledged offset at the head of a partition
+   (faust-streaming#606; the fix, PR #707, is unreleased): committed 2 and acked [3, 4, 5] commits 6,
+   so the record at 2 is never handled. `Consumer` commits past the committed offset only when it was
+   acknowledged or is a known hole.
+3. faust records a hole (a transaction marker, a compacted record) only from the fetch loop's read
+   offset, which after a seek is the committed offset itself (the next to read, not the last read) and
+   ``_add_gap`` clamps to one past the committed offset: a hole right at the committed offset is never
+   recorded, which faust's lenient check in 2 papers over. `Consumer` sets the read offset after a seek
+   to the one before the committed offset and lets a hole start at the committed offset.
+
+4. With two gatekeepers, `aigc chaos` on the 3-broker cluster lost a request whose record was the first
+   of a partition the group had never committed on: the check in 2 had no committed offset to hold a
+   commit back with (and ``0 or None`` made a committed 0 count as none), so acked [1, 2] committed 3
+   over the unhandled record at 0. `Consumer.perform_seek` now takes a never-committed partition's log
+   start as its committed offset.
+5. faust flushes its producer before it commits, but a send that failed on delivery (aiokafka gives up on
+   a batch whose partition had no leader for its request timeout, as when a broker is SIGKILLed) leaves
+   the buffer like a delivered one, so the offset would be committed over a request whose render task or
+   status was never written (read in the code; not yet seen in a run). `Deliveries` holds every send's
+   future; `Consumer` awaits them before each commit and, when one failed, exits the process without
+   committing, so the request is read again.
+
+A partition that still misses an offset now stops committing rather than skipping it; the stall guard
+(`stall.py`) then restarts the worker, which reads again from the committed offset (`Gate.admit` makes
+the repeat harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import faust
+from faust.transport.consumer import ensure_TP
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
+from faust.utils.functional import consecutive_numbers
+from mode.utils.queues import FlowControlEvent
+
+log = logging.getLogger(__name__)
+
+
+class FlowControl(FlowControlEvent):
+    """mode's flow control, whose resume clears the stream buffers only when flow was suspended."""
+
+    def resume(self) -> None:
+        """Let flow go on; the buffers are cleared only when it was suspended."""
+        was_suspended = not self.is_active()
+        self._suspend.clear()
+        self._resume.set()
+        if was_suspended:
+            self.clear()
+
+
+class Deliveries:
+    """The sends of the handled events whose delivery has not been checked yet (see 5. above)."""
+
+    EXIT_STATUS = 70
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[Any]] = []
+
+    def track(self, sent: asyncio.Future[Any]) -> None:
+        """Check ``sent`` (a send's delivery future) before the next commit."""
+        self.pending.append(sent)
+
+    async def settle(self) -> None:
+        """Wait for every tracked delivery (the producer was just flushed: they are done or about to be);
+        exit the process when one failed, before anything is committed over it (5. above)."""
+        pending, self.pending = self.pending, []
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.critical(
+                    "a send failed (%r); exiting before the commit, so its request is read again", result
+                )
+                logging.shutdown()
+                os._exit(self.EXIT_STATUS)
+
+
+class Consumer(AIOKafkaConsumer):
+    """faust's aiokafka consumer, committing past an offset only once it is handled or known absent, and
+    only once every send made so far was delivered."""
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        deliveries: Deliveries = self.app.deliveries  # type: ignore[attr-defined]  # set by `install`
+        await deliveries.settle()
+        return bool(await super()._commit(offsets))
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        gaps = self._gap[tp]
+        if gaps:  # known holes below the highest acked offset count as handled (as in faust)
+            max_offset = max(acked)
+            holes = sorted(gaps.overlap(0, max_offset), key=lambda interval: interval.begin)
+            if holes:
+                filled = [offset for hole in holes for offset in range(hole.begin, hole.end)]
+                acked.extend(filled)
+                gaps.chop(0, max(filled[-1], max_offset + 1))
+        acked.sort()
+        committed = self._committed_offset[tp]
+        if committed is not None and acked[0] > committed:
+            return None  # the record at the committed offset is not handled yet: commit nothing
+        batch = next(consecutive_numbers(acked))
+        acked[: len(batch)] = []
+        self._acked_index[tp].difference_update(batch)
+        return batch[-1] + 1
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            offset_from = max(offset_from, committed)
+        if offset_from <= offset_to:
+            gaps = self._gap[tp]
+            gaps.addi(offset_from, offset_to + 1)
+            gaps.merge_overlaps()
+
+    async def perform_seek(self) -> None:
+        """Seek to the committed offsets and record them, with the read offset one before each. A
+        partition this group never committed on counts as committed at its log start: otherwise the
+        check in `_new_offset` has nothing to hold a commit back with, and a first record dropped from a
+        buffer in a rebalance is committed over (a request lost with two gatekeepers in `aigc chaos`)."""
+        committed = dict(await self.seek_to_committed())
+        fresh = [ensure_TP(tp) for tp, offset in committed.items() if offset is None]
+        if fresh:
+            starts = await self.earliest_offsets(*fresh)
+            committed.update({tp: starts[tp] for tp in fresh if starts.get(tp) is not None})
+        for tp, offset in committed.items():
+            # the fetch loop's read offset is the last offset read (faust sets the next one)
+            self._read_offset[ensure_TP(tp)] = offset - 1 if offset and offset > 0 else None
+            if offset is not None:  # 0 too: nothing below it is handled, so offset 0 must be acked first
+                self._committed_offset[ensure_TP(tp)] = offset
+
+
+def install(app: faust.App) -> Deliveries:
+    """Give ``app`` the repaired flow control and consumer; call before the app starts. Returns the
+    `Deliveries` its senders must `Deliveries.track` each send's delivery with."""
+    app.flow_control = FlowControl(loop=app.loop)  # faust caches it on first use
+    deliveries = app.deliveries = Deliveries()  # type: ignore[attr-defined]
+    transport: Any = app.transport
+    transport.Consumer = Consumer
+    return deliveries

@@ -1,0 +1,146 @@
+"""The gatekeeper's repairs to faust's at-least-once bookkeeping (gatekeeper/faust_fixes.py).
+
+Each test is a case faust-streaming 0.15.3 gets wrong: a request skipped without being handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import faust
+import pytest
+from faust.types import TP
+from mode.utils.queues import FlowControlQueue
+
+from plumbing.settings import Settings
+from stream_processors.gatekeeper import faust_fixes
+from stream_processors.gatekeeper.app import create_app, make_gate
+
+TOPIC = TP("aigc.requests.low", 0)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> faust.App:
+    settings = Settings.load(home=tmp_path)
+    return create_app(settings, make_gate(settings, None))
+
+
+def repaired(app: faust.App) -> faust_fixes.Consumer:
+    consumer = app.consumer
+    assert isinstance(consumer, faust_fixes.Consumer)
+    return consumer
+
+
+def test_the_gatekeeper_app_runs_with_the_repairs(app: faust.App) -> None:
+    assert isinstance(app.flow_control, faust_fixes.FlowControl)
+    assert isinstance(app.consumer, faust_fixes.Consumer)
+
+
+def test_a_resume_while_flowing_keeps_the_records_already_buffered(app: faust.App) -> None:
+    """faust's recovery resumes again after its seek: the records fetched meanwhile must stay."""
+    flow = app.flow_control
+    buffer: FlowControlQueue[int] = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+    flow.resume()
+    buffer.put_nowait(2)
+    flow.resume()
+    assert buffer.qsize() == 1
+    flow.suspend()  # a rebalance: what is buffered belongs to the revoked assignment
+    flow.resume()
+    assert buffer.qsize() == 0
+
+
+def test_no_commit_passes_an_unhandled_offset_at_the_head(app: faust.App) -> None:
+    """faust-streaming#606: committed 2 and acked [3, 4, 5] committed 6, and the record at 2 was lost."""
+    consumer = repaired(app)
+    consumer._committed_offset[TOPIC] = 2
+    consumer._acked[TOPIC] = [3, 4, 5]
+    consumer._acked_index[TOPIC] = {3, 4, 5}
+    assert consumer._new_offset(TOPIC) is None
+    consumer._acked[TOPIC].append(2)
+    consumer._acked_index[TOPIC].add(2)
+    assert consumer._new_offset(TOPIC) == 6
+    assert consumer._acked[TOPIC] == []
+
+
+def test_a_hole_at_the_committed_offset_after_a_seek_is_committed_over(app: faust.App) -> None:
+    """A transaction marker at the committed offset: the first record read after the seek is one past it."""
+    consumer = repaired(app)
+
+    async def seek_to_committed() -> dict[TP, int]:  # the broker's answer
+        return {TOPIC: 5}
+
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
+    asyncio.run(consumer.perform_seek())
+    assert consumer._committed_offset[TOPIC] == 5
+    read_offset = consumer._read_offset[TOPIC]
+    assert read_offset == 4
+    # the fetch loop records the hole between its read offset and the record it got, as faust does
+    asyncio.run(consumer._add_gap(TOPIC, read_offset + 1, 6))
+    consumer._acked[TOPIC] = [6]
+    consumer._acked_index[TOPIC] = {6}
+    assert consumer._new_offset(TOPIC) == 7
+
+
+def test_holes_inside_the_acked_run_are_filled(app: faust.App) -> None:
+    consumer = repaired(app)
+    consumer._committed_offset[TOPIC] = 10
+    asyncio.run(consumer._add_gap(TOPIC, 12, 13))
+    consumer._acked[TOPIC] = [10, 11, 14, 15]
+    consumer._acked_index[TOPIC] = {10, 11, 14, 15}
+    assert consumer._new_offset(TOPIC) == 16
+
+
+def test_a_partition_never_committed_on_holds_commits_until_its_first_record_is_handled(
+    app: faust.App,
+) -> None:
+    """Nothing committed yet: the log start counts as committed, so acked [1, 2] commit nothing."""
+    consumer = repaired(app)
+
+    async def seek_to_committed() -> dict[TP, int | None]:  # the broker's answer: no commit
+        return {TOPIC: None}
+
+    async def earliest_offsets(*partitions: TP) -> dict[TP, int]:
+        return dict.fromkeys(partitions, 0)
+
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign,assignment]
+    consumer.earliest_offsets = earliest_offsets  # type: ignore[method-assign]
+    asyncio.run(consumer.perform_seek())
+    assert consumer._committed_offset[TOPIC] == 0
+    consumer._acked[TOPIC] = [1, 2]
+    consumer._acked_index[TOPIC] = {1, 2}
+    assert consumer._new_offset(TOPIC) is None  # the record at 0 is not handled
+    consumer._acked[TOPIC].append(0)
+    consumer._acked_index[TOPIC].add(0)
+    assert consumer._new_offset(TOPIC) == 3
+
+
+def test_a_failed_delivery_ends_the_worker_before_its_offset_is_committed(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send whose delivery failed after the agent moved on: the process exits instead of committing
+    (were the commit made, the not-started consumer under it would raise something else)."""
+    consumer = repaired(app)
+    deliveries: faust_fixes.Deliveries = app.deliveries  # type: ignore[attr-defined]
+    exits: list[int] = []
+
+    def fake_exit(status: int) -> None:
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(faust_fixes.os, "_exit", fake_exit)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        delivered, failed = loop.create_future(), loop.create_future()
+        delivered.set_result("ok")
+        deliveries.track(delivered)
+        await deliveries.settle()  # all delivered: nothing happens
+        assert exits == [] and deliveries.pending == []
+        failed.set_exception(RuntimeError("KafkaTimeoutError: batch expired"))
+        deliveries.track(failed)
+        with pytest.raises(SystemExit):
+            await consumer._commit({TOPIC: 3})
+
+    asyncio.run(run())
+    assert exits == [faust_fixes.Deliveries.EXIT_STATUS]
