@@ -260,6 +260,7 @@ def time_components(batches: tuple[int, ...], steps: tuple[int, ...] = (4, 25)) 
 
 def pipeline_under_backlog(settings: Any, folder: Path, count: int, steps: int) -> dict[str, Any]:
     """One renderer serving the real-size model under a standing backlog: busy fraction and overhead share."""
+    import dataclasses
     import statistics
 
     from bench.harness import Collector, Load, image
@@ -270,7 +271,7 @@ def pipeline_under_backlog(settings: Any, folder: Path, count: int, steps: int) 
         collector = Collector(pipeline.settings).start()
         load = Load(pipeline.settings, collector)
         try:
-            fields = image("tiny-sd", width=512, height=512, steps=steps)
+            fields = dataclasses.replace(image("tiny-sd", steps=steps), width=512, height=512)
             load.backlog(4, fields)  # warm-up
             collector.wait(4, 600)
             before = set(collector.requests)
@@ -286,7 +287,7 @@ def pipeline_under_backlog(settings: Any, folder: Path, count: int, steps: int) 
         "backlog": count,
         "steps": steps,
         "busy_fraction": statistics.fmean(fractions.values()),
-        "mean_batch": statistics.fmean(task["batch_size"] for t in timings for task in t.tasks),
+        "mean_batch": statistics.fmean(task.batch_size for t in timings for task in t.tasks),
         "overhead_share_of_render_p50": statistics.median(overhead) if overhead else None,
     }
 
@@ -309,6 +310,7 @@ def sd15(settings: Any, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.realsize`: time the SD 1.5-sized model and print (or write) its figures."""
     parser = argparse.ArgumentParser(prog="python -m bench.realsize", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps per image (default: %(default)s)")
     parser.add_argument(

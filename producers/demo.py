@@ -6,8 +6,8 @@ weights shipped in gpu_consumers/shapes/model) unless AIGC_MODELS names other mo
 (an English and a Chinese prompt) and one 16-frame video request that walks from one prompt to another
 through the SDK, shows live progress from the status topic (bars on a terminal, one line per state change
 in a file or a pipe), prints each completion, downloads the outputs, lays them out on one contact sheet,
-says where they are and prints the web console's URL (with an API key of the demo tenant). Whatever it started, it stops at the end; with ``--keep`` the pipeline and the console
-keep running.
+says where they are and prints the web console's URL (with an API key of the demo tenant). Whatever it
+started, it stops at the end; with ``--keep`` the pipeline and the console keep running.
 """
 
 from __future__ import annotations
@@ -72,11 +72,23 @@ def demo_requests(model: str) -> list[GenerationRequest]:
     The shapes model draws 64x64 scenes; the clip keeps one seed for its whole length, so what changes
     from frame to frame is what the prompt says.
     """
+
     def image(prompt: str, seed: int, label: str, num_images: int = 1) -> GenerationRequest:
         return GenerationRequest(
-            request_id=uuid.uuid4().hex, tenant_id=TENANT, kind="IMAGE", prompt=prompt, model=model,
-            width=64, height=64, steps=25, guidance_scale=7.5, num_images=num_images, seed=seed,
-            priority="HIGH", labels={"demo": label}, created_at=now_ms(),
+            request_id=uuid.uuid4().hex,
+            tenant_id=TENANT,
+            kind="IMAGE",
+            prompt=prompt,
+            model=model,
+            width=64,
+            height=64,
+            steps=25,
+            guidance_scale=7.5,
+            num_images=num_images,
+            seed=seed,
+            priority="HIGH",
+            labels={"demo": label},
+            created_at=now_ms(),
         )
 
     return [

@@ -32,6 +32,8 @@ _FILL_CIRCLE = 0.64
 
 @dataclass(frozen=True)
 class Detection:
+    """One shape found in a picture: its colour and kind, where it is and how big."""
+
     colour: str
     shape: str
     centre: tuple[float, float]  # x, y as fractions of the image side
@@ -40,6 +42,8 @@ class Detection:
 
 @dataclass(frozen=True)
 class Score:
+    """How far a picture shows its scene: agreement, and which attributes came out right."""
+
     agreed: bool  # every named shape found with its colour and kind, and nothing else
     colours_right: bool
     shapes_right: bool

@@ -30,6 +30,8 @@ BATCH = 25
 
 @dataclass
 class Report:
+    """Agreement over the unseen prompts, overall and per scene kind and language."""
+
     prompts: int
     agreement: float
     position: float
@@ -40,6 +42,8 @@ class Report:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
+        """The report as printed lines."""
+
         def pct(x: float) -> str:
             return f"{100 * x:.1f}%"
 
@@ -62,6 +66,8 @@ def unseen_prompts(n: int, seed: int = 1234) -> list[tuple[sc.Scene, str, str]]:
 
 
 def evaluate(model_path: Path, n: int = 200, sheet: Path | None = None) -> Report:
+    """Render ``n`` unseen prompts with the model at ``model_path`` through `DiffusersBackend` and score them;
+    with ``sheet``, also write the pictures as a contact sheet."""
     from gpu_consumers.backends.base import FrameSpec, RenderBatch
     from gpu_consumers.backends.diffusers_backend import DiffusersBackend
 

@@ -75,6 +75,8 @@ _CENTRES = {
 
 @dataclass(frozen=True)
 class Shape:
+    """One shape of a scene."""
+
     colour: str
     shape: str
     size: str
@@ -83,6 +85,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
+    """What a caption means: the kind of scene, its background and its shapes."""
+
     kind: str
     background: str
     shapes: tuple[Shape, ...]
@@ -99,6 +103,7 @@ class Scene:
         return ("single", first.colour, first.shape, self.background)
 
     def held_out(self) -> bool:
+        """Whether this scene's attribute combination is kept out of training (a fixed hash share)."""
         digest = hashlib.sha256("/".join(self.combination()).encode()).digest()
         return int.from_bytes(digest[:4], "big") < HELD_OUT_SHARE * 2**32
 
@@ -111,6 +116,7 @@ def _two_colours(rng: random.Random, k: int) -> tuple[list[str], str]:
 
 
 def random_scene(rng: random.Random, kind: str | None = None) -> Scene:
+    """A random scene of ``kind`` (drawn by weight when None)."""
     kind = kind or rng.choices(KINDS, weights=(0.5, 0.3, 0.2))[0]
     if kind == "single":
         (colour,), background = _two_colours(rng, 1)

@@ -48,6 +48,8 @@ CAPTION_DROPOUT = 0.1
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What a training run does: seeds, data size, steps, batch sizes and learning rate, a time limit."""
+
     seed: int = 0
     images: int = 10_000  # training scenes drawn (each with its own jitter)
     vae_steps: int = 1_500
@@ -123,6 +125,7 @@ def build_components(tokenizer_dir: Path) -> dict[str, Any]:
 
 
 def write_tokenizer(folder: Path) -> None:
+    """The word-level tokenizer's vocab.json and merges.txt for every caption word, into ``folder``."""
     vocab, merges = tokenizer_files(sc.all_captions())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
