@@ -12,11 +12,15 @@ started, it stops at the end; with ``--keep`` the pipeline and the console keep 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from infra.launcher import down, status, up
 from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
@@ -107,18 +111,47 @@ def demo_requests(model: str) -> list[GenerationRequest]:
 def follow(client: Client, requests: dict[str, GenerationRequest], since_ms: int, timeout_s: float,
            supervisor: Supervisor) -> dict[str, Completion]:  # fmt: skip
     """Progress from status events until every request has its completion: bars on a terminal, one
-    line per state change in a file or a pipe."""
+    line per state change in a file or a pipe. The supervisor is polled twice a second meanwhile (not
+    per event), so a stage that exits while no event comes is restarted all the same."""
     totals = {}
     for request_id, req in requests.items():
         frames = req.video.num_frames if req.video else req.num_images
         label = f"{'video' if req.video else 'image'} {request_id[:8]}"
         totals[request_id] = (label, frames * req.steps)
     view = progress_view(totals)
-    done_by_task: dict[str, dict[str | None, int]] = {rid: {} for rid in requests}
     completions: dict[str, Completion] = {}
     deadline = time.monotonic() + timeout_s
+    with _supervising(supervisor):
+        _show(client, requests, since_ms, timeout_s, deadline, view, totals, completions)
+    view.close()
+    return completions
+
+
+@contextlib.contextmanager
+def _supervising(supervisor: Supervisor) -> Iterator[None]:
+    """Poll ``supervisor`` from a thread while the block runs."""
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(0.5):
+            supervisor.poll()
+
+    thread = threading.Thread(target=keep, name="supervisor", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _show(client: Client, requests: dict[str, GenerationRequest], since_ms: int, timeout_s: float,
+          deadline: float, view: Any, totals: dict[str, tuple[str, int]],
+          completions: dict[str, Completion]) -> None:  # fmt: skip
+    """Update ``view`` from the requests' events and fill ``completions`` until all are in or past
+    ``deadline``."""
+    done_by_task: dict[str, dict[str | None, int]] = {rid: {} for rid in requests}
     for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
-        supervisor.poll()
         rid, record = event.request_id, event.record
         if rid in completions:
             continue  # a status event that lost the race with its completion (another topic)
@@ -133,8 +166,6 @@ def follow(client: Client, requests: dict[str, GenerationRequest], since_ms: int
             view.update(rid, record.state)
         if len(completions) == len(requests) or time.monotonic() > deadline:
             break
-    view.close()
-    return completions
 
 
 def download(settings: Settings, completion: Completion, out_dir: Path) -> list[Path]:
