@@ -101,7 +101,7 @@ def build(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from gpu_consumers.models import MAX_PROMPT_TOKENS, _write_tokenizer_files
+    from gpu_consumers.models import MAX_PROMPT_TOKENS, SD_SCHEDULER, _write_tokenizer_files
 
     with tempfile.TemporaryDirectory() as work:
         _write_tokenizer_files(Path(work))
@@ -113,14 +113,7 @@ def build(seed: int = 0) -> Any:
         vae=AutoencoderKL(**vae_config()),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_config(*ids))),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

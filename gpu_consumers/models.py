@@ -38,6 +38,19 @@ _MERGES = (
 )
 
 
+# Stable Diffusion 1.x's noise schedule, as its DDIM scheduler config says it: the tiny model, the shapes
+# model and the real-size benchmark use it.
+SD_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible map from the 256 byte values to printable unicode characters.
 
@@ -131,14 +144,7 @@ def _tiny_pipeline(work: Path, seed: int) -> Any:
             max_position_embeddings=MAX_PROMPT_TOKENS,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

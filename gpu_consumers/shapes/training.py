@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_consumers.models import MARKER
+from gpu_consumers.models import MARKER, SD_SCHEDULER
 from gpu_consumers.shapes import scenes as sc
 from gpu_consumers.shapes.vocabulary import tokenizer_files
 
@@ -62,18 +62,6 @@ class TrainConfig:
     # by steps, whichever is further along, so a slow or shared machine ends on time with decayed weights.
     max_minutes: float | None = None
     threads: int = 2
-
-
-def _scheduler_config() -> dict[str, Any]:
-    return {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-    }
 
 
 def build_components(tokenizer_dir: Path) -> dict[str, Any]:
@@ -259,9 +247,7 @@ def train_denoiser(parts: dict[str, Any], pool: list[sc.Scene], latents: Any, co
     from diffusers import DDPMScheduler
 
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
-    noise_scheduler = DDPMScheduler(
-        **{k: v for k, v in _scheduler_config().items() if k != "set_alpha_to_one"}
-    )
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     alphas = noise_scheduler.alphas_cumprod  # type: ignore[attr-defined]
     rng = random.Random(config.seed + 1)
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -337,7 +323,7 @@ def train(path: Path, config: TrainConfig | None = None, say: Callable[[str], No
             text_encoder=parts["text_encoder"].half(),
             tokenizer=parts["tokenizer"],
             unet=unet.half(),
-            scheduler=DDIMScheduler(**_scheduler_config()),
+            scheduler=DDIMScheduler(**SD_SCHEDULER),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
