@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from infra.launcher import down, status, up
 from infra.pipeline import PipelineNotReady, RunningPipeline, running_pipeline
@@ -119,10 +118,25 @@ def follow(client: Client, requests: dict[str, GenerationRequest], since_ms: int
         label = f"{'video' if req.video else 'image'} {request_id[:8]}"
         totals[request_id] = (label, frames * req.steps)
     view = progress_view(totals)
+    done_by_task: dict[str, dict[str | None, int]] = {rid: {} for rid in requests}
     completions: dict[str, Completion] = {}
     deadline = time.monotonic() + timeout_s
     with _supervising(supervisor):
-        _show(client, requests, since_ms, timeout_s, deadline, view, totals, completions)
+        for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
+            rid, record = event.request_id, event.record
+            if rid in completions:
+                continue  # a status event that lost the race with its completion (another topic)
+            if isinstance(record, Completion):
+                completions[rid] = record
+                succeeded = record.status == "SUCCEEDED"
+                view.update(rid, record.status, totals[rid][1] if succeeded else None)
+            elif record.state == "RUNNING" and record.progress:
+                done_by_task[rid][record.task_id] = record.progress.done
+                view.update(rid, "RUNNING", sum(done_by_task[rid].values()))
+            else:
+                view.update(rid, record.state)
+            if len(completions) == len(requests) or time.monotonic() > deadline:
+                break
     view.close()
     return completions
 
@@ -143,29 +157,6 @@ def _supervising(supervisor: Supervisor) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-
-
-def _show(client: Client, requests: dict[str, GenerationRequest], since_ms: int, timeout_s: float,
-          deadline: float, view: Any, totals: dict[str, tuple[str, int]],
-          completions: dict[str, Completion]) -> None:  # fmt: skip
-    """Update ``view`` from the requests' events and fill ``completions`` until all are in or past
-    ``deadline``."""
-    done_by_task: dict[str, dict[str | None, int]] = {rid: {} for rid in requests}
-    for event in client.subscribe(request_ids=list(requests), since_ms=since_ms, timeout_s=timeout_s):
-        rid, record = event.request_id, event.record
-        if rid in completions:
-            continue  # a status event that lost the race with its completion (another topic)
-        if isinstance(record, Completion):
-            completions[rid] = record
-            succeeded = record.status == "SUCCEEDED"
-            view.update(rid, record.status, totals[rid][1] if succeeded else None)
-        elif record.state == "RUNNING" and record.progress:
-            done_by_task[rid][record.task_id] = record.progress.done
-            view.update(rid, "RUNNING", sum(done_by_task[rid].values()))
-        else:
-            view.update(rid, record.state)
-        if len(completions) == len(requests) or time.monotonic() > deadline:
-            break
 
 
 def download(settings: Settings, completion: Completion, out_dir: Path) -> list[Path]:
