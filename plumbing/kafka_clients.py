@@ -40,13 +40,19 @@ def client_id(settings: Settings, role: str) -> str:
     return f"{settings.kafka.client_id}.{role}.{socket.gethostname()}.{os.getpid()}"
 
 
-def _counted(settings: Settings) -> dict[str, Any]:
-    """librdkafka statistics for the benchmark ledger when ``call_counts_dir`` is set; else nothing."""
-    if settings.call_counts_dir is None:
-        return {}
-    from plumbing.call_counts import CallCounts
+def _common(settings: Settings, role: str) -> dict[str, Any]:
+    """The librdkafka settings every client of ``role`` starts from: connection, client id, logging, and
+    the ledger's statistics when ``call_counts_dir`` is set."""
+    conf: dict[str, Any] = {
+        **settings.kafka.client_config(),
+        "client.id": client_id(settings, role),
+        "logger": LIBRDKAFKA_LOGGER,
+    }
+    if settings.call_counts_dir is not None:
+        from plumbing.call_counts import CallCounts
 
-    return CallCounts.of(settings.call_counts_dir).kafka_config()
+        conf.update(CallCounts.of(settings.call_counts_dir).kafka_config())
+    return conf
 
 
 def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
@@ -54,10 +60,7 @@ def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
     librdkafka settings on top.
     """
     conf: dict[str, Any] = {
-        **settings.kafka.client_config(),
-        "client.id": client_id(settings, role),
-        "logger": LIBRDKAFKA_LOGGER,
-        **_counted(settings),
+        **_common(settings, role),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
@@ -75,10 +78,7 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
     (cooperative-sticky, static membership when the settings name an instance); ``overrides`` on top.
     """
     conf: dict[str, Any] = {
-        **settings.kafka.client_config(),
-        "client.id": client_id(settings, role),
-        "logger": LIBRDKAFKA_LOGGER,
-        **_counted(settings),
+        **_common(settings, role),
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -116,10 +116,7 @@ def make_share_consumer(settings: Settings, group_id: str, role: str, **override
     poll is acknowledged. Share groups read committed data only on their own setting
     (``share.isolation.level``, a group config), not on a client property."""
     conf: dict[str, Any] = {
-        **settings.kafka.client_config(),
-        "client.id": client_id(settings, role),
-        "logger": LIBRDKAFKA_LOGGER,
-        **_counted(settings),
+        **_common(settings, role),
         "group.id": group_id,
         "share.acknowledgement.mode": "explicit",
     }
@@ -147,15 +144,21 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
     return messages
 
 
+# For clients that ask about partitions and groups rather than produce or consume (admin clients, offset
+# readers): a connection to every broker. With sparse connections on (librdkafka's default), a broker that
+# is down waits in state INIT, and each lookup of it (an admin request for a partition it still leads)
+# schedules a connection that cancels the reconnect backoff; the refused connection wakes the request,
+# which schedules the next one. In `aigc chaos` on 3 brokers each backlog reader's clients spun so in
+# connect() for the whole outage (20-35% of a core a client, system CPU 60%), stalling the machine. Without
+# sparse connections a down broker is retried by its own thread with the exponential reconnect backoff.
+# Producers and consumers keep the default: a transactional producer waiting for a dead group coordinator
+# is woken only by broker connections going up or down (librdkafka #5511), which sparse connections bring.
+DENSE = {"enable.sparse.connections": False}
+
+
 def make_admin(settings: Settings) -> AdminClient:
-    """An admin client of the settings' cluster."""
-    conf: dict[str, Any] = {
-        **settings.kafka.client_config(),
-        "client.id": client_id(settings, "admin"),
-        "logger": LIBRDKAFKA_LOGGER,
-        **_counted(settings),
-    }
-    return AdminClient(conf)
+    """An admin client of the settings' cluster (connected to every broker, see `DENSE`)."""
+    return AdminClient({**_common(settings, "admin"), **DENSE})
 
 
 class OffsetReader:
@@ -214,9 +217,8 @@ class OffsetReader:
         if consumer is None:
             consumer = self._consumers[group] = Consumer(
                 {
-                    **self.settings.kafka.client_config(),
-                    "client.id": client_id(self.settings, "offsets"),
-                    "logger": LIBRDKAFKA_LOGGER,
+                    **_common(self.settings, "offsets"),
+                    **DENSE,
                     "group.id": group,
                     "enable.auto.commit": False,
                 }
