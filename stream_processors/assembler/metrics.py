@@ -7,6 +7,8 @@
   finished): counted when the transaction that publishes the Completion commits, so a batch that aborts
   and is handled again counts its completions once. A decision the gatekeeper made before rendering
   carries no class, so its ``priority`` label is empty;
+- ``aigc_assembler_producers_replaced_total``: transactional producers given up on because
+  send_offsets_to_transaction blocked (librdkafka #5511; see `Sink._send_offsets`);
 - storage latency and errors come from `plumbing.metrics` (S3 calls, the store's Cassandra methods).
 
 Readiness (`observe`): ``cassandra`` and ``model`` once the sink is built (it connects and loads the
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     from stream_processors.assembler.sink import Sink
 
 FRAMES = Counter("aigc_assembler_frames", "Frames announced to the sink by FramesRendered records")
+PRODUCERS_REPLACED = Counter(
+    "aigc_assembler_producers_replaced",
+    "Transactional producers given up on because send_offsets_to_transaction blocked",
+)
 ASSEMBLY = Histogram(
     "aigc_assembler_assembly_seconds",
     "Storing a request's final objects (copies, or a video's decode, encode and upload)",
@@ -85,6 +91,10 @@ class SinkMetrics:
             COMPLETIONS.labels(status, priority).inc()
             if e2e is not None:
                 E2E.labels(priority).observe(e2e)
+
+    def producer_replaced(self) -> None:
+        """A blocked transactional producer was replaced by a new one."""
+        PRODUCERS_REPLACED.inc()
 
     def aborted(self) -> None:
         """The open transaction aborted: forget its Completions (the batch publishes them again)."""

@@ -46,7 +46,7 @@ from functools import partial
 from typing import TypeVar
 
 from cassandra.cluster import Cluster, ResponseFuture, Session
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from plumbing import tracing
 from plumbing.backoff import Backoff
@@ -89,9 +89,11 @@ BATCH_BACKOFF = Backoff(first_s=0.4, max_s=10.0)
 # Timeout of each transactional call; one that times out (retriable) is made again, so this bounds only how
 # long a call waits before it is asked again, not how long the sink retries.
 TXN_CALL_S = 10.0
-# How long past its timeout a call may block before the process ends: librdkafka #5511's hang (see `_call`)
-# costs this plus TXN_CALL_S of completions (60 s with 30 + 30, in a broker-kill run on the 3-broker cluster).
+# How long past its timeout a call may block before the process ends (see `_call`).
 TXN_CALL_MARGIN_S = 10.0
+# How long send_offsets_to_transaction may block before the sink gives up on its producer (see
+# `_send_offsets`): it took up to 6.5 s while a killed group coordinator moved to another broker.
+OFFSETS_STUCK_S = 8.0
 R = TypeVar("R", bound=Record)
 
 
@@ -110,14 +112,8 @@ class Sink:
             "assembler",
             **{"max.poll.interval.ms": 600_000},
         )
-        self.producer = make_producer(
-            settings,
-            "assembler",
-            **{
-                "transactional.id": f"{settings.kafka.topic_prefix}.assembler.{conf.instance}",
-                "transaction.timeout.ms": conf.transaction_timeout_ms,
-            },
-        )
+        self.producer = self._transactional_producer()
+        self._stuck: list[Producer] = []  # producers left blocked in librdkafka (see `_send_offsets`)
         counts = CallCounts.when_on(settings.call_counts_dir)
         self.cluster, session = cassandra or connect(settings.cassandra)
         if counts is not None:
@@ -170,6 +166,18 @@ class Sink:
             self.cluster.shutdown()
             self.watchdog.stop()
 
+    def _transactional_producer(self) -> Producer:
+        """A producer with this sink's transactional.id: its init_transactions fences any earlier one."""
+        kafka, conf = self.settings.kafka, self.settings.assembler
+        return make_producer(
+            self.settings,
+            "assembler",
+            **{
+                "transactional.id": f"{kafka.topic_prefix}.assembler.{conf.instance}",
+                "transaction.timeout.ms": conf.transaction_timeout_ms,
+            },
+        )
+
     def _limit(self, rank: int) -> int:
         """How many messages one batch of a class takes: a class below HIGH takes a smaller batch, since
         whatever arrives for a more urgent class meanwhile waits for that batch's transaction."""
@@ -214,7 +222,8 @@ class Sink:
         batch and the loop polls again after a growing pause: polling keeps the consumer in its group (a
         sink that retried in place with a membership lost in a broker outage got UNKNOWN_MEMBER_ID for
         ever), and partitions that moved to another sink in the meantime are simply not fetched again."""
-        self.producer.begin_transaction()
+        producer = self.producer
+        producer.begin_transaction()
         try:
             for out in self.handle(batch):
                 if out.partition is None:
@@ -223,10 +232,8 @@ class Sink:
                     self.producer.produce(
                         out.topic, out.value, out.key, partition=out.partition, headers=out.headers
                     )
-            group = self.consumer.consumer_group_metadata()
-            send_offsets = self.producer.send_offsets_to_transaction
             ends = [TopicPartition(t, p, end) for (t, p), (_, end) in _offset_ranges(batch).items()]
-            self._call(partial(send_offsets, ends, group, TXN_CALL_S), stop)
+            self._send_offsets(ends, stop)
             self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
             self.metrics.committed()
             self.failures = 0
@@ -235,7 +242,8 @@ class Sink:
             kind = classify(exc)
             if kind is None:
                 raise
-            self._call(partial(self.producer.abort_transaction, TXN_CALL_S), stop)
+            if self.producer is producer:  # else the new producer's init_transactions aborted it
+                self._call(partial(producer.abort_transaction, TXN_CALL_S), stop)
             self.metrics.aborted()
             self.failures += 1
             delay = BATCH_BACKOFF.delay_s(self.failures)
@@ -271,13 +279,52 @@ class Sink:
                     raise
                 log.info("%s[%d] is no longer this sink's; the next owner fetches it", topic, partition)
 
+    def _send_offsets(self, offsets: list[TopicPartition], stop: threading.Event) -> None:
+        """Add the batch's consumer offsets to the open transaction, from a thread of its own.
+
+        librdkafka 2.16 can block in ``send_offsets_to_transaction`` far beyond its timeout when the
+        group's coordinator died: it waits for that broker to come back instead of finding the new
+        coordinator (librdkafka #5511, #5456), 20 s and more in `aigc chaos` broker kills. Only a new
+        producer recovers. After `OFFSETS_STUCK_S` the sink leaves the blocked producer to its thread
+        (kept, never used or destroyed again) and starts another with the same transactional.id: its
+        init_transactions fences the old one and aborts the open transaction, so nothing of the batch is
+        committed, and the batch is fetched again (a retriable error)."""
+        producer = self.producer
+        group = self.consumer.consumer_group_metadata()
+        while True:
+            outcome: list[Exception | None] = []
+            call = partial(producer.send_offsets_to_transaction, offsets, group, TXN_CALL_S)
+            thread = threading.Thread(
+                target=_run_into, args=(call, outcome), name="send-offsets", daemon=True
+            )
+            thread.start()
+            thread.join(OFFSETS_STUCK_S)
+            if thread.is_alive():
+                log.warning(
+                    "send_offsets_to_transaction blocked for %.0f s (librdkafka #5511): a new producer "
+                    "fences this one and the batch is fetched again",
+                    OFFSETS_STUCK_S,
+                )
+                self._stuck.append(producer)
+                self.producer = self._transactional_producer()
+                self._call(partial(self.producer.init_transactions, TXN_CALL_S), stop)
+                self.metrics.producer_replaced()
+                raise KafkaException(
+                    KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction blocked", retriable=True)
+                )
+            error = outcome[0]
+            if error is None:
+                return
+            if not isinstance(error, KafkaException) or not error.args[0].retriable() or stop.is_set():
+                raise error
+            log.warning("%s; calling again", error.args[0].str())
+
     def _call(self, call: Callable[[], None], stop: threading.Event) -> None:
         """A transactional call, made again for as long as librdkafka calls its error retriable.
 
-        Each call gets `TXN_CALL_S` (its own timeout) plus a margin before the process ends: after a
-        broker restart librdkafka 2.16 can block in ``send_offsets_to_transaction`` far beyond its timeout
-        (its coordinator request is never sent again, librdkafka issue #5511); only a new producer
-        recovers, and a restarted process is the clean way to get one."""
+        Each call gets `TXN_CALL_S` (its own timeout) plus a margin before the process ends: a call that
+        overstays it this long will not return (see `_send_offsets`), and a restarted process gets a new
+        producer."""
         while True:
             try:
                 with self.watchdog.limit(TXN_CALL_S + TXN_CALL_MARGIN_S):
@@ -637,6 +684,16 @@ def _expect(record: Record, cls: type[R], topic: str) -> R:
     if not isinstance(record, cls):
         raise DecodeError(f"expected {cls.SCHEMA} on {topic}, got {record.SCHEMA}", code="WRONG_SCHEMA")
     return record
+
+
+def _run_into(call: Callable[[], object], outcome: list[Exception | None]) -> None:
+    """Call ``call`` and append what it raised to ``outcome``, or None when it returned."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - handed to the waiting thread, which decides
+        outcome.append(exc)
+    else:
+        outcome.append(None)
 
 
 def _offset_ranges(batch: Iterable[Message]) -> dict[tuple[str, int], tuple[int, int]]:

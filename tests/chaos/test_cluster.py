@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,19 +29,24 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import ConfigResource
 
 from infra import launcher
 from infra.bootstrap import ensure_topics
 from infra.launcher import kill, owned_pid, up
 from infra.services import Kafka
-from plumbing.kafka_clients import make_admin, make_producer
+from plumbing.kafka_clients import make_admin, make_consumer, make_producer
 from plumbing.settings import Settings
 from plumbing.topics import Topics
+from plumbing.watchdog import Watchdog
+from stream_processors.assembler.metrics import SinkMetrics
+from stream_processors.assembler.sink import TXN_CALL_S, Sink
 from tests.conftest import unique
 
 PARTITIONS = 3
@@ -283,6 +289,96 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
         lambda: partition_state(cluster, topic, 0)[1] == [1, 2, 3],
     )
     print(f"[cluster] {victim.name} restarted and back in partition 0's ISR {rejoined:.1f} s after ready")
+
+
+def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
+    """The group's coordinator stops answering (SIGSTOP) while a sink adds its offsets to a transaction:
+    librdkafka blocks in send_offsets_to_transaction (16 s here, then a fatal error) as in #5511, so after
+    OFFSETS_STUCK_S the sink starts a new producer with its transactional.id, which fences the old one
+    and aborts its transaction; the batch done again with the new producer commits, once."""
+    topics = Topics(cluster)
+    (spec,) = [s for s in topics.all() if s.name == topics.completions]
+    ensure_topics(cluster, [spec])
+    topic, group = spec.name, unique("sink-group")
+    settings = cluster.model_copy(
+        update={"assembler": cluster.assembler.model_copy(update={"instance": "t"})}
+    )
+    watchdog = Watchdog(600)
+    sink = SimpleNamespace(
+        settings=settings,
+        watchdog=watchdog,
+        consumer=make_consumer(settings, group, "sink-test"),
+        metrics=SinkMetrics(),
+        _stuck=[],
+    )
+    sink._transactional_producer = partial(Sink._transactional_producer, sink)
+    sink._call = partial(Sink._call, sink)
+    sink.producer = sink._transactional_producer()
+    stop = threading.Event()
+    sink._call(partial(sink.producer.init_transactions, TXN_CALL_S), stop)
+    sink.consumer.committed([TopicPartition(topic, 0)], timeout=30)  # the group has a coordinator now
+    # every group's coordinator: the leader of the one partition of __consumer_offsets
+    coordinator, _ = partition_state(settings, "__consumer_offsets", 0)
+    broker = owned_pid(Kafka(settings, coordinator))
+    assert broker is not None
+    first = sink.producer
+    os.kill(broker, signal.SIGSTOP)
+    try:
+        first.begin_transaction()
+        first.produce(topic, b"stuck", partition=0)
+        started = time.monotonic()
+        with pytest.raises(KafkaException) as raised:
+            Sink._send_offsets(sink, [TopicPartition(topic, 0, 1)], stop)
+        replaced_after = time.monotonic() - started
+        assert raised.value.args[0].retriable()
+        assert sink.producer is not first and sink._stuck == [first]
+        # the batch again, as the sink does after a retriable failure (abort, if the producer is the same)
+        deadline = time.monotonic() + 90
+        while True:
+            producer = sink.producer
+            producer.begin_transaction()
+            producer.produce(topic, b"again", partition=0)
+            try:
+                Sink._send_offsets(sink, [TopicPartition(topic, 0, 1)], stop)
+                sink._call(partial(producer.commit_transaction, TXN_CALL_S), stop)
+                break
+            except KafkaException:
+                assert time.monotonic() < deadline, "the batch did not commit with a new producer"
+                if sink.producer is producer:
+                    sink._call(partial(producer.abort_transaction, TXN_CALL_S), stop)
+        committed_after = time.monotonic() - started
+    finally:
+        os.kill(broker, signal.SIGCONT)
+        watchdog.stop()
+    print(
+        f"[cluster] coordinator kafka-{coordinator} stopped: producer replaced after {replaced_after:.1f} s, "
+        f"the batch committed {committed_after:.1f} s after the first try ({len(sink._stuck)} replaced)"
+    )
+    values = _committed_values(settings, topic, 0)
+    assert values.count(b"again") == 1 and b"stuck" not in values, values
+
+
+def _committed_values(settings: Settings, topic: str, partition: int) -> list[bytes]:
+    """The values of ``topic``'s ``partition`` that a read_committed consumer sees, start to end."""
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": unique("verify"),
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(topic, partition, 0)])
+        values: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and b"again" not in values:
+            for msg in consumer.consume(100, 1.0):
+                if msg.error() is None and msg.value() is not None:
+                    values.append(msg.value())  # type: ignore[arg-type]
+        return values
+    finally:
+        consumer.close()
 
 
 def _fake_node(settings: Settings, node_id: int, ignore_term: bool) -> subprocess.Popen[bytes]:
