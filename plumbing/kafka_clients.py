@@ -151,8 +151,10 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
 # which schedules the next one. In `aigc chaos` on 3 brokers each backlog reader's clients spun so in
 # connect() for the whole outage (20-35% of a core a client, system CPU 60%), stalling the machine. Without
 # sparse connections a down broker is retried by its own thread with the exponential reconnect backoff.
-# Producers and consumers keep the default: a transactional producer waiting for a dead group coordinator
-# is woken only by broker connections going up or down (librdkafka #5511), which sparse connections bring.
+# Producers and consumers keep the default: with every client dense, both sinks of a chaos run blocked in
+# send_offsets_to_transaction when the group's coordinator was killed (librdkafka #5511: a transactional
+# producer waiting for a dead coordinator is woken only by broker connections going up or down, which
+# sparse connections bring more often).
 DENSE = {"enable.sparse.connections": False}
 
 

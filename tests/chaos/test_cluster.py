@@ -10,7 +10,9 @@ chaos tool does) and rejoins the in-sync replicas. Meanwhile a process reads six
 in a loop, as the gatekeeper's backlog monitor and the lag exporter do: it must live through the kill
 (librdkafka's admin ListConsumerGroupOffsets aborted such processes, see `OffsetReader`), without spinning
 on reconnects to the dead broker (its librdkafka threads took 1.8 s of CPU in the 5.6 s after the kill
-with sparse connections, 0.00 s without; see `plumbing.kafka_clients.DENSE`).
+with sparse connections, 0.00 s without; see `plumbing.kafka_clients.DENSE`). And a sink whose producer
+blocks in send_offsets_to_transaction while the group's coordinator is stopped replaces the producer and
+commits its batch once.
 
 The cluster is the ``kafka_cluster`` fixture (tests/conftest.py): the session's Kafka when the suite
 runs on 3 brokers (``--brokers 3``), otherwise three nodes of its own beside the session's Cassandra and
@@ -350,6 +352,12 @@ def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
     finally:
         os.kill(broker, signal.SIGCONT)
         watchdog.stop()
+    # the resumed broker (fenced meanwhile) is back in the ISR before the next test
+    wait_for(
+        f"kafka-{coordinator} back in the ISR",
+        REJOIN_TIMEOUT_S,
+        lambda: partition_state(settings, "__consumer_offsets", 0)[1] == [1, 2, 3],
+    )
     print(
         f"[cluster] coordinator kafka-{coordinator} stopped: producer replaced after {replaced_after:.1f} s, "
         f"the batch committed {committed_after:.1f} s after the first try ({len(sink._stuck)} replaced)"
