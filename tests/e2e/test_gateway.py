@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,6 +125,21 @@ def wait_state(client: httpx.Client, request_id: str, states: set[str]) -> dict[
     raise AssertionError(f"{request_id} never reached {states}: {body}")
 
 
+def history(client: httpx.Client, limit: int) -> list[dict[str, Any]]:
+    """The whole history, fetched page by page (``limit`` a page), newest first."""
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = client.get(
+            "/v1/generations", params={"limit": limit, **({"cursor": cursor} if cursor else {})}
+        )
+        assert page.status_code == 200, page.text
+        seen += page.json()["items"]
+        cursor = page.json()["next_cursor"]
+        if not cursor:
+            return seen
+
+
 def test_submit_stream_resume_get_and_history(gw: Gateway) -> None:
     with gw.client("alpha") as client:
         idem = uuid.uuid4().hex
@@ -161,16 +177,14 @@ def test_submit_stream_resume_get_and_history(gw: Gateway) -> None:
         more = [client.post("/v1/generations", json=image(steps=1)).json()["id"] for _ in range(3)]
         for other in more:
             wait_state(client, other, {"SUCCEEDED"})
-        seen, cursor = [], None
-        while True:
-            page = client.get(
-                "/v1/generations", params={"limit": 2, **({"cursor": cursor} if cursor else {})}
-            )
-            assert page.status_code == 200, page.text
-            seen += page.json()["items"]
-            cursor = page.json()["next_cursor"]
-            if not cursor:
-                break
+        # The history's row is written after the request's own row (a chore of the sink's batch, before its
+        # transaction commits), so a request can read SUCCEEDED a moment before the history lists it.
+        deadline = time.monotonic() + TIMEOUT_S
+        seen = history(client, limit=2)
+        while not {*more, rid} <= {i["id"] for i in seen}:
+            assert time.monotonic() < deadline, f"the history lists {[i['id'] for i in seen]}"
+            time.sleep(0.3)
+            seen = history(client, limit=2)
         assert [i["id"] for i in seen[:4]] == [*reversed(more), rid]
         assert len({i["id"] for i in seen}) == len(seen)
         assert all(i["outputs"] and i["outputs"][0]["url"].startswith("http") for i in seen)
