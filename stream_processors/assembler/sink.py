@@ -227,14 +227,14 @@ class Sink:
         try:
             for out in self.handle(batch):
                 if out.partition is None:
-                    self.producer.produce(out.topic, out.value, out.key, headers=out.headers)
+                    producer.produce(out.topic, out.value, out.key, headers=out.headers)
                 else:
-                    self.producer.produce(
+                    producer.produce(
                         out.topic, out.value, out.key, partition=out.partition, headers=out.headers
                     )
             ends = [TopicPartition(t, p, end) for (t, p), (_, end) in _offset_ranges(batch).items()]
             self._send_offsets(ends, stop)
-            self._call(partial(self.producer.commit_transaction, TXN_CALL_S), stop)
+            self._call(partial(producer.commit_transaction, TXN_CALL_S), stop)
             self.metrics.committed()
             self.failures = 0
             return
@@ -290,34 +290,24 @@ class Sink:
         init_transactions fences the old one and aborts the open transaction, so nothing of the batch is
         committed, and the batch is fetched again (a retriable error)."""
         producer = self.producer
-        group = self.consumer.consumer_group_metadata()
-        while True:
-            outcome: list[Exception | None] = []
-            call = partial(producer.send_offsets_to_transaction, offsets, group, TXN_CALL_S)
-            thread = threading.Thread(
-                target=_run_into, args=(call, outcome), name="send-offsets", daemon=True
+        call = partial(
+            producer.send_offsets_to_transaction, offsets, self.consumer.consumer_group_metadata(), TXN_CALL_S
+        )
+        try:
+            self._call(partial(_within, OFFSETS_STUCK_S, call), stop)
+        except TimeoutError:
+            log.warning(
+                "send_offsets_to_transaction blocked for %.0f s (librdkafka #5511): a new producer "
+                "fences this one and the batch is fetched again",
+                OFFSETS_STUCK_S,
             )
-            thread.start()
-            thread.join(OFFSETS_STUCK_S)
-            if thread.is_alive():
-                log.warning(
-                    "send_offsets_to_transaction blocked for %.0f s (librdkafka #5511): a new producer "
-                    "fences this one and the batch is fetched again",
-                    OFFSETS_STUCK_S,
-                )
-                self._stuck.append(producer)
-                self.producer = self._transactional_producer()
-                self._call(partial(self.producer.init_transactions, TXN_CALL_S), stop)
-                self.metrics.producer_replaced()
-                raise KafkaException(
-                    KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction blocked", retriable=True)
-                )
-            error = outcome[0]
-            if error is None:
-                return
-            if not isinstance(error, KafkaException) or not error.args[0].retriable() or stop.is_set():
-                raise error
-            log.warning("%s; calling again", error.args[0].str())
+            self._stuck.append(producer)
+            self.producer = self._transactional_producer()
+            self._call(partial(self.producer.init_transactions, TXN_CALL_S), stop)
+            self.metrics.producer_replaced()
+            raise KafkaException(
+                KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction blocked", retriable=True)
+            ) from None
 
     def _call(self, call: Callable[[], None], stop: threading.Event) -> None:
         """A transactional call, made again for as long as librdkafka calls its error retriable.
@@ -686,14 +676,26 @@ def _expect(record: Record, cls: type[R], topic: str) -> R:
     return record
 
 
-def _run_into(call: Callable[[], object], outcome: list[Exception | None]) -> None:
-    """Call ``call`` and append what it raised to ``outcome``, or None when it returned."""
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001 - handed to the waiting thread, which decides
-        outcome.append(exc)
-    else:
-        outcome.append(None)
+def _within(seconds: float, call: Callable[[], None]) -> None:
+    """Call ``call`` on a thread of its own and raise what it raised; raise TimeoutError, leaving the thread
+    to it, when it has not returned after ``seconds``."""
+    outcome: list[Exception | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - raised again by the waiting thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="transaction-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no return after {seconds:.0f} s")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def _offset_ranges(batch: Iterable[Message]) -> dict[tuple[str, int], tuple[int, int]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from plumbing.watchdog import Watchdog
-from stream_processors.assembler.sink import Sink
+from stream_processors.assembler.sink import Sink, _within
 
 
 @pytest.fixture
@@ -53,3 +54,23 @@ def test_a_stopping_sink_does_not_call_again(sink):
     with pytest.raises(KafkaException):
         Sink._call(sink, call, stop)
     assert len(calls) == 1
+
+
+def test_within_raises_what_the_call_raised():
+    error = KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+
+    def call() -> None:
+        raise error
+
+    with pytest.raises(KafkaException) as raised:
+        _within(5, call)
+    assert raised.value is error
+
+
+def test_within_gives_up_on_a_call_that_does_not_return():
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        _within(0.2, release.wait)
+    assert time.monotonic() - started < 5
+    release.set()
