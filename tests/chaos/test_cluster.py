@@ -56,6 +56,7 @@ WARMUP_ACKS = 300  # records acknowledged before the kill
 AFTER_FAILOVER_S = 2.0  # producing on two brokers
 FAILOVER_TIMEOUT_S = 30.0
 REJOIN_TIMEOUT_S = 60.0
+STOPPED_S = 12.0  # brokers SIGSTOPped under the sink: past OFFSETS_STUCK_S (8 s)
 
 
 @pytest.fixture
@@ -294,10 +295,13 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
 
 
 def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
-    """The group's coordinator stops answering (SIGSTOP) while a sink adds its offsets to a transaction:
-    librdkafka blocks in send_offsets_to_transaction (16 s here, then a fatal error) as in #5511, so after
-    OFFSETS_STUCK_S the sink starts a new producer with its transactional.id, which fences the old one
-    and aborts its transaction; the batch done again with the new producer commits, once."""
+    """The group's coordinator and one more broker stop answering (SIGSTOP, for STOPPED_S) while a sink
+    adds its offsets to a transaction. With two of three nodes stopped nothing can move the coordinator,
+    so librdkafka blocks in send_offsets_to_transaction (16 s, then an error, when tried by hand) as in
+    #5511 (with the coordinator alone stopped it moved after the 4 s fencing, and the call returned in 5
+    to 8 s or not, by chance). After OFFSETS_STUCK_S the sink starts a new producer with its
+    transactional.id, which fences the old one and aborts its transaction; the batch done again with the
+    new producer commits, once."""
     topics = Topics(cluster)
     (spec,) = [s for s in topics.all() if s.name == topics.completions]
     ensure_topics(cluster, [spec])
@@ -321,10 +325,19 @@ def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
     sink.consumer.committed([TopicPartition(topic, 0)], timeout=30)  # the group has a coordinator now
     # every group's coordinator: the leader of the one partition of __consumer_offsets
     coordinator, _ = partition_state(settings, "__consumer_offsets", 0)
-    broker = owned_pid(Kafka(settings, coordinator))
-    assert broker is not None
+    other = next(node for node in (1, 2, 3) if node != coordinator)
+    stopped = [owned_pid(Kafka(settings, node)) for node in (coordinator, other)]
+    assert None not in stopped
+
+    def resume() -> None:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]
+
     first = sink.producer
-    os.kill(broker, signal.SIGSTOP)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)  # type: ignore[arg-type]
+    resuming = threading.Timer(STOPPED_S, resume)
+    resuming.start()
     try:
         first.begin_transaction()
         first.produce(topic, b"stuck", partition=0)
@@ -350,17 +363,19 @@ def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
                     sink._call(partial(producer.abort_transaction, TXN_CALL_S), stop)
         committed_after = time.monotonic() - started
     finally:
-        os.kill(broker, signal.SIGCONT)
+        resuming.cancel()
+        resume()
         watchdog.stop()
-    # the resumed broker (fenced meanwhile) is back in the ISR before the next test
+    # the resumed brokers (fenced meanwhile) are back in the ISR before the next test
     wait_for(
-        f"kafka-{coordinator} back in the ISR",
+        f"kafka-{coordinator} and kafka-{other} back in the ISR",
         REJOIN_TIMEOUT_S,
         lambda: partition_state(settings, "__consumer_offsets", 0)[1] == [1, 2, 3],
     )
     print(
-        f"[cluster] coordinator kafka-{coordinator} stopped: producer replaced after {replaced_after:.1f} s, "
-        f"the batch committed {committed_after:.1f} s after the first try ({len(sink._stuck)} replaced)"
+        f"[cluster] coordinator kafka-{coordinator} and kafka-{other} stopped: producer replaced after "
+        f"{replaced_after:.1f} s, the batch committed {committed_after:.1f} s after the first try "
+        f"({len(sink._stuck)} replaced)"
     )
     values = _committed_values(settings, topic, 0)
     assert values.count(b"again") == 1 and b"stuck" not in values, values
