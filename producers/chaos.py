@@ -17,6 +17,9 @@ run can be replayed with ``--seed``) faults are injected:
   goes to others (see `zombie_pause_s`) and resumed with SIGCONT: a renderer's share-group locks have
   expired by then, the assembler's transaction has been aborted and its producer fenced;
 - **overlaps**: some of those windows are placed inside another fault's window, so faults combine.
+  Every other broker kill is measured alone: it waits (up to `QUIET_WAIT_S`) until no other fault is in
+  progress, and the stage kills, zombies and outages that fall due during its window wait until it is over
+  (and `ALONE_AFTER_S` more: a gap that meets a window counts in full, so the next fault must not start one).
 
 Service faults run in threads of their own (so they overlap); the services are started again from a
 long-lived thread, because a service started attached dies with the thread that started it
@@ -82,6 +85,9 @@ RECOVERY_GUESS_S = {"broker": 25.0, "cassandra": 60.0, "s3proxy": 20.0}
 SETTLE_S = 20.0
 CONSUMER_SESSION_S = 10.0  # session.timeout.ms of the sink's and the gatekeeper's consumers
 SERVICE_KINDS = ("broker-restart", "broker-kill", "cassandra", "s3")
+QUIET_WAIT_S = 60.0  # the longest a lone broker kill waits for the other faults in progress to be over
+PAIR_WAIT_S = 120.0  # the longest a combined fault's guest waits for its host to start
+ALONE_AFTER_S = 10.0  # how long after a lone broker kill's window the faults it held off still wait
 START_TRIES = 3  # a service that fails to start again is started again, up to this often
 # What a delivery check may meet while a store is still coming back: it is asked again.
 CHECK_ERRORS = (KafkaException, NoHostAvailable, OperationTimedOut, BotoCoreError)
@@ -193,6 +199,15 @@ class Fault:
     target: str  # a stage process, or the service: "broker", "cassandra", "s3proxy"
     kind: str = "kill"
     down_s: float = 0.0
+    # Two faults placed together on purpose (`_overlap`) share a pair number; at run time the guest starts
+    # ``after_s`` after its host actually started. Faults of no pair (0) run alone where it matters.
+    pair: int = 0
+    after_s: float = 0.0
+
+    @property
+    def combined(self) -> bool:
+        """Whether the fault was placed with another on purpose."""
+        return self.pair != 0
 
     @property
     def group(self) -> str:
@@ -327,7 +342,9 @@ def _overlap(rng: random.Random, faults: list[Fault], count: int) -> list[Fault]
             at = host.at_s + rng.uniform(0.2, 0.6) * max(host.down_s, 1.0)
             others = [f for k, f in enumerate(faults) if k != i and f.group == guest.group]
             if all(at + _span(guest) <= f.at_s or at >= f.at_s + _span(f) for f in others):
-                faults[i] = replace(guest, at_s=at)
+                pair = len(used) // 2 + 1
+                faults[i] = replace(guest, at_s=at, pair=pair, after_s=at - host.at_s)
+                faults[j] = replace(host, pair=pair)
                 used.update((i, j))
                 count -= 1
                 break
@@ -549,6 +566,10 @@ class _Run:
         self.seen: set[int] = set()  # pids whose exit is noted
         self.exits: list[StageExit] = []
         self.recovering: dict[str, tuple[int, int]] = {}  # killed stage -> its killed pid, since ms
+        self.outages: set[str] = set()  # services down (or coming back) now
+        self.alone_until = 0.0  # while a broker kill is measured alone (monotonic), other faults wait
+        self.hosts: dict[int, float] = {}  # pair -> when its host started (monotonic)
+        self.guests_due: dict[int, float] = {}  # pair -> when its guest was first due (monotonic)
         self.submitted_until = 0
 
     def run(self) -> ChaosReport:
@@ -636,17 +657,28 @@ class _Run:
         if pid is None:
             self.echo(f"  {fault.target} is not running: skipping its {fault.kind}")
             return None
-        if fault.kind == "zombie":
-            self.supervisor.signal(fault.target, signal.SIGSTOP)
-            resume_s = time.monotonic() - self.t0 + fault.down_s
-            self.paused[fault.target] = (pid, resume_s, now_ms())
-            self.echo(f"  SIGSTOP {fault.target} for {fault.down_s:.0f} s (a zombie)")
-            return Fault(resume_s, fault.target, "resume")
-        if fault.target in self.recovering:  # killed again before it was back: that kill is over now
-            self._recovered(fault.target, self.recovering[fault.target][1])
-        self.killed.add(pid)
-        self.recovering[fault.target] = (pid, now_ms())
-        self.supervisor.signal(fault.target, signal.SIGKILL)
+        return self._hit(fault, pid)
+
+    def _hit(self, fault: Fault, pid: int) -> Fault | None:
+        """Kill or pause stage process ``pid`` for ``fault``, or put the fault off while a broker kill is
+        measured alone; the event to come of it, if any."""
+        with self.mutex:  # a lone broker kill starts only when no stage is killed or paused
+            now = time.monotonic()
+            wait = self._guest_wait(fault, now) if fault.combined else 1.0 if now < self.alone_until else 0
+            if wait:  # after its host started, or after the broker kill measured alone
+                return replace(fault, at_s=now - self.t0 + wait)
+            self._started(fault, now)
+            if fault.kind == "zombie":
+                self.supervisor.signal(fault.target, signal.SIGSTOP)
+                resume_s = time.monotonic() - self.t0 + fault.down_s
+                self.paused[fault.target] = (pid, resume_s, now_ms())
+                self.echo(f"  SIGSTOP {fault.target} for {fault.down_s:.0f} s (a zombie)")
+                return Fault(resume_s, fault.target, "resume")
+            if fault.target in self.recovering:  # killed again before it was back: that kill is over now
+                self._recovered(fault.target, self.recovering[fault.target][1])
+            self.killed.add(pid)
+            self.recovering[fault.target] = (pid, now_ms())
+            self.supervisor.signal(fault.target, signal.SIGKILL)
         self.report.kills[fault.target] += 1
         self.echo(f"  SIGKILL {fault.target}")
         return None
@@ -674,6 +706,7 @@ class _Run:
         apart."""
         with lock:
             time.sleep(max(0.0, self.settled.get(fault.group, 0.0) + SETTLE_S - time.monotonic()))
+            alone = self._take_turn(fault)
             try:
                 start = now_ms()
                 name = self._take_down(fault)
@@ -684,6 +717,11 @@ class _Run:
                 with self.mutex:
                     self.report.errors.append(f"{fault.kind} at {fault.at_s:.0f} s: {exc}")
                 return
+            finally:
+                with self.mutex:
+                    self.outages.discard(fault.group)
+                    if alone:
+                        self.alone_until = time.monotonic() + ALONE_AFTER_S
             self.settled[fault.group] = time.monotonic()
             window = Window(fault.kind, name, start, now_ms())
             self.echo(f"  {name} back after {window.seconds:.1f} s ({fault.kind})")
@@ -691,6 +729,45 @@ class _Run:
                 self.report.windows.append(window)
                 if fault.kind == "broker-restart":
                     self.report.broker_restarts += 1
+
+    def _take_turn(self, fault: Fault) -> bool:
+        """Wait until ``fault`` may start and mark it in progress. A broker kill that is not combined on
+        purpose waits (up to `QUIET_WAIT_S`) until no other fault is in progress, then holds the others off
+        until it is over; any other fault not combined on purpose waits while such a kill is in progress.
+        Whether ``fault`` is such a lone kill."""
+        alone = fault.kind == "broker-kill" and not fault.combined
+        deadline = time.monotonic() + QUIET_WAIT_S
+        while True:
+            with self.mutex:
+                now = time.monotonic()
+                if fault.combined:
+                    busy = self._guest_wait(fault, now) > 0
+                elif alone:
+                    busy = bool(self.recovering or self.paused or self.outages) and now <= deadline
+                else:
+                    busy = now < self.alone_until
+                if not busy:
+                    self._started(fault, now)
+                    self.outages.add(fault.group)
+                    if alone:
+                        self.alone_until = float("inf")
+                    return alone
+            time.sleep(0.1)
+
+    def _guest_wait(self, fault: Fault, now: float) -> float:
+        """Seconds a combined fault still waits: a guest until ``after_s`` past its host's start (at most
+        `PAIR_WAIT_S` after it was first due); 0 for a host. Called under the mutex."""
+        if not fault.after_s:
+            return 0.0
+        due = self.guests_due.setdefault(fault.pair, now)
+        if fault.pair in self.hosts:
+            return max(0.0, self.hosts[fault.pair] + fault.after_s - now)
+        return 0.2 if now - due < PAIR_WAIT_S else 0.0
+
+    def _started(self, fault: Fault, now: float) -> None:
+        """Note that ``fault`` starts now (a host's guest counts from here). Called under the mutex."""
+        if fault.combined and not fault.after_s:
+            self.hosts[fault.pair] = now
 
     def _start_again(self, name: str) -> None:
         """Start service ``name`` again from the long-lived starter thread; a failed start (its log tail is
@@ -785,7 +862,8 @@ def _describe(fault: Fault) -> str:
     """``target@12s`` for a kill, ``kind target@12s+20s`` for a fault with a duration."""
     if fault.kind == "kill":
         return f"{fault.target}@{fault.at_s:.0f}s"
-    return f"{fault.kind} {fault.target}@{fault.at_s:.0f}s+{fault.down_s:.0f}s"
+    combined = " (combined)" if fault.combined else ""
+    return f"{fault.kind} {fault.target}@{fault.at_s:.0f}s+{fault.down_s:.0f}s{combined}"
 
 
 def _log_since(log: Path, offset: int, limit: int = 64 * 1024) -> str:

@@ -130,6 +130,11 @@ class Figures:
         return sum(1 for e in self.exits if e.watchdog)
 
     @property
+    def lone_broker_kill_gaps(self) -> list[float | None]:
+        """The longest completion gap of each broker kill no other fault window met."""
+        return [p.longest_gap_s for p in self.faults if p.kind == "broker-kill" and not p.overlapping]
+
+    @property
     def unplanned_exits(self) -> list[StageExit]:
         """Stage processes that ended without our SIGKILL, watchdog exits included."""
         return [e for e in self.exits if not e.planned]
@@ -145,6 +150,12 @@ class Figures:
             lines.append(
                 f"  stage kills: {len(kills)}, successor ready after p50 {statistics.median(ready):.1f} s, "
                 f"max {ready[-1]:.1f} s (each kill is a fault window: the steady state leaves them out)"
+            )
+        alone = self.lone_broker_kill_gaps
+        if alone:
+            lines.append(
+                f"  broker kills alone: {len(alone)}, longest gap in each: "
+                + ", ".join("-" if g is None else f"{g:.1f} s" for g in alone)
             )
         lines.append(self.steady.line())
         by_stage: dict[str, int] = {}

@@ -4,6 +4,9 @@ default, the new fault kinds are placed as asked, and the figures are computed f
 from __future__ import annotations
 
 import random
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 
@@ -12,6 +15,8 @@ from plumbing.settings import Settings
 from producers.chaos import (
     FULL_PLAN,
     ChaosPlan,
+    Fault,
+    _Run,
     broker_service,
     busiest_leader,
     ephemeral_clashes,
@@ -77,6 +82,12 @@ def test_faults_of_one_target_never_overlap_and_overlaps_are_placed(seed):
         if a.at_s < b.at_s + b.down_s and b.at_s < a.at_s + a.down_s
     )
     assert pairs >= plan.overlaps
+    pairs_placed = {f.pair for f in windows if f.combined}
+    assert len(pairs_placed) == plan.overlaps
+    for pair in pairs_placed:  # a host, and a guest that starts inside the host's window
+        host, guest = sorted((f for f in windows if f.pair == pair), key=lambda f: f.after_s)
+        assert host.after_s == 0 and guest.at_s == pytest.approx(host.at_s + guest.after_s)
+        assert 0 < guest.after_s < max(host.down_s, 1.0)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -208,6 +219,75 @@ def test_figures_per_fault_window_next_to_the_steady_state():
     assert "with s3 s3proxy, 1 stage kill(s)" in text
     assert "stage kills: 1, successor ready after p50 2.0 s, max 2.0 s" in text
     assert "kill relay" not in text  # kills are summed up in one line
+
+
+def test_only_broker_kills_no_other_window_met_count_as_alone():
+    windows = [
+        Window("broker-kill", "kafka-1", 10_000, 20_000),
+        Window("kill", "relay", 16_000, 18_000),
+        Window("broker-kill", "kafka-2", 50_000, 60_000),
+    ]
+    finished = [Finished(f"s{i}", "NORMAL", i * 1000 - 500, i * 1000, None) for i in range(70) if i % 7]
+    result = figures(windows, finished, (0, 70_000))
+    assert result.lone_broker_kill_gaps == [2.0]  # kafka-2: 48 -> 50, 55 -> 57 ...
+    assert "broker kills alone: 1, longest gap in each: 2.0 s" in "\n".join(result.lines())
+
+
+def _bare_run() -> _Run:
+    """A run's fault bookkeeping without a pipeline (only what `_take_turn` reads)."""
+    run = object.__new__(_Run)
+    run.mutex, run.recovering, run.paused, run.outages, run.alone_until = threading.Lock(), {}, {}, set(), 0.0
+    run.hosts, run.guests_due = {}, {}
+    return run
+
+
+def test_a_lone_broker_kill_waits_for_quiet_then_holds_other_faults_off(monkeypatch):
+    monkeypatch.setattr("producers.chaos.QUIET_WAIT_S", 5.0)
+    run = _bare_run()
+    run.recovering["relay"] = (123, 0)  # a stage kill is not over yet
+    kill = Fault(0.0, "broker", "broker-kill", 5.0)
+    took: list[bool] = []
+    waiter = threading.Thread(target=lambda: took.append(run._take_turn(kill)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and run.alone_until == 0.0  # waits while the relay's successor is not ready
+    del run.recovering["relay"]
+    waiter.join(2.0)
+    assert took == [True] and run.alone_until == float("inf") and run.outages == {"broker"}
+    outage = Fault(0.0, "cassandra", "cassandra", 20.0)
+    other = threading.Thread(target=run._take_turn, args=(outage,))
+    other.start()
+    other.join(0.5)
+    assert other.is_alive() and "cassandra" not in run.outages  # held off by the lone kill
+    assert run._take_turn(replace(outage, target="s3proxy", kind="s3", pair=1)) is False  # a host
+    with run.mutex:  # the kill's window is over, and the time after it
+        run.alone_until = time.monotonic()
+    other.join(2.0)
+    assert not other.is_alive() and "cassandra" in run.outages
+
+
+def test_a_guest_starts_its_delay_after_its_host_actually_started():
+    run = _bare_run()
+    host = Fault(0.0, "broker", "broker-kill", 5.0, pair=1)
+    guest = Fault(0.0, "cassandra", "cassandra", 20.0, pair=1, after_s=0.5)
+    took = threading.Thread(target=run._take_turn, args=(guest,))
+    took.start()
+    took.join(0.5)
+    assert took.is_alive()  # the host has not started (its broker lock, or SETTLE_S, held it up)
+    assert run._take_turn(host) is False  # combined: not a lone kill
+    started = time.monotonic()
+    took.join(2.0)
+    assert not took.is_alive() and time.monotonic() - started >= 0.4
+    assert run.outages == {"broker", "cassandra"}
+
+
+def test_a_lone_broker_kill_waits_no_longer_than_its_limit(monkeypatch):
+    monkeypatch.setattr("producers.chaos.QUIET_WAIT_S", 0.3)
+    run = _bare_run()
+    run.paused["assembler"] = (1, 0.0, 0)  # a zombie that outlasts the limit
+    started = time.monotonic()
+    assert run._take_turn(Fault(0.0, "broker", "broker-kill", 5.0)) is True
+    assert 0.3 <= time.monotonic() - started < 2.0 and run.alone_until == float("inf")
 
 
 def test_a_watchdog_exit_is_told_from_its_log():
