@@ -878,18 +878,18 @@ def _log_since(log: Path, offset: int, limit: int = 64 * 1024) -> str:
 
 
 def _finished(run: Settings, report: ChaosReport, since_ms: int) -> list[Finished]:
-    """The run's completed requests (their first completion) with, for HIGH ones, their first render's
-    start (the earliest ``started_at`` of their FramesRendered)."""
+    """The run's completed requests (their first completion, timed when it was published) with, for HIGH
+    ones, their first render's start (the earliest ``started_at`` of their FramesRendered)."""
     topics, codec = Topics(run), default_codec()
     wanted = set(report.submitted)
-    done: dict[str, Completion] = {}
+    done: dict[str, tuple[Completion, int]] = {}
     for msg in BoundedRead(run, [topics.completions], since_ms, role="chaos"):
         try:
             completion = codec.read(msg.value(), Completion)
         except DecodeError:
             continue
         if completion.request_id in wanted:
-            done.setdefault(completion.request_id, completion)
+            done.setdefault(completion.request_id, (completion, msg.timestamp()[1]))
     starts: dict[str, int] = {}
     for msg in BoundedRead(run, [topics.frames("HIGH")], since_ms, role="chaos"):
         try:
@@ -901,8 +901,8 @@ def _finished(run: Settings, report: ChaosReport, since_ms: int) -> list[Finishe
                 starts.get(frames.request_id, frames.started_at), frames.started_at
             )
     return [
-        Finished(i, report.priorities.get(i, "?"), c.created_at, c.finished_at, starts.get(i))
-        for i, c in done.items()
+        Finished(i, report.priorities.get(i, "?"), c.created_at, published, starts.get(i))
+        for i, (c, published) in done.items()
     ]
 
 

@@ -8,7 +8,7 @@ milliseconds, as the records carry them.
 - A fault's **window** runs from the moment it was injected (the service stopped or killed, the stage
   killed or paused) to the moment it was over (the service answering clients again, the killed stage's
   successor ready, the paused stage resumed).
-- **Throughput** of a span: completions whose ``finished_at`` falls in it, per second.
+- **Throughput** of a span: completions published in it (their record's timestamp), per second.
 - **HIGH queue wait**: from a HIGH request's ``created_at`` to the start of its first render
   (``FramesRendered.started_at``), for the HIGH requests created in the span.
 - **Longest gap** of a window: the longest time between two consecutive completions with the window
@@ -55,6 +55,9 @@ class Finished:
     request_id: str
     priority: str
     created_at: int
+    # When its Completion was published: the record's timestamp on the completions topic. Not the
+    # Completion's own finished_at, which is when the sink first decided it (its Cassandra row) and can be
+    # many seconds earlier when the transaction that published it was retried.
     finished_at: int
     render_start: int | None = None  # None: never rendered (rejected, or decided before a render)
 

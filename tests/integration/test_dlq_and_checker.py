@@ -30,6 +30,7 @@ from plumbing.metadata import connect
 from plumbing.retries import route_failure
 from plumbing.settings import Settings
 from plumbing.topics import Stage, Topics
+from producers.chaos import ChaosPlan, ChaosReport, _finished
 from producers.checker import BoundedRead, check_delivery
 from producers.dlq import Filters, count, format_entry, read_dead_letters, replay
 from schemas.codec import default_codec
@@ -110,7 +111,7 @@ class World:
         msg = produce_sync(self.producer, routed.topic, routed.value, key=routed.key, headers=routed.headers)
         return f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
 
-    def complete(self, request_id: str, status: str = "SUCCEEDED") -> None:
+    def complete(self, request_id: str, status: str = "SUCCEEDED", finished_at: int | None = None) -> None:
         record = Completion(
             request_id=request_id,
             tenant_id=self.tenant,
@@ -118,7 +119,7 @@ class World:
             outputs=[],
             timings=Timings(queued_ms=1, render_ms=2, assemble_ms=3, total_ms=6),
             created_at=now_ms() - 1000,
-            finished_at=now_ms(),
+            finished_at=now_ms() if finished_at is None else finished_at,
         )
         value = self.codec.write(record)
         produce_sync(self.producer, self.topics.completions, value, key=request_id.encode())
@@ -529,3 +530,17 @@ def test_reads_end_at_transaction_markers_and_skip_aborted_completions(world: Wo
     assert report.terminal == {"SUCCEEDED": 1}
     assert report.lost == [aborted]
     assert report.unfinished == []
+
+
+def test_chaos_times_a_completion_when_it_was_published_not_by_its_finished_at(world: World):
+    """A sink that retried its transaction publishes a Completion whose finished_at (its Cassandra row's)
+    is older than the publication; the chaos figures' gaps must count from the publication."""
+    since = now_ms() - 1000
+    request = world.request()
+    decided = now_ms() - 20_000  # the row was written 20 s before the retried transaction published it
+    world.complete(request.request_id, finished_at=decided)
+    published = now_ms()
+    report = ChaosReport(ChaosPlan(seed=1), [request.request_id], {}, 0, None)
+    [finished] = _finished(world.settings, report, since)
+    assert finished.request_id == request.request_id
+    assert published - 5_000 <= finished.finished_at <= published + 1_000
