@@ -122,6 +122,9 @@ class ChaosPlan:
     zombie_s: float | None = None  # how long a zombie is paused; None: its timeout + zombie_margin_s
     zombie_margin_s: float = 3.0
     overlaps: int = 0  # faults placed inside another fault's window
+    # Each broker kill not combined on purpose waits for quiet and holds other faults off (see `_take_turn`),
+    # so its figures are its own; off, faults fall as scheduled (shorter runs, figures mixed).
+    broker_kills_alone: bool = True
     share_lock_ms: int = 15_000  # with zombies: the renderers' lock, so a paused renderer loses it soon
     # Keep the run's topics and keyspace for `aigc trace` afterwards; otherwise they are deleted once the
     # run is checked, so that repeated runs do not grow the cluster (~190 partitions a run, every one of
@@ -145,6 +148,7 @@ CHAOS_FLAGS = (
     "zombies",
     "zombie_s",
     "overlaps",
+    "broker_kills_alone",
     "renderers",
     "replicas",
     "kill_one_of_each",
@@ -735,7 +739,7 @@ class _Run:
         purpose waits (up to `QUIET_WAIT_S`) until no other fault is in progress, then holds the others off
         until it is over; any other fault not combined on purpose waits while such a kill is in progress.
         Whether ``fault`` is such a lone kill."""
-        alone = fault.kind == "broker-kill" and not fault.combined
+        alone = fault.kind == "broker-kill" and not fault.combined and self.plan.broker_kills_alone
         deadline = time.monotonic() + QUIET_WAIT_S
         while True:
             with self.mutex:

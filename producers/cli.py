@@ -110,6 +110,13 @@ def _register_chaos(verbs: argparse._SubParsersAction) -> None:
         "--zombie-s", type=float, help="seconds a zombie is paused (default: its timeout plus 3 s)"
     )
     chaos.add_argument("--overlaps", type=int, help="faults placed inside another's window (--full 2)")
+    chaos.add_argument(
+        "--broker-kills-alone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each broker kill not placed with another fault waits for the others to be over and holds "
+        "them off during its window, so its figures are its own (default: on)",
+    )
     chaos.add_argument("--renderers", type=int, help="renderers per pool (default 2)")
     chaos.add_argument(
         "--replicas", type=int, help="gatekeepers, assemblers and relays, each (default 1; --full 2)"

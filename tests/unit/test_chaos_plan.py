@@ -169,6 +169,16 @@ def test_the_cli_flags_make_the_plan():
         parse(["chaos", "--cassandra-outages", "1", "--cassandra-down", "5", "--seed", "1"])
     )
     assert (mixed.cassandra_outages, mixed.cassandra_down_s, mixed.broker_restarts) == (1, 5.0, 2)
+    assert mixed.broker_kills_alone
+    assert not plan_from_args(parse(["chaos", "--no-broker-kills-alone"])).broker_kills_alone
+
+
+def test_with_kills_alone_off_a_broker_kill_neither_waits_nor_holds_others_off():
+    run = _bare_run()
+    run.plan = ChaosPlan(seed=1, broker_kills_alone=False)
+    run.recovering["relay"] = (123, 0)
+    assert run._take_turn(Fault(0.0, "broker", "broker-kill", 5.0)) is False  # at once, not alone
+    assert run.alone_until == 0.0
 
 
 def test_the_longest_gap_is_the_one_that_meets_the_window():
@@ -237,7 +247,7 @@ def _bare_run() -> _Run:
     """A run's fault bookkeeping without a pipeline (only what `_take_turn` reads)."""
     run = object.__new__(_Run)
     run.mutex, run.recovering, run.paused, run.outages, run.alone_until = threading.Lock(), {}, {}, set(), 0.0
-    run.hosts, run.guests_due = {}, {}
+    run.hosts, run.guests_due, run.plan = {}, {}, ChaosPlan(seed=1)
     return run
 
 
