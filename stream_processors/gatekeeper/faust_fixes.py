@@ -1,4 +1,4 @@
-"""Five repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
+"""Six repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
 
 `aigc chaos` lost a request this way (CI, seed 20261123: the gatekeeper restarted while requests waited):
 
@@ -29,6 +29,13 @@
    status was never written (read in the code; not yet seen in a run). `Deliveries` holds every send's
    future; `Consumer` awaits them before each commit and, when one failed, exits the process without
    committing, so the request is read again.
+
+6. aiokafka answers an earliest-offset lookup with -1 (UNKNOWN_OFFSET) when the ListOffsets response
+   carries no offset; faust's table recovery subtracts one and seeks a changelog to -2, and aiokafka raises
+   ``ValueError: Offset must be a positive integer``, which ended a gatekeeper in a `make chaos` broker kill
+   (seed 465109); the repair in 4 would take -1 as a committed offset. `Consumer.earliest_offsets` gives
+   None for a negative offset (faust's recovery then reads the changelog from its start), and
+   `Consumer.perform_seek` takes a never-committed partition with an unknown log start as committed at 0.
 
 A partition that still misses an offset now stops committing rather than skipping it; the stall guard
 (`stall.py`) then restarts the worker, which reads again from the committed offset (`Gate.admit` makes
@@ -138,12 +145,20 @@ class Consumer(AIOKafkaConsumer):
         fresh = [ensure_TP(tp) for tp, offset in committed.items() if offset is None]
         if fresh:
             starts = await self.earliest_offsets(*fresh)
-            committed.update({tp: starts[tp] for tp in fresh if starts.get(tp) is not None})
+            # An unknown start (6. above) counts as 0: commits wait for the first record there; when the
+            # log starts later, the stall guard restarts the worker and the next lookup knows the start.
+            committed.update({tp: starts.get(tp) or 0 for tp in fresh})
         for tp, offset in committed.items():
             # the fetch loop's read offset is the last offset read (faust sets the next one)
             self._read_offset[ensure_TP(tp)] = offset - 1 if offset and offset > 0 else None
             if offset is not None:  # 0 too: nothing below it is handled, so offset 0 must be acked first
                 self._committed_offset[ensure_TP(tp)] = offset
+
+    async def earliest_offsets(self, *partitions: TP) -> Mapping[TP, int]:
+        """The log start of each partition; a negative answer (aiokafka's UNKNOWN_OFFSET) is left out,
+        as a partition the lookup did not answer for (6. above)."""
+        found = await super().earliest_offsets(*partitions)
+        return {tp: offset for tp, offset in found.items() if offset is not None and offset >= 0}
 
 
 def install(app: faust.App) -> Deliveries:

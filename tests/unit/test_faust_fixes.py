@@ -6,6 +6,7 @@ Each test is a case faust-streaming 0.15.3 gets wrong: a request skipped without
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 
 import faust
@@ -113,6 +114,41 @@ def test_a_partition_never_committed_on_holds_commits_until_its_first_record_is_
     consumer._acked[TOPIC].append(0)
     consumer._acked_index[TOPIC].add(0)
     assert consumer._new_offset(TOPIC) == 3
+
+
+class _Thread:
+    """The consumer thread's answer to an earliest-offset lookup: aiokafka's UNKNOWN_OFFSET for one."""
+
+    async def earliest_offsets(self, *partitions: TP) -> dict[TP, int]:
+        return {tp: -1 if tp == TOPIC else 7 for tp in partitions}
+
+
+def test_an_unknown_log_start_is_no_offset_so_recovery_never_seeks_below_zero(app: faust.App) -> None:
+    consumer = repaired(app)
+    other = TP("aigc.gatekeeper.seen.changelog", 1)
+    consumer._thread = _Thread()  # type: ignore[assignment]
+    assert asyncio.run(consumer.earliest_offsets(TOPIC, other)) == {other: 7}
+    # faust's recovery: no persisted offset (a memory store) and no log start -> it reads from the start
+    recovery = app.tables.recovery
+    offsets: Counter[TP] = Counter()
+    offsets[TOPIC] = None  # type: ignore[assignment]  # what faust stores for an unpersisted table
+    asyncio.run(recovery._build_offsets(consumer, {TOPIC, other}, offsets, "active"))
+    assert offsets[TOPIC] == -1 and offsets[other] == 6  # seeks 0 and 6 (before: -2, which aiokafka refuses)
+
+
+def test_a_never_committed_partition_with_an_unknown_start_holds_commits_from_zero(app: faust.App) -> None:
+    consumer = repaired(app)
+
+    async def seek_to_committed() -> dict[TP, int | None]:
+        return {TOPIC: None}
+
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign,assignment]
+    consumer._thread = _Thread()  # type: ignore[assignment]
+    asyncio.run(consumer.perform_seek())
+    assert consumer._committed_offset[TOPIC] == 0
+    consumer._acked[TOPIC] = [1]
+    consumer._acked_index[TOPIC] = {1}
+    assert consumer._new_offset(TOPIC) is None
 
 
 def test_a_failed_delivery_ends_the_worker_before_its_offset_is_committed(
