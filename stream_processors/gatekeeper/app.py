@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any, cast
 
 import faust
@@ -38,6 +39,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.headers import Outgoing
+from plumbing.kafka_clients import make_consumer
 from plumbing.log_format import bind_message
 from plumbing.observability import serve
 from plumbing.retries import route_failure
@@ -116,7 +118,14 @@ def create_app(
         web_enabled=conf.web_port is not None,
         web_port=conf.web_port or 6066,
     )
-    deliveries = faust_fixes.install(app)
+    hole_reader = partial(
+        make_consumer,
+        settings,
+        f"{conf.app_id}.holes",
+        "gatekeeper-holes",
+        **{"isolation.level": "read_uncommitted"},  # as faust's consumer reads
+    )
+    deliveries = faust_fixes.install(app, faust_fixes.HoleCheck(hole_reader))
 
     sources = {p: app.topic(topics.requests(p)) for p in PRIORITIES}
 

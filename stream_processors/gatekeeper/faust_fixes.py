@@ -1,4 +1,4 @@
-"""Six repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
+"""Seven repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
 
 `aigc chaos` lost a request this way (CI, seed 20261123: the gatekeeper restarted while requests waited):
 
@@ -37,6 +37,16 @@
    None for a negative offset (faust's recovery then reads the changelog from its start), and
    `Consumer.perform_seek` takes a never-committed partition with an unknown log start as committed at 0.
 
+7. `make chaos` lost three requests (seed 461387: requests.high[5] offsets 31-33, never handled, were
+   committed over: the group's commits went 31 -> 35 right after a worker that had just been assigned
+   the partition handled offset 34, twice). faust's recovery resumes the stream partitions before it seeks
+   them to the committed offsets, so a batch fetched before the seek can still be handed out after it; the
+   seek sets the read offset back (30), the stale batch's next record (34) then looks like a jump, and
+   faust records 31-34 as holes, which 2 commits over. Holes are rare in request topics (a transactional
+   producer's markers), so `Consumer._commit` now confirms them: before committing over offsets it filled
+   in as holes, it reads them from the broker (`HoleCheck`); if one holds a record the process exits
+   without committing, and the partition is read again from the committed offset.
+
 A partition that still misses an offset now stops committing rather than skipping it; the stall guard
 (`stall.py`) then restarts the worker, which reads again from the committed offset (`Gate.admit` makes
 the repeat harmless).
@@ -47,7 +57,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -97,14 +108,76 @@ class Deliveries:
                 os._exit(self.EXIT_STATUS)
 
 
+class HoleCheck:
+    """Which of some offsets of a partition hold a record, asked of the broker (7. above). Any answer it
+    cannot get counts as a record: the caller then exits rather than commit over it."""
+
+    EXIT_STATUS = 70
+
+    def __init__(self, make_reader: Callable[[], Any]) -> None:
+        self._make_reader = make_reader  # a confluent_kafka Consumer, made on first use
+        self._reader: Any = None
+
+    def records_at(self, topic: str, partition: int, offsets: Sequence[int]) -> set[int]:
+        """The offsets in ``offsets`` where the partition holds a record (not a hole)."""
+        from confluent_kafka import TopicPartition
+
+        if self._reader is None:
+            self._reader = self._make_reader()
+        found: set[int] = set()
+        for offset in sorted(offsets):
+            if offset in found:
+                continue
+            self._reader.assign([TopicPartition(topic, partition, offset)])
+            msg = self._reader.poll(10.0)
+            if msg is None or msg.error() is not None or msg.offset() == offset:
+                found.add(offset)  # a record there, or no answer: not a hole
+            elif msg.offset() > offset:  # the next record is past it: offset..next are holes
+                continue
+        return found
+
+
 class Consumer(AIOKafkaConsumer):
     """faust's aiokafka consumer, committing past an offset only once it is handled or known absent, and
     only once every send made so far was delivered."""
 
+    @property
+    def _filled(self) -> defaultdict[TP, set[int]]:
+        """Per partition, the offsets `_new_offset` counted as holes and no commit has confirmed yet."""
+        filled = self.__dict__.get("_filled_holes")
+        if filled is None:
+            filled = self.__dict__["_filled_holes"] = defaultdict(set)
+        return filled
+
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         deliveries: Deliveries = self.app.deliveries  # type: ignore[attr-defined]  # set by `install`
         await deliveries.settle()
+        await self._confirm_holes(offsets)
         return bool(await super()._commit(offsets))
+
+    async def _confirm_holes(self, offsets: Mapping[TP, int]) -> None:
+        """Before committing ``offsets``, make sure the holes they pass over hold no record (7. above);
+        exit the process, committing nothing, when one does."""
+        check: HoleCheck | None = getattr(self.app, "hole_check", None)
+        for tp, offset in offsets.items():
+            filled = self._filled.get(tp)
+            if not filled:
+                continue
+            passed = sorted(o for o in filled if o < offset)
+            filled.difference_update(passed)
+            if not passed or check is None:
+                continue
+            found = await asyncio.to_thread(check.records_at, tp.topic, tp.partition, passed)
+            if found:
+                log.critical(
+                    "%s offsets %s were counted as holes but hold records; exiting without committing %d, "
+                    "so they are read again",
+                    tp,
+                    sorted(found),
+                    offset,
+                )
+                logging.shutdown()
+                os._exit(HoleCheck.EXIT_STATUS)
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
@@ -117,6 +190,7 @@ class Consumer(AIOKafkaConsumer):
             if holes:
                 filled = [offset for hole in holes for offset in range(hole.begin, hole.end)]
                 acked.extend(filled)
+                self._filled[tp].update(o for o in filled if o not in self._acked_index[tp])
                 gaps.chop(0, max(filled[-1], max_offset + 1))
         acked.sort()
         committed = self._committed_offset[tp]
@@ -142,6 +216,8 @@ class Consumer(AIOKafkaConsumer):
         check in `_new_offset` has nothing to hold a commit back with, and a first record dropped from a
         buffer in a rebalance is committed over (a request lost with two gatekeepers in `aigc chaos`)."""
         committed = dict(await self.seek_to_committed())
+        for tp in committed:
+            self._filled.pop(ensure_TP(tp), None)  # read again from the committed offset
         fresh = [ensure_TP(tp) for tp, offset in committed.items() if offset is None]
         if fresh:
             starts = await self.earliest_offsets(*fresh)
@@ -161,11 +237,13 @@ class Consumer(AIOKafkaConsumer):
         return {tp: offset for tp, offset in found.items() if offset is not None and offset >= 0}
 
 
-def install(app: faust.App) -> Deliveries:
+def install(app: faust.App, hole_check: HoleCheck | None = None) -> Deliveries:
     """Give ``app`` the repaired flow control and consumer; call before the app starts. Returns the
-    `Deliveries` its senders must `Deliveries.track` each send's delivery with."""
+    `Deliveries` its senders must `Deliveries.track` each send's delivery with. ``hole_check``: how the
+    consumer confirms holes before committing over them (7. above); without one they are trusted."""
     app.flow_control = FlowControl(loop=app.loop)  # faust caches it on first use
     deliveries = app.deliveries = Deliveries()  # type: ignore[attr-defined]
+    app.hole_check = hole_check  # type: ignore[attr-defined]
     transport: Any = app.transport
     transport.Consumer = Consumer
     return deliveries

@@ -151,6 +151,67 @@ def test_a_never_committed_partition_with_an_unknown_start_holds_commits_from_ze
     assert consumer._new_offset(TOPIC) is None
 
 
+class _Holes(faust_fixes.HoleCheck):
+    """The broker's answer: records at ``present``; every other offset is a hole."""
+
+    def __init__(self, present: set[int]) -> None:
+        super().__init__(lambda: None)
+        self.present, self.asked = present, []
+
+    def records_at(self, topic: str, partition: int, offsets) -> set[int]:
+        self.asked.append(list(offsets))
+        return self.present & set(offsets)
+
+
+def _stale_batch_after_a_seek(
+    app: faust.App, holes: _Holes, monkeypatch
+) -> tuple[faust_fixes.Consumer, list]:
+    """Committed 31, read offset set back to 30 by the seek, then record 34 of a batch fetched before it:
+    faust records 31-34 as holes (7. in faust_fixes); 34 is handled."""
+    consumer = repaired(app)
+    app.hole_check = holes  # type: ignore[attr-defined]
+    consumer._committed_offset[TOPIC] = 31
+    asyncio.run(consumer._add_gap(TOPIC, 31, 34))
+    consumer._acked[TOPIC] = [34]
+    consumer._acked_index[TOPIC] = {34}
+    committed: list = []
+
+    async def commit(self, offsets):  # the broker's side of a commit
+        committed.append(dict(offsets))
+        return True
+
+    monkeypatch.setattr(faust_fixes.AIOKafkaConsumer, "_commit", commit)
+    return consumer, committed
+
+
+def test_holes_that_hold_records_end_the_worker_before_the_commit(app: faust.App, monkeypatch) -> None:
+    holes = _Holes(present={31, 32, 33})
+    consumer, committed = _stale_batch_after_a_seek(app, holes, monkeypatch)
+    offset = consumer._new_offset(TOPIC)
+    assert offset == 35  # faust's bookkeeping would commit over 31-33
+    exits: list[int] = []
+
+    def fake_exit(status: int) -> None:
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(faust_fixes.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit):
+        asyncio.run(consumer._commit({TOPIC: offset}))
+    assert exits == [faust_fixes.HoleCheck.EXIT_STATUS] and committed == []
+    assert holes.asked == [[31, 32, 33]]  # 34 was handled: not asked
+
+
+def test_real_holes_are_committed_over(app: faust.App, monkeypatch) -> None:
+    holes = _Holes(present=set())  # transaction markers at 31-33
+    consumer, committed = _stale_batch_after_a_seek(app, holes, monkeypatch)
+    offset = consumer._new_offset(TOPIC)
+    assert asyncio.run(consumer._commit({TOPIC: offset})) is True
+    assert committed == [{TOPIC: 35}]
+    assert asyncio.run(consumer._commit({TOPIC: 36})) is True
+    assert holes.asked == [[31, 32, 33]]  # confirmed once
+
+
 def test_a_failed_delivery_ends_the_worker_before_its_offset_is_committed(
     app: faust.App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
