@@ -190,7 +190,10 @@ class Consumer(AIOKafkaConsumer):
             if holes:
                 filled = [offset for hole in holes for offset in range(hole.begin, hole.end)]
                 acked.extend(filled)
-                self._filled[tp].update(o for o in filled if o not in self._acked_index[tp])
+                # To confirm before the commit (7. above): not handled, and not committed already (an
+                # interval left over from before the last commit can reach below it).
+                floor = self._committed_offset[tp] or 0
+                self._filled[tp].update(o for o in filled if o >= floor and o not in self._acked_index[tp])
                 gaps.chop(0, max(filled[-1], max_offset + 1))
         acked.sort()
         committed = self._committed_offset[tp]
