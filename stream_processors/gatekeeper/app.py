@@ -212,6 +212,7 @@ class Handler:
             )
         self._store(admission, msg.partition, clock)
         await self._send(admission.outputs, original.origin)
+        self.deliveries.done(msg.topic, msg.partition, msg.offset)
         if self.metrics is not None:
             self.metrics.decided(admission, msg.topic, msg.timestamp)
         if admission.verdict == "DEAD_LETTERED":
