@@ -17,9 +17,10 @@ run can be replayed with ``--seed``) faults are injected:
   goes to others (see `zombie_pause_s`) and resumed with SIGCONT: a renderer's share-group locks have
   expired by then, the assembler's transaction has been aborted and its producer fenced;
 - **overlaps**: some of those windows are placed inside another fault's window, so faults combine.
-  Every other broker kill is measured alone: it waits (up to `QUIET_WAIT_S`) until no other fault is in
-  progress, and the stage kills, zombies and outages that fall due during its window wait until it is over
-  (and `ALONE_AFTER_S` more: a gap that meets a window counts in full, so the next fault must not start one).
+  Every other broker kill is measured alone (unless the plan's ``broker_kills_alone`` is off): it waits
+  (up to `QUIET_WAIT_S`) until no other fault is in progress, and the stage kills, zombies and outages
+  that fall due during its window wait until it is over (and `ALONE_AFTER_S` more: a gap that meets a
+  window counts in full, so the next fault must not start one).
 
 Service faults run in threads of their own (so they overlap); the services are started again from a
 long-lived thread, because a service started attached dies with the thread that started it
