@@ -669,7 +669,7 @@ class _Run:
         measured alone; the event to come of it, if any."""
         with self.mutex:  # a lone broker kill starts only when no stage is killed or paused
             now = time.monotonic()
-            wait = self._guest_wait(fault, now) if fault.combined else 1.0 if now < self.alone_until else 0
+            wait = self._hold_s(fault, now)
             if wait:  # after its host started, or after the broker kill measured alone
                 return replace(fault, at_s=now - self.t0 + wait)
             self._started(fault, now)
@@ -745,12 +745,10 @@ class _Run:
         while True:
             with self.mutex:
                 now = time.monotonic()
-                if fault.combined:
-                    busy = self._guest_wait(fault, now) > 0
-                elif alone:
+                if alone:
                     busy = bool(self.recovering or self.paused or self.outages) and now <= deadline
                 else:
-                    busy = now < self.alone_until
+                    busy = self._hold_s(fault, now) > 0
                 if not busy:
                     self._started(fault, now)
                     self.outages.add(fault.group)
@@ -759,9 +757,12 @@ class _Run:
                     return alone
             time.sleep(0.1)
 
-    def _guest_wait(self, fault: Fault, now: float) -> float:
-        """Seconds a combined fault still waits: a guest until ``after_s`` past its host's start (at most
-        `PAIR_WAIT_S` after it was first due); 0 for a host. Called under the mutex."""
+    def _hold_s(self, fault: Fault, now: float) -> float:
+        """Seconds a fault other than a lone broker kill still waits: a combined guest until ``after_s``
+        past its host's start (at most `PAIR_WAIT_S` after it was first due), a host not at all; any other
+        fault while a lone broker kill holds the others off. Called under the mutex."""
+        if not fault.combined:
+            return 1.0 if now < self.alone_until else 0.0
         if not fault.after_s:
             return 0.0
         due = self.guests_due.setdefault(fault.pair, now)
