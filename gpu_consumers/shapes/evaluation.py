@@ -34,6 +34,8 @@ class Report:
 
     prompts: int
     agreement: float
+    colours: float  # the named colours and no others, whatever the shapes
+    shapes: float  # the named kinds of shape and no others, whatever the colours
     position: float
     count: float
     background: float
@@ -50,6 +52,7 @@ class Report:
         return [
             f"prompts: {self.prompts} unseen combinations ({STEPS} DDIM steps, guidance {GUIDANCE})",
             f"agreement (colour and shape right): {pct(self.agreement)}",
+            f"  colours right: {pct(self.colours)}, shapes right: {pct(self.shapes)}",
             "  by kind: " + ", ".join(f"{k} {pct(v)}" for k, v in self.by_kind.items()),
             "  by language: " + ", ".join(f"{k} {pct(v)}" for k, v in self.by_language.items()),
             f"also right: position {pct(self.position)}, count {pct(self.count)}, "
@@ -99,6 +102,8 @@ def _report(prompts: list[tuple[sc.Scene, str, str]], scores: list[Score], secon
     return Report(
         prompts=len(scores),
         agreement=share([s.agreed for s in scores]),
+        colours=share([s.colours_right for s in scores]),
+        shapes=share([s.shapes_right for s in scores]),
         position=share([s.position_right for s in scores]),
         count=share([s.count_right for s in scores]),
         background=share([s.background_right for s in scores]),

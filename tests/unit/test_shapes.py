@@ -1,5 +1,6 @@
 """The shapes demo model's parts: scenes say what they draw, the checker tells right from wrong, the tokenizer
-keeps words whole, and the shipped weights load with plain diffusers. No training here."""
+keeps words whole, the shipped weights load with plain diffusers, and a training run of a few steps writes a
+folder that renders."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from gpu_consumers.shapes import scenes as sc
 from gpu_consumers.shapes.checker import score
-from gpu_consumers.shapes.training import SHIPPED, write_tokenizer
+from gpu_consumers.shapes.training import SHIPPED, TrainConfig, train, write_tokenizer
 from gpu_consumers.shapes.vocabulary import units
 
 SCENES = 90  # a few seconds of drawing and checking
@@ -115,3 +116,35 @@ def test_real_size_configs_have_sd15_parameter_counts() -> None:
         for name, m in (("unet", unet), ("vae", vae), ("text", text))
     }
     assert count == {"unet": 859_520_964, "vae": 83_653_863, "text": 123_060_480}
+
+
+def test_a_few_training_steps_write_a_pipeline_folder(tmp_path: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    config = TrainConfig(images=12, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4)
+    folder = train(tmp_path / "model", config, say=lambda _: None)
+    marker = json.loads((folder / "aigc_model.json").read_text())
+    assert marker["steps_taken"]["vae"] == 2 and marker["steps_taken"]["unet"] == 3
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.unet.dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def test_the_report_counts_colours_and_shapes_apart(drawn: list[tuple[sc.Scene, np.ndarray]]) -> None:
+    from gpu_consumers.shapes.evaluation import _report
+
+    scene, image = drawn[0]  # one shape: a wrong colour leaves the shape right, and the other way round
+    assert scene.kind == "single"
+    first = scene.shapes[0]
+    colour = next(c for c in sc.COLOURS if c not in {s.colour for s in scene.shapes} | {scene.background})
+    shape = next(s for s in sc.SHAPES if s not in {s.shape for s in scene.shapes})
+    wrong_colour = dataclasses.replace(scene, shapes=(dataclasses.replace(first, colour=colour),))
+    wrong_shape = dataclasses.replace(scene, shapes=(dataclasses.replace(first, shape=shape),))
+    prompts = [(s, "en", sc.caption(s)) for s in (scene, wrong_colour, wrong_shape)]
+    report = _report(prompts, [score(image, s) for s, _, _ in prompts], 1.0)
+    assert (report.agreement, report.colours, report.shapes) == pytest.approx((1 / 3, 2 / 3, 2 / 3))
+    assert "colours right: 66.7%, shapes right: 66.7%" in "\n".join(report.lines())
