@@ -25,6 +25,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -124,9 +125,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _listen_ports() -> range:
+    """Ports below the kernel's ephemeral range (``ip_local_port_range``), which outgoing connections never
+    take. A port the kernel hands out for bind(0) lies inside that range, so between our check and the
+    stage's own bind an outgoing connection (a Kafka client's) can take it: a ``make test`` run lost its
+    lag exporter to EADDRINUSE that way."""
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    return range(max(first - 12_000, 1024), first)
+
+
 def free_port(preferred: int | None = None) -> int:
-    """``preferred`` if it can be bound on loopback now, else a port the kernel picks."""
-    for port in ([preferred] if preferred else []) + [0]:
+    """``preferred`` if it can be bound on loopback now, else a random free port below the ephemeral range
+    (else one the kernel picks)."""
+    candidates = random.sample(_listen_ports(), 20)
+    for port in ([preferred] if preferred else []) + candidates + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             # As the stage's server binds (http.server sets SO_REUSEADDR): a port whose last connections
             # linger in TIME_WAIT after a crash is free for it.

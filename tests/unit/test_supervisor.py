@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -91,3 +92,13 @@ def test_replicas_are_separate_members_with_identities_of_their_own():
     assert [s.name for s in pipeline_stages(Settings(), renderers=1)] == [
         s.name for s in pipeline_stages(Settings(), renderers=1, replicas=1)
     ]
+
+
+def test_free_ports_lie_below_the_ephemeral_range() -> None:
+    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < first for p in ports) and len(ports) > 1
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        taken = held.getsockname()[1]
+        assert free_port(taken) != taken
