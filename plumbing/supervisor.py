@@ -140,7 +140,8 @@ def _listen_ports() -> range:
 def free_port(preferred: int | None = None) -> int:
     """``preferred`` if it can be bound on loopback now, else a random free port below the ephemeral range
     (else one the kernel picks)."""
-    candidates = random.sample(_listen_ports(), 20)
+    ports = _listen_ports()
+    candidates = random.sample(ports, min(20, len(ports)))
     for port in ([preferred] if preferred else []) + candidates + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             # As the stage's server binds (http.server sets SO_REUSEADDR): a port whose last connections
