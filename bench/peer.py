@@ -32,6 +32,7 @@ from typing import Any
 from celery import Celery
 
 from bench.harness import steady_rate, summary
+from plumbing.supervisor import free_port
 
 REDIS_URL_ENV = "AIGC_BENCH_REDIS_URL"
 DONE = "peer:done"
@@ -75,19 +76,13 @@ def render(request_id: str, created_ms: float, service_ms: float, steps: int) ->
 # -- harness ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A throwaway redis-server on a free loopback port; yields its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="aigc-peer-redis-") as workdir:
         proc = subprocess.Popen(
             [

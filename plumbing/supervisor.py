@@ -155,6 +155,16 @@ def free_port(preferred: int | None = None) -> int:
     raise OSError("no free loopback port")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that `free_port` finds free now."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def probe_ready(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, list[str]]:
     """Ask a stage's ``/readyz``: (ready, the conditions it says are unmet)."""
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,21 +19,10 @@ import pytest
 
 from infra.launcher import down as infra_down
 from plumbing.settings import Settings
-from plumbing.supervisor import STOP_GRACE_S
+from plumbing.supervisor import STOP_GRACE_S, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 600.0
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @pytest.mark.slow

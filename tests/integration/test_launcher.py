@@ -18,17 +18,11 @@ import pytest
 from infra.launcher import InfraError, down, owned_pid, status, up
 from infra.services import all_services
 from plumbing.settings import InfraSettings, KafkaSettings, S3Settings, Settings
+from plumbing.supervisor import free_ports
 from tests.conftest import REPO
 
-
-def _free_port() -> int:
-    """A loopback port nothing listens on now (fixed ports collided with a listener in a CI-like run)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-PORTS = {name: _free_port() for name in ("kafka", "controller", "s3", "cql")}
+# Ports nothing listens on now (fixed ports collided with a listener in a CI-like run).
+PORTS = dict(zip(("kafka", "controller", "s3", "cql"), free_ports(4), strict=True))
 ONLY = ("kafka", "s3proxy")
 
 

@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 
 from plumbing.settings import Settings, WebhookSettings
-from plumbing.supervisor import StageSpec, Supervisor, free_port, pipeline_stages, probe_ready
+from plumbing.supervisor import (
+    StageSpec,
+    Supervisor,
+    free_port,
+    free_ports,
+    pipeline_stages,
+    probe_ready,
+)
 
 
 def until(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -102,3 +109,8 @@ def test_free_ports_lie_below_the_ephemeral_range() -> None:
         held.bind(("127.0.0.1", free_port()))
         taken = held.getsockname()[1]
         assert free_port(taken) != taken
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = free_ports(30)
+    assert len(set(ports)) == 30
