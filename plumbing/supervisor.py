@@ -125,15 +125,25 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _listen_ports() -> range:
-    """Ports below the kernel's ephemeral range (``ip_local_port_range``), which outgoing connections never
-    take. A port the kernel hands out for bind(0) lies inside that range, so between our check and the
-    stage's own bind an outgoing connection (a Kafka client's) can take it: a ``make test`` run lost its
-    lag exporter to EADDRINUSE that way."""
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_range(port_range: Path = EPHEMERAL_PORTS) -> tuple[int, int] | None:
+    """The kernel's ephemeral port range (lowest, highest), from which it picks the local ports of outgoing
+    connections and of bind(0); None where it cannot be read."""
     try:
-        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        first = 32768
+        low, high = map(int, port_range.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def _listen_ports() -> range:
+    """Ports below the kernel's ephemeral range, which outgoing connections never take. A port the kernel
+    hands out for bind(0) lies inside that range, so between our check and the stage's own bind an outgoing
+    connection (a Kafka client's) can take it: a ``make test`` run lost its lag exporter to EADDRINUSE that
+    way."""
+    first = (ephemeral_range() or (32768, 60999))[0]
     return range(max(first - 12_000, 1024), first)
 
 

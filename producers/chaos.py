@@ -61,7 +61,7 @@ from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
 from plumbing.kafka_clients import make_admin
 from plumbing.settings import Settings, Tier
-from plumbing.supervisor import Supervisor
+from plumbing.supervisor import EPHEMERAL_PORTS, Supervisor, ephemeral_range
 from plumbing.topics import Topics
 from producers.chaos_figures import Figures, Finished, StageExit, Window, figures, watchdog_exit
 from producers.checker import BoundedRead, DeliveryReport, check_delivery
@@ -92,7 +92,6 @@ ALONE_AFTER_S = 10.0  # how long after a lone broker kill's window the faults it
 START_TRIES = 3  # a service that fails to start again is started again, up to this often
 # What a delivery check may meet while a store is still coming back: it is asked again.
 CHECK_ERRORS = (KafkaException, NoHostAvailable, OperationTimedOut, BotoCoreError)
-EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _STARTER = ThreadPoolExecutor(4, thread_name_prefix="chaos-infra")  # lives as long as the process
 
 
@@ -487,10 +486,10 @@ def ephemeral_clashes(settings: Settings, port_range: Path = EPHEMERAL_PORTS) ->
     """Warnings for the services' ports inside the kernel's ephemeral port range: while a service is
     down, a client reconnecting to it may be given its port as its own (and even connect to itself), and
     the service then fails to start with "address already in use"."""
-    try:
-        low, high = map(int, port_range.read_text().split())
-    except (OSError, ValueError):
+    found = ephemeral_range(port_range)
+    if found is None:
         return []
+    low, high = found
     return [
         f"warning: {service.name} port {port} is in the ephemeral port range {low}-{high}: restarting it "
         "may fail (address already in use); pick ports below it"
