@@ -191,7 +191,28 @@ class Handler:
         self.topics: dict[str, faust.types.TopicT] = {}
 
     async def handle(self, msg: Any) -> None:
-        """Decide the request in ``msg`` (a faust message) and carry the decision out."""
+        """Decide the request in ``msg`` (a faust message) and carry the decision out; on any error exit
+        the process before the next commit, so the request is redelivered.
+
+        faust would restart a crashed agent and count its event as done, so an exception that left here
+        lost the request: a table write raised ``PartitionsMismatch`` while the consumer's metadata did
+        not yet hold a just-created changelog topic (the CI-sized chaos test, three requests never
+        admitted).
+        """
+        try:
+            await self._handle(msg)
+        except Exception:
+            log.critical(
+                "could not handle %s:%s:%s; exiting so it is redelivered",
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                exc_info=True,
+            )
+            logging.shutdown()
+            os._exit(faust_fixes.Deliveries.EXIT_STATUS)
+
+    async def _handle(self, msg: Any) -> None:
         original = Original(
             msg.topic,
             msg.partition,
@@ -211,7 +232,7 @@ class Handler:
                 span, request_id=admission.request_id, priority=priority, outcome=admission.verdict
             )
         self._store(admission, msg.partition, clock)
-        await self._send(admission.outputs, original.origin)
+        await self._send(admission.outputs)
         self.deliveries.done(msg.topic, msg.partition, msg.offset)
         if self.metrics is not None:
             self.metrics.decided(admission, msg.topic, msg.timestamp)
@@ -233,22 +254,14 @@ class Handler:
                 admission.tasks,
             )
 
-    async def _send(self, outputs: list[Outgoing], origin: str) -> None:
-        """Send ``outputs`` in order; on any failure exit the process, so the request is redelivered."""
-        try:
-            for out in outputs:
-                topic = self.topics.get(out.topic) or self.topics.setdefault(
-                    out.topic, self.app.topic(out.topic)
-                )
-                sent = await topic.send(
-                    key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
-                )
-                self.deliveries.track(cast(Any, sent))  # its delivery is checked before the next commit
-        except Exception:
-            log.critical(
-                "could not send the outputs of %s; exiting so it is redelivered", origin, exc_info=True
+    async def _send(self, outputs: list[Outgoing]) -> None:
+        """Send ``outputs`` in order (a failure ends the process in `handle`)."""
+        for out in outputs:
+            topic = self.topics.get(out.topic) or self.topics.setdefault(out.topic, self.app.topic(out.topic))
+            sent = await topic.send(
+                key=out.key, value=out.value, partition=out.partition, headers=cast(Any, out.headers)
             )
-            os._exit(70)
+            self.deliveries.track(cast(Any, sent))  # its delivery is checked before the next commit
 
 
 async def admit_or_route(
@@ -256,23 +269,17 @@ async def admit_or_route(
 ) -> Admission:
     """`Gate.admit`, with a failure routed like every stage routes one (retry topic or dead letter).
 
-    Back-pressure waits and tries again. An unknown error exits the worker at once: faust would restart
-    the agent and count the event as done, skipping it; exiting before the next commit gets it redelivered.
+    Back-pressure waits and tries again. An unknown error (`route_failure` raises it) ends the worker in
+    `Handler.handle`, so the request is redelivered.
     """
     failures = 0
     while True:
         try:
             return gate.admit(original, seen, buckets, clock)
-        except Exception as exc:  # noqa: BLE001 - route_failure decides; unknown errors end the process below
-            try:
-                routed = route_failure(
-                    gate.codec, gate.topics, gate.settings.retry, Stage.GATEKEEPER, original, exc, clock
-                )
-            except Exception:
-                log.critical(
-                    "unknown error on %s; exiting so it is redelivered", original.origin, exc_info=True
-                )
-                os._exit(70)
+        except Exception as exc:  # noqa: BLE001 - route_failure decides; it raises what it does not know
+            routed = route_failure(
+                gate.codec, gate.topics, gate.settings.retry, Stage.GATEKEEPER, original, exc, clock
+            )
             if routed is not None:
                 log.warning("%s %s: %s", "dead-lettered" if routed.dead else "retrying", original.origin, exc)
                 return Admission(
