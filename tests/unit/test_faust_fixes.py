@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import faust
 import pytest
+from faust.exceptions import PartitionsMismatch
 from faust.types import TP
 from mode.utils.queues import FlowControlQueue
 
@@ -266,3 +268,20 @@ def test_a_failed_delivery_ends_the_worker_before_its_offset_is_committed(
 
     asyncio.run(run())
     assert exits == [faust_fixes.Deliveries.EXIT_STATUS]
+
+
+def test_a_changelog_missing_from_the_metadata_is_unknown_not_a_partition_mismatch(app: faust.App) -> None:
+    """8. in faust_fixes: aiokafka counted a just-created changelog as 0 partitions and faust's first table
+    write raised PartitionsMismatch in the agent; a real mismatch still raises."""
+    consumer = repaired(app)
+    seen = app.tables["seen"]
+    source = "aigc.requests.high"
+    snapshot = {source: 2, seen.changelog_topic_name: 0}
+    consumer._thread._consumer = SimpleNamespace(_coordinator=SimpleNamespace(_metadata_snapshot=snapshot))
+    assert consumer.topic_partitions(seen.changelog_topic_name) is None
+    assert consumer.topic_partitions("not.in.the.group") is None
+    seen._verify_source_topic_partitions(source)
+    buckets = app.tables["buckets"]
+    snapshot[buckets.changelog_topic_name] = 3
+    with pytest.raises(PartitionsMismatch):
+        buckets._verify_source_topic_partitions(source)
