@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 from scipy import sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from stream_processors.gatekeeper.corpus import CATEGORIES, Row, generate
 from stream_processors.gatekeeper.evaluation import breakdown
 from stream_processors.gatekeeper.policy import DEFAULT_POLICY_PATH, Policy
-from stream_processors.gatekeeper.prompt_model import DEFAULT_MODEL_PATH, FEATURES, PromptModel, vectorizers
+from stream_processors.gatekeeper.prompt_model import ANALYZERS, DEFAULT_MODEL_PATH, FEATURES, PromptModel
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "prompt-linear"
@@ -39,6 +40,14 @@ DEFAULT_TEST_SPLIT = Path(".aigc/moderation/test.jsonl")  # the dev split goes b
 TRAIN_PER_CELL = 60  # unsafe prompts per category, language and evasion kind (and as many safe)
 TEST_PER_CELL = 12
 C = 8.0  # inverse regularisation strength of each logistic regression
+
+
+def vectorizers() -> dict[str, TfidfVectorizer]:
+    """Fresh, unfitted vectorizers for each feature block, cutting n-grams with the scorer's own analyzers."""
+    return {
+        name: TfidfVectorizer(analyzer=ANALYZERS[name], dtype=np.float32, **args)
+        for name, args in FEATURES.items()
+    }
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
