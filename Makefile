@@ -22,10 +22,14 @@ tools:
 	bash infra/install-tools.sh
 
 # uv installs from its cache under ~/.cache/uv by hard links, so a warm machine sets up in seconds.
-$(VENV)/.installed: requirements.lock pyproject.toml
+# --compile-bytecode: uv writes no .pyc files by default, and where PYTHONDONTWRITEBYTECODE is set (it is on
+# our machines) no process writes them either, so every stage, test and CLI process compiled torch,
+# diffusers and the rest from source each time it started: importing StableDiffusionPipeline took 28.3 s
+# here without them and 11.7 s with them, torch 7.0 s and 3.8 s.
+$(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(UV) pip sync -q --python $(PY) requirements.lock
+	$(UV) pip sync -q --compile-bytecode --python $(PY) requirements.lock
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
