@@ -7,7 +7,8 @@ files that are no pickle: ``<name>.npz`` (idf weights, coefficients, intercepts:
 
 Training and scoring cut the text into n-grams with the same functions (`ANALYZERS`; training hands them to
 sklearn's TfidfVectorizer as its analyzers), so scoring never imports sklearn (with scipy.stats): a gatekeeper
-took 6.9-7.4 s to import and build its moderator here with it, 3.7-4.1 s without. A score is then a dict
+took 3.6-5.2 s to import and build its moderator here with it, 1.9-2.9 s without (8.7-9.9 s and 4.2-4.4 s
+before the packages' bytecode was compiled at install). A score is then a dict
 look-up per n-gram and a sum of coefficient rows: about 50-150 µs, where a full sklearn transform costs
 several hundred.
 """

@@ -252,8 +252,8 @@ def test_the_analyzers_cut_text_as_sklearns_own_do() -> None:
 
 
 def test_the_gatekeeper_does_not_import_sklearn() -> None:
-    """Importing sklearn (with scipy.stats) cost a gatekeeper about 3.5 s of its 7 s start; scoring needs
-    none of it."""
+    """Importing sklearn (with scipy.stats) took about half of a gatekeeper's start; scoring needs none
+    of it."""
     code = "import sys, stream_processors.gatekeeper.app; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
