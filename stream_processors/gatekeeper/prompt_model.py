@@ -52,7 +52,7 @@ def word_ngrams(text: str) -> list[str]:
     return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
 
 
-# The feature blocks: name -> (its analyzer, the rest of its TfidfVectorizer arguments, for training).
+# The feature blocks: name -> its analyzer, and name -> the rest of its TfidfVectorizer arguments (training).
 ANALYZERS: dict[str, Callable[[str], list[str]]] = {"char": char_wb_ngrams, "word": word_ngrams}
 FEATURES: dict[str, dict[str, Any]] = {
     "char": {"max_features": 60000, "sublinear_tf": True},
