@@ -1,4 +1,4 @@
-"""Eight repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
+"""Nine repairs to faust-streaming 0.15.3's at-least-once bookkeeping, installed on the gatekeeper's app.
 
 `aigc chaos` lost a request this way (CI, seed 20261123: the gatekeeper restarted while requests waited):
 
@@ -56,6 +56,12 @@
    source topic and raised ``PartitionsMismatch`` (2 against 0) in the agent, which faust restarted,
    counting the event as done (`app.Handler.handle` now ends the process instead). A topic has at least
    one partition, so `Consumer.topic_partitions` answers 0 as unknown (None), which faust's check skips.
+
+9. In `make chaos` (seed 231170) both gatekeepers exited once at start with ``ValueError: Offset must be a
+   positive integer`` in table recovery: a rebalance came while recovery was reading the changelogs; the
+   new assignment added standby partitions with no offset (None) to the set the running recovery then
+   seeks before it checks for the new rebalance. `Consumer.seek_wait` seeks a partition without an offset
+   (or with a negative one) to 0, as faust seeks its own -1; the recovery of the new assignment seeks again.
 
 A partition that still misses an offset now stops committing rather than skipping it; the stall guard
 (`stall.py`) then restarts the worker, which reads again from the committed offset (`Gate.admit` makes
@@ -165,6 +171,13 @@ class Consumer(AIOKafkaConsumer):
         """The partitions of ``topic`` as the group coordinator last saw them; None while unknown (8. above:
         aiokafka counts a topic missing from its metadata as 0)."""
         return super().topic_partitions(topic) or None
+
+    async def seek_wait(self, partitions: Mapping[TP, int | None]) -> None:
+        """Seek each changelog partition for table recovery; one without an offset, or a negative one, to
+        0 (9. above)."""
+        await super().seek_wait(
+            {tp: offset if offset and offset > 0 else 0 for tp, offset in partitions.items()}
+        )
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         deliveries: Deliveries = self.app.deliveries  # type: ignore[attr-defined]  # set by `install`

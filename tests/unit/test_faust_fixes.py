@@ -285,3 +285,18 @@ def test_a_changelog_missing_from_the_metadata_is_unknown_not_a_partition_mismat
     snapshot[buckets.changelog_topic_name] = 3
     with pytest.raises(PartitionsMismatch):
         buckets._verify_source_topic_partitions(source)
+
+
+def test_a_recovery_seek_without_an_offset_starts_at_zero(app: faust.App, monkeypatch) -> None:
+    """9. in faust_fixes: a rebalance during table recovery left standby partitions without an offset in
+    the set the running recovery seeks, and aiokafka's seek raised ValueError, ending the gatekeeper."""
+    consumer = repaired(app)
+    sought: list[dict[TP, int]] = []
+
+    async def seek_wait(self, partitions):  # the thread's seek, which rejects None and negatives
+        sought.append(dict(partitions))
+
+    monkeypatch.setattr(faust_fixes.AIOKafkaConsumer, "seek_wait", seek_wait)
+    changelog = "aigc.gatekeeper.seen.changelog"
+    asyncio.run(consumer.seek_wait({TP(changelog, 0): None, TP(changelog, 1): -1, TP(changelog, 2): 7}))
+    assert sought == [{TP(changelog, 0): 0, TP(changelog, 1): 0, TP(changelog, 2): 7}]
