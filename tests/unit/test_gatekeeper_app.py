@@ -47,8 +47,8 @@ def test_an_error_while_handling_ends_the_worker_before_the_request_counts_as_do
 ) -> None:
     """faust restarts a crashed agent and counts its event as done; the commit then skips the request."""
     settings = Settings.load(home=tmp_path)
-    app = create_app(settings, make_gate(settings, None))
     gate = make_gate(settings, None)
+    app = create_app(settings, gate)
     seen = TypedTable(_MismatchedTable(), Seen)
     deliveries = faust_fixes.Deliveries()
     handler = Handler(
