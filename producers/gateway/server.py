@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
+from collections.abc import Callable
 
 import uvicorn
 
@@ -35,15 +37,6 @@ def run(settings: Settings) -> None:
     obs.readiness.check_until_met("status", lambda: _following(backend))
     app = create_app(backend)
 
-    @app.on_event("startup")
-    async def _listening() -> None:
-        # What start-up built (the app, its routes and models, the drivers: some 90,000 objects) lives as
-        # long as the process: out of the collector's sight, a full collection no longer walks it all, a
-        # pause of tens of milliseconds for every request in flight when it came.
-        gc.collect()
-        gc.freeze()
-        obs.readiness.mark("listening")
-
     gw = settings.gateway
     config = uvicorn.Config(
         app,
@@ -56,10 +49,34 @@ def run(settings: Settings) -> None:
     )
     log.info("gateway: the API and the console on http://%s:%d (/docs, /console/)", gw.host, gw.port)
     try:
-        uvicorn.Server(config).run()
+        ListeningServer(config, lambda: obs.readiness.mark("listening")).run()
     finally:
         backend.close()
         obs.close()
+
+
+class ListeningServer(uvicorn.Server):
+    """A uvicorn server that calls ``on_listening`` once its socket accepts connections.
+
+    FastAPI's startup event runs before uvicorn binds the socket, so readiness marked there let the
+    supervisor (and a client) find the stage ready and be refused: a restarted gateway in CI did.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_listening = on_listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (lifespan, then bind), then ``on_listening`` if the server started."""
+        await super().startup(sockets)
+        if not self.started:
+            return
+        # What start-up built (the app, its routes and models, the drivers: some 90,000 objects) lives as
+        # long as the process: out of the collector's sight, a full collection no longer walks it all, a
+        # pause of tens of milliseconds for every request in flight when it came.
+        gc.collect()
+        gc.freeze()
+        self.on_listening()
 
 
 def _following(backend: object) -> None:
