@@ -118,7 +118,8 @@ class ShareIntake:
                     # the lock, not the poll interval, bound how long a render may hold its tasks.
                     "max.poll.interval.ms": max(conf.max_poll_interval_ms, 2 * conf.share_lock_ms),
                     # Statistics say when the member has its assignment (`assigned`): a new member gets
-                    # it only at its next heartbeat, about 5 s after joining.
+                    # it only at its next heartbeat (group.share.heartbeat.interval.ms: 5 s by default,
+                    # 1 s on the brokers infra/services.py and docker-compose.yml configure).
                     "statistics.interval.ms": STATISTICS_INTERVAL_MS,
                     "stats_cb": functools.partial(self._statistics, cls),
                 },

@@ -196,7 +196,7 @@ class Kafka(Service):
         return self.dir / "server.properties"
 
     def server_properties(self) -> str:
-        """The text of this node's ``server.properties`` (the single broker's is unchanged since #1)."""
+        """The text of this node's ``server.properties`` (with `CLUSTER_PROPERTIES` in a cluster)."""
         client, controller = self.ports
         voters = ",".join(f"{n.node_id}@{LOOPBACK}:{n.ports[1]}" for n in self.cluster)
         brokers = self.settings.infra.brokers
@@ -221,6 +221,9 @@ transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor={internal_rf}
 share.coordinator.state.topic.min.isr={internal_min_isr}
 group.initial.rebalance.delay.ms=0
+# a renderer joining its share group gets its partitions at its first heartbeat: after 1 s, not 5 s
+group.share.heartbeat.interval.ms=1000
+group.share.min.heartbeat.interval.ms=1000
 num.network.threads=2
 num.io.threads=4
 background.threads=2

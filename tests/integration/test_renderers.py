@@ -132,7 +132,7 @@ def frames_reader() -> Iterator[Callable[[Settings], Reader]]:
 
 def warm_up(settings: Settings, reader: Reader, workers: set[str]) -> None:
     """Send pairs of HIGH tasks until every one of ``workers`` has rendered one: a member new to a share
-    group gets its assignment at its next heartbeat (``group.share.heartbeat.interval.ms``, >= 5 s)."""
+    group gets its assignment at its next heartbeat (``group.share.heartbeat.interval.ms``, 1 s here)."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while {r.worker_id for r in frames(reader.records)} != workers:
         assert time.monotonic() < deadline, "not every renderer took a task"
