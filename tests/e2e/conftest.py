@@ -24,7 +24,7 @@ from plumbing.topics import Topics
 from schemas.codec import default_codec
 
 RESULT_TIMEOUT_S = 120.0
-IDLE_S = 4.0
+IDLE_S = 2.0  # read on this long after the last match: a duplicate would come with it, or just after
 
 
 @pytest.fixture(scope="session")
