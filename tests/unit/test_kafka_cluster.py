@@ -16,8 +16,9 @@ from infra.services import Kafka, all_services
 from plumbing.settings import CLUSTER_KAFKA_HEAP_MB, ENV_PREFIX, KafkaSettings, Settings
 from plumbing.topics import Topics
 
-# The single broker's server.properties as every release since the launcher's first wrote it (the
-# existing tests and data directories rely on it): any change to the one-broker path fails here.
+# The single broker's server.properties as the launcher writes it (the existing tests and data directories
+# rely on it): any change to the one-broker path fails here, so it is made on purpose. The one change since
+# the launcher's first release: the share-group heartbeat (1 s), which leaves the data directory as it was.
 SINGLE_BROKER = """# written by aigc infra; see INFRA.md section 2.1
 process.roles=broker,controller
 node.id=1
@@ -38,6 +39,9 @@ transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# a renderer joining its share group gets its partitions at its first heartbeat: after 1 s, not 5 s
+group.share.heartbeat.interval.ms=1000
+group.share.min.heartbeat.interval.ms=1000
 num.network.threads=2
 num.io.threads=4
 background.threads=2
