@@ -276,21 +276,23 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
     assert len(isr_after) == 2
     assert written_after > 0, "no acks=all write accepted with one broker down"
 
-    records = read_all(cluster, topic)
-    counts = Counter(records.values())
-    duplicates = sorted(v for v, n in counts.items() if n > 1)
-    assert not duplicates, f"records written twice: {duplicates[:20]}"
-    lost = [(v, p, o) for v, p, o, _ in acked if records.get((p, o)) != v]
-    assert not lost, f"{len(lost)} acknowledged records missing or moved, e.g. {lost[:10]}"
-    assert {v for v, *_ in acked} <= set(counts)
-
-    # The killed broker restarts from its data and catches up into the in-sync replicas.
-    up(cluster, attached=True, only=[victim.name], echo=lambda line: print(f"[cluster] {line}"))
-    rejoined = wait_for(
-        f"{victim.name} back in the ISR",
-        REJOIN_TIMEOUT_S,
-        lambda: partition_state(cluster, topic, 0)[1] == [1, 2, 3],
-    )
+    try:
+        records = read_all(cluster, topic)
+        counts = Counter(records.values())
+        duplicates = sorted(v for v, n in counts.items() if n > 1)
+        assert not duplicates, f"records written twice: {duplicates[:20]}"
+        lost = [(v, p, o) for v, p, o, _ in acked if records.get((p, o)) != v]
+        assert not lost, f"{len(lost)} acknowledged records missing or moved, e.g. {lost[:10]}"
+        assert {v for v, *_ in acked} <= set(counts)
+    finally:
+        # The killed broker restarts from its data and catches up into the in-sync replicas (also when an
+        # assertion above failed: the next test needs all three).
+        up(cluster, attached=True, only=[victim.name], echo=lambda line: print(f"[cluster] {line}"))
+        rejoined = wait_for(
+            f"{victim.name} back in the ISR",
+            REJOIN_TIMEOUT_S,
+            lambda: partition_state(cluster, topic, 0)[1] == [1, 2, 3],
+        )
     print(f"[cluster] {victim.name} restarted and back in partition 0's ISR {rejoined:.1f} s after ready")
 
 
