@@ -94,6 +94,14 @@ TXN_CALL_MARGIN_S = 10.0
 # How long send_offsets_to_transaction may block before the sink gives up on its producer (see
 # `_send_offsets`): it took up to 6.5 s while a killed group coordinator moved to another broker.
 OFFSETS_STUCK_S = 8.0
+# While it blocks, how often the sink asks whether a broker has left the cluster (see `_broker_left`).
+OFFSETS_CHECK_S = 0.5
+# The longest pause between the producer's connection attempts to a broker that is down. librdkafka looks
+# for a new group coordinator (send_offsets_to_transaction's TxnOffsetCommit) only when an attempt to reach
+# the dead one fails (librdkafka #5511), and its default backoff grows to 10 s: after a coordinator kill the
+# attempts came 3 and 6 s in, around the 4 s fencing, then 10 s apart. With 1 s it asks again about every
+# second until the dead broker leaves the cluster's metadata (and then see `Sink._send_offsets`).
+RECONNECT_BACKOFF_MAX_MS = 1000
 R = TypeVar("R", bound=Record)
 
 
@@ -135,6 +143,8 @@ class Sink:
         self.paused: set[tuple[str, int]] = set()
         self._topics_seen: set[str] = set()
         self._topics_checked_at = 0.0
+        self._brokers: set[int] = set()  # the cluster's brokers when last looked at (see `_broker_left`)
+        self._brokers_checked_at = 0.0
         self.watchdog = Watchdog(conf.stall_timeout_s)
         self.failures = 0  # batches failed in a row (the pause before fetching again grows with it)
         self.readiness, self.metrics = Readiness(), SinkMetrics()  # `run` gives it the process's readiness
@@ -152,6 +162,8 @@ class Sink:
         try:
             while not stop.is_set():
                 self.watchdog.beat()
+                if time.monotonic() - self._brokers_checked_at > TOPIC_REFRESH_S:
+                    self._broker_left()
                 fetched = consume_available(self.consumer, conf.batch_size, 0 if self.inbox else conf.poll_s)
                 self.inbox.add(m for m in fetched if self._ok(m))
                 self._flow()
@@ -175,6 +187,7 @@ class Sink:
             **{
                 "transactional.id": f"{kafka.topic_prefix}.assembler.{conf.instance}",
                 "transaction.timeout.ms": conf.transaction_timeout_ms,
+                "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
             },
         )
 
@@ -284,22 +297,25 @@ class Sink:
 
         librdkafka 2.16 can block in ``send_offsets_to_transaction`` far beyond its timeout when the
         group's coordinator died: it waits for that broker to come back instead of finding the new
-        coordinator (librdkafka #5511, #5456), 20 s and more in `aigc chaos` broker kills. Only a new
-        producer recovers. After `OFFSETS_STUCK_S` the sink leaves the blocked producer to its thread
-        (kept, never used or destroyed again) and starts another with the same transactional.id: its
-        init_transactions fences the old one and aborts the open transaction, so nothing of the batch is
-        committed, and the batch is fetched again (a retriable error)."""
+        coordinator (librdkafka #5511, #5456), 20 s and more in `aigc chaos` broker kills: once the dead
+        broker is fenced it leaves the cluster's metadata, librdkafka ends its broker thread, and the
+        call, waiting for that thread to change state, is never woken. Only a new producer recovers. So
+        when a broker leaves the cluster while the call blocks, or after `OFFSETS_STUCK_S` at the latest,
+        the sink leaves the blocked producer to its thread (kept, never used or destroyed again) and
+        starts another with the same transactional.id: its init_transactions fences the old one and aborts
+        the open transaction, so nothing of the batch is committed, and the batch is fetched again (a
+        retriable error)."""
         producer = self.producer
         call = partial(
             producer.send_offsets_to_transaction, offsets, self.consumer.consumer_group_metadata(), TXN_CALL_S
         )
         try:
-            self._call(partial(_within, OFFSETS_STUCK_S, call), stop)
-        except TimeoutError:
+            self._call(partial(_within, OFFSETS_STUCK_S, call, self._broker_left), stop)
+        except TimeoutError as exc:
             log.warning(
-                "send_offsets_to_transaction blocked for %.0f s (librdkafka #5511): a new producer "
-                "fences this one and the batch is fetched again",
-                OFFSETS_STUCK_S,
+                "send_offsets_to_transaction %s (librdkafka #5511): a new producer fences this one and "
+                "the batch is fetched again",
+                exc,
             )
             self._stuck.append(producer)
             self.producer = self._transactional_producer()
@@ -623,6 +639,20 @@ class Sink:
             continue_headers(header_map(msg), fr.request_id, fr.tenant_id),
         )
 
+    def _broker_left(self) -> bool:
+        """Whether a broker seen in the cluster when last looked has left its metadata since (a fenced,
+        dead broker leaves it); remembers the brokers there now."""
+        self._brokers_checked_at = time.monotonic()
+        try:
+            brokers = set(self.producer.list_topics(self.topics.completions, timeout=2).brokers)
+        except KafkaException:
+            return False  # no answer: nothing learnt
+        left = self._brokers - brokers
+        self._brokers = brokers
+        if left:
+            log.warning("broker(s) %s left the cluster", ", ".join(map(str, sorted(left))))
+        return bool(left)
+
     def _topic_exists(self, topic: str) -> bool:
         """Whether ``topic`` exists (the broker's topic list, asked again when it is unknown or stale)."""
         if topic not in self._topics_seen or time.monotonic() - self._topics_checked_at > TOPIC_REFRESH_S:
@@ -676,9 +706,10 @@ def _expect(record: Record, cls: type[R], topic: str) -> R:
     return record
 
 
-def _within(seconds: float, call: Callable[[], None]) -> None:
+def _within(seconds: float, call: Callable[[], None], give_up: Callable[[], bool] = lambda: False) -> None:
     """Call ``call`` on a thread of its own and raise what it raised; raise TimeoutError, leaving the thread
-    to it, when it has not returned after ``seconds``."""
+    to it, when it has not returned after ``seconds``, or sooner once ``give_up()`` (asked every
+    `OFFSETS_CHECK_S` while it waits) says so."""
     outcome: list[Exception | None] = []
 
     def run() -> None:
@@ -691,9 +722,17 @@ def _within(seconds: float, call: Callable[[], None]) -> None:
 
     thread = threading.Thread(target=run, name="transaction-call", daemon=True)
     thread.start()
-    thread.join(seconds)
-    if not outcome:
-        raise TimeoutError(f"no return after {seconds:.0f} s")
+    started = time.monotonic()
+    while True:
+        waited = time.monotonic() - started
+        thread.join(max(0.0, min(OFFSETS_CHECK_S, seconds - waited)))
+        if outcome:
+            break
+        waited = time.monotonic() - started
+        if waited >= seconds:
+            raise TimeoutError(f"blocked for {seconds:.0f} s")
+        if give_up():
+            raise TimeoutError(f"blocked for {waited:.1f} s and given up")
     if outcome[0] is not None:
         raise outcome[0]
 

@@ -314,17 +314,21 @@ def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
     watchdog = Watchdog(600)
     sink = SimpleNamespace(
         settings=settings,
+        topics=topics,
         watchdog=watchdog,
         consumer=make_consumer(settings, group, "sink-test"),
         metrics=SinkMetrics(),
         _stuck=[],
+        _brokers=set(),
     )
     sink._transactional_producer = partial(Sink._transactional_producer, sink)
     sink._call = partial(Sink._call, sink)
+    sink._broker_left = partial(Sink._broker_left, sink)
     sink.producer = sink._transactional_producer()
     stop = threading.Event()
     sink._call(partial(sink.producer.init_transactions, TXN_CALL_S), stop)
     sink.consumer.committed([TopicPartition(topic, 0)], timeout=30)  # the group has a coordinator now
+    assert not sink._broker_left()  # the brokers seen: none leaves while stopped (no quorum to fence them)
     # every group's coordinator: the leader of the one partition of __consumer_offsets
     coordinator, _ = partition_state(settings, "__consumer_offsets", 0)
     other = next(node for node in (1, 2, 3) if node != coordinator)

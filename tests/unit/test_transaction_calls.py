@@ -74,3 +74,20 @@ def test_within_gives_up_on_a_call_that_does_not_return():
         _within(0.2, release.wait)
     assert time.monotonic() - started < 5
     release.set()
+
+
+def test_within_gives_up_sooner_when_asked_to():
+    """``give_up`` is asked while the call blocks; its first yes ends the wait, long before ``seconds``."""
+    release = threading.Event()
+    answers = iter([False, True])
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="given up"):
+        _within(60, release.wait, lambda: next(answers))
+    assert time.monotonic() - started < 5
+    release.set()
+
+
+def test_within_does_not_ask_to_give_up_once_the_call_returned():
+    asked = []
+    _within(60, lambda: None, lambda: asked.append(1) or True)
+    assert asked == []
