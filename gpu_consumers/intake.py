@@ -40,7 +40,13 @@ from confluent_kafka import AcknowledgeType, KafkaException, Message, TopicParti
 from gpu_consumers.offsets import OffsetTracker
 from gpu_consumers.scheduler import CLASSES
 from plumbing.errors import classify
-from plumbing.kafka_clients import consume_available, make_consumer, make_share_consumer, renderer_group
+from plumbing.kafka_clients import (
+    consume_available,
+    is_fatal,
+    make_consumer,
+    make_share_consumer,
+    renderer_group,
+)
 from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,7 +177,7 @@ class ShareIntake:
             for msg in self.consumers[cls].poll(timeout_s if i == 0 else 0):
                 error = msg.error()
                 if error is not None:
-                    if error.fatal():
+                    if is_fatal(error):
                         raise KafkaException(error)
                     log.warning("share consumer error: %s", error)
                     continue

@@ -124,6 +124,14 @@ def make_share_consumer(settings: Settings, group_id: str, role: str, **override
     return ShareConsumer(conf)
 
 
+def is_fatal(error: KafkaError) -> bool:
+    """Whether ``error`` means the client is done for. A fatal error that a poll hands back as a message
+    carries the code ``_FATAL`` but not the fatal flag (confluent-kafka builds a message's error from its
+    code alone): a sink whose static membership was fenced so went on polling a dead consumer for two
+    minutes in `aigc chaos`, until its next planned kill."""
+    return error.fatal() or error.code() == KafkaError._FATAL
+
+
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
     """Up to ``max_messages`` messages, returning as soon as one has arrived.
 
@@ -137,7 +145,7 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
     messages = [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
     for msg in messages:
         error = msg.error()
-        if error is not None and error.fatal():
+        if error is not None and is_fatal(error):
             # A fenced static member (its session lost in a broker outage) or a failed client: its
             # stage must restart, or it would go on polling a consumer that never delivers again.
             raise KafkaException(error)

@@ -40,3 +40,11 @@ def test_a_fatal_consumer_error_ends_the_stage():
     fenced = Fetched(KafkaError(KafkaError._FATAL, "static consumer fenced", fatal=True))
     with pytest.raises(KafkaException):
         consume_available(Fetching([Fetched(), fenced]), 10, 0.1)  # type: ignore[arg-type]
+
+
+def test_a_fatal_error_handed_back_as_a_message_ends_the_stage():
+    """As a poll delivers it: code _FATAL, and no fatal flag (what a sink fenced in `aigc chaos` got)."""
+    fenced = Fetched(KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced"))
+    assert not fenced.error().fatal()  # type: ignore[union-attr]
+    with pytest.raises(KafkaException):
+        consume_available(Fetching([Fetched(), fenced]), 10, 0.1)  # type: ignore[arg-type]
