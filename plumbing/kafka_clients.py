@@ -127,8 +127,8 @@ def make_share_consumer(settings: Settings, group_id: str, role: str, **override
 def is_fatal(error: KafkaError) -> bool:
     """Whether ``error`` means the client is done for. A fatal error that a poll hands back as a message
     carries the code ``_FATAL`` but not the fatal flag (confluent-kafka builds a message's error from its
-    code alone): a sink whose static membership was fenced so went on polling a dead consumer for two
-    minutes in `aigc chaos`, until its next planned kill."""
+    code alone): in `aigc chaos` both sinks, their static membership fenced, went on polling dead
+    consumers for minutes."""
     return error.fatal() or error.code() == KafkaError._FATAL
 
 
