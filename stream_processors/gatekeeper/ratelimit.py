@@ -53,8 +53,9 @@ def take(state: Bucket | None, tier: Tier, cost: float, now_ms: int) -> Take:
     wait_s = max((1.0 - requests) / tier.requests_per_s, (cost - budget) / tier.cost_per_s, 0.0)
     retry_ms = max(1, math.ceil(wait_s * 1000))
     # Float rounding can leave the refill at exactly retry_ms a hair short (0.1 + 0.3 * 3 < 1): one more
-    # millisecond covers it, so a client that waits retry_after_ms is not refused again.
-    later_requests, later_budget = _refill(refilled, tier, now + retry_ms)
+    # millisecond covers it, so a client that waits retry_after_ms is not refused again. A refusal stores
+    # nothing, so the next try refills from ``state``, not from ``refilled`` (whose sum rounds otherwise).
+    later_requests, later_budget = _refill(state, tier, now + retry_ms)
     if later_requests < 1.0 or later_budget < cost:
         retry_ms += 1
     return Take(False, refilled, retry_ms, "RATE_LIMITED")

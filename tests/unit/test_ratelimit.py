@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from plumbing.settings import Tier
@@ -128,6 +128,16 @@ def test_retry_after_survives_float_rounding() -> None:
     budget_fraction=st.floats(0.0, 1.0),
     cost_fraction=st.floats(0.0, 1.0),
     elapsed_ms=st.integers(0, 5_000),
+)
+# found by hypothesis: refused 1 ms after the bucket's last count, the retry was checked against a refill
+# from the refused take's state (0.103 + 0.299 * 3 >= 1), not from the stored one (0.1 + 0.3 * 3 < 1)
+@example(
+    requests_per_s=3.0,
+    cost_per_s=1000.0,
+    request_tokens=0.1,
+    budget_fraction=0.0,
+    cost_fraction=0.0,
+    elapsed_ms=1,
 )
 def test_waiting_retry_after_is_always_enough(
     requests_per_s: float,
