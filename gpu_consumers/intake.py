@@ -39,14 +39,8 @@ from confluent_kafka import AcknowledgeType, KafkaException, Message, TopicParti
 
 from gpu_consumers.offsets import OffsetTracker
 from gpu_consumers.scheduler import CLASSES
-from plumbing.errors import classify
-from plumbing.kafka_clients import (
-    consume_available,
-    is_fatal,
-    make_consumer,
-    make_share_consumer,
-    renderer_group,
-)
+from plumbing.errors import classify, is_fatal
+from plumbing.kafka_clients import consume_available, make_consumer, make_share_consumer, renderer_group
 from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)

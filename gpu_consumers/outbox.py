@@ -31,7 +31,7 @@ from plumbing import tracing
 from plumbing.backoff import Backoff
 from plumbing.clock import now_ms
 from plumbing.dead_letters import Failure, Original, dead_letter
-from plumbing.errors import ErrorKind, classify
+from plumbing.errors import ErrorKind, classify, is_fatal
 from plumbing.headers import Headers, continue_headers
 from plumbing.log_format import bind_message
 from plumbing.retries import route_failure
@@ -222,7 +222,7 @@ class Outbox:
             if err is None:
                 self.delivered += 1
                 self.done(coords, ack)
-            elif not err.fatal():
+            elif not is_fatal(err):
                 log.warning("output for %s:%s:%s not delivered (%s); sending it again", *coords, err)
                 threading.Timer(RESEND_DELAY_S, send).start()
             else:

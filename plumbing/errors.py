@@ -39,6 +39,7 @@ __all__ = [
     "UnknownModelError",
     "ValidationError",
     "classify",
+    "is_fatal",
 ]
 
 
@@ -59,9 +60,19 @@ def classify(exc: BaseException) -> ErrorKind | None:
     return _other_kind(exc, name, module)
 
 
+def is_fatal(error: object) -> bool:
+    """Whether the Kafka error ``error`` means its client is done for. A fatal error that a poll or a
+    delivery report hands back carries the code ``_FATAL`` but not the fatal flag (confluent-kafka builds
+    a message's error from its code alone): in `aigc chaos` both sinks, their static membership fenced,
+    went on polling dead consumers for minutes."""
+    from confluent_kafka import KafkaError
+
+    return isinstance(error, KafkaError) and (error.fatal() or error.code() == KafkaError._FATAL)
+
+
 def _kafka_kind(exc: BaseException) -> ErrorKind | None:
     error = exc.args[0] if exc.args else None
-    if getattr(error, "fatal", lambda: False)():
+    if is_fatal(error):
         return None  # a fenced or fatally failed client cannot go on: crash and restart the stage
     return ErrorKind.RETRYABLE
 

@@ -25,7 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from plumbing.errors import DeliveryError
+from plumbing.errors import DeliveryError, is_fatal
 from plumbing.headers import Headers
 from plumbing.settings import Settings
 from plumbing.topics import MAX_ENVELOPE_BYTES
@@ -122,14 +122,6 @@ def make_share_consumer(settings: Settings, group_id: str, role: str, **override
     }
     conf.update(overrides)
     return ShareConsumer(conf)
-
-
-def is_fatal(error: KafkaError) -> bool:
-    """Whether ``error`` means the client is done for. A fatal error that a poll hands back as a message
-    carries the code ``_FATAL`` but not the fatal flag (confluent-kafka builds a message's error from its
-    code alone): in `aigc chaos` both sinks, their static membership fenced, went on polling dead
-    consumers for minutes."""
-    return error.fatal() or error.code() == KafkaError._FATAL
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:

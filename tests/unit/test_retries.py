@@ -92,4 +92,6 @@ def test_kafka_errors_are_classified_by_their_class_not_their_module():
     fenced = KafkaException(KafkaError(KafkaError._FENCED, fatal=True))
     assert classify(timed_out) is ErrorKind.RETRYABLE
     assert classify(fenced) is None
+    # as a poll or a delivery report hands a fatal error back: its code, without the fatal flag
+    assert classify(KafkaException(KafkaError(KafkaError._FATAL, "static consumer fenced"))) is None
     assert route(message(), timed_out) is not None
