@@ -17,8 +17,10 @@ from plumbing.settings import CLUSTER_KAFKA_HEAP_MB, ENV_PREFIX, KafkaSettings, 
 from plumbing.topics import Topics
 
 # The single broker's server.properties as the launcher writes it (the existing tests and data directories
-# rely on it): any change to the one-broker path fails here, so it is made on purpose. The one change since
-# the launcher's first release: the share-group heartbeat (1 s), which leaves the data directory as it was.
+# rely on it): any change to the one-broker path fails here, so it is made on purpose. The changes since the
+# launcher's first release leave a data directory as it was: the share-group heartbeat (1 s), and the
+# internal topics' segment size and share-state partition count, which apply only to topics created anew
+# (the brokers take an existing internal topic's partition count from the topic, not from this file).
 SINGLE_BROKER = """# written by aigc infra; see INFRA.md section 2.1
 process.roles=broker,controller
 node.id=1
@@ -36,6 +38,11 @@ offsets.topic.num.partitions=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=1
+# small segments: compaction keeps these topics small, and a new coordinator loads them fast
+offsets.topic.segment.bytes=1048576
+transaction.state.log.segment.bytes=1048576
+share.coordinator.state.topic.segment.bytes=1048576
+share.coordinator.state.topic.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
