@@ -40,7 +40,13 @@ from confluent_kafka import AcknowledgeType, KafkaException, Message, TopicParti
 from gpu_consumers.offsets import OffsetTracker
 from gpu_consumers.scheduler import CLASSES
 from plumbing.errors import classify, is_fatal
-from plumbing.kafka_clients import consume_available, make_consumer, make_share_consumer, renderer_group
+from plumbing.kafka_clients import (
+    CONSUMER_SESSION_MS,
+    consume_available,
+    make_consumer,
+    make_share_consumer,
+    renderer_group,
+)
 from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -276,6 +282,8 @@ class ClassicIntake:
             # assignors balance partition counts over all topics, leaving a class on one member).
             **{
                 "max.poll.interval.ms": settings.renderer.max_poll_interval_ms,
+                # librdkafka wants the session no longer than the poll interval
+                "session.timeout.ms": min(CONSUMER_SESSION_MS, settings.renderer.max_poll_interval_ms),
                 "partition.assignment.strategy": "range",
             },
         )

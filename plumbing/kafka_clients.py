@@ -73,6 +73,16 @@ def make_producer(settings: Settings, role: str, **overrides: Any) -> Producer:
     return Producer(conf)
 
 
+# session.timeout.ms of the consumer groups (the sinks', the gatekeeper's, classic renderers'). It must
+# outlast a group coordinator's failover, or every member of the group ends its session and rejoins, a
+# rebalance on top of the outage, and a static member may come back fenced (a fatal error: the stage
+# restarts). On the 3-broker test cluster a SIGKILLed coordinator's successor answered 6 to 12 s after
+# the kill (fencing, metadata, loading __consumer_offsets; 2 cores shared with the whole pipeline), past
+# the 10 s we had. Kafka's default is 45 s. A process that dies for good holds its partitions this long;
+# one restarted by its supervisor rejoins at once under its static group.instance.id.
+CONSUMER_SESSION_MS = 30_000
+
+
 def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any) -> Consumer:
     """A consumer in ``group_id`` that commits only what it is told to and reads committed transactions only
     (cooperative-sticky, static membership when the settings name an instance); ``overrides`` on top.
@@ -86,7 +96,7 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
         "isolation.level": "read_committed",
         "partition.assignment.strategy": "cooperative-sticky",
         # A member that vanished without leaving (kill -9) gives its partitions back after this long.
-        "session.timeout.ms": 10_000,
+        "session.timeout.ms": CONSUMER_SESSION_MS,
         "heartbeat.interval.ms": 2_000,
     }
     if settings.instance:

@@ -59,7 +59,7 @@ from infra.pipeline import RunningPipeline, running_pipeline
 from infra.services import all_services
 from plumbing.clock import now_ms
 from plumbing.errors import DecodeError, DeliveryError
-from plumbing.kafka_clients import make_admin
+from plumbing.kafka_clients import CONSUMER_SESSION_MS, make_admin
 from plumbing.settings import Settings, Tier
 from plumbing.supervisor import EPHEMERAL_PORTS, Supervisor, ephemeral_range
 from plumbing.topics import Topics
@@ -84,7 +84,7 @@ RECOVERY_GUESS_S = {"broker": 25.0, "cassandra": 60.0, "s3proxy": 20.0}
 # At run time, a service's next fault waits this long after its last one was over: a broker killed again
 # the moment it answers would make several planned kills one long outage.
 SETTLE_S = 20.0
-CONSUMER_SESSION_S = 10.0  # session.timeout.ms of the sink's and the gatekeeper's consumers
+CONSUMER_SESSION_S = CONSUMER_SESSION_MS / 1000  # the sink's and the gatekeeper's consumers
 SERVICE_KINDS = ("broker-restart", "broker-kill", "cassandra", "s3")
 QUIET_WAIT_S = 60.0  # the longest a lone broker kill waits for the other faults in progress to be over
 PAIR_WAIT_S = 120.0  # the longest a combined fault's guest waits for its host to start

@@ -39,7 +39,7 @@ from plumbing.cancellations import CancellationWatcher
 from plumbing.clock import now_ms
 from plumbing.dead_letters import Original
 from plumbing.headers import Outgoing
-from plumbing.kafka_clients import make_consumer
+from plumbing.kafka_clients import CONSUMER_SESSION_MS, make_consumer
 from plumbing.log_format import bind_message
 from plumbing.observability import serve
 from plumbing.retries import route_failure
@@ -116,7 +116,7 @@ def create_app(
         producer_linger=0.002,
         stream_buffer_maxsize=conf.stream_buffer_maxsize,
         broker_commit_interval=conf.commit_interval_s,
-        broker_session_timeout=10.0,
+        broker_session_timeout=CONSUMER_SESSION_MS / 1000,
         broker_heartbeat_interval=2.0,
         consumer_group_instance_id=f"{conf.app_id}.{settings.instance}" if settings.instance else None,
         web_enabled=conf.web_port is not None,

@@ -110,6 +110,53 @@ def produce(settings: Settings, topic: str, acks: Acks, stop: threading.Event) -
     acks.unflushed = producer.flush(90)
 
 
+class GroupMember:
+    """A static member of a consumer group, as a sink is (`make_consumer`): subscribed to ``topic``, polling
+    and committing its position asynchronously every half second in a thread of its own. It records when
+    its commits succeeded and whether it ever lost its partitions (a rebalance)."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.commits: list[float] = []
+        self.revoked: list[list[int]] = []
+        self.assigned = threading.Event()
+        self.stop = threading.Event()
+        self.consumer = make_consumer(
+            settings,
+            unique("member"),
+            "cluster-member",
+            **{"group.instance.id": "member-1", "on_commit": self._on_commit},
+        )
+        self.consumer.subscribe(
+            [topic],
+            on_assign=lambda _c, parts: self.assigned.set() if parts else None,
+            on_revoke=lambda _c, parts: self.revoked.append([p.partition for p in parts]) if parts else None,
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _on_commit(self, err: KafkaError | None, _parts: list[TopicPartition]) -> None:
+        if err is None:
+            self.commits.append(time.monotonic())
+
+    def _run(self) -> None:
+        last = 0.0
+        while not self.stop.is_set():
+            self.consumer.poll(0.2)
+            if self.assigned.is_set() and time.monotonic() - last > 0.5:
+                last = time.monotonic()
+                positions = [p for p in self.consumer.position(self.consumer.assignment()) if p.offset >= 0]
+                if positions:
+                    self.consumer.commit(offsets=positions, asynchronous=True)
+
+    def close(self) -> list[list[int]]:
+        """Leave the group; the revocations seen until then (leaving revokes the partitions once more)."""
+        self.stop.set()
+        self.thread.join(30)
+        revoked = list(self.revoked)
+        self.consumer.close()
+        return revoked
+
+
 def partition_state(settings: Settings, topic: str, partition: int) -> tuple[int, list[int]]:
     """The leader and in-sync replicas of ``topic``'s ``partition`` as the cluster's metadata has them."""
     meta = make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions[partition]
@@ -225,9 +272,16 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
     producer = threading.Thread(target=produce, args=(cluster, topic, acks, stop), daemon=True)
     producer.start()
     reader, done = offset_reader(cluster, topic, tmp_path)
+    member = GroupMember(cluster, topic)
     try:
         wait_for("warm-up acknowledgements", 60, lambda: acks.count() >= WARMUP_ACKS)
-        leader, isr = partition_state(cluster, topic, 0)
+        wait_for("the group member's first commit", 60, lambda: bool(member.commits))
+        # The victim leads a partition of the topic and, where it can be had, coordinates every group
+        # (leads __consumer_offsets' one partition); in a topic bootstrap just made each node leads one.
+        coordinator, _ = partition_state(cluster, "__consumer_offsets", 0)
+        leaders = [partition_state(cluster, topic, p)[0] for p in range(PARTITIONS)]
+        part = leaders.index(coordinator) if coordinator in leaders else 0
+        leader, isr = partition_state(cluster, topic, part)
         assert isr == [1, 2, 3]
         victim = Kafka(cluster, leader)
         acked_before = acks.count()
@@ -235,23 +289,30 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
         killed = time.monotonic()
         assert kill(cluster, victim.name) is not None  # SIGKILL, as a crash
         failover = wait_for(
-            f"partition 0 led by a live broker after {victim.name} died",
+            f"partition {part} led by a live broker after {victim.name} died",
             FAILOVER_TIMEOUT_S,
             lambda: (
-                (state := partition_state(cluster, topic, 0))[0] not in (leader, -1)
+                (state := partition_state(cluster, topic, part))[0] not in (leader, -1)
                 and leader not in state[1]
             ),
         )
-        new_leader, isr_after = partition_state(cluster, topic, 0)
+        new_leader, isr_after = partition_state(cluster, topic, part)
         moved = time.monotonic()
         time.sleep(AFTER_FAILOVER_S)  # writing on two brokers: ISR 2 = min.insync.replicas
-        written_after = acks.since(moved, 0)
+        written_after = acks.since(moved, part)
+        wait_for(
+            "the group member's first commit after the kill",
+            FAILOVER_TIMEOUT_S,
+            lambda: any(t > killed for t in member.commits),
+        )
+        recommitted_s = min(t for t in member.commits if t > killed) - killed
         reader_cpu = thread_cpu_s(reader.pid, "rdk:") - reader_cpu_before
         outage_s = time.monotonic() - killed
     finally:
         stop.set()
         done.touch()
         producer.join(120)
+        revoked = member.close()
     assert not producer.is_alive()
     out, _ = reader.communicate(timeout=60)
     # librdkafka's admin ListConsumerGroupOffsets aborted the process here (#4605); OffsetReader must not
@@ -260,13 +321,15 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
     assert acks.unflushed == 0, f"{acks.unflushed} records unacknowledged 90 s after producing stopped"
     with acks.lock:
         acked = list(acks.acked)
-    times = sorted(t for _, p, _, t in acked if p == 0)
+    times = sorted(t for _, p, _, t in acked if p == part)
     gap = max((b - a for a, b in itertools.pairwise(times) if b > killed), default=0.0)
     print(
-        f"[cluster] killed {victim.name} (leader of partition 0) after {acked_before} acks; partition 0 led "
-        f"by node {new_leader} (ISR {isr_after}) {failover:.1f} s later; partition 0 acknowledged nothing "
-        f"for {gap:.1f} s; {written_after} acks on partition 0 in {AFTER_FAILOVER_S:.0f} s on two brokers; "
-        f"{len(acked)} acked, {len(acks.failed)} failed"
+        f"[cluster] killed {victim.name} (leader of partition {part}"
+        f"{', group coordinator' if leader == coordinator else ''}) after {acked_before} acks; partition "
+        f"{part} led by node {new_leader} (ISR {isr_after}) {failover:.1f} s later; it acknowledged nothing "
+        f"for {gap:.1f} s; {written_after} acks on it in {AFTER_FAILOVER_S:.0f} s on two brokers; "
+        f"{len(acked)} acked, {len(acks.failed)} failed; the group member committed again "
+        f"{recommitted_s:.1f} s after the kill"
     )
     print(
         f"[cluster] the offset reader's librdkafka threads used {reader_cpu:.2f} s of CPU in the "
@@ -277,6 +340,8 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
     assert written_after > 0, "no acks=all write accepted with one broker down"
 
     try:
+        # The member's session (CONSUMER_SESSION_MS) outlasts the coordinator's failover: no rebalance.
+        assert revoked == [], f"the group member lost its partitions: {revoked}"
         records = read_all(cluster, topic)
         counts = Counter(records.values())
         duplicates = sorted(v for v, n in counts.items() if n > 1)
@@ -291,17 +356,19 @@ def test_every_acknowledged_record_survives_the_leader_kill(cluster: Settings, t
         rejoined = wait_for(
             f"{victim.name} back in the ISR",
             REJOIN_TIMEOUT_S,
-            lambda: partition_state(cluster, topic, 0)[1] == [1, 2, 3],
+            lambda: partition_state(cluster, topic, part)[1] == [1, 2, 3],
         )
-    print(f"[cluster] {victim.name} restarted and back in partition 0's ISR {rejoined:.1f} s after ready")
+    print(
+        f"[cluster] {victim.name} restarted and back in partition {part}'s ISR {rejoined:.1f} s after ready"
+    )
 
 
 def test_the_sink_replaces_a_producer_stuck_in_send_offsets(cluster: Settings):
     """The group's coordinator and one more broker stop answering (SIGSTOP, for STOPPED_S) while a sink
     adds its offsets to a transaction. With two of three nodes stopped nothing can move the coordinator,
     so librdkafka blocks in send_offsets_to_transaction (16 s, then an error, when tried by hand) as in
-    #5511 (with the coordinator alone stopped it moved after the 4 s fencing, and the call returned in 5
-    to 8 s or not, by chance). After OFFSETS_STUCK_S the sink starts a new producer with its
+    #5511 (with the coordinator alone stopped it moved after the fencing, 4 s then, and the call returned
+    in 5 to 8 s or not, by chance). After OFFSETS_STUCK_S the sink starts a new producer with its
     transactional.id, which fences the old one and aborts its transaction; the batch done again with the
     new producer commits, once."""
     topics = Topics(cluster)

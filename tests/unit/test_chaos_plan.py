@@ -144,8 +144,8 @@ def test_a_zombie_is_paused_past_the_timeout_that_hands_its_work_on():
     )
     assert zombie_pause_s(share, "renderer-default-0", 3.0) == 18.0
     txn = settings.assembler.transaction_timeout_ms / 1000
-    assert zombie_pause_s(settings, "assembler", 3.0) == max(10.0, txn) + 3.0
-    assert zombie_pause_s(settings, "gatekeeper", 3.0) == 13.0
+    assert zombie_pause_s(settings, "assembler", 3.0) == max(30.0, txn) + 3.0
+    assert zombie_pause_s(settings, "gatekeeper", 3.0) == 33.0
     plan = ChaosPlan(seed=1, zombies=1, zombie_s=25.0)
     assert [f.down_s for f in schedule(plan, STAGES, PAUSES) if f.kind == "zombie"] == [25.0]
 
