@@ -2,8 +2,10 @@
 
 Kafka's own system tests (ReplicationTest with ProduceConsumeValidateTest) in small: a producer with
 acks=all and idempotence writes numbered records to a topic created by bootstrap from the registry
-(replication factor 3, min.insync.replicas 2) while the leader of its partition 0 is killed with SIGKILL;
-afterwards every record the producer saw acknowledged is read back exactly once, at the offset the
+(replication factor 3, min.insync.replicas 2) while the leader of one of its partitions, the consumer
+groups' coordinator where it leads one, is killed with SIGKILL; a static group member polling and
+committing meanwhile must keep its partitions (its session outlasts the coordinator's failover).
+Afterwards every record the producer saw acknowledged is read back exactly once, at the offset the
 acknowledgement named, and the partition whose leader died goes on accepting acks=all writes on the
 two brokers left. The killed broker then restarts from its data (``up(only=["kafka-<id>"])``, as the
 chaos tool does) and rejoins the in-sync replicas. Meanwhile a process reads six groups' committed offsets
