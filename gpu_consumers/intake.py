@@ -41,7 +41,6 @@ from gpu_consumers.offsets import OffsetTracker
 from gpu_consumers.scheduler import CLASSES
 from plumbing.errors import classify, is_fatal
 from plumbing.kafka_clients import (
-    CONSUMER_SESSION_MS,
     consume_available,
     make_consumer,
     make_share_consumer,
@@ -282,8 +281,6 @@ class ClassicIntake:
             # assignors balance partition counts over all topics, leaving a class on one member).
             **{
                 "max.poll.interval.ms": settings.renderer.max_poll_interval_ms,
-                # librdkafka wants the session no longer than the poll interval
-                "session.timeout.ms": min(CONSUMER_SESSION_MS, settings.renderer.max_poll_interval_ms),
                 "partition.assignment.strategy": "range",
             },
         )

@@ -95,8 +95,11 @@ def make_consumer(settings: Settings, group_id: str, role: str, **overrides: Any
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "partition.assignment.strategy": "cooperative-sticky",
-        # A member that vanished without leaving (kill -9) gives its partitions back after this long.
-        "session.timeout.ms": CONSUMER_SESSION_MS,
+        # A member that vanished without leaving (kill -9) gives its partitions back after this long; no
+        # longer than a shorter max.poll.interval.ms of the overrides (librdkafka refuses that).
+        "session.timeout.ms": min(
+            CONSUMER_SESSION_MS, overrides.get("max.poll.interval.ms", CONSUMER_SESSION_MS)
+        ),
         "heartbeat.interval.ms": 2_000,
     }
     if settings.instance:
